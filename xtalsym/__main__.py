@@ -1,0 +1,3 @@
+from xtalsym.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Offline toolchain: structures -> simulated DPs -> shaped DPs -> datasets."""

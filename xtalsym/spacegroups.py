@@ -1,0 +1,83 @@
+"""Space-group numbers, Hermann-Mauguin symbols and crystal systems."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import spglib
+
+CRYSTAL_SYSTEMS = (
+    "triclinic",
+    "monoclinic",
+    "orthorhombic",
+    "tetragonal",
+    "trigonal",
+    "hexagonal",
+    "cubic",
+)
+
+# Last space-group number of each crystal system (International Tables order).
+_SYSTEM_UPPER_BOUNDS = (2, 15, 74, 142, 167, 194, 230)
+
+
+def check_number(number: int) -> int:
+    """Return ``number`` as int if it is a valid space-group number, else raise ValueError."""
+    try:
+        value = int(number)
+    except (TypeError, ValueError):
+        raise ValueError(f"space group must be an integer 1-230, got {number!r}") from None
+    if value != number or not 1 <= value <= 230:
+        raise ValueError(f"space group must be an integer 1-230, got {number!r}")
+    return value
+
+
+def crystal_system(number: int) -> str:
+    """Crystal system of space group ``number`` (1-230)."""
+    number = check_number(number)
+    for system, upper in zip(CRYSTAL_SYSTEMS, _SYSTEM_UPPER_BOUNDS):
+        if number <= upper:
+            return system
+    raise AssertionError("unreachable")
+
+
+@lru_cache(maxsize=1)
+def _symbols() -> dict[int, str]:
+    # spglib's Hall table lists every setting; the first Hall number of each space
+    # group is its standard setting, whose short symbol is what we report.
+    symbols: dict[int, str] = {}
+    for hall in range(1, 531):
+        sg = spglib.get_spacegroup_type(hall)
+        number = sg.number if hasattr(sg, "number") else sg["number"]
+        short = sg.international_short if hasattr(sg, "international_short") else sg["international_short"]
+        symbols.setdefault(number, short)
+    return symbols
+
+
+def symbol(number: int) -> str:
+    """Short Hermann-Mauguin symbol of space group ``number``, e.g. 225 -> 'Fm-3m'."""
+    return _symbols()[check_number(number)]
+
+
+def parse_list(text: str) -> list[int]:
+    """Parse '1,2,14' or '195-230' or a mix into a sorted list of unique numbers."""
+    numbers: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, _, hi = part.partition("-")
+            try:
+                a, b = check_number(int(lo)), check_number(int(hi))
+            except ValueError:
+                raise ValueError(f"bad space-group range {part!r} (expected e.g. 195-230)") from None
+            if a > b:
+                raise ValueError(f"bad space-group range {part!r}: start is after end")
+            numbers.update(range(a, b + 1))
+        else:
+            try:
+                numbers.add(check_number(int(part)))
+            except ValueError:
+                raise ValueError(f"bad space-group number {part!r} (expected 1-230)") from None
+    if not numbers:
+        raise ValueError(f"no space groups in {text!r}")
+    return sorted(numbers)
