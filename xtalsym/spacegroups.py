@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import spglib
@@ -46,7 +47,9 @@ def _symbols() -> dict[int, str]:
     # group is its standard setting, whose short symbol is what we report.
     symbols: dict[int, str] = {}
     for hall in range(1, 531):
-        sg = spglib.get_spacegroup_type(hall)
+        with warnings.catch_warnings():  # spglib's notice about its error-handling mode
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sg = spglib.get_spacegroup_type(hall)
         number = sg.number if hasattr(sg, "number") else sg["number"]
         short = sg.international_short if hasattr(sg, "international_short") else sg["international_short"]
         symbols.setdefault(number, short)

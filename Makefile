@@ -1,0 +1,38 @@
+# Set-up is from nothing: a virtual environment in .venv with torch pinned to the
+# CPU-friendly 2.13.0 (an unpinned torch pulls several GB of CUDA packages).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.xtalsym-installed
+TORCH  := torch==2.13.0
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[ml,distributed,test]'
+	touch $(STAMP)
+
+# Main job on the shipped defaults: simulate and shape the shipped structures into a
+# dataset, then print its summary and save a grid of raw and shaped DPs.
+demo: setup
+	rm -rf $(DEMO_OUT)
+	$(BIN)/xtalsym simulate dataset --structures xtalsym/data/structures --out $(DEMO_OUT)/dataset --workers 2
+	$(BIN)/xtalsym dataset show $(DEMO_OUT)/dataset --out $(DEMO_OUT)/examples.png
+	@echo "demo: example grid written to $(DEMO_OUT)/examples.png"
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: setup
+	$(BIN)/python benchmarks/simulate.py
+	$(BIN)/python benchmarks/shaping.py
+	$(BIN)/python benchmarks/dataset.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
