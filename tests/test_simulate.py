@@ -136,6 +136,27 @@ def test_thresholded_mode_is_exact_where_kept(triclinic):
     np.testing.assert_array_equal(to_raw_uint8(cut), to_raw_uint8(exact))
 
 
+def test_dataset_options_match_the_exact_pattern_in_8_bits(triclinic, monoclinic):
+    # float32 phases + cutoff: within 1e-5 of the maximum where computed, below the
+    # cutoff where not; 8-bit images identical but for one grey level on a rounding tie.
+    for s in (triclinic, monoclinic):
+        for axis in AXES:
+            exact = simulate_pattern(s, axis, geometry=Geometry(pixels=96))
+            fast = simulate_pattern(s, axis, geometry=Geometry(pixels=96), **sim.DATASET_OPTIONS)
+            kept = fast > 0
+            assert np.abs(fast - exact)[kept].max() < 1e-5 * exact.max()
+            assert exact[~kept].max(initial=0) < sim.DATASET_CUTOFF * exact.max()
+            diff = np.abs(to_raw_uint8(fast).astype(int) - to_raw_uint8(exact))
+            assert diff.max() <= 1 and np.count_nonzero(diff) <= 5
+
+
+def test_single_precision_is_fast_method_only(triclinic):
+    with pytest.raises(SimulationError, match="precision"):
+        simulate_pattern(triclinic, "z", method="direct", precision="single")
+    with pytest.raises(SimulationError, match="'quad'"):
+        simulate_pattern(triclinic, "z", precision="quad")
+
+
 def test_axis_convention_spacings():
     a, b, c = 3.0, 4.0, 6.0
     s = Structure(Lattice.orthorhombic(a, b, c), ["Al"], [[0, 0, 0]])
