@@ -32,3 +32,13 @@ def test_parse_list():
     for bad in ("", "0", "5-3", "1-231", "abc"):
         with pytest.raises(ValueError):
             spacegroups.parse_list(bad)
+
+
+def test_paper_sets_match_the_supplementary_tables():
+    assert len(spacegroups.PAPER_72) == len(set(spacegroups.PAPER_72)) == 72
+    assert len(spacegroups.PAPER_OPEN_SET_30) == len(set(spacegroups.PAPER_OPEN_SET_30)) == 30
+    assert not set(spacegroups.PAPER_72) & set(spacegroups.PAPER_OPEN_SET_30)
+    systems = [spacegroups.crystal_system(n) for n in spacegroups.PAPER_72]
+    # the paper's text: 2 triclinic, 12 monoclinic, 22 orthorhombic, 13 tetragonal,
+    # 6 trigonal, 8 hexagonal and 9 cubic groups
+    assert [systems.count(s) for s in spacegroups.CRYSTAL_SYSTEMS] == [2, 12, 22, 13, 6, 8, 9]

@@ -84,3 +84,22 @@ def parse_list(text: str) -> list[int]:
     if not numbers:
         raise ValueError(f"no space groups in {text!r}")
     return sorted(numbers)
+
+
+# The paper's 72 training space groups (Tiong et al. 2020, Supplementary Table 2).
+PAPER_72 = (
+    1, 2,
+    4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+    19, 25, 29, 31, 33, 36, 38, 44, 47, 55, 57, 58, 59, 60, 61, 62, 63, 64, 65, 70, 71, 74,
+    82, 87, 88, 107, 115, 122, 123, 127, 129, 136, 139, 140, 141,
+    146, 148, 156, 160, 164, 166,
+    173, 176, 186, 187, 189, 191, 193, 194,
+    198, 205, 216, 221, 223, 225, 227, 229, 230,
+)
+
+# The paper's 30 unseen space groups for open-set matching (Supplementary Table 3).
+PAPER_OPEN_SET_30 = (
+    3, 69, 76, 86, 95, 102, 109, 111, 113, 128, 130, 131, 137, 142,
+    145, 150, 162, 163, 165, 182, 185, 188,
+    197, 200, 203, 212, 214, 215, 218, 226,
+)
