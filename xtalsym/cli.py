@@ -14,7 +14,10 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xtalsym import model_cli
     from xtalsym.offline import cli as offline_cli
+    from xtalsym.offline import evaluate as evaluate_cli
+    from xtalsym.offline import train_config
 
     parser = argparse.ArgumentParser(
         prog="xtalsym",
@@ -24,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     offline_cli.register(commands)
+    # These import torch only when their command runs, so the offline commands work
+    # without the `ml` extra.
+    model_cli.register(commands)
+    train_config.register(commands)
+    evaluate_cli.register(commands)
     return parser
 
 
@@ -38,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         # Our error types subclass ValueError and carry a message that names the
         # problem and the value; the user gets that line, not a traceback.
         print(f"xtalsym: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        print(
+            "xtalsym: error: this command needs PyTorch: pip install torch==2.13.0 (CPU) "
+            "or a CUDA build, then pip install 'xtalsym[ml]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("xtalsym: interrupted", file=sys.stderr)

@@ -328,7 +328,7 @@ def build_dataset(
         pyxtal_requested=sum(r.requested for r in results),
     )
     _atomic_write_bytes(out / "build_errors.json", json.dumps(errors, indent=1).encode())
-    log.info("%s", summary.describe())
+    log.debug("%s", summary.describe())
     return summary
 
 
