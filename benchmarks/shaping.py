@@ -1,6 +1,6 @@
 """Benchmark xtalsym.shaping: speed, fidelity to the authors' samples, fast vs reference.
 
-    python benchmarks/shaping.py [--raw-npy STACK.npy] [--n N] [--seed S]
+    python benchmarks/shaping.py [--dataset DIR | --raw-npy STACK.npy] [--n N] [--seed S]
 
 STACK.npy: (n, 256, 256) uint8 raw DPs. Without it, lattice-like patterns are
 synthesised (2D reciprocal lattices of Gaussian spots, seeded). Timings are
@@ -126,16 +126,29 @@ def stack_iou(frames: np.ndarray) -> None:
           f"  median {np.median(s):.3f}  p5 {np.percentile(s, 5):.3f}")
 
 
+def dataset_frames(root: Path, n: int) -> np.ndarray:
+    """n raw DPs (all three axes of n/3 materials spread evenly over the dataset)."""
+    from xtalsym.offline import dataset as ds
+
+    samples = list(ds.iter_sample_metadata(root))
+    picked = samples[:: max(1, len(samples) // max(1, n // 3))][: max(1, n // 3)]
+    reader = ds.ShardReader(root)
+    return np.concatenate([reader.read(s["shard"], s["position"], "raw") for s in picked])[:n]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw-npy", type=Path, help="(n, 256, 256) uint8 raw DPs")
-    parser.add_argument("--n", type=int, default=300, help="synthetic frames if no --raw-npy")
+    parser.add_argument("--dataset", type=Path, help="an xtalsym dataset: its raw DPs of n/3 materials spread evenly")
+    parser.add_argument("--n", type=int, default=300, help="frames: synthetic, or read from --dataset")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cv2.setNumThreads(1)
 
     raws = np.stack(sample_table())
-    if args.raw_npy:
+    if args.dataset:
+        stack, name = dataset_frames(args.dataset, args.n), f"{args.dataset} ({args.n} raw DPs)"
+    elif args.raw_npy:
         stack = np.load(args.raw_npy)
         if stack.ndim != 3 or stack.shape[1:] != (256, 256) or stack.dtype != np.uint8:
             raise SystemExit(f"--raw-npy must be (n, 256, 256) uint8, got {stack.shape} {stack.dtype}")

@@ -26,6 +26,33 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     info.set_defaults(handler=_info)
 
+    release = sub.add_parser(
+        "release",
+        help="weights + model card of a trained model, small enough to commit",
+        description="Strip a training checkpoint to what inference needs and write model.pt, card.json and "
+        "MODEL_CARD.md (data, split, config, measured accuracy).",
+    )
+    release.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. RUN/best.pt")
+    release.add_argument("--evaluation", required=True, help="output folder of `xtalsym evaluate` on the held-out split")
+    release.add_argument("--out", required=True, help="release folder, e.g. models/msdn_paper72")
+    release.add_argument("--name", help="release name (default: the --out folder's name)")
+    release.set_defaults(handler=_release)
+
+
+def _release(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xtalsym.offline.release import release_model
+
+    name = args.name or Path(args.out).name
+    card = release_model(args.checkpoint, args.evaluation, args.out, name=name)
+    top = card["evaluation"].get("top_k") or {}
+    print(
+        f"released {name}: {card['weights']['file']} ({card['weights']['bytes'] / 1e6:.1f} MB), "
+        f"top-1 {top.get('top1')}, top-5 {top.get('top5')} on {card['evaluation'].get('samples')} samples -> {args.out}"
+    )
+    return 0
+
 
 def _parse_options(pairs: list[str]) -> dict:
     options = {}
