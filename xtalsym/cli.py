@@ -14,7 +14,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xtalsym import model_cli
+    from xtalsym import export_cli, model_cli
     from xtalsym.offline import cli as offline_cli
     from xtalsym.offline import evaluate as evaluate_cli
     from xtalsym.offline import train_config
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.register(commands)
     train_config.register(commands)
     evaluate_cli.register(commands)
+    export_cli.register(commands)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""Inference throughput and latency per backend and batch size.
+
+    python benchmarks/inference.py [--bundle PATH] [--backends torch,onnxruntime] \
+        [--batch-sizes 1,8,32] [--seconds 5] [--device cpu|cuda|auto] [--threads N]
+
+Uses the shipped bundle (reference_index/) when present, else builds a freshly
+initialised msdn at input 64 (224×224 shaped DPs in) in a temporary directory and says
+so. Input: random sparse uint8 "shaped DPs" (about 3 % lit pixels), all three views
+present. Prints samples/s and per-batch latency p50/p90/p99 (ms). Timings include the
+host→device copy and the result copy back (what the daemon pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _fresh_bundle(tmp: Path, input_size: int) -> Path:
+    import torch
+
+    from xtalsym import model as models
+    from xtalsym.bundle import build_bundle
+    from xtalsym.offline import dataset as ds
+
+    classes = list(range(1, 73))
+    rel = tmp / "release"
+    rel.mkdir()
+    torch.manual_seed(0)
+    model = models.build_model("msdn", len(classes), input_size=input_size)
+    models.save_checkpoint(rel / "model.pt", model, extra={"classes": classes, "dataset_config": ds.BuildConfig().to_json()})
+    (rel / "card.json").write_text(json.dumps({"name": "untrained-benchmark"}))
+    (rel / "MODEL_CARD.md").write_text("# untrained msdn (benchmark only)\n")
+    return build_bundle(rel, tmp / "bundle")
+
+
+def _inputs(batch: int, size: int, rng) -> np.ndarray:
+    x = np.zeros((batch, 3, 3, size, size), dtype=np.uint8)
+    lit = rng.random(x.shape) < 0.03
+    x[lit] = rng.integers(50, 256, size=int(lit.sum()), dtype=np.uint8)
+    return x
+
+
+def measure(backend, batch: int, size: int, seconds: float, rng) -> dict:
+    x = _inputs(batch, size, rng)
+    present = np.ones((batch, 3), dtype=bool)
+    for _ in range(3):  # warm-up (engine autotuning, allocator, CUDA graphs)
+        backend.run(x, present)
+    latencies = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(latencies) < 5:
+        t0 = time.perf_counter()
+        backend.run(x, present)
+        latencies.append(time.perf_counter() - t0)
+    lat = np.array(latencies) * 1e3
+    return {
+        "batch": batch,
+        "samples_per_s": batch * len(lat) / (lat.sum() / 1e3),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "runs": len(lat),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="bundle directory (default: the shipped one, else a fresh model)")
+    parser.add_argument("--backends", default="torch,onnxruntime,tensorrt")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (0: their default)")
+    parser.add_argument("--input-size", type=int, default=64, help="model input size of the fresh model (no bundle)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from xtalsym import bundle as bundles
+    from xtalsym.inference import BackendUnavailable, make_backend
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = None
+    if args.bundle:
+        bundle_path, origin = Path(args.bundle), f"bundle {args.bundle}"
+    else:
+        try:
+            bundle_path, origin = bundles.default_bundle_path(), "shipped bundle"
+        except bundles.BundleError:
+            tmp = tempfile.TemporaryDirectory()
+            bundle_path = _fresh_bundle(Path(tmp.name), args.input_size)
+            origin = f"no shipped bundle: freshly initialised msdn, input {args.input_size}, 72 classes"
+    bundle = bundles.load_bundle(bundle_path)
+    size = bundle.image_size
+    print(f"# {origin} ({bundle.model_spec['name']}, input {bundle.model_spec['input_size']}, "
+          f"shaped DPs {size}×{size}, 3 views, model_id {bundle.model_id[:12]})")
+    print(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads torch={torch.get_num_threads()}"
+          + (f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""))
+    print("| backend | device | precision | batch | samples/s | p50 ms | p90 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        options = {}
+        if args.threads and name == "onnxruntime":
+            options["intra_op_threads"] = args.threads
+        try:
+            backend = make_backend(bundle, name, device=device, **options)
+        except BackendUnavailable as exc:
+            print(f"| {name} | {device} | – | – | skipped: {exc} | | | |")
+            continue
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            r = measure(backend, batch, size, args.seconds, rng)
+            print(f"| {name} | {backend.device} | {backend.precision} | {batch} | {r['samples_per_s']:.1f} | "
+                  f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |", flush=True)
+        backend.close()
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""Model bundle: one self-contained, verifiable directory that the daemon loads.
+
+Layout (every file but ``manifest.json`` and ``.cache/`` is listed in the manifest)::
+
+    model.pt          weights-only checkpoint (the release's), identity = its SHA-256
+    model.onnx        the exported graph (see xtalsym.inference.export), optional
+    labels.json       class index -> space group, symbol, crystal system
+    settings.json     geometry + shaping the model was trained with, input layout
+    card.json, MODEL_CARD.md (+ any other plain file of the release, e.g. a PNG)
+    index/            optional reference index (xtalsym.index); index/index.json has "model_id"
+    manifest.json     format, xtalsym version, model_id, SHA-256 + size of every file
+    .cache/           not part of the bundle: TensorRT engines and timing caches
+
+:func:`load_bundle` verifies the manifest and refuses (``BundleError``, naming the file)
+a bundle with a missing, corrupted (size or SHA-256 mismatch) or unlisted file, a bad
+manifest, or an index whose ``model_id`` is not the bundle's. Unlisted files are refused
+because a bundle is meant to be exactly what was verified; put notes elsewhere.
+
+The shipped default bundle is ``reference_index/`` at the repository root; see
+:func:`default_bundle_path` for how it is found from a checkout and from a wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import site
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from xtalsym import __version__, spacegroups
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "xtalsym-bundle/1"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+LABELS_FILE = "labels.json"
+SETTINGS_FILE = "settings.json"
+CARD_FILE = "card.json"
+CARD_MD_FILE = "MODEL_CARD.md"
+INDEX_DIR = "index"
+INDEX_META = "index.json"
+CACHE_DIR = ".cache"
+REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, SETTINGS_FILE, CARD_FILE, CARD_MD_FILE)
+ENV_BUNDLE = "XTALSYM_BUNDLE"
+DATA_FILES_SUBDIR = Path("share") / "xtalsym" / "reference_index"
+AXES = ("x", "y", "z")
+
+
+class BundleError(ValueError):
+    """A bundle that is not usable: the message names the bundle and the offending file."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _bundle_files(root: Path) -> list[str]:
+    """Relative POSIX paths of every file in the bundle except the manifest and .cache/."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == CACHE_DIR or rel.as_posix() == MANIFEST:
+            continue
+        if path.is_symlink():
+            raise BundleError(f"bundle {root}: {rel.as_posix()} is a symbolic link (bundles hold plain files)")
+        if path.is_file():
+            files.append(rel.as_posix())
+    return files
+
+
+def labels_for(classes: list[int]) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "space_group": int(sg),
+            "symbol": spacegroups.symbol(sg),
+            "crystal_system": spacegroups.crystal_system(sg),
+        }
+        for i, sg in enumerate(classes)
+    ]
+
+
+def _read_index_model_id(index_dir: Path, where: str) -> str:
+    meta = index_dir / INDEX_META
+    if not meta.is_file():
+        raise BundleError(f"{where}: {INDEX_DIR}/{INDEX_META} is missing (not a reference index directory)")
+    try:
+        model_id = json.loads(meta.read_text()).get("model_id")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{where}: {INDEX_DIR}/{INDEX_META} is not a JSON object ({exc})") from None
+    if not isinstance(model_id, str) or not model_id:
+        raise BundleError(f"{where}: {INDEX_DIR}/{INDEX_META} has no \"model_id\"")
+    return model_id
+
+
+def _check_index_matches(index_dir: Path, model_id: str, where: str) -> None:
+    index_id = _read_index_model_id(index_dir, where)
+    if index_id != model_id:
+        raise BundleError(
+            f"{where}: the reference index in {INDEX_DIR}/ was built by another model "
+            f"(index model_id {index_id[:12]}…, bundle model_id {model_id[:12]}…); rebuild the index with this bundle"
+        )
+
+
+# --------------------------------------------------------------------------- Bundle
+
+
+@dataclass
+class Bundle:
+    """A verified bundle (see :func:`load_bundle`)."""
+
+    path: Path
+    manifest: dict
+    labels: list[dict]
+    settings: dict
+    card: dict
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def classes(self) -> list[int]:
+        return [int(label["space_group"]) for label in self.labels]
+
+    @property
+    def model_spec(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def image_size(self) -> int:
+        """H = W of the shaped DPs the bundle's graph and backends take (224 unless exported otherwise)."""
+        return int(self.settings["input"]["image_size"])
+
+    @property
+    def geometry(self) -> dict:
+        return self.settings["dataset_config"].get("geometry", {})
+
+    @property
+    def onnx_path(self) -> Path | None:
+        return self.path / ONNX_FILE if ONNX_FILE in self.manifest["files"] else None
+
+    @property
+    def index_dir(self) -> Path | None:
+        return self.path / INDEX_DIR if self.manifest.get("index") else None
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where engines are cached: ``.cache/`` inside the bundle if writable, else the user cache."""
+        inside = self.path / CACHE_DIR
+        try:
+            inside.mkdir(exist_ok=True)
+            if os.access(inside, os.W_OK):
+                return inside
+        except OSError:
+            pass
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        fallback = base / "xtalsym" / self.model_id[:16]
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+    def load_model(self, *, map_location: Any = "cpu"):
+        """The torch model (eval mode), loaded weights-only."""
+        from xtalsym import model as models
+
+        model, _ = models.load_checkpoint(self.path / MODEL_FILE, map_location=map_location)
+        return model
+
+
+def _bad_manifest(root: Path, why: str) -> BundleError:
+    return BundleError(f"bundle {root}: bad {MANIFEST}: {why}")
+
+
+def _parse_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle {root} is not a directory")
+    if not path.is_file():
+        raise BundleError(f"bundle {root}: {MANIFEST} is missing (not a bundle, or an unfinished build)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _bad_manifest(root, f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _bad_manifest(root, "not a JSON object")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise _bad_manifest(root, f"format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _bad_manifest(root, "no \"files\" table")
+    for name, entry in files.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or parts[0] == CACHE_DIR or name == MANIFEST:
+            raise _bad_manifest(root, f"file entry {name!r} is not a plain relative path inside the bundle")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            raise _bad_manifest(root, f"file entry {name!r} needs \"sha256\" and \"bytes\"")
+    for key in ("model_id", "model"):
+        if key not in manifest:
+            raise _bad_manifest(root, f"no {key!r}")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise _bad_manifest(root, f"required file {name} is not listed")
+    if manifest["model_id"] != files[MODEL_FILE]["sha256"]:
+        raise _bad_manifest(root, f"model_id is not the SHA-256 of {MODEL_FILE}")
+    return manifest
+
+
+def verify_bundle(path: str | os.PathLike) -> dict:
+    """Check every file against the manifest and the index against the model; return the manifest."""
+    root = Path(path)
+    manifest = _parse_manifest(root)
+    for name, entry in manifest["files"].items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"bundle {root}: {name} is missing (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"bundle {root}: {name} is corrupted: {size} bytes, manifest says {entry['bytes']}")
+        digest = sha256_file(file)
+        if digest != entry["sha256"]:
+            raise BundleError(
+                f"bundle {root}: {name} is corrupted: SHA-256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…"
+            )
+    unlisted = [name for name in _bundle_files(root) if name not in manifest["files"]]
+    if unlisted:
+        raise BundleError(
+            f"bundle {root}: {unlisted[0]} is not listed in {MANIFEST}"
+            + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
+            + "; a bundle holds only what its manifest lists (use `xtalsym bundle add-index` to add an index)"
+        )
+    if manifest.get("index"):
+        _check_index_matches(root / INDEX_DIR, manifest["model_id"], f"bundle {root}")
+    elif any(name.startswith(INDEX_DIR + "/") for name in manifest["files"]):
+        raise _bad_manifest(root, f"files under {INDEX_DIR}/ are listed but \"index\" is not set")
+    return manifest
+
+
+def load_bundle(path: str | os.PathLike | None = None, *, verify: bool = True) -> Bundle:
+    """Open (and by default verify) the bundle at ``path`` (default: :func:`default_bundle_path`)."""
+    root = Path(path) if path is not None else default_bundle_path()
+    manifest = verify_bundle(root) if verify else _parse_manifest(root)
+
+    def read(name: str) -> Any:
+        try:
+            return json.loads((root / name).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"bundle {root}: {name} is not readable JSON ({exc})") from None
+
+    labels, settings, card = read(LABELS_FILE), read(SETTINGS_FILE), read(CARD_FILE)
+    if not isinstance(labels, list) or not all(isinstance(x, dict) and "space_group" in x for x in labels):
+        raise BundleError(f"bundle {root}: {LABELS_FILE} is not a list of labels")
+    if not isinstance(settings, dict) or "input" not in settings or "dataset_config" not in settings:
+        raise BundleError(f"bundle {root}: {SETTINGS_FILE} lacks \"input\" or \"dataset_config\"")
+    if len(labels) != manifest["model"].get("num_classes"):
+        raise BundleError(f"bundle {root}: {LABELS_FILE} has {len(labels)} classes, the model {manifest['model'].get('num_classes')}")
+    return Bundle(path=root, manifest=manifest, labels=labels, settings=settings, card=card)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _write_manifest(root: Path, base: dict) -> dict:
+    files = {}
+    for name in _bundle_files(root):
+        file = root / name
+        files[name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+    manifest = {
+        **base,
+        "format": BUNDLE_FORMAT,
+        "xtalsym_version": __version__,
+        "model_id": files[MODEL_FILE]["sha256"],
+        "files": files,
+    }
+    _write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out`` (replacing an existing bundle only if ``overwrite``)."""
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _copy_index(index_dir: Path, dest: Path, model_id: str) -> None:
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise BundleError(f"index {index_dir} is not a directory")
+    _check_index_matches(index_dir, model_id, f"index {index_dir}")
+    shutil.copytree(index_dir, dest, symlinks=False)
+
+
+def build_bundle(
+    release_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    index_dir: str | os.PathLike | None = None,
+    onnx: bool = True,
+    image_size: int | None = None,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Bundle a release folder (``xtalsym model release``) at ``out``; returns ``out``.
+
+    Copies every plain file of the release, writes labels.json and settings.json from the
+    checkpoint, exports model.onnx (``onnx=True``), copies ``index_dir`` (refused when its
+    model_id is not this model's) and writes manifest.json last. Everything is assembled
+    in a temporary sibling directory and renamed into place, so ``out`` is either the old
+    bundle or the complete new one.
+    """
+    from xtalsym import model as models
+
+    release_dir, out = Path(release_dir), Path(out)
+    for name in (MODEL_FILE, CARD_FILE, CARD_MD_FILE):
+        if not (release_dir / name).is_file():
+            raise BundleError(f"release {release_dir}: {name} is missing (make one with `xtalsym model release`)")
+    model, extra = models.load_checkpoint(release_dir / MODEL_FILE)
+    if "classes" not in extra or "dataset_config" not in extra:
+        raise BundleError(
+            f"release {release_dir}: {MODEL_FILE} lacks extra[\"classes\"] or extra[\"dataset_config\"] "
+            "(release it with `xtalsym model release`)"
+        )
+    classes = [int(c) for c in extra["classes"]]
+    if len(classes) != model.num_classes:
+        raise BundleError(f"release {release_dir}: {len(classes)} classes listed, the model has {model.num_classes}")
+    from xtalsym.inference import export as onnx_export
+
+    image_size = int(image_size or onnx_export.DEFAULT_IMAGE_SIZE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        for file in sorted(release_dir.iterdir()):
+            if file.is_file() and not file.is_symlink() and file.name != MANIFEST:
+                shutil.copy2(file, tmp / file.name)
+        model_id = sha256_file(tmp / MODEL_FILE)
+        _write_json(tmp / LABELS_FILE, labels_for(classes))
+        settings = {
+            "dataset_config": extra["dataset_config"],
+            "input": {
+                "layout": "x uint8 (B, 3 zone axes, 3 channels, H, W), present bool (B, 3)",
+                "axes": list(AXES),
+                "image_size": image_size,
+                "model_input_size": model.input_size,
+                "representation": model.representation,
+            },
+        }
+        _write_json(tmp / SETTINGS_FILE, settings)
+        onnx_info = None
+        if onnx:
+            onnx_opset = int(opset or onnx_export.DEFAULT_OPSET)
+            onnx_export.export_onnx(model, tmp / ONNX_FILE, image_size=image_size, opset=onnx_opset)
+            onnx_info = {"file": ONNX_FILE, "opset": onnx_opset, "image_size": image_size,
+                         "inputs": list(onnx_export.INPUT_NAMES), "outputs": list(onnx_export.OUTPUT_NAMES)}
+        index_info = None
+        if index_dir is not None:
+            _copy_index(Path(index_dir), tmp / INDEX_DIR, model_id)
+            index_info = {"dir": INDEX_DIR, "model_id": model_id}
+        base = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "release": extra.get("release") or release_dir.name,
+            "model": models.model_spec(model),
+            "classes": classes,
+            "onnx": onnx_info,
+            "index": index_info,
+        }
+        _write_manifest(tmp, base)
+        verify_bundle(tmp)
+        _swap_in(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle %s: model_id %s", out, model_id)
+    return out
+
+
+def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
+    """Put (or replace) the reference index of an existing bundle and re-write its manifest.
+
+    The bundle is verified first; the new bundle is assembled beside it and swapped in.
+    """
+    root = Path(bundle)
+    manifest = verify_bundle(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.add-index-", dir=root.parent))
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(root, tmp, ignore=shutil.ignore_patterns(CACHE_DIR, MANIFEST), symlinks=False)
+        shutil.rmtree(tmp / INDEX_DIR, ignore_errors=True)
+        _copy_index(Path(index_dir), tmp / INDEX_DIR, manifest["model_id"])
+        base = {k: v for k, v in manifest.items() if k not in ("files", "format", "xtalsym_version", "model_id")}
+        base["index"] = {"dir": INDEX_DIR, "model_id": manifest["model_id"]}
+        _write_manifest(tmp, base)
+        verify_bundle(tmp)
+        cache = root / CACHE_DIR
+        if cache.is_dir():
+            shutil.copytree(cache, tmp / CACHE_DIR)
+        _swap_in(tmp, root, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+# --------------------------------------------------------------------------- default bundle
+
+
+def _candidate_paths() -> list[Path]:
+    """Where the shipped bundle may be, in order: the checkout, then the data-files installs."""
+    checkout = Path(__file__).resolve().parent.parent / "reference_index"
+    prefixes = [sysconfig.get_path("data"), sys.prefix, getattr(site, "USER_BASE", None), sys.base_prefix]
+    candidates = [checkout]
+    for prefix in prefixes:
+        if prefix:
+            path = Path(prefix) / DATA_FILES_SUBDIR
+            if path not in candidates:
+                candidates.append(path)
+    return candidates
+
+
+def default_bundle_path() -> Path:
+    """The default bundle: ``$XTALSYM_BUNDLE`` if set, else the first of the checkout's
+    ``reference_index/`` and ``<prefix>/share/xtalsym/reference_index`` (where the wheel's
+    data-files put it) that has a manifest.json. Raises BundleError listing where it looked.
+    """
+    env = os.environ.get(ENV_BUNDLE)
+    if env:
+        return Path(env).expanduser()
+    candidates = _candidate_paths()
+    for path in candidates:
+        if (path / MANIFEST).is_file():
+            return path
+    raise BundleError(
+        "no default bundle found (looked in "
+        + ", ".join(str(p) for p in candidates)
+        + f"); set {ENV_BUNDLE} or pass a bundle path"
+    )
+
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "Bundle",
+    "BundleError",
+    "ENV_BUNDLE",
+    "add_index",
+    "build_bundle",
+    "default_bundle_path",
+    "labels_for",
+    "load_bundle",
+    "sha256_file",
+    "verify_bundle",
+]

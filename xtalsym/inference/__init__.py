@@ -1,0 +1,110 @@
+"""Inference backends behind one Protocol (:class:`InferenceBackend`) and ``select_backend``.
+
+Backends: ``torch`` (CPU fp32; CUDA fp16 + channels_last + optional CUDA graphs),
+``onnxruntime`` (CPU EP; CUDA / TensorRT EPs when onnxruntime-gpu is installed) and
+``tensorrt`` (native engine, FP16). Heavy packages are imported only when a backend is made.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from xtalsym.inference.base import BackendUnavailable, InferenceBackend, InferenceResult, check_batch, softmax
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+# (backend, device) in the order `auto` tries them. GPU first: native TensorRT, then the
+# TensorRT/CUDA execution providers of ONNX Runtime, then torch fp16 on CUDA. On CPU,
+# ONNX Runtime goes before torch: benchmarks/inference.py on the development machine
+# (msdn at input 64 from 224 shaped DPs, 1 thread, shared with a training job) measured
+# ORT ahead of eager torch at every batch size (see docs/BUNDLE.md for the table).
+AUTO_ORDER = (
+    ("tensorrt", "cuda"),
+    ("onnxruntime", "cuda"),
+    ("torch", "cuda"),
+    ("onnxruntime", "cpu"),
+    ("torch", "cpu"),
+)
+
+
+def make_backend(bundle, name: str, *, device: str = "cpu", **options: Any) -> InferenceBackend:
+    """One named backend for ``bundle`` on ``device``; raises BackendUnavailable when it cannot run here.
+
+    ``options`` go to the backend's constructor (e.g. ``intra_op_threads`` for onnxruntime,
+    ``threads`` / ``cuda_graph_batch_sizes`` for torch, ``max_batch`` for tensorrt).
+    """
+    if name == "torch":
+        from xtalsym.inference.torch_backend import TorchBackend
+
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BackendUnavailable("torch sees no CUDA device")
+        return TorchBackend.from_bundle(bundle, device=device, **options)
+    if name == "onnxruntime":
+        from xtalsym.inference.onnx_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend.from_bundle(bundle, device=device, **options)
+    if name == "tensorrt":
+        from xtalsym.inference.tensorrt_backend import TensorRTBackend
+
+        if device == "cpu":
+            raise BackendUnavailable("TensorRT runs on CUDA devices only")
+        return TensorRTBackend.from_bundle(bundle, device=device, **options)
+    raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(BACKENDS)}")
+
+
+def select_backend(bundle, name: str = "auto", *, device: str = "auto", **options: Any) -> InferenceBackend:
+    """The backend ``name`` on ``device``, or with ``name="auto"`` the first that works of
+    :data:`AUTO_ORDER` (restricted to ``device`` unless it is "auto"). Each skipped
+    candidate is logged with its reason, the choice at INFO. ``options`` apply only to a
+    named backend (``auto`` uses each backend's defaults).
+    """
+    if name != "auto":
+        dev = device
+        if dev == "auto":
+            dev = "cpu" if name != "tensorrt" else "cuda"
+            if name != "tensorrt" and _cuda_available():
+                dev = "cuda"
+        backend = make_backend(bundle, name, device=dev, **options)
+        log.info("inference backend: %r (asked for %s on %s)", backend, name, dev)
+        return backend
+    skipped = []
+    for candidate, dev in AUTO_ORDER:
+        if device != "auto" and not (dev == device or (dev == "cuda" and device.startswith("cuda"))):
+            continue
+        dev = device if device != "auto" else dev
+        try:
+            backend = make_backend(bundle, candidate, device=dev)
+        except BackendUnavailable as exc:
+            skipped.append(f"{candidate}/{dev}: {exc}")
+            log.info("backend %s on %s skipped: %s", candidate, dev, exc)
+            continue
+        log.info("inference backend: %r (auto; skipped: %s)", backend, "; ".join(skipped) or "none")
+        return backend
+    raise BackendUnavailable("no inference backend works here: " + "; ".join(skipped))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BackendUnavailable",
+    "InferenceBackend",
+    "InferenceResult",
+    "check_batch",
+    "make_backend",
+    "select_backend",
+    "softmax",
+]
