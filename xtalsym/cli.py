@@ -14,7 +14,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xtalsym import export_cli, model_cli
+    from xtalsym import export_cli, index_cli, model_cli
     from xtalsym.offline import cli as offline_cli
     from xtalsym.offline import evaluate as evaluate_cli
     from xtalsym.offline import train_config
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_config.register(commands)
     evaluate_cli.register(commands)
     export_cli.register(commands)
+    index_cli.register(commands)
     return parser
 
 
