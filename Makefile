@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[ml,distributed,test]'
+	$(BIN)/python -m pip install --quiet -e '.[ml,distributed,daemon,test]'
 	touch $(STAMP)
 
 # Main job on the shipped defaults: simulate and shape the shipped structures into a

@@ -1,0 +1,53 @@
+"""Pure ingest decoders: one ZeroMQ message (a list of byte frames) -> one event.
+
+Decoders raise only :class:`BadMessage` (``reason`` in :data:`REASONS`); they never
+unpickle or evaluate anything, and refuse arrays above ``max_pixels`` elements before
+allocating them. Protocol details and units: docs/PROTOCOLS.md.
+"""
+
+from __future__ import annotations
+
+from .common import (
+    DEFAULT_MAX_PIXELS,
+    GEOMETRY_KEYS,
+    REASONS,
+    BadMessage,
+    Event,
+    Image,
+    SeriesEnd,
+    SeriesStart,
+)
+from .native import decode_native, encode_native_end, encode_native_image, encode_native_start
+from .stream_v1 import (
+    decode_stream_v1,
+    encode_stream_v1_end,
+    encode_stream_v1_header,
+    encode_stream_v1_image,
+)
+from .stream_v2 import (
+    decode_stream_v2,
+    encode_stream_v2_end,
+    encode_stream_v2_image,
+    encode_stream_v2_start,
+)
+
+PROTOCOLS = ("stream_v2", "stream_v1", "native")
+_DECODERS = {"stream_v2": decode_stream_v2, "stream_v1": decode_stream_v1, "native": decode_native}
+
+
+def decode(protocol: str, frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Event:
+    """Decode ``frames`` with the named protocol (one of PROTOCOLS)."""
+    try:
+        decoder = _DECODERS[protocol]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}") from None
+    return decoder(frames, max_pixels=max_pixels)
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "GEOMETRY_KEYS", "PROTOCOLS", "REASONS", "BadMessage", "Event",
+    "Image", "SeriesEnd", "SeriesStart", "decode", "decode_native", "decode_stream_v1",
+    "decode_stream_v2", "encode_native_end", "encode_native_image", "encode_native_start",
+    "encode_stream_v1_end", "encode_stream_v1_header", "encode_stream_v1_image",
+    "encode_stream_v2_end", "encode_stream_v2_image", "encode_stream_v2_start",
+]  # fmt: skip

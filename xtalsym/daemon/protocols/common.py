@@ -1,0 +1,386 @@
+"""Events, the bad-message error, and codecs shared by the stream decoders.
+
+Everything here works on bytes already in memory; nothing opens a socket. Decoders
+raise only :class:`BadMessage`, whose ``reason`` is one of :data:`REASONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import lz4.block
+import numpy as np
+
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+"""Default cap on the number of elements of any decoded array (64 Mi)."""
+
+REASONS = frozenset(
+    {
+        "bad_frames",  # wrong number of ZeroMQ frames for the message kind
+        "not_cbor",  # the bytes are not (well-formed) CBOR
+        "not_json",  # a JSON part is not UTF-8 JSON or not an object
+        "unknown_type",  # message type / htype we do not handle
+        "missing_field",  # a required field is absent
+        "bad_field",  # a field has the wrong type or an impossible value
+        "bad_tag",  # a CBOR tag is missing, unknown or holds the wrong item
+        "bad_dtype",  # element type not supported or inconsistent
+        "bad_compression",  # unknown algorithm or the compressed stream is corrupt
+        "truncated",  # fewer bytes than the framing declares
+        "shape_mismatch",  # data length disagrees with dims x element size
+        "too_large",  # declared size above max_pixels
+    }
+)
+
+
+class BadMessage(ValueError):
+    """A message that cannot be decoded; ``reason`` is a short key from REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:  # programming error guard, never from input
+            raise AssertionError(f"undocumented reason {reason!r}")
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+GEOMETRY_KEYS = (
+    "beam_center_x_px",
+    "beam_center_y_px",
+    "pixel_size_x_m",
+    "pixel_size_y_m",
+    "wavelength_m",
+    "detector_distance_m",
+    "image_size_x_px",
+    "image_size_y_px",
+)
+"""Keys of ``SeriesStart.geometry``; a value the stream did not give is None."""
+
+ANGSTROM_M = 1e-10
+HC_EV_ANGSTROM = 12398.419843320026  # h*c in eV*Angstrom (CODATA 2018)
+
+
+@dataclass(frozen=True)
+class SeriesStart:
+    """Start of a series: geometry in SI units plus everything else the stream sent."""
+
+    series_id: int
+    series_unique_id: str | None
+    geometry: dict[str, float | int | None]
+    channels: list[str] = field(default_factory=list)
+    image_dtype: str | None = None
+    number_of_images: int | None = None
+    user_data: Any = None
+    pixel_mask: Any = None  # ndarray, or dict channel -> ndarray for stream V2
+    flatfield: Any = None  # same layout as pixel_mask
+    raw: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Image:
+    """One exposure: ``data`` maps channel name to a 2-D array (rows = y)."""
+
+    series_id: int
+    image_id: int
+    data: dict[str, np.ndarray]
+    user_data: Any = None
+    real_time: float | None = None
+    start_time: float | None = None
+    stop_time: float | None = None
+    series_unique_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SeriesEnd:
+    series_id: int
+    series_unique_id: str | None = None
+
+
+Event = SeriesStart | Image | SeriesEnd
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def require(msg: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """Return ``msg[key]`` if present and of ``kind`` (bool is never an int)."""
+    if key not in msg:
+        raise BadMessage("missing_field", f"{where} has no {key!r}")
+    return check_kind(msg[key], key, kind, where)
+
+
+def optional(msg: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = msg.get(key)
+    if value is None:
+        return None
+    return check_kind(value, key, kind, where)
+
+
+def check_kind(value: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise BadMessage("bad_field", f"{where} {key!r} is a bool ({value!r})")
+    if not isinstance(value, kinds):
+        raise BadMessage(
+            "bad_field", f"{where} {key!r} has type {type(value).__name__}: {_short(value)}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadMessage("bad_field", f"{where} {key!r} is not finite: {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and float in kinds:
+        try:
+            return float(value)
+        except OverflowError:
+            raise BadMessage("bad_field", f"{where} {key!r} overflows a float") from None
+    return value
+
+
+def optional_number(msg: dict, key: str, where: str) -> float | None:
+    return optional(msg, key, (int, float), where)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - repr of odd objects must not escape
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def as_seconds(value: Any, key: str, where: str) -> float | None:
+    """A rational [num, den] (or Fraction, or plain number) as float seconds."""
+    if value is None:
+        return None
+    if isinstance(value, Fraction):
+        try:
+            return float(value)
+        except OverflowError:
+            raise BadMessage("bad_field", f"{where} {key!r} overflows a float") from None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise BadMessage("bad_field", f"{where} {key!r} is not a rational: {_short(value)}")
+        num, den = value
+        if den <= 0:
+            raise BadMessage("bad_field", f"{where} {key!r} has denominator {den}")
+        try:
+            return num / den
+        except OverflowError:
+            raise BadMessage("bad_field", f"{where} {key!r} overflows: {_short(value)}") from None
+    return check_kind(value, key, (int, float), where)
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """Read-only containers from cbor2 (frozendict, tuple) as dict/list, recursively."""
+    if depth > 100:
+        raise BadMessage("bad_field", "nesting deeper than 100")
+    if isinstance(value, dict) or (hasattr(value, "items") and hasattr(value, "keys")):
+        return {_key(k): plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, depth + 1) for v in value]
+    return value
+
+
+def _key(key: Any) -> Any:
+    if isinstance(key, (str, int, float, bytes, bool)) or key is None:
+        return key
+    return _short(key)
+
+
+def json_object(part: bytes, where: str) -> dict:
+    """Parse one JSON part that must be an object (no NaN/Infinity literals)."""
+    if not isinstance(part, (bytes, bytearray, memoryview)):
+        raise BadMessage("bad_frames", f"{where} frame is {type(part).__name__}, not bytes")
+    try:
+        obj = json.loads(bytes(part).decode("utf-8"), parse_constant=_no_constant)
+    except BadMessage:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad frame
+        raise BadMessage("not_json", f"{where}: {type(exc).__name__}: {_short(str(exc))}") from None
+    if not isinstance(obj, dict):
+        raise BadMessage("not_json", f"{where} is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise BadMessage("not_json", f"JSON constant {name} is not allowed")
+
+
+def dims_2d(dims: Any, where: str, max_pixels: int) -> tuple[int, int]:
+    """Validate a 2-D shape of positive ints and its size against max_pixels."""
+    if not isinstance(dims, (list, tuple)) or len(dims) != 2:
+        raise BadMessage("shape_mismatch", f"{where} dims must be 2 integers, got {_short(dims)}")
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+            raise BadMessage(
+                "shape_mismatch", f"{where} dims must be positive ints: {_short(dims)}"
+            )
+    if dims[0] * dims[1] > max_pixels:
+        raise BadMessage(
+            "too_large", f"{where} dims {dims[0]}x{dims[1]} exceed max_pixels={max_pixels}"
+        )
+    return int(dims[0]), int(dims[1])
+
+
+# ---------------------------------------------------------------- HDF5-filter framing
+
+
+def framed_header(blob: bytes, expected_nbytes: int, where: str) -> int:
+    """Check the 12-byte header (8-byte BE size, 4-byte BE block size) BEFORE decoding.
+
+    Returns the block size in bytes. The declared size must equal ``expected_nbytes``
+    (dims x element size), so nothing is ever allocated from an untrusted header.
+    """
+    if len(blob) < 12:
+        raise BadMessage("truncated", f"{where}: {len(blob)} bytes, header needs 12")
+    total, block = struct.unpack(">QI", bytes(blob[:12]))
+    if total != expected_nbytes:
+        raise BadMessage(
+            "shape_mismatch",
+            f"{where}: header declares {total} bytes, dims x element size is {expected_nbytes}",
+        )
+    if block == 0:
+        raise BadMessage("bad_compression", f"{where}: block size {block} for {total} bytes")
+    return block
+
+
+def decompress_framed(
+    blob: bytes, algorithm: str, elem_size: int, expected_nbytes: int, where: str
+) -> bytes:
+    """Decompress 'bslz4' or 'lz4' (HDF5-filter framing) with dectris-compression."""
+    from dectris.compression import decompress  # C extension; imported lazily
+
+    if algorithm not in ("bslz4", "lz4"):
+        raise BadMessage("bad_compression", f"{where}: unknown algorithm {_short(algorithm)}")
+    framed_header(blob, expected_nbytes, where)
+    if algorithm == "bslz4" and elem_size not in (1, 2, 4, 8):
+        raise BadMessage("bad_compression", f"{where}: bslz4 element size {elem_size}")
+    try:
+        if algorithm == "bslz4":
+            out = decompress(bytes(blob), "bslz4", elem_size=elem_size)
+        else:
+            out = decompress(bytes(blob), "lz4")
+    except Exception as exc:  # noqa: BLE001 - RuntimeError/ValueError from the C code
+        raise BadMessage("bad_compression", f"{where}: {algorithm}: {_short(str(exc))}") from None
+    if len(out) != expected_nbytes:  # dectris-compression returns b"" on a bad header
+        raise BadMessage(
+            "bad_compression",
+            f"{where}: {algorithm} gave {len(out)} bytes, expected {expected_nbytes}",
+        )
+    return out
+
+
+def lz4_block_decompress(blob: bytes, expected_nbytes: int, where: str) -> bytes:
+    """A raw LZ4 block (no framing) of known uncompressed size."""
+    try:
+        out = lz4.block.decompress(bytes(blob), uncompressed_size=expected_nbytes)
+    except Exception as exc:  # noqa: BLE001 - LZ4BlockError and friends
+        raise BadMessage("bad_compression", f"{where}: lz4 block: {_short(str(exc))}") from None
+    if len(out) != expected_nbytes:
+        raise BadMessage(
+            "bad_compression", f"{where}: lz4 gave {len(out)} bytes, expected {expected_nbytes}"
+        )
+    return out
+
+
+# Pure numpy + lz4.block implementation of the two framings. The encoders use it
+# (dectris-compression only decompresses), and the tests use the decompressor as an
+# independent second decoder of the real DECTRIS captures.
+
+BSHUF_BLOCK_BYTES = 8192  # bitshuffle's target block size, as DECTRIS writes it
+
+
+def _bitshuffle(buf: np.ndarray, elem_size: int) -> np.ndarray:
+    """(nblocks, n*elem_size) uint8 -> bit planes, n a multiple of 8 (bitshuffle order)."""
+    nb = buf.shape[0]
+    n = buf.shape[1] // elem_size
+    bits = np.unpackbits(buf.reshape(nb, n, elem_size, 1), axis=-1, bitorder="little")
+    planes = bits.reshape(nb, n, elem_size * 8).transpose(0, 2, 1)  # (nb, bit, elem)
+    return np.packbits(planes, axis=-1, bitorder="little").reshape(nb, -1)
+
+
+def _bitunshuffle(buf: np.ndarray, elem_size: int) -> np.ndarray:
+    """Inverse of :func:`_bitshuffle`."""
+    nb = buf.shape[0]
+    n = buf.shape[1] // elem_size
+    planes = np.unpackbits(
+        buf.reshape(nb, elem_size * 8, n // 8), axis=-1, bitorder="little"
+    )  # (nb, bit, elem)
+    bits = planes.transpose(0, 2, 1).reshape(nb, n, elem_size, 8)
+    return np.packbits(bits, axis=-1, bitorder="little").reshape(nb, -1)
+
+
+def _bs_blocks(nelem: int, block_elems: int) -> list[int]:
+    """Element counts of the compressed blocks; the nelem % 8 tail is stored raw."""
+    full, rest = divmod(nelem, block_elems)
+    sizes = [block_elems] * full
+    if rest - rest % 8:
+        sizes.append(rest - rest % 8)
+    return sizes
+
+
+def bslz4_compress(data: bytes, elem_size: int, block_bytes: int = BSHUF_BLOCK_BYTES) -> bytes:
+    """Bitshuffle + LZ4 in HDF5-filter framing (the 12-byte header, per-block sizes)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    nelem = raw.size // elem_size
+    block_elems = max(8, (block_bytes // elem_size) // 8 * 8)
+    out = [struct.pack(">QI", raw.size, block_elems * elem_size)]
+    pos = 0
+    for count in _bs_blocks(nelem, block_elems):
+        chunk = raw[pos : pos + count * elem_size].reshape(1, -1)
+        shuffled = _bitshuffle(chunk, elem_size).tobytes()
+        comp = lz4.block.compress(shuffled, store_size=False)
+        out.append(struct.pack(">I", len(comp)) + comp)
+        pos += count * elem_size
+    out.append(raw[pos:].tobytes())
+    return b"".join(out)
+
+
+def bslz4_decompress_numpy(blob: bytes, elem_size: int) -> bytes:
+    """Reference decoder (numpy + lz4.block), independent of dectris-compression."""
+    total, block_bytes = struct.unpack(">QI", blob[:12])
+    nelem = total // elem_size
+    block_elems = block_bytes // elem_size
+    pos, parts = 12, []
+    for count in _bs_blocks(nelem, block_elems):
+        (clen,) = struct.unpack(">I", blob[pos : pos + 4])
+        plane = lz4.block.decompress(
+            blob[pos + 4 : pos + 4 + clen], uncompressed_size=count * elem_size
+        )
+        parts.append(_bitunshuffle(np.frombuffer(plane, np.uint8).reshape(1, -1), elem_size))
+        pos += 4 + clen
+    tail = blob[pos:]
+    if len(tail) != (nelem % 8) * elem_size:
+        raise ValueError(f"tail of {len(tail)} bytes")
+    return b"".join(p.tobytes() for p in parts) + tail
+
+
+def hdf5_lz4_compress(data: bytes, block_bytes: int = 1 << 13) -> bytes:
+    """HDF5 LZ4 filter framing; a block that does not shrink is stored raw."""
+    block_bytes = max(1, min(block_bytes, len(data))) if data else block_bytes
+    out = [struct.pack(">QI", len(data), block_bytes)]
+    for pos in range(0, len(data), block_bytes):
+        chunk = data[pos : pos + block_bytes]
+        comp = lz4.block.compress(chunk, store_size=False)
+        if len(comp) >= len(chunk):
+            comp = chunk
+        out.append(struct.pack(">I", len(comp)) + comp)
+    return b"".join(out)
+
+
+def hdf5_lz4_decompress_numpy(blob: bytes) -> bytes:
+    """Reference decoder for the HDF5 LZ4 framing (lz4.block only)."""
+    total, block_bytes = struct.unpack(">QI", blob[:12])
+    pos, parts, done = 12, [], 0
+    while done < total:
+        want = min(block_bytes, total - done)
+        (clen,) = struct.unpack(">I", blob[pos : pos + 4])
+        chunk = blob[pos + 4 : pos + 4 + clen]
+        parts.append(chunk if clen == want else lz4.block.decompress(chunk, uncompressed_size=want))
+        pos += 4 + clen
+        done += want
+    return b"".join(parts)
