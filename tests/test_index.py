@@ -82,6 +82,23 @@ def test_approximate_kinds_find_the_exact_neighbour_of_a_stored_vector(kind):
     assert (idx[:, 0] == np.arange(50)).mean() >= 0.95
 
 
+def test_pq_kind_is_compressed_and_ranks_like_the_exact_index(tmp_path):
+    v = ix.normalise_views(_random_embeddings(2000, 3, nonneg=False))
+    # queries near stored vectors: the exact neighbour must still come first
+    q = ix.normalise_views((v[:50] + 0.05 * np.random.default_rng(1).normal(size=v[:50].shape)).reshape(50, 3, 960))
+    pq = ix.ReferenceIndex.build(v, _entries(np.arange(2000) % 5 + 1), kind="pq", gpu="off")
+    _, idx = pq.search(q, 1)
+    assert (idx[:, 0] == np.arange(50)).mean() >= 0.9
+    pq.save(tmp_path / "pq")
+    flat = ix.ReferenceIndex.build(v, _entries(np.arange(2000) % 5 + 1), gpu="off")
+    flat.save(tmp_path / "flat")
+    size = lambda d: (d / ix.INDEX_FILE).stat().st_size  # noqa: E731
+    # 96 bytes per vector plus the fixed codebooks (m x 256 centroids x 30 floats = 2.9 MB)
+    assert size(tmp_path / "pq") < 2000 * 96 + 256 * 2880 * 4 + 100_000 < size(tmp_path / "flat") / 5
+    with pytest.raises(ix.ReferenceIndexError, match="divide"):
+        ix.make_faiss_index(v, "pq", {"m": 7})
+
+
 def test_save_load_roundtrip_metadata_and_corruption(tmp_path):
     v = ix.normalise_views(_random_embeddings(40, 4))
     groups = [225] * 20 + [14] * 20

@@ -45,7 +45,7 @@ FORMAT = "xtalsym-index/1"
 VIEWS = 3
 VIEW_DIM = 960
 DIM = VIEWS * VIEW_DIM
-KINDS = ("flat", "hnsw", "ivf")
+KINDS = ("flat", "hnsw", "ivf", "pq")
 INDEX_FILE = "index.faiss"
 ENTRIES_FILE = "entries.jsonl"
 CLASS_VECTORS_FILE = "class_vectors.npy"
@@ -54,6 +54,9 @@ DEFAULT_TEMPERATURE = 0.1
 DEFAULT_PARAMS = {
     "hnsw": {"m": 32, "ef_construction": 80, "ef_search": 128},
     "ivf": {"nlist": 256, "nprobe": 16},
+    # 96 sub-quantisers of 30 dimensions, 8 bits each: 96 bytes per material instead of
+    # 11,520 — what keeps an index of the whole MP set small enough for the repository.
+    "pq": {"m": 96, "nbits": 8},
 }
 PAPER_OPEN_SET = {"top1": 0.702, "top5": 0.875}
 ENTRY_FIELDS = ("material_id", "formula", "space_group", "symbol", "crystal_system", "source")
@@ -313,7 +316,10 @@ def make_faiss_index(vectors: np.ndarray, kind: str = "flat", params: dict | Non
 
     ``hnsw``: IndexHNSWFlat, params m (links per node), ef_construction, ef_search.
     ``ivf``: IndexIVFFlat over nlist k-means cells (reduced to N // 39 for small sets, so
-    every cell has ~39 training points), nprobe cells searched."""
+    every cell has ~39 training points), nprobe cells searched.
+    ``pq``: IndexPQ, product quantisation (m sub-vectors of nbits each): compressed
+    storage, approximate inner products; nbits is lowered for small sets so each
+    sub-quantiser has >= 4 training points per centroid."""
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     d = vectors.shape[1]
@@ -332,6 +338,14 @@ def make_faiss_index(vectors: np.ndarray, kind: str = "flat", params: dict | Non
         index.train(vectors)
         index.nprobe = min(int(p["nprobe"]), nlist)
         p["nprobe"] = int(index.nprobe)
+    elif kind == "pq":
+        m = int(p["m"])
+        if m < 1 or d % m:
+            raise ReferenceIndexError(f"pq parameter m must divide the dimension {d}, got {m}")
+        nbits = max(1, min(int(p["nbits"]), int(np.log2(max(len(vectors), 8) / 4))))
+        p["nbits"] = nbits
+        index = faiss.IndexPQ(d, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
     else:
         raise ReferenceIndexError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if len(vectors):
@@ -347,9 +361,9 @@ def _apply_search_params(index, kind: str, params: dict) -> None:
 
 
 def _to_gpu(index, kind: str):
-    """Move a flat/IVF index to all GPUs (HNSW has no GPU version: stays on the CPU)."""
+    """Move a flat/IVF index to all GPUs (HNSW and PQ stay on the CPU)."""
     faiss = _faiss()
-    if kind == "hnsw" or not gpu_available():  # pragma: no cover - needs faiss-gpu
+    if kind in ("hnsw", "pq") or not gpu_available():  # pragma: no cover - needs faiss-gpu
         return index, False
     return faiss.index_cpu_to_all_gpus(index), True  # pragma: no cover - needs faiss-gpu
 
