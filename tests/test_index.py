@@ -324,15 +324,6 @@ def test_build_from_structures_matches_dataset_embeddings(tiny):
     assert float(from_structures.vectors[0] @ from_dataset.vectors[0]) == pytest.approx(3.0, abs=1e-4)
 
 
-def test_bundle_option_is_tolerant_when_bundle_module_is_missing(tiny, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("xtalsym.bundle") is not None:
-        pytest.skip("xtalsym.bundle is present; its own tests cover bundles")
-    with pytest.raises(ix.ReferenceIndexError, match="--checkpoint"):
-        _run(["index", "query", str(SHIPPED / "NaCl.cif"), "--bundle", str(tmp_path), "--index", str(tmp_path)])
-
-
 def test_bundle_embedder_build_and_query(tiny, tmp_path, capsys):
     bundle = pytest.importorskip("xtalsym.bundle", reason="xtalsym.bundle is not available")
     release = tmp_path / "release"

@@ -15,6 +15,7 @@ class UserError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from xtalsym import export_cli, index_cli, model_cli
+    from xtalsym.daemon import cli as daemon_cli
     from xtalsym.offline import cli as offline_cli
     from xtalsym.offline import evaluate as evaluate_cli
     from xtalsym.offline import train_config
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cli.register(commands)
     export_cli.register(commands)
     index_cli.register(commands)
+    daemon_cli.register(commands)
     return parser
 
 

@@ -658,19 +658,23 @@ class Embedder:
         return cls(embed, [int(c) for c in classes], model_id, source, config, batch_size)
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, *, batch_size: int = 32) -> Embedder:
-        """From a model bundle (``xtalsym.bundle``): its backend, classes, settings and model_id."""
-        try:
-            from xtalsym import bundle as bundle_module
-        except ImportError as exc:
-            raise ReferenceIndexError(f"--bundle needs xtalsym.bundle, which is not available here ({exc}); use --checkpoint") from exc
-        b = bundle_module.load_bundle(path)  # verifies the manifest (and the index against the model)
+    def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32) -> Embedder:
+        """From a model bundle: embeds with the bundle's fastest backend (``auto``, see
+        ``xtalsym.inference.select_backend``) and takes its classes, settings and model_id."""
+        from xtalsym import bundle as bundle_module
+        from xtalsym.inference import select_backend
         from xtalsym.offline import evaluate as ev
+
+        b = bundle_module.load_bundle(path)  # verifies the manifest (and the index against the model)
+        runner = select_backend(b, backend)
+
+        def embed(x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            result = runner.run(np.ascontiguousarray(x, dtype=np.uint8), np.asarray(present, dtype=bool))
+            return result.embeddings, result.probabilities
 
         settings = getattr(b, "settings", None) or {}
         config = ev.build_config_from({"dataset_config": settings.get("dataset_config")})
-        model = b.load_model()
-        return cls.from_model(model, b.classes, model_id=b.model_id, source=str(path), config=config, batch_size=batch_size)
+        return cls(embed, [int(c) for c in b.classes], b.model_id, str(path), config, batch_size)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,0 +1,234 @@
+"""The whole path over real sockets on 127.0.0.1: detector-sim -> serve -> listener."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+zmq = pytest.importorskip("zmq")
+
+from xtalsym import bundle as bundles  # noqa: E402
+from xtalsym import model as models  # noqa: E402
+from xtalsym.daemon.cli import listen  # noqa: E402
+from xtalsym.daemon.config import load_config  # noqa: E402
+from xtalsym.daemon.service import Service  # noqa: E402
+from xtalsym.detector_sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
+from xtalsym.offline import dataset as ds  # noqa: E402
+from xtalsym.offline import structures  # noqa: E402
+
+CLASSES = [2, 14, 62, 194, 225, 227]
+SHIPPED = structures.shipped_structures_dir()
+# a small, off-centre detector that still covers the training grid (q/px 0.0048 vs 0.0054)
+GEOMETRY = DetectorGeometry(pixels_x=300, pixels_y=290, pixel_size_m=55e-6, distance_m=0.33,
+                            wavelength_m=3.5e-12, beam_center_x_px=150.5, beam_center_y_px=140.5)
+
+
+def tiny_bundle(tmp, *, index: bool = True):
+    """A bundle of a freshly initialised msdn (input 32, graph 64) with a reference index."""
+    torch.manual_seed(0)
+    release = tmp / "release"
+    release.mkdir(parents=True)
+    model = models.build_model("msdn", len(CLASSES), input_size=32)
+    models.save_checkpoint(release / "model.pt", model, extra={
+        "classes": CLASSES, "dataset_config": ds.BuildConfig().to_json(), "config": {}, "metrics": [],
+        "release": "tiny"})
+    (release / "card.json").write_text(json.dumps({"name": "tiny", "classes": CLASSES}))
+    (release / "MODEL_CARD.md").write_text("# tiny\n")
+    out = bundles.build_bundle(release, tmp / "bundle", image_size=64)
+    if index:
+        from xtalsym.index import ReferenceIndex, normalise_views
+
+        b = bundles.load_bundle(out)
+        rng = np.random.default_rng(0)
+        vecs = normalise_views(rng.normal(size=(4, 3, 960)).astype(np.float32))
+        entries = [{"material_id": f"mp-{i}", "formula": f"X{i}", "space_group": sg}
+                   for i, sg in enumerate([225, 225, 62, 194])]
+        ReferenceIndex.build(vecs, entries, model_id=b.model_id, gpu="off").save(tmp / "index")
+        bundles.add_index(out, tmp / "index")
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tiny_bundle(tmp_path_factory.mktemp("daemon"))
+
+
+@pytest.fixture(scope="module")
+def components(bundle_path):
+    from xtalsym.daemon.service import load_components
+
+    cfg = load_config(overrides={"bundle": {"path": str(bundle_path), "backend": "onnxruntime", "device": "cpu"}})
+    return load_components(cfg)
+
+
+class Running:
+    """A daemon in this process plus a listener thread, wired to a PUSH endpoint."""
+
+    def __init__(self, components, frame_endpoint, **sections):
+        overrides = {"ingest": {"address": frame_endpoint},
+                     "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
+                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01}}
+        for name, values in sections.items():
+            overrides.setdefault(name, {}).update(values)
+        self.config = load_config(overrides=overrides)
+        self.service = Service(self.config, components=components).start()
+        self.stop = threading.Event()
+        ready = threading.Event()
+        self.summary = None
+
+        def run():
+            self.summary = listen(self.service.pipeline.publish_endpoint, stop=self.stop, ready=ready)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(5)
+        time.sleep(0.3)  # PUB/SUB join
+
+    def wait_final(self, n, timeout=60.0):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self._finals() >= n:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"only {self._finals()} final predictions after {timeout} s: "
+                             f"{self.service.pipeline.metrics.snapshot()}")
+
+    def _finals(self):
+        c = self.service.pipeline.metrics.snapshot()["counts"]
+        return c.get("predictions_complete", 0) + c.get("timed_out_samples", 0)
+
+    def close(self):
+        self.service.pipeline.stop()
+        time.sleep(0.3)
+        self.stop.set()
+        self.thread.join(5)
+        return self.summary
+
+
+def detector():
+    sock = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
+    return sock, sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def test_end_to_end(components):
+    sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, gap_rows=(200, 204),
+                      bad_every=2)
+    ctx = zmq.Context.instance()
+    sock = push_socket(ctx, "tcp://127.0.0.1:*")
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    run = Running(components, endpoint)
+    try:
+        sim.send(sock)
+        run.wait_final(2)
+    finally:
+        sock.close(linger=0)
+        summary = run.close()
+    msgs = summary.messages
+    finals = [m for m in msgs if m["final"]]
+    assert sorted(m["user_data"]["formula"] for m in finals) == ["NaCl", "Si"]
+    assert all(m["status"] == "complete" and m["axes"] == ["x", "y", "z"] for m in finals)
+    partial = [m for m in msgs if m["status"] == "partial"]
+    assert len(partial) == 4  # one after each of the first two views of each sample
+    m = finals[0]
+    assert m["schema"] == "xtalsym.prediction/1" and len(m["top"]) == 5
+    assert {t["space_group"] for t in m["top"]} <= set(CLASSES)
+    assert all(0 <= t["probability"] <= 1 for t in m["top"])
+    assert m["open_set"] is not None and len(m["open_set"]["neighbours"]) == 4
+    assert m["model"]["model_id"] == components[0].model_id
+    assert m["user_data"]["space_group"] in (225, 227)
+    assert m["timestamps"]["published"] >= m["timestamps"]["received"]
+    metrics = run.service.pipeline.metrics.snapshot()
+    # 6 images, a bad message after every second one: 3 bad, all counted, every good frame classified
+    assert sum(metrics["bad_frames"].values()) == 3, metrics["bad_frames"]
+    assert metrics["counts"]["views"] == 6
+
+
+def test_partial_timeout_and_stale_end(components):
+    """A sample missing an axis is published as a final partial after the timeout; a stale
+    end of an earlier series is ignored; an image before any start is counted and dropped."""
+    sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol="native",
+                      axis_order="zxy", skip_axes={"NaCl": "y"}, series_id=7)
+    sock, endpoint = detector()
+    run = Running(components, endpoint, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0})
+    try:
+        from xtalsym.daemon import protocols as proto
+
+        image_id, array, ud = next(sim.images())
+        sock.send_multipart(proto.encode_native_image(series_id=6, image_id=0, array=array, user_data=ud))
+        sock.send_multipart(proto.encode_native_end(series_id=6))  # stale: no series open
+        messages = list(sim.messages())
+        for m in messages[:-1]:
+            sock.send_multipart(m)
+        sock.send_multipart(proto.encode_native_end(series_id=5))  # stale: another series
+        sock.send_multipart(messages[-1])
+        run.wait_final(2, timeout=30)
+    finally:
+        sock.close(linger=0)
+        summary = run.close()
+    finals = {m["user_data"]["formula"]: m for m in summary.messages if m["final"]}
+    assert finals["Si"]["status"] == "complete" and finals["Si"]["closed_by"] == "complete"
+    nacl = finals["NaCl"]
+    assert nacl["status"] == "partial" and nacl["closed_by"] == "timeout" and nacl["axes"] == ["x", "z"]
+    metrics = run.service.pipeline.metrics.snapshot()
+    assert metrics["bad_frames"] == {"no_start": 1}
+    assert metrics["counts"]["stale_end"] == 2
+    assert run.service.pipeline.tracker.events == {"start": 1, "end": 1, "restart": 0}
+
+
+@pytest.mark.parametrize("protocol", ["stream_v1"])
+def test_image_id_axes_and_restart(components, protocol):
+    """Axes from image_id order; a detector restart (new start mid-series) is survived."""
+    first = DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY, protocol=protocol, series_id=1)
+    second = DetectorSim([SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol=protocol, series_id=2)
+    sock, endpoint = detector()
+    run = Running(components, endpoint, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"})
+    try:
+        m1 = list(first.messages())
+        for m in m1[:2]:  # start + one image, then the detector is re-armed
+            sock.send_multipart(m)
+        for m in second.messages():
+            sock.send_multipart(m)
+        run.wait_final(1)
+    finally:
+        sock.close(linger=0)
+        summary = run.close()
+    assert run.service.pipeline.tracker.events["restart"] == 1
+    finals = [m for m in summary.messages if m["final"]]
+    by = {m["user_data"]["formula"]: m for m in finals}
+    assert by["Si"]["status"] == "complete" and by["Si"]["axes"] == ["x", "y", "z"]
+    # the interrupted series' single view is closed at shutdown, never dropped
+    assert by["NaCl"]["closed_by"] == "shutdown" and by["NaCl"]["axes"] == ["x"]
+
+
+def test_other_geometry_classifies_the_same(components):
+    """NaCl rendered at the detector geometry and calibrated back gives the model the same answer
+    as the training-grid render."""
+    from xtalsym import shaping
+    from xtalsym.daemon import calibrate as cal
+    from xtalsym.detector_sim import render, to_counts
+    from xtalsym.offline import simulate as sim
+
+    bundle, backend, _ = components
+    s = structures.load_structure(SHIPPED / "NaCl.cif").structure
+    det = DetectorGeometry(pixels_x=380, pixels_y=340, pixel_size_m=55e-6, distance_m=0.5, wavelength_m=2.5e-12,
+                           beam_center_x_px=190.5, beam_center_y_px=160.5)
+    sampling = cal.build_map(cal.FrameGeometry(**det.stream_geometry()), cal.TrainingGeometry.from_bundle(bundle))
+    frames = render(s, det)
+    ref = sim.simulate_axes(s, **sim.DATASET_OPTIONS)
+    size = bundle.image_size
+    x = np.zeros((2, 3, 3, size, size), np.uint8)
+    for i, axis in enumerate("xyz"):
+        x[0, i] = shaping.shape(sim.to_raw_uint8(ref[axis]), axis, size=size).transpose(2, 0, 1)
+        x[1, i] = shaping.shape(cal.calibrate(to_counts(frames[axis], None), sampling), axis,
+                                size=size).transpose(2, 0, 1)
+    result = backend.run(x)
+    p = result.probabilities
+    assert p[0].argmax() == p[1].argmax()
+    assert np.abs(p[0] - p[1]).max() < 0.02

@@ -1,0 +1,149 @@
+"""Assembly: shaped views -> samples of up to three zone axes -> inference requests.
+
+A sample is the frames of its three zone axes (x, y, z). Which axis a frame is, and which
+sample it belongs to, comes from the stream (:func:`identify`):
+
+* ``axis_from = "user_data"``: ``user_data[axis_key]`` is "x", "y" or "z";
+  ``axis_from = "image_id"``: ``axis_order[image_id % 3]``;
+* the sample key is ``user_data[sample_key]`` when present, else
+  ``"<series>:<image_id // 3>"`` (series = series_unique_id, else series_id).
+
+:class:`Assembler` turns each arriving view into a request: ``partial`` while axes are
+missing (only when ``publish_partial``), ``complete`` (final) when the third axis
+arrives; :meth:`Assembler.expire` closes samples older than the timeout as final
+``partial`` requests and :meth:`Assembler.close_all` does the same at shutdown, so no
+sample is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+AXES = ("x", "y", "z")
+
+
+class AssemblyError(ValueError):
+    """A frame whose axis or sample cannot be determined; ``reason`` is a short key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def identify(*, series_id: int, series_unique_id: str | None, image_id: int, user_data: Any,
+             axis_from: str = "user_data", axis_key: str = "axis", axis_order=AXES,
+             sample_key: str = "sample_id") -> tuple[str, str]:
+    """(sample key, axis) of one frame per the assembly configuration."""
+    ud = user_data if isinstance(user_data, dict) else {}
+    if axis_from == "user_data":
+        axis = ud.get(axis_key)
+        if axis is None:
+            raise AssemblyError("no_axis", f"image {image_id} of series {series_id} has no user_data[{axis_key!r}]")
+        axis = str(axis).lower()
+        if axis not in AXES:
+            raise AssemblyError("bad_axis", f"image {image_id}: user_data[{axis_key!r}] = {axis!r}, expected x, y or z")
+    else:
+        axis = axis_order[image_id % 3]
+    key = ud.get(sample_key)
+    if key is None or isinstance(key, (dict, list)):
+        series = series_unique_id if series_unique_id else str(series_id)
+        key = f"{series}:{image_id // 3}"
+    return str(key), axis
+
+
+@dataclass
+class View:
+    """One shaped zone-axis view and where it came from."""
+
+    sample_key: str
+    axis: str
+    series_id: int
+    image_id: int
+    shaped: np.ndarray  # (S, S, 3) uint8
+    received: float  # wall-clock seconds when the frame arrived
+    user_data: Any = None
+    series_unique_id: str | None = None
+
+
+@dataclass
+class Request:
+    """What to classify and publish: a snapshot of one sample's views."""
+
+    sample_key: str
+    views: dict[str, View]
+    status: str  # "partial" | "complete"
+    final: bool  # no further prediction will be published for this sample
+    closed_by: str | None  # None (more may come), "complete", "timeout", "shutdown"
+    trigger: View  # the view whose arrival (or the sample's expiry) caused the request
+
+    @property
+    def axes(self) -> list[str]:
+        return [a for a in AXES if a in self.views]
+
+    def tensors(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(3, 3, S, S) uint8 input and (3,) bool present mask."""
+        x = np.zeros((3, 3, size, size), np.uint8)
+        present = np.zeros(3, bool)
+        for i, axis in enumerate(AXES):
+            view = self.views.get(axis)
+            if view is not None:
+                x[i] = view.shaped.transpose(2, 0, 1)
+                present[i] = True
+        return x, present
+
+
+@dataclass
+class _Open:
+    views: dict[str, View] = field(default_factory=dict)
+    opened: float = 0.0
+
+
+class Assembler:
+    """Collects views per sample; not thread-safe (one owner thread)."""
+
+    def __init__(self, *, timeout_seconds: float = 5.0, publish_partial: bool = True) -> None:
+        self.timeout_seconds = float(timeout_seconds)
+        self.publish_partial = publish_partial
+        self.open: dict[str, _Open] = {}
+        self.duplicates = 0
+
+    def add(self, view: View, now: float) -> list[Request]:
+        entry = self.open.get(view.sample_key)
+        if entry is None:
+            entry = self.open[view.sample_key] = _Open(opened=now)
+        if view.axis in entry.views:
+            self.duplicates += 1
+            log.warning("sample %s: axis %s arrived twice (image %d); the newer view replaces the older",
+                        view.sample_key, view.axis, view.image_id)
+        entry.views[view.axis] = view
+        if len(entry.views) == 3:
+            del self.open[view.sample_key]
+            return [Request(view.sample_key, dict(entry.views), "complete", True, "complete", view)]
+        if self.publish_partial:
+            return [Request(view.sample_key, dict(entry.views), "partial", False, None, view)]
+        return []
+
+    def expire(self, now: float) -> list[Request]:
+        """Final partial requests for samples open longer than the timeout."""
+        old = [k for k, e in self.open.items() if now - e.opened >= self.timeout_seconds]
+        return [self._close(k, "timeout") for k in old]
+
+    def close_all(self, reason: str = "shutdown") -> list[Request]:
+        return [self._close(k, reason) for k in list(self.open)]
+
+    def _close(self, key: str, reason: str) -> Request:
+        entry = self.open.pop(key)
+        last = max(entry.views.values(), key=lambda v: v.received)
+        log.info("sample %s closed by %s with axes %s", key, reason, "".join(a for a in AXES if a in entry.views))
+        return Request(key, dict(entry.views), "partial", True, reason, last)
+
+    def next_deadline(self) -> float | None:
+        if not self.open:
+            return None
+        return min(e.opened for e in self.open.values()) + self.timeout_seconds

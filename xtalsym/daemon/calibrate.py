@@ -1,0 +1,270 @@
+"""Calibration: a detector frame -> the 256x256 reciprocal-space grid the model was trained on.
+
+For every pixel of the training grid (the bundle's ``dataset_config.geometry``: a flat,
+centred, square detector; see :class:`xtalsym.offline.simulate.Geometry`) we take its
+scattering vector H and find where the frame's detector sees the *same* reflection:
+same |H| (so 2θ = 2·asin(|H|·λ_frame/2)) and same azimuth. On a flat detector normal to
+the beam at distance D that is radius r = D·tan 2θ from the beam centre. The frame is
+sampled there; the result is scaled to 8 bits like the training data
+(``round(I / max · 255)``, :func:`xtalsym.offline.simulate.to_raw_uint8`).
+
+Conventions (docs/DAEMON.md):
+
+* beam centre in pixels, pixel *centre* convention: pixel (row i, column j) covers
+  [j − ½, j + ½] × [i − ½, i + ½], so the training grid's beam is at ((N−1)/2, (N−1)/2);
+* ``beam_center_x_px`` is a column coordinate, ``beam_center_y_px`` a row coordinate;
+* intensities are divided by the frame's solid-angle × polarisation weight at the source
+  position and multiplied by the training grid's at the target (the simulator's
+  ``cos³2θ (1 + cos²2θ)/2``), so a pattern rendered at another wavelength still matches;
+  constant factors (pixel area, distance²) cancel in the max scaling.
+
+Sampling methods: ``bilinear`` (default: point-samples the frame at each target pixel's
+position like the simulator point-samples |F|², exact when the frame is at least as fine
+as the training grid) and ``area`` (mean of an s×s grid of sub-samples over the target
+pixel's footprint, s = ceil(footprint in frame pixels); use it when the frame's pixels are
+much finer than the training grid's, or noisy).
+
+Excluded pixels (weight 0, never in the max): the stream's pixel mask (any non-zero
+bit), the value 2^n − 1 of an n-bit integer frame (EIGER gap/dead/NODATA), values at or
+above ``saturation_value``, negative and non-finite values. Sampling is a *normalised*
+interpolation: Σ w·I / Σ w over the valid neighbours, so a gap does not pull spots
+towards 0; a target with no valid neighbour is 0.
+
+The sampling map depends only on (frame geometry, training geometry, method): it is
+computed once per series (:func:`build_map`, cached) and applied per frame with
+``cv2.remap`` (:func:`apply_map`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, fields
+
+import cv2
+import numpy as np
+
+from xtalsym.daemon.protocols import GEOMETRY_KEYS
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bilinear", "area")
+MAX_AREA_SUBSAMPLES = 8  # s per side; footprints above are averaged over 8x8 points
+
+
+class CalibrationError(ValueError):
+    """A frame or geometry that cannot be mapped; ``reason`` is a short key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """The detector geometry of one series, SI units, beam centre in pixel-centre coordinates."""
+
+    beam_center_x_px: float
+    beam_center_y_px: float
+    pixel_size_x_m: float
+    pixel_size_y_m: float
+    wavelength_m: float
+    detector_distance_m: float
+    image_size_x_px: int
+    image_size_y_px: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise CalibrationError("bad_geometry", f"{f.name} = {value!r} is not a finite number")
+        for name in ("pixel_size_x_m", "pixel_size_y_m", "wavelength_m", "detector_distance_m",
+                     "image_size_x_px", "image_size_y_px"):
+            if getattr(self, name) <= 0:
+                raise CalibrationError("bad_geometry", f"{name} = {getattr(self, name)!r} must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainingGeometry:
+    """The grid the model was trained on (from the bundle's settings)."""
+
+    wavelength_m: float
+    distance_m: float
+    pixel_size_m: float
+    pixels: int
+
+    @classmethod
+    def from_bundle(cls, bundle) -> TrainingGeometry:
+        g = bundle.settings.get("dataset_config", {}).get("geometry")
+        if not isinstance(g, dict):
+            raise CalibrationError("bad_geometry", f"bundle {bundle.path}: settings.json has no dataset_config.geometry")
+        try:
+            return cls(float(g["wavelength_m"]), float(g["distance_m"]), float(g["pixel_size_m"]), int(g["pixels"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError("bad_geometry", f"bundle {bundle.path}: bad training geometry {g!r} ({exc})") from None
+
+
+def resolve_geometry(stream: dict | None, override: dict | None, *, frame_shape: tuple[int, int] | None = None
+                     ) -> FrameGeometry:
+    """Merge the stream's geometry (SeriesStart.geometry) with the config's; config wins.
+
+    The image size falls back to ``frame_shape`` (rows, cols) when neither gives it.
+    Raises CalibrationError("missing_geometry") naming every missing key.
+    """
+    merged: dict = {}
+    for key in GEOMETRY_KEYS:
+        value = (override or {}).get(key)
+        if value is None:
+            value = (stream or {}).get(key)
+        merged[key] = value
+    if frame_shape is not None:
+        merged["image_size_y_px"] = merged["image_size_y_px"] or frame_shape[0]
+        merged["image_size_x_px"] = merged["image_size_x_px"] or frame_shape[1]
+    missing = [k for k in GEOMETRY_KEYS if merged[k] is None]
+    if missing:
+        raise CalibrationError(
+            "missing_geometry",
+            f"{', '.join(missing)} not given by the stream's start message nor the config ([geometry] section)",
+        )
+    return FrameGeometry(**merged)
+
+
+def _weight(cos2t: np.ndarray) -> np.ndarray:
+    """Solid angle x polarisation, 1 at the beam (the simulator's)."""
+    return cos2t**3 * (1.0 + cos2t**2) / 2.0
+
+
+@dataclass(frozen=True)
+class SamplingMap:
+    """Where each target pixel samples the frame (``cv2.remap`` maps, one per sub-sample)."""
+
+    map_x: np.ndarray  # (S, N, N) float32 frame column of each sub-sample
+    map_y: np.ndarray  # (S, N, N) float32 frame row
+    gain: np.ndarray  # (N, N) float32 w_train / w_frame; 0 outside the Ewald limit
+    frame_shape: tuple[int, int]  # (rows, cols) the map expects
+    coverage: float  # fraction of target pixels that land inside the frame
+
+    @property
+    def pixels(self) -> int:
+        return self.gain.shape[0]
+
+
+@functools.lru_cache(maxsize=16)
+def build_map(frame: FrameGeometry, training: TrainingGeometry, method: str = "bilinear") -> SamplingMap:
+    """The sampling map for one (frame, training) geometry pair; cached."""
+    if method not in METHODS:
+        raise CalibrationError("bad_config", f"calibration method {method!r}, choose from {METHODS}")
+    n = training.pixels
+    if method == "area":
+        # footprint of one target pixel in frame pixels near the beam (q per pixel ratio)
+        q_target = training.pixel_size_m / (training.distance_m * training.wavelength_m)
+        q_frame = min(frame.pixel_size_x_m, frame.pixel_size_y_m) / (frame.detector_distance_m * frame.wavelength_m)
+        s = int(min(MAX_AREA_SUBSAMPLES, max(1, math.ceil(q_target / q_frame - 1e-9))))
+    else:
+        s = 1
+    offsets = (np.arange(s) + 0.5) / s - 0.5  # sub-pixel centres in target pixels
+    maps_x, maps_y = [], []
+    gain = None
+    inside_any = np.zeros((n, n), bool)
+    for oy in offsets:
+        for ox in offsets:
+            mx, my, g = _map_points(frame, training, ox, oy)
+            maps_x.append(mx)
+            maps_y.append(my)
+            if gain is None:
+                gain = g
+            inside_any |= (mx >= -0.5) & (mx <= frame.image_size_x_px - 0.5) & \
+                          (my >= -0.5) & (my <= frame.image_size_y_px - 0.5)
+    coverage = float(inside_any.mean())
+    if coverage < 0.5:
+        log.warning("calibration: only %.0f%% of the training grid falls on the frame (%s)", coverage * 100, frame)
+    result = SamplingMap(np.stack(maps_x), np.stack(maps_y), gain,
+                         (int(frame.image_size_y_px), int(frame.image_size_x_px)), coverage)
+    for arr in (result.map_x, result.map_y, result.gain):
+        arr.setflags(write=False)
+    return result
+
+
+def _map_points(frame: FrameGeometry, training: TrainingGeometry, ox: float, oy: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = training.pixels
+    coord = (np.arange(n) - (n - 1) / 2) * training.pixel_size_m
+    py = (coord + oy * training.pixel_size_m)[:, None] * np.ones((1, n))
+    px = np.ones((n, 1)) * (coord + ox * training.pixel_size_m)[None, :]
+    d = training.distance_m
+    inv_l = 1.0 / np.sqrt(px**2 + py**2 + d**2)
+    cos2t_t = d * inv_l
+    # |H| = 2 sin θ / λ; the same |H| at the frame's wavelength:
+    sin_theta_t = np.sqrt(np.clip((1.0 - cos2t_t) / 2.0, 0.0, None))
+    sin_theta_f = sin_theta_t * (frame.wavelength_m / training.wavelength_m)
+    ok = sin_theta_f < math.sin(math.radians(89.0) / 2)  # stay off 2θ = 90° (flat detector)
+    sin_theta_f = np.where(ok, sin_theta_f, 0.0)
+    two_theta_f = 2.0 * np.arcsin(sin_theta_f)
+    r = frame.detector_distance_m * np.tan(two_theta_f)
+    rho = np.hypot(px, py)
+    cos_phi = np.where(rho > 0, px / np.where(rho > 0, rho, 1.0), 1.0)
+    sin_phi = np.where(rho > 0, py / np.where(rho > 0, rho, 1.0), 0.0)
+    col = frame.beam_center_x_px + r * cos_phi / frame.pixel_size_x_m
+    row = frame.beam_center_y_px + r * sin_phi / frame.pixel_size_y_m
+    col = np.where(ok, col, -1e6)
+    row = np.where(ok, row, -1e6)
+    gain = np.where(ok, _weight(cos2t_t) / _weight(np.cos(two_theta_f)), 0.0)
+    return col.astype(np.float32), row.astype(np.float32), gain.astype(np.float32)
+
+
+def valid_pixels(frame: np.ndarray, pixel_mask: np.ndarray | None = None, *,
+                 saturation_value: float | None = None) -> np.ndarray:
+    """float32 (rows, cols): 1 where the pixel may be used, 0 where it is excluded."""
+    valid = np.ones(frame.shape, dtype=bool)
+    if np.issubdtype(frame.dtype, np.integer):
+        info = np.iinfo(frame.dtype)
+        if info.bits > 8 or info.min < 0:  # 8-bit frames use 255 as a real value
+            valid &= frame != info.max  # EIGER: 2^n - 1 marks gaps, dead and NODATA pixels
+        if info.min < 0:
+            valid &= frame >= 0
+    else:
+        valid &= np.isfinite(frame) & (frame >= 0)
+    if saturation_value is not None:
+        valid &= frame < saturation_value
+    if pixel_mask is not None:
+        if pixel_mask.shape != frame.shape:
+            raise CalibrationError("mask_mismatch", f"pixel mask {pixel_mask.shape} vs frame {frame.shape}")
+        valid &= pixel_mask == 0
+    return valid.astype(np.float32)
+
+
+def apply_map(frame: np.ndarray, sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
+              saturation_value: float | None = None) -> np.ndarray:
+    """Calibrated float32 (N, N) intensity (arbitrary units; excluded targets are 0)."""
+    if frame.ndim != 2:
+        raise CalibrationError("bad_frame", f"frame must be 2-D, got shape {frame.shape}")
+    if frame.shape != sampling.frame_shape:
+        raise CalibrationError(
+            "size_mismatch", f"frame is {frame.shape[1]}x{frame.shape[0]} (x by y), the series geometry says "
+            f"{sampling.frame_shape[1]}x{sampling.frame_shape[0]}")
+    valid = valid_pixels(frame, pixel_mask, saturation_value=saturation_value)
+    data = np.where(valid > 0, frame, 0).astype(np.float32)
+    num = np.zeros(sampling.gain.shape, np.float32)
+    den = np.zeros(sampling.gain.shape, np.float32)
+    for mx, my in zip(sampling.map_x, sampling.map_y):
+        num += cv2.remap(data, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        den += cv2.remap(valid, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    good = den > 1e-3 * len(sampling.map_x)
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=good)
+    return out * sampling.gain
+
+
+def to_uint8(intensity: np.ndarray) -> np.ndarray:
+    """round(I / max · 255) like the training data; CalibrationError on an empty frame."""
+    peak = float(intensity.max()) if intensity.size else 0.0
+    if not math.isfinite(peak) or peak <= 0:
+        raise CalibrationError("empty_frame", f"no positive intensity on the training grid (max {peak!r})")
+    return np.rint(np.clip(intensity, 0, None) * (255.0 / peak)).astype(np.uint8)
+
+
+def calibrate(frame: np.ndarray, sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
+              saturation_value: float | None = None) -> np.ndarray:
+    """Frame -> uint8 (N, N) raw DP on the training grid."""
+    return to_uint8(apply_map(frame, sampling, pixel_mask=pixel_mask, saturation_value=saturation_value))

@@ -1,0 +1,275 @@
+"""`xtalsym serve`, `xtalsym detector-sim` and `xtalsym listen` (see docs/DAEMON.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- listen
+
+
+@dataclass
+class ListenSummary:
+    """What a listener saw: predictions, final ones with a known truth, latencies."""
+
+    predictions: int = 0
+    final: int = 0
+    complete: int = 0
+    correct_final: int = 0
+    judged_final: int = 0
+    correct_complete: int = 0
+    judged_complete: int = 0
+    latencies: list = field(default_factory=list)  # published - received (daemon clock), s
+    client_latencies: list = field(default_factory=list)  # arrival at the listener - received, s
+    first: float | None = None
+    last: float | None = None
+    metrics: dict | None = None
+    messages: list = field(default_factory=list)
+
+    def add(self, msg: dict, arrived: float) -> None:
+        self.predictions += 1
+        self.first = arrived if self.first is None else self.first
+        self.last = arrived
+        ts = msg["timestamps"]
+        self.latencies.append(ts["published"] - ts["received"])
+        self.client_latencies.append(arrived - ts["received"])
+        truth = (msg.get("user_data") or {}).get("space_group")
+        hit = truth is not None and msg["top"] and msg["top"][0]["space_group"] == truth
+        if msg["final"]:
+            self.final += 1
+            if truth is not None:
+                self.judged_final += 1
+                self.correct_final += bool(hit)
+        if msg["status"] == "complete":
+            self.complete += 1
+            if truth is not None:
+                self.judged_complete += 1
+                self.correct_complete += bool(hit)
+
+    def table(self) -> str:
+        def pct(values, q):
+            return f"{np.percentile(values, q) * 1000:.1f} ms" if values else "-"
+
+        def acc(c, n):
+            return f"{c}/{n} = {c / n:.1%}" if n else "-"
+
+        span = (self.last - self.first) if self.first is not None and self.last != self.first else 0.0
+        lines = [
+            f"predictions          {self.predictions} ({self.complete} complete, {self.final} final)",
+            f"accuracy (complete)  {acc(self.correct_complete, self.judged_complete)}",
+            f"accuracy (final)     {acc(self.correct_final, self.judged_final)}",
+            f"predictions/s        {self.predictions / span:.1f}" if span else "predictions/s        -",
+            f"latency p50 / p99    {pct(self.latencies, 50)} / {pct(self.latencies, 99)} (frame received -> published)",
+            f"client p50 / p99     {pct(self.client_latencies, 50)} / {pct(self.client_latencies, 99)} "
+            "(frame received -> listener)",
+        ]
+        if self.metrics:
+            lines.append(f"daemon bad frames    {self.metrics.get('bad_frames')}")
+        return "\n".join(lines)
+
+
+def format_prediction(msg: dict) -> str:
+    top = msg["top"][0] if msg["top"] else {}
+    truth = (msg.get("user_data") or {}).get("space_group")
+    mark = "" if truth is None else ("  OK" if top.get("space_group") == truth else f"  WRONG (truth {truth})")
+    open_set = msg.get("open_set")
+    extra = ""
+    if open_set:
+        nn = open_set["neighbours"][0] if open_set["neighbours"] else {}
+        extra = f"  nearest {nn.get('formula') or nn.get('material_id')} ({nn.get('similarity')})" + \
+                ("  UNKNOWN" if open_set["unknown"] else "")
+    latency = (msg["timestamps"]["published"] - msg["timestamps"]["received"]) * 1000
+    return (f"{msg['sample_id']:<16} {''.join(msg['axes']):<3} {msg['status']:<8}"
+            f"{'(' + msg['closed_by'] + ')' if msg['closed_by'] and msg['closed_by'] != 'complete' else '':<11}"
+            f" {top.get('space_group', '?'):>3} {top.get('symbol', ''):<10} p={top.get('probability', 0):.3f}"
+            f"{mark}{extra}  {latency:.0f} ms")
+
+
+def listen(address: str, *, topic: str = "xtalsym.prediction", count: int | None = None,
+           final_count: int | None = None, duration: float | None = None, idle: float | None = None,
+           echo=None, stop=None, context=None, ready=None) -> ListenSummary:
+    """Subscribe to predictions (and metrics) until a limit, an idle gap or ``stop`` is set."""
+    import zmq
+
+    from xtalsym.daemon.config import METRICS_TOPIC
+
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sock.setsockopt(zmq.SUBSCRIBE, METRICS_TOPIC.encode())
+    sock.connect(address)
+    if ready is not None:
+        ready.set()
+    summary = ListenSummary()
+    start = last = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if stop is not None and stop.is_set():
+                break
+            if duration is not None and now - start >= duration:
+                break
+            if idle is not None and summary.predictions and now - last >= idle:
+                break
+            if not sock.poll(100):
+                continue
+            t, body = sock.recv_multipart()
+            arrived = time.time()
+            last = time.monotonic()
+            msg = json.loads(body)
+            if t.decode() == METRICS_TOPIC:
+                summary.metrics = msg
+                continue
+            summary.add(msg, arrived)
+            summary.messages.append(msg)
+            if echo:
+                echo(format_prediction(msg))
+            if count is not None and summary.predictions >= count:
+                break
+            if final_count is not None and summary.final >= final_count:
+                break
+    finally:
+        sock.close()
+    return summary
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _serve(args) -> int:
+    from xtalsym.daemon.config import load_config
+    from xtalsym.daemon.service import Service
+
+    overrides: dict = {}
+    if args.bundle:
+        overrides.setdefault("bundle", {})["path"] = args.bundle
+    if args.ingest:
+        overrides.setdefault("ingest", {})["address"] = args.ingest
+    if args.publish:
+        overrides.setdefault("publish", {})["address"] = args.publish
+    config = load_config(args.config, overrides=overrides)
+    if args.print_config:
+        print(config.to_toml(), end="")
+        return 0
+    log.info("configuration:\n%s", config.to_toml())
+    return Service(config).run()
+
+
+def _detector_sim(args) -> int:
+    import zmq
+
+    from xtalsym.detector_sim import DetectorGeometry, DetectorSim, push_socket
+    from xtalsym.offline import simulate, structures
+
+    sources = args.structures or [str(structures.shipped_structures_dir())]
+    geometry = DetectorGeometry(pixels_x=args.pixels[0], pixels_y=args.pixels[-1], pixel_size_m=args.pixel_size_m,
+                                distance_m=args.distance_m, wavelength_m=args.wavelength_m,
+                                beam_center_x_px=args.beam_center[0] if args.beam_center else None,
+                                beam_center_y_px=args.beam_center[1] if args.beam_center else None)
+    realism = None
+    if args.dose or args.background or args.misorientation_deg or args.beam_stop_px:
+        realism = simulate.Realism(dose=args.dose, background=args.background, seed=args.seed,
+                                   misorientation_deg=args.misorientation_deg, beam_stop_radius_px=args.beam_stop_px)
+    sim = DetectorSim(sources, geometry=geometry, realism=realism, protocol=args.protocol,
+                      axis_order=args.axis_order, repeat=args.repeat, series_id=args.series_id,
+                      bad_every=args.bad_every, gap_rows=tuple(args.gap_rows) if args.gap_rows else None)
+    ctx = zmq.Context.instance()
+    sock = push_socket(ctx, args.address, bind=not args.connect)
+    print(f"detector-sim: {len(sim.samples)} structures x {args.repeat} -> {sim.number_of_images()} images, "
+          f"{args.protocol}, PUSH {'connect' if args.connect else 'bind'} {args.address}", file=sys.stderr)
+    t0 = time.perf_counter()
+    n = sim.send(sock, rate_hz=args.rate)
+    sock.close(linger=int(args.linger * 1000))
+    print(f"detector-sim: sent {n} messages in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _listen(args) -> int:
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    summary = listen(args.address, topic=args.topic, count=args.count, final_count=args.samples,
+                     duration=args.duration, idle=args.idle, echo=None if args.quiet else print, stop=stop)
+    print(summary.table())
+    return 0
+
+
+def register(commands) -> None:
+    from xtalsym.daemon.config import DEFAULT_PUBLISH_ADDRESS, DEFAULT_TOPIC
+    from xtalsym.detector_sim import DEFAULT_ADDRESS
+
+    p = commands.add_parser("serve", help="run the daemon: detector frames in, predictions out",
+                            description="Classify detector frames as they stream in (docs/DAEMON.md).")
+    p.add_argument("--config", help="TOML configuration (default: documented defaults and the shipped bundle)")
+    p.add_argument("--bundle", help="bundle directory (overrides bundle.path)")
+    p.add_argument("--ingest", help="frame endpoint (overrides ingest.address)")
+    p.add_argument("--publish", help="prediction endpoint (overrides publish.address)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(handler=_serve)
+
+    p = commands.add_parser("detector-sim", help="stream simulated frames as a detector would",
+                            description="PUSH simulated zone-axis frames (truth in user_data).")
+    p.add_argument("structures", nargs="*", help="CIF files or directories (default: the shipped structures)")
+    p.add_argument("--address", default=DEFAULT_ADDRESS)
+    p.add_argument("--connect", action="store_true", help="connect instead of bind")
+    p.add_argument("--protocol", default="stream_v2", choices=("stream_v2", "stream_v1", "native"))
+    p.add_argument("--rate", type=float, default=0.0, help="images per second (0 = as fast as accepted)")
+    p.add_argument("--repeat", type=int, default=1, help="send every structure this many times")
+    p.add_argument("--axis-order", default="xyz")
+    p.add_argument("--pixels", type=int, nargs="+", default=[512], metavar="N", help="N or NX NY")
+    p.add_argument("--pixel-size-m", type=float, default=75e-6)
+    p.add_argument("--distance-m", type=float, default=0.3)
+    p.add_argument("--wavelength-m", type=float, default=3.5e-12)
+    p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"))
+    p.add_argument("--dose", type=float, default=None, help="Poisson noise: counts at the brightest pixel")
+    p.add_argument("--background", type=float, default=0.0)
+    p.add_argument("--misorientation-deg", type=float, default=0.0)
+    p.add_argument("--beam-stop-px", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gap-rows", type=int, nargs=2, metavar=("START", "STOP"))
+    p.add_argument("--bad-every", type=int, default=0, help="insert an undecodable message every N images")
+    p.add_argument("--series-id", type=int, default=1)
+    p.add_argument("--linger", type=float, default=10.0, help="seconds to wait for queued messages at exit")
+    p.set_defaults(handler=_detector_sim)
+
+    p = commands.add_parser("listen", help="subscribe to predictions and print them against the truth")
+    p.add_argument("--address", default=DEFAULT_PUBLISH_ADDRESS)
+    p.add_argument("--topic", default=DEFAULT_TOPIC)
+    p.add_argument("--count", type=int, help="stop after N predictions")
+    p.add_argument("--samples", type=int, help="stop after N final predictions")
+    p.add_argument("--duration", type=float, help="stop after S seconds")
+    p.add_argument("--idle", type=float, help="stop after S seconds without a prediction (once one came)")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.set_defaults(handler=_listen)
+
+
+def main(argv=None) -> int:  # for `python -m xtalsym.daemon.cli` before the lead wires register()
+    parser = argparse.ArgumentParser(prog="xtalsym")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    commands = parser.add_subparsers(dest="command", required=True)
+    register(commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"xtalsym: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,468 @@
+"""The pipeline: socket -> decode -> series -> (workers: calibrate + shape) -> assemble ->
+micro-batched inference -> open-set match -> publish.
+
+Threads and processes (docs/DAEMON.md, "Inside the daemon"):
+
+* **ingest thread** (owns the frame socket): receive, decode (pure decoders), series
+  state machine, sample/axis identification, then submits the frame to the worker pool.
+  It never calibrates or shapes. At most ``queue_size`` frames are in the workers at once
+  (a semaphore): when they are all busy the ingest thread waits, ZeroMQ buffers up to
+  ``receive_hwm`` messages and the detector's PUSH then blocks: back-pressure, no loss.
+* **worker processes** (``workers``, spawned): calibrate to the training grid and shape
+  (:func:`process_frame`). The sampling map is built once per series geometry in each
+  worker (cached); the series' pixel mask travels once, through a file.
+* **inference thread** (owns the PUB socket): assembles views into samples, micro-batches
+  requests (flush at ``max_batch`` requests or when the oldest waited
+  ``latency_budget_seconds``, whichever first), runs the backend, queries the reference
+  index, publishes, closes timed-out samples and sends metrics.
+
+Bad frames (BadMessage, CalibrationError, ShapingError, AssemblyError, series drops) are
+counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies on a frame.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from xtalsym import shaping
+from xtalsym.daemon import calibrate as cal
+from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
+from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
+from xtalsym.daemon.protocols import BadMessage, decode
+from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    """Everything a worker needs for one frame (picklable, no sockets)."""
+
+    frame: np.ndarray
+    frame_geometry: cal.FrameGeometry
+    training: cal.TrainingGeometry
+    method: str
+    mask_path: str | None
+    saturation_value: float | None
+    axis: str
+    shaping_method: str
+    size: int
+
+
+_mask_cache: dict[str, np.ndarray] = {}
+
+
+def _load_mask(path: str) -> np.ndarray:
+    mask = _mask_cache.get(path)
+    if mask is None:
+        if len(_mask_cache) >= 4:
+            _mask_cache.pop(next(iter(_mask_cache)))
+        mask = _mask_cache[path] = np.load(path, allow_pickle=False)
+    return mask
+
+
+def process_frame(job: FrameJob) -> np.ndarray:
+    """Calibrate and shape one frame (runs in a worker process): uint8 (size, size, 3)."""
+    sampling = cal.build_map(job.frame_geometry, job.training, job.method)
+    mask = _load_mask(job.mask_path) if job.mask_path else None
+    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value)
+    return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
+
+
+def _warm(_: int) -> int:
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Thread-safe counters and latency samples."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.bad: Counter = Counter()
+        self.latencies: deque = deque(maxlen=10000)
+        self.batch_sizes: deque = deque(maxlen=1000)
+        self.started = time.time()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+    def bad_frame(self, reason: str, message: str) -> None:
+        with self.lock:
+            self.bad[reason] += 1
+            total = self.bad[reason]
+        # the first few of each reason at WARNING, then every 100th (a storm must not flood the log)
+        level = logging.WARNING if total <= 5 or total % 100 == 0 else logging.DEBUG
+        log.log(level, "bad frame (%s, #%d): %s", reason, total, message)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            lat = np.array(self.latencies) if self.latencies else None
+            out = {
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "counts": dict(self.counts),
+                "bad_frames": dict(self.bad),
+                "latency_seconds": None if lat is None else {
+                    "p50": round(float(np.percentile(lat, 50)), 6),
+                    "p99": round(float(np.percentile(lat, 99)), 6),
+                    "max": round(float(lat.max()), 6), "n": int(lat.size)},
+                "mean_batch": round(float(np.mean(self.batch_sizes)), 3) if self.batch_sizes else None,
+            }
+        return out
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class _Done:
+    view_meta: dict
+    future: cf.Future
+
+
+class Pipeline:
+    """Runs the daemon's threads; :meth:`start`, then :meth:`stop` (drains) or :meth:`wait`."""
+
+    def __init__(self, config, *, bundle, backend, index=None, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.backend = backend
+        self.index = index
+        self.context = context or zmq.Context.instance()
+        self.training = cal.TrainingGeometry.from_bundle(bundle)
+        self.size = int(bundle.image_size)
+        self.metrics = Metrics()
+        self.tracker = SeriesTracker(geometry_override=config.geometry_override,
+                                     frames_before_start=config.ingest.frames_before_start)
+        self.assembler = Assembler(timeout_seconds=config.assembly.timeout_seconds,
+                                   publish_partial=config.assembly.publish_partial)
+        self._stop_intake = threading.Event()
+        self._results: queue.Queue = queue.Queue()
+        self._slots = threading.BoundedSemaphore(config.pipeline.queue_size)
+        self._inflight: set[cf.Future] = set()
+        self._inflight_lock = threading.Lock()
+        self._tmp = tempfile.TemporaryDirectory(prefix="xtalsym-daemon-")
+        self._mask_files: dict[tuple[int, str], str | None] = {}
+        self._geometry: dict[tuple[int, tuple], cal.FrameGeometry] = {}
+        self.model = {
+            "model_id": bundle.model_id,
+            "name": (bundle.card or {}).get("name"),
+            "backend": getattr(backend, "name", "?"),
+            "device": getattr(backend, "device", "?"),
+            "precision": getattr(backend, "precision", "?"),
+            "classes": len(bundle.classes),
+            "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+        }
+        self.frame_socket: zmq.Socket | None = None
+        self.publisher: Publisher | None = None
+        self.pool: cf.ProcessPoolExecutor | None = None
+        self._threads: list[threading.Thread] = []
+        self.finished = threading.Event()
+
+    # ---- life cycle
+
+    def start(self) -> None:
+        """Open sockets (so the endpoints are known), start workers and threads."""
+        c = self.config
+        self.publisher = Publisher(self.context, address=c.publish.address, mode=c.publish.mode,
+                                   topic=c.publish.topic, send_hwm=c.publish.send_hwm)
+        self.frame_socket = open_frame_socket(self.context, socket=c.ingest.socket, mode=c.ingest.mode,
+                                              address=c.ingest.address, receive_hwm=c.ingest.receive_hwm)
+        self.pool = self._make_pool()
+        list(self.pool.map(_warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
+        log.info("%d shaping workers ready", c.pipeline.workers)
+        self._threads = [
+            threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
+            threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _make_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers,
+                                      mp_context=multiprocessing.get_context("spawn"))
+
+    @property
+    def ingest_endpoint(self) -> str:
+        from xtalsym.daemon.ingest import endpoint
+
+        return endpoint(self.frame_socket)
+
+    @property
+    def publish_endpoint(self) -> str:
+        return self.publisher.endpoint
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop intake, finish every frame in flight, publish open samples, close everything."""
+        self._stop_intake.set()
+        self.finished.wait(timeout)
+        for t in self._threads:
+            t.join(timeout)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self._tmp.cleanup()
+
+    def wait(self) -> None:
+        self.finished.wait()
+
+    # ---- ingest thread
+
+    def _ingest_loop(self) -> None:
+        sock = self.frame_socket
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop_intake.is_set():
+                if not poller.poll(100):
+                    continue
+                try:
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                received = time.time()
+                try:
+                    self._handle(frames, received)
+                except Exception as exc:  # noqa: BLE001 - the loop must survive any frame
+                    self.metrics.bad_frame("internal_error", f"{type(exc).__name__}: {exc}")
+                    log.exception("unexpected error on a frame")
+        finally:
+            sock.close(linger=0)
+            self._drain_workers()
+            self._results.put(_STOP)
+
+    def _handle(self, frames: list, received: float) -> None:
+        m = self.metrics
+        m.count("messages")
+        try:
+            event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
+        except BadMessage as exc:
+            m.bad_frame(exc.reason, str(exc))
+            return
+        outcome = self.tracker.handle(event)
+        if outcome is None:
+            return
+        if isinstance(outcome, Dropped):
+            if outcome.reason == "stale_end":
+                m.count("stale_end")
+                log.info("%s", outcome.message)
+            else:
+                m.bad_frame(outcome.reason, outcome.message)
+            return
+        self._submit(outcome, received)
+
+    def _submit(self, accepted: Accepted, received: float) -> None:
+        c, m = self.config, self.metrics
+        series, image = accepted.series, accepted.image
+        m.count("images")
+        channel = c.ingest.channel or next(
+            (ch for ch in series.channels if ch in image.data), next(iter(image.data), None))
+        frame = image.data.get(channel) if channel else None
+        if frame is None:
+            m.bad_frame("no_channel", f"image {image.image_id} has no channel {channel!r} "
+                        f"(channels: {', '.join(image.data) or 'none'})")
+            return
+        try:
+            sample_key, axis = identify(
+                series_id=image.series_id, series_unique_id=image.series_unique_id, image_id=image.image_id,
+                user_data=image.user_data, axis_from=c.assembly.axis_from, axis_key=c.assembly.axis_key,
+                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key)
+            geometry = self._frame_geometry(series, frame.shape)
+        except (AssemblyError, cal.CalibrationError) as exc:
+            m.bad_frame(exc.reason, str(exc))
+            return
+        mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
+        job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=c.calibration.method,
+                       mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
+                       shaping_method=c.pipeline.shaping_method, size=self.size)
+        meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
+                "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
+        self._slots.acquire()  # bounded: waits while queue_size frames are in the workers
+        try:
+            future = self.pool.submit(process_frame, job)
+        except cf.BrokenExecutor:
+            log.error("the shaping worker pool broke; starting a new one")
+            m.bad_frame("worker_crashed", f"image {image.image_id}: worker pool broken, pool restarted")
+            self.pool = self._make_pool()
+            future = self.pool.submit(process_frame, job)
+        with self._inflight_lock:
+            self._inflight.add(future)
+        future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
+
+    def _done(self, meta: dict, future: cf.Future) -> None:
+        self._slots.release()
+        with self._inflight_lock:
+            self._inflight.discard(future)
+        self._results.put(_Done(meta, future))
+
+    def _drain_workers(self) -> None:
+        with self._inflight_lock:
+            pending = list(self._inflight)
+        cf.wait(pending)
+
+    def _frame_geometry(self, series, frame_shape) -> cal.FrameGeometry:
+        key = (series.token, tuple(frame_shape))
+        g = self._geometry.get(key)
+        if g is None:
+            g = cal.resolve_geometry(series.stream_geometry, self.config.geometry_override, frame_shape=frame_shape)
+            self._geometry[key] = g
+            log.info("series %s calibration geometry: %s", series.series_id, g)
+        return g
+
+    def _mask_file(self, series, channel: str, shape) -> str | None:
+        key = (series.token, channel)
+        if key not in self._mask_files:
+            mask = series.mask_for(channel)
+            path = None
+            if mask is not None:
+                mask = np.asarray(mask)
+                if mask.shape != tuple(shape):
+                    log.warning("series %s: pixel mask %s does not match the frames %s; mask ignored",
+                                series.series_id, mask.shape, tuple(shape))
+                else:
+                    path = str(Path(self._tmp.name) / f"mask-{series.token}-{len(self._mask_files)}.npy")
+                    np.save(path, (mask != 0).astype(np.uint8), allow_pickle=False)
+            self._mask_files[key] = path
+        return self._mask_files[key]
+
+    # ---- inference thread
+
+    def _inference_loop(self) -> None:
+        c = self.config.pipeline
+        pending: list[Request] = []
+        oldest = 0.0
+        next_metrics = time.monotonic() + (self.config.publish.metrics_interval_seconds or float("inf"))
+        stopping = False
+        try:
+            while True:
+                now = time.monotonic()
+                timeout = 0.1
+                if pending:
+                    timeout = max(0.0, oldest + c.latency_budget_seconds - now)
+                deadline = self.assembler.next_deadline()
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - time.time()))
+                item = None
+                if not stopping:
+                    try:
+                        item = self._results.get(timeout=timeout)
+                    except queue.Empty:
+                        pass
+                if item is _STOP:
+                    stopping = True
+                elif item is not None:
+                    for request in self._add_view(item):
+                        if not pending:
+                            oldest = time.monotonic()
+                        pending.append(request)
+                for request in self.assembler.expire(time.time()):
+                    self.metrics.count("timed_out_samples")
+                    if not pending:
+                        oldest = time.monotonic()
+                    pending.append(request)
+                if stopping:
+                    pending.extend(self.assembler.close_all("shutdown"))
+                now = time.monotonic()
+                if pending and (len(pending) >= c.max_batch or now - oldest >= c.latency_budget_seconds or stopping):
+                    while pending:
+                        batch, pending = pending[: c.max_batch], pending[c.max_batch:]
+                        self._classify(batch)
+                        if not stopping:
+                            break
+                    oldest = time.monotonic()
+                if now >= next_metrics:
+                    self.publisher.send_metrics(self.metrics_message())
+                    next_metrics = now + self.config.publish.metrics_interval_seconds
+                if stopping and not pending:
+                    break
+        except Exception:  # pragma: no cover - a bug; log it, never hang the service
+            log.exception("inference loop failed")
+        finally:
+            try:
+                self.publisher.send_metrics(self.metrics_message())
+                self.publisher.close()
+            finally:
+                self.finished.set()
+
+    def _add_view(self, done: _Done) -> list[Request]:
+        meta = done.view_meta
+        try:
+            shaped = done.future.result()
+        except (cal.CalibrationError, shaping.ShapingError) as exc:
+            reason = getattr(exc, "reason", "shaping_error")
+            self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
+            return []
+        except cf.CancelledError:
+            self.metrics.bad_frame("cancelled", f"image {meta['image_id']}: cancelled at shutdown")
+            return []
+        except Exception as exc:  # noqa: BLE001 - BrokenProcessPool, a bug in a worker: count, go on
+            self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
+            return []
+        self.metrics.count("views")
+        view = View(shaped=shaped, **meta)
+        return self.assembler.add(view, time.time())
+
+    def _classify(self, batch: list[Request]) -> None:
+        size = self.size
+        x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
+        present = np.zeros((len(batch), 3), bool)
+        for i, request in enumerate(batch):
+            x[i], present[i] = request.tensors(size)
+        try:
+            result = self.backend.run(x, present)
+        except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
+            log.exception("inference failed on a batch of %d", len(batch))
+            for request in batch:
+                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
+            return
+        open_sets: list[Any] = [None] * len(batch)
+        if self.index is not None and self.config.index.enabled:
+            try:
+                from xtalsym.index import normalise_views
+
+                queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
+                                           classes=self.backend.classes, k=self.config.index.neighbours)
+                open_sets = [open_set_result(q) for q in queries]
+            except Exception as exc:  # noqa: BLE001
+                self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        with self.metrics.lock:
+            self.metrics.batch_sizes.append(len(batch))
+        for request, probs, open_set in zip(batch, result.probabilities, open_sets):
+            message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
+                                         model=self.model, open_set=open_set)
+            self.publisher.send(message)
+            ts = message["timestamps"]
+            with self.metrics.lock:
+                self.metrics.latencies.append(ts["published"] - ts["received"])
+                self.metrics.counts["predictions"] += 1
+                self.metrics.counts[f"predictions_{request.status}"] += 1
+
+    def metrics_message(self) -> dict:
+        snap = self.metrics.snapshot()
+        snap["series"] = dict(self.tracker.events)
+        snap["open_samples"] = len(self.assembler.open)
+        snap["duplicate_axes"] = self.assembler.duplicates
+        snap["model_id"] = self.bundle.model_id
+        return snap
