@@ -18,13 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[ml,distributed,daemon,test]'
 	touch $(STAMP)
 
-# Main job on the shipped defaults: simulate and shape the shipped structures into a
-# dataset, then print its summary and save a grid of raw and shaped DPs.
+# Main job on the shipped defaults: the live path on loopback — detector-sim streams the
+# shipped structures as a detector would, `xtalsym serve` classifies them with the shipped
+# bundle (reference_index/), a listener prints each prediction against the truth and a
+# summary; before that, the offline part: simulate + shape them into a dataset and save
+# a grid of raw and shaped DPs.
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(BIN)/xtalsym simulate dataset --structures xtalsym/data/structures --out $(DEMO_OUT)/dataset --workers 2
+	$(BIN)/xtalsym simulate dataset --structures xtalsym/data/structures --out $(DEMO_OUT)/dataset --workers 2 --no-progress
 	$(BIN)/xtalsym dataset show $(DEMO_OUT)/dataset --out $(DEMO_OUT)/examples.png
-	@echo "demo: example grid written to $(DEMO_OUT)/examples.png"
+	$(BIN)/xtalsym demo
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

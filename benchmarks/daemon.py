@@ -111,7 +111,7 @@ def main() -> int:
     config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
                       f'[pipeline]\nworkers = {args.workers}\n'
                       f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n')
-    serve = subprocess.Popen([sys.executable, "-m", "xtalsym.daemon.cli", "serve", "--config", str(config)],
+    serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],
                              cwd=ROOT)
     proc = psutil.Process(serve.pid)
     stop, ready = threading.Event(), threading.Event()

@@ -255,21 +255,23 @@ def register(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="only the summary")
     p.set_defaults(handler=_listen)
 
-
-def main(argv=None) -> int:  # for `python -m xtalsym.daemon.cli` before the lead wires register()
-    parser = argparse.ArgumentParser(prog="xtalsym")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    commands = parser.add_subparsers(dest="command", required=True)
-    register(commands)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"xtalsym: error: {exc}", file=sys.stderr)
-        return 2
+    p = commands.add_parser("demo", help="detector-sim -> serve -> listen on loopback, predictions against the truth",
+                            description="Start the daemon on a bundle, stream simulated frames of structures into it "
+                                        "as a detector would, print every prediction against the truth and a summary, "
+                                        "then stop everything cleanly.")
+    p.add_argument("structures", nargs="*", help="CIF files or directories (default: the shipped structures)")
+    p.add_argument("--bundle", help="bundle directory (default: the shipped one)")
+    p.add_argument("--rate", type=float, default=20.0, help="images per second (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--protocol", default="stream_v2", choices=("stream_v2", "stream_v1", "native"))
+    p.add_argument("--timeout", type=float, default=120.0, help="give up after S seconds (default %(default)s)")
+    p.set_defaults(handler=_demo)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _demo(args) -> int:
+    from xtalsym.daemon.demo import run_demo
+
+    summary = run_demo(args.structures, bundle=args.bundle, rate_hz=args.rate, repeat=args.repeat,
+                       protocol=args.protocol, timeout_s=args.timeout, echo=print)
+    print(summary.table())
+    return 0 if summary.final else 1
