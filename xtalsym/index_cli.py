@@ -24,10 +24,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _kind_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=("flat", "hnsw", "ivf"), default="flat",
-                        help="flat: exact inner product (default); hnsw / ivf: approximate, for very large sets")
+    parser.add_argument("--kind", choices=("flat", "hnsw", "ivf", "pq"), default="flat",
+                        help="flat: exact inner product (default); hnsw / ivf: approximate, for very large sets; "
+                             "pq: product-quantised (96 bytes per material), for compact shipped indexes")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="index parameter: hnsw m, ef_construction, ef_search; ivf nlist, nprobe (repeatable)")
+                        help="index parameter: hnsw m, ef_construction, ef_search; ivf nlist, nprobe; pq m, nbits "
+                             "(repeatable)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
