@@ -249,7 +249,7 @@ def _run(argv: list[str]) -> int:
 
 def test_embedder_from_checkpoint(tiny):
     emb = ix.Embedder.from_checkpoint(tiny["ckpt"])
-    assert emb.classes == tiny["classes"] and emb.model_id == ix.file_sha256(tiny["ckpt"])
+    assert emb.classes == tiny["classes"] and emb.model_id == ix.sha256_file(tiny["ckpt"])
     x = np.zeros((2, 3, 3, 224, 224), np.uint8)
     e, p = emb(x, np.array([[True, False, True]] * 2))
     assert e.shape == (2, 3, 960) and e.dtype == np.float32 and p.shape == (2, len(tiny["classes"]))
@@ -262,7 +262,7 @@ def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
     assert _run(["index", "build", "--checkpoint", ckpt, "--dataset", data, "--out", str(out), "--no-progress", "--gpu", "off"]) == 0
     meta = json.loads((out / "index.json").read_text())
     n = sum(1 for _ in ds.iter_sample_metadata(data))
-    assert meta["count"] == n and meta["model_id"] == ix.file_sha256(ckpt) and meta["kind"] == "flat"
+    assert meta["count"] == n and meta["model_id"] == ix.sha256_file(ckpt) and meta["kind"] == "flat"
     entries = [json.loads(line) for line in (out / "entries.jsonl").read_text().splitlines()]
     assert {e["space_group"] for e in entries} >= set(OPEN) and set(entries[0]) == set(ix.ENTRY_FIELDS)
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -340,7 +340,7 @@ def test_bundle_embedder_build_and_query(tiny, tmp_path, capsys):
     except Exception as exc:  # the bundle builder's own requirements are its tests' business
         pytest.skip(f"could not build a test bundle: {exc}")
     emb = ix.Embedder.from_bundle(path)
-    assert emb.model_id == ix.file_sha256(release / "model.pt") and emb.classes == tiny["classes"]
+    assert emb.model_id == ix.sha256_file(release / "model.pt") and emb.classes == tiny["classes"]
     idx = tmp_path / "idx"
     assert _run(["index", "build", "--bundle", str(path), "--structures", str(SHIPPED / "NaCl.cif"), "--out", str(idx),
                  "--no-progress", "--gpu", "off"]) == 0

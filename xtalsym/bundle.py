@@ -22,7 +22,6 @@ The shipped default bundle is ``reference_index/`` at the repository root; see
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from xtalsym import __version__, spacegroups
+from xtalsym.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ class BundleError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:

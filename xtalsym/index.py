@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from xtalsym import spacegroups
+from xtalsym.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +285,6 @@ def _entry(meta: dict) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -473,7 +466,7 @@ class ReferenceIndex:
         np.save(buf, self.class_vectors, allow_pickle=False)
         _atomic_write(d / CLASS_VECTORS_FILE, buf.getvalue())
         self.meta["thresholds"] = self.thresholds.to_json()
-        self.meta["files"] = {name: _sha256(d / name) for name in (INDEX_FILE, ENTRIES_FILE, CLASS_VECTORS_FILE)}
+        self.meta["files"] = {name: sha256_file(d / name) for name in (INDEX_FILE, ENTRIES_FILE, CLASS_VECTORS_FILE)}
         _atomic_write(d / META_FILE, json.dumps(self.meta, indent=1).encode())
         return d
 
@@ -496,7 +489,7 @@ class ReferenceIndex:
             path = d / name
             if not path.is_file():
                 raise ReferenceIndexError(f"{d}: index file {name} is missing")
-            if verify and _sha256(path) != digest:
+            if verify and sha256_file(path) != digest:
                 raise ReferenceIndexError(f"{d}: {name} does not match the sha256 in {META_FILE} (corrupted or modified)")
         index = faiss.deserialize_index(np.frombuffer((d / INDEX_FILE).read_bytes(), dtype=np.uint8))
         _apply_search_params(index, meta["kind"], meta.get("params") or {})
@@ -637,7 +630,7 @@ class Embedder:
         from xtalsym.offline import evaluate as ev
 
         model, classes, extra = ev.load_model(path, device=device)
-        return cls.from_model(model, classes, model_id=file_sha256(path), source=str(path),
+        return cls.from_model(model, classes, model_id=sha256_file(path), source=str(path),
                               config=ev.build_config_from(extra), device=device, batch_size=batch_size)
 
     @classmethod
@@ -675,10 +668,6 @@ class Embedder:
         settings = getattr(b, "settings", None) or {}
         config = ev.build_config_from({"dataset_config": settings.get("dataset_config")})
         return cls(embed, [int(c) for c in b.classes], b.model_id, str(path), config, batch_size)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return _sha256(Path(path))
 
 
 def bundle_index_dir(path: str | os.PathLike) -> Path:

@@ -9,23 +9,15 @@ and metrics — so it is small enough to commit, and the bundle issue packages i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 from xtalsym import __version__
+from xtalsym.checksums import sha256_file
 from xtalsym.offline import dataset as ds
 
 CARD_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dataset_description(extra: dict) -> dict:
@@ -77,7 +69,7 @@ def release_model(checkpoint: str | Path, evaluation: str | Path, out: str | Pat
         "generator": f"xtalsym {__version__}",
         "model": models.model_spec(model),
         "parameters": models.count_parameters(model),
-        "weights": {"file": weights.name, "sha256": _sha256(weights), "bytes": weights.stat().st_size},
+        "weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
         "classes": release_extra["classes"],
         "training": {
             "config": release_extra["config"],
