@@ -53,6 +53,8 @@ PAPER_TOP1 = {
 }
 START, END = "<!-- paper_comparison:start -->", "<!-- paper_comparison:end -->"
 RESULT_FILE = "result.json"
+# Used only where neither the command line nor --config sets the value.
+SCRIPT_DEFAULTS = {"epochs": 10, "input_size": 112, "batch_size": 32, "num_workers": 2}
 
 
 # --------------------------------------------------------------------------- space groups + data views
@@ -125,19 +127,20 @@ def train_config(args: argparse.Namespace, data: Path, groups: list[int], model:
     base: dict = {}
     if args.config:
         base = tomllib.loads(Path(args.config).read_text())
-    base.update(
-        dataset=str(data),
-        space_groups=groups,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        progress=False,
-        seed=args.seed,
-    )
+    # The options given on the command line win over --config; options not given keep the
+    # config's value, and only without either do this script's defaults apply.
+    base.update(dataset=str(data), space_groups=groups, device=args.device, progress=False, seed=args.seed)
+    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("num_workers", args.num_workers)):
+        if value is not None:
+            base[key] = value
+        base.setdefault(key, SCRIPT_DEFAULTS[key])
     if "val" not in set(ds.load_splits(data).values()):
         base["val_split"] = ""  # a dataset without a val split: no validation (last.pt is evaluated)
-    base["model"] = {**base.get("model", {}), "name": model, "input_size": args.input_size}
+    model_cfg = {**base.get("model", {}), "name": model}
+    if args.input_size is not None:
+        model_cfg["input_size"] = args.input_size
+    model_cfg.setdefault("input_size", SCRIPT_DEFAULTS["input_size"])
+    base["model"] = model_cfg
     from xtalsym.offline import train_config as tc
 
     return tc.from_dict(tc.apply_overrides(base, args.overrides)).to_dict()
@@ -161,7 +164,7 @@ def run_one(args: argparse.Namespace, data: Path, groups: list[int], model: str,
     checkpoint = run_dir / tr.BEST if (run_dir / tr.BEST).is_file() else run_dir / tr.LAST
     device = ev.resolve_device(args.device)
     net, classes, extra = ev.load_model(checkpoint, device=device)
-    metrics = ev.evaluate_dataset(net, classes, data, "test", batch_size=args.batch_size, device=device)
+    metrics = ev.evaluate_dataset(net, classes, data, "test", batch_size=config["batch_size"], device=device)
     ev.write_outputs(metrics, run_dir / "evaluation-test", title=f"{model}, {len(groups)} SGs, test split")
     result = {
         "groups": len(groups),
@@ -189,14 +192,15 @@ def _pct(value) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     lines = [
-        "| SGs | model | train | test | top-1 % | top-2 % | top-3 % | top-4 % | top-5 % | paper top-1 % |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| SGs | model | epochs | input px | train | test | top-1 % | top-2 % | top-3 % | top-4 % | top-5 % | paper top-1 % |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         t = r["topk"]
         paper = PAPER_TOP1.get(r["model"], {}).get(r["groups"], "—")
         lines.append(
-            f"| {r['groups']} | {DESCRIPTIONS.get(r['model'], r['model'])} | {r['train_samples']} | {r['test_samples']} | "
+            f"| {r['groups']} | {DESCRIPTIONS.get(r['model'], r['model'])} | {r.get('epochs', '?')} | "
+            f"{r.get('input_size', '?')} | {r['train_samples']} | {r['test_samples']} | "
             + " | ".join(_pct(t.get(f"top{k}")) for k in range(1, 6))
             + f" | {paper} |"
         )
@@ -212,7 +216,7 @@ def results_section(results: list[dict], group_sets: dict[int, list[int]], args:
             "",
             f"Command: `{command}`",
             "",
-            f"Dataset `{args.dataset}`; test split; {args.epochs} epoch(s), input {args.input_size} px, "
+            f"Dataset `{args.dataset}`; test split; epochs and input size per row; "
             + (f"at most {args.max_per_class} train/val samples per space group" if args.max_per_class
                else "all train/val samples")
             + (f", at most {args.max_test_per_class} test samples per space group" if args.max_test_per_class else "")
@@ -251,15 +255,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, help="dataset directory (xtalsym simulate dataset)")
     p.add_argument("--groups", default="8,20,49,72", help="group-set sizes, at most 72 (default %(default)s)")
     p.add_argument("--models", default=",".join(MODELS), help="default %(default)s")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['epochs']}")
+    p.add_argument("--input-size", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['input_size']}")
+    p.add_argument("--batch-size", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['batch_size']}")
     p.add_argument("--max-per-class", type=int, default=None, help="cap of train and val samples per space group")
     p.add_argument("--max-test-per-class", type=int, default=None, help="cap of test samples per space group")
     p.add_argument("--config", help="base training config (TOML); the options above override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="further training-config overrides, e.g. --set optim.lr=1e-3")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['num_workers']}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/paper_comparison", help="work folder (resumable)")
