@@ -218,6 +218,17 @@ def _coerce(expected: Any, value: Any) -> Any:
     return float(value) if expected is float else value
 
 
+def _take(out: dict, types: dict, key: str, value: Any, name: str, problems: list[str], *, known: bool) -> None:
+    """Type-check one config entry into ``out``, or record why it is refused."""
+    if key not in types:
+        hint = f"; known: {', '.join(types)}" if known else ""
+        problems.append(f"{name}: unknown key (value {value!r}{hint})")
+    elif not _type_ok(types[key], value):
+        problems.append(f"{name}: expected {types[key].__name__}, got {value!r}")
+    else:
+        out[key] = _coerce(types[key], value)
+
+
 def from_dict(data: dict) -> TrainConfig:
     """Build and validate a config; every problem (unknown key, wrong type, bad value)
     is collected and raised together in one ConfigError."""
@@ -234,20 +245,10 @@ def from_dict(data: dict) -> TrainConfig:
             types = _field_types(SECTIONS[key])
             section: dict[str, Any] = {}
             for sub, sub_value in value.items():
-                name = f"{key}.{sub}"
-                if sub not in types:
-                    problems.append(f"{name}: unknown key (value {sub_value!r}; known: {', '.join(types)})")
-                elif not _type_ok(types[sub], sub_value):
-                    problems.append(f"{name}: expected {types[sub].__name__}, got {sub_value!r}")
-                else:
-                    section[sub] = _coerce(types[sub], sub_value)
+                _take(section, types, sub, sub_value, f"{key}.{sub}", problems, known=True)
             values[key] = SECTIONS[key](**section)
-        elif key not in top_types:
-            problems.append(f"{key}: unknown key (value {value!r})")
-        elif not _type_ok(top_types[key], value):
-            problems.append(f"{key}: expected {top_types[key].__name__}, got {value!r}")
         else:
-            values[key] = _coerce(top_types[key], value)
+            _take(values, top_types, key, value, key, problems, known=False)
     config = TrainConfig(**values)
     problems.extend(_check_values(config, given=data))
     if problems:
