@@ -170,7 +170,8 @@ def run_one(args: argparse.Namespace, data: Path, groups: list[int], model: str,
         "groups": len(groups),
         "model": model,
         "checkpoint": checkpoint.name,
-        "epochs": config["epochs"],
+        "epochs": len(json.loads((run_dir / "metrics.json").read_text())),  # trained (stop_after_epochs)
+        "schedule_epochs": config["epochs"],
         "input_size": config["model"]["input_size"],
         "train_samples": int(sum(extra.get("class_counts", []))),
         "test_samples": metrics["samples"],
@@ -190,6 +191,12 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def _epochs(result: dict) -> str:
+    """Epochs trained, "of N" when the run stopped early in an N-epoch schedule."""
+    done, planned = result.get("epochs", "?"), result.get("schedule_epochs")
+    return f"{done} of {planned}" if planned not in (None, done) else str(done)
+
+
 def markdown_table(results: list[dict]) -> str:
     lines = [
         "| SGs | model | epochs | input px | train | test | top-1 % | top-2 % | top-3 % | top-4 % | top-5 % | paper top-1 % |",
@@ -199,7 +206,7 @@ def markdown_table(results: list[dict]) -> str:
         t = r["topk"]
         paper = PAPER_TOP1.get(r["model"], {}).get(r["groups"], "—")
         lines.append(
-            f"| {r['groups']} | {DESCRIPTIONS.get(r['model'], r['model'])} | {r.get('epochs', '?')} | "
+            f"| {r['groups']} | {DESCRIPTIONS.get(r['model'], r['model'])} | {_epochs(r)} | "
             f"{r.get('input_size', '?')} | {r['train_samples']} | {r['test_samples']} | "
             + " | ".join(_pct(t.get(f"top{k}")) for k in range(1, 6))
             + f" | {paper} |"

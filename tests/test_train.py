@@ -205,6 +205,20 @@ def test_resume_gives_the_same_weights(tiny, tmp_path, monkeypatch, mode):
     assert not (interrupted / "best.pt").exists()  # no validation split, no best
 
 
+def test_stop_after_epochs_trains_a_schedule_in_chunks(tiny, tmp_path):
+    config = _config(tiny, val_split="", space_groups="dataset")
+    tr.train(config, tmp_path / "straight")
+    chunked = tmp_path / "chunked"
+    tr.train({**config, "stop_after_epochs": 1}, chunked)
+    assert [r["epoch"] for r in json.loads((chunked / "metrics.json").read_text())] == [1]
+    tr.train({**config, "stop_after_epochs": 1}, chunked, resume=True)  # budget reached: nothing more
+    assert len(json.loads((chunked / "metrics.json").read_text())) == 1
+    tr.train({**config, "stop_after_epochs": 0}, chunked, resume=True)
+    a, b = _params(tmp_path / "straight" / "last.pt"), _params(chunked / "last.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
 def test_resume_refuses_a_changed_config(tiny, tmp_path):
     config = _config(tiny, epochs=1, val_split="train")
     tr.train(config, tmp_path)

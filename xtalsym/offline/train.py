@@ -563,7 +563,11 @@ class Trainer:
                                       pin_memory=pin)
         elif self.val_set is not None and self.dist.main:
             log.warning("validation split %r has no samples of the configured space groups", config.val_split)
-        while self.epoch < config.epochs:
+        last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
+        if self.epoch >= last_epoch and self.dist.main:
+            log.info("nothing to train: %d of %d epochs done (stop_after_epochs %d)", self.epoch, config.epochs,
+                     config.stop_after_epochs)
+        while self.epoch < last_epoch:
             self._train_epoch(pin)
             self._finish_epoch(val_loader)
         return self.history[-1] if self.history else {}

@@ -11,7 +11,11 @@ Keys (TOML tables in brackets; a dotted name is what ``--set`` takes)::
     train_split      "train"   split names from the dataset's splits.json (by material;
     val_split        "val"     never re-split here). val_split = "" turns validation off
                                (then no best.pt is kept).
-    epochs           60
+    epochs           60        length of the schedule (warm-up, cosine decay)
+    stop_after_epochs 0        stop once this many epochs are done (0: run all `epochs`);
+                               the schedule stays that of `epochs`, so a run can be
+                               trained in chunks (CPU sessions) and resumed later with a
+                               larger value, exactly as if uninterrupted
     batch_size       64
     seed             0         model init, data order, dropout, augmentation
     num_workers      4         DataLoader worker processes (items are decoded from zips)
@@ -138,6 +142,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     epochs: int = 60
+    stop_after_epochs: int = 0
     batch_size: int = 64
     seed: int = 0
     num_workers: int = 4
@@ -178,7 +183,7 @@ CHOICES = {
     "imbalance.mode": ("loss", "sampler", "none"),
 }
 # Keys that may change between an interrupted run and its resume (the rest must match).
-RESUMABLE_CHANGES = {"epochs", "num_workers", "cpu_threads", "device", "log_every", "checkpoint_every_steps", "progress", "out_dir"}
+RESUMABLE_CHANGES = {"epochs", "stop_after_epochs", "num_workers", "cpu_threads", "device", "log_every", "checkpoint_every_steps", "progress", "out_dir"}
 
 
 def resolve_space_groups(value: Any) -> list[int] | None:
@@ -287,7 +292,7 @@ def _check_values(c: TrainConfig, given: dict) -> list[str]:
     if not c.train_split and not skip("train_split"):
         bad("train_split", c.train_split, "must name a split")
     positive = ["epochs", "batch_size", "log_every", "model.input_size"]
-    non_negative = ["seed", "num_workers", "cpu_threads", "checkpoint_every_steps", "augment.shift_px", "optim.grad_clip",
+    non_negative = ["stop_after_epochs", "seed", "num_workers", "cpu_threads", "checkpoint_every_steps", "augment.shift_px", "optim.grad_clip",
                     "optim.weight_decay", "schedule.warmup_epochs", "imbalance.power"]
     for name in positive:
         if not skip(name) and _get(c, name) <= 0:
