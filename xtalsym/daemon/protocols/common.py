@@ -229,6 +229,20 @@ def dims_2d(dims: Any, where: str, max_pixels: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- HDF5-filter framing
 
 
+LZ4_MAX_RATIO = 255
+"""LZ4 expands at most ~255x (one length byte adds at most 255 output bytes)."""
+
+
+def check_expansion(blob_len: int, expected_nbytes: int, where: str, algorithm: str) -> None:
+    """Refuse, before allocating, an output no LZ4 stream of ``blob_len`` bytes can produce."""
+    if expected_nbytes > LZ4_MAX_RATIO * blob_len + 64:
+        raise BadMessage(
+            "bad_compression",
+            f"{where}: {algorithm}: {blob_len} compressed bytes cannot expand to {expected_nbytes} "
+            f"(at most {LZ4_MAX_RATIO}x)",
+        )
+
+
 def framed_header(blob: bytes, expected_nbytes: int, where: str) -> int:
     """Check the 12-byte header (8-byte BE size, 4-byte BE block size) BEFORE decoding.
 
@@ -257,6 +271,7 @@ def decompress_framed(
     if algorithm not in ("bslz4", "lz4"):
         raise BadMessage("bad_compression", f"{where}: unknown algorithm {_short(algorithm)}")
     framed_header(blob, expected_nbytes, where)
+    check_expansion(len(blob), expected_nbytes, where, algorithm)
     if algorithm == "bslz4" and elem_size not in (1, 2, 4, 8):
         raise BadMessage("bad_compression", f"{where}: bslz4 element size {elem_size}")
     try:
@@ -276,6 +291,7 @@ def decompress_framed(
 
 def lz4_block_decompress(blob: bytes, expected_nbytes: int, where: str) -> bytes:
     """A raw LZ4 block (no framing) of known uncompressed size."""
+    check_expansion(len(blob), expected_nbytes, where, "lz4 block")
     try:
         out = lz4.block.decompress(bytes(blob), uncompressed_size=expected_nbytes)
     except Exception as exc:  # noqa: BLE001 - LZ4BlockError and friends

@@ -146,7 +146,8 @@ def _header(head: dict, frames: list, max_pixels: int) -> SeriesStart:
     user_data = None
     while rest:
         part = json_object(rest.pop(0), "header part")
-        kind = ARRAY_PART_HTYPES.get(part.get("htype"))
+        htype = part.get("htype")
+        kind = ARRAY_PART_HTYPES.get(htype) if isinstance(htype, str) else None  # a list is unhashable
         if kind is None:
             if rest:
                 raise BadMessage("unknown_type", f"header part htype {_short(part.get('htype'))}")
@@ -154,7 +155,8 @@ def _header(head: dict, frames: list, max_pixels: int) -> SeriesStart:
             break
         if not rest:
             raise BadMessage("bad_frames", f"{part['htype']} has no data part")
-        arrays[kind] = _array(part, rest.pop(0), part["htype"], max_pixels)
+        used = sum(a.size for a in arrays.values())  # the header's arrays share max_pixels
+        arrays[kind] = _array(part, rest.pop(0), part["htype"], max_pixels - used)
     return SeriesStart(
         series_id=series,
         series_unique_id=None,

@@ -120,13 +120,11 @@ def _image(msg: Any, max_pixels: int) -> Image:
     if not _is_map(data) or not data:
         raise BadMessage("bad_field", f"image 'data' must be a non-empty map: {_short(data)}")
     arrays: dict[str, np.ndarray] = {}
-    total = 0
+    budget = [max_pixels]  # every array of the message shares one max_pixels budget
     for channel, value in data.items():
         if not isinstance(channel, str):
             raise BadMessage("bad_field", f"image channel name {_short(channel)} is not text")
-        array = decode_multidim(value, f"image data[{channel!r}]", max_pixels - total)
-        total += array.size
-        arrays[channel] = array
+        arrays[channel] = _spend(decode_multidim(value, f"image data[{channel!r}]", budget[0]), budget)
     known = {"type", "series_id", "image_id", "data", "user_data", "series_unique_id",
              "real_time", "start_time", "stop_time"}  # fmt: skip
     extra = {k: plain(v) for k, v in msg.items() if k not in known and isinstance(k, str)}
@@ -139,7 +137,7 @@ def _image(msg: Any, max_pixels: int) -> Image:
         start_time=as_seconds(msg.get("start_time"), "start_time", "image"),
         stop_time=as_seconds(msg.get("stop_time"), "stop_time", "image"),
         series_unique_id=optional(msg, "series_unique_id", str, "image"),
-        extra=_untag(extra, max_pixels),
+        extra=_untag(extra, budget),
     )
 
 
@@ -169,13 +167,14 @@ def _start(msg: Any, max_pixels: int) -> SeriesStart:
     if not isinstance(channels, (list, tuple)) or not all(isinstance(c, str) for c in channels):
         raise BadMessage("bad_field", f"start channels must be text strings: {_short(channels)}")
     per_channel = {}
+    budget = [max_pixels]
     for key in ("pixel_mask", "flatfield"):
         value = msg.get(key)
         if value is None:
             per_channel[key] = None
         elif _is_map(value):
             per_channel[key] = {
-                str(ch): decode_multidim(arr, f"start {key}[{ch!r}]", max_pixels)
+                str(ch): _spend(decode_multidim(arr, f"start {key}[{ch!r}]", budget[0]), budget)
                 for ch, arr in value.items()
             }
         else:
@@ -193,24 +192,34 @@ def _start(msg: Any, max_pixels: int) -> SeriesStart:
         user_data=plain(msg.get("user_data")),
         pixel_mask=per_channel["pixel_mask"],
         flatfield=per_channel["flatfield"],
-        raw=_untag(plain(raw), max_pixels),
+        raw=_untag(plain(raw), budget),
     )
 
 
-def _untag(value: Any, max_pixels: int, depth: int = 0) -> Any:
-    """Decode typed/multi-dim arrays left in ``raw``; other tags as {'cbor_tag', 'value'}."""
+def _spend(array: np.ndarray, budget: list[int]) -> np.ndarray:
+    """Charge ``array`` to the message's remaining element budget (a one-item list)."""
+    budget[0] -= array.size
+    return array
+
+
+def _untag(value: Any, budget: list[int], depth: int = 0) -> Any:
+    """Decode typed/multi-dim arrays left in ``raw``; other tags as {'cbor_tag', 'value'}.
+
+    Arrays here share the message's ``budget`` of elements: without it, every extra field
+    could hold its own max_pixels array (a small compressed message, gigabytes decoded).
+    """
     if depth > 100:
         raise BadMessage("bad_field", "nesting deeper than 100")
     if isinstance(value, cbor2.CBORTag):
         if value.tag in (TAG_MULTIDIM_ROW, TAG_MULTIDIM_COL):
-            return decode_multidim(value, "start field", max_pixels)
+            return _spend(decode_multidim(value, "extra field", budget[0]), budget)
         if value.tag in TYPED_ARRAY_TAGS:
-            return decode_typed_array(value, None, "start field", max_pixels)
-        return {"cbor_tag": value.tag, "value": _untag(plain(value.value), max_pixels, depth + 1)}
+            return _spend(decode_typed_array(value, None, "extra field", budget[0]), budget)
+        return {"cbor_tag": value.tag, "value": _untag(plain(value.value), budget, depth + 1)}
     if isinstance(value, dict):
-        return {k: _untag(v, max_pixels, depth + 1) for k, v in value.items()}
+        return {k: _untag(v, budget, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_untag(v, max_pixels, depth + 1) for v in value]
+        return [_untag(v, budget, depth + 1) for v in value]
     return value
 
 
