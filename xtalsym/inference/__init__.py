@@ -58,11 +58,23 @@ def make_backend(bundle, name: str, *, device: str = "cpu", **options: Any) -> I
     raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(BACKENDS)}")
 
 
-def select_backend(bundle, name: str = "auto", *, device: str = "auto", **options: Any) -> InferenceBackend:
+def cpu_options(name: str, threads: int) -> dict:
+    """Constructor options that give backend ``name`` ``threads`` CPU threads and no busy-waiting."""
+    if name == "onnxruntime":
+        return {"intra_op_threads": threads, "allow_spinning": False}
+    if name == "torch":
+        return {"threads": threads}
+    return {}
+
+
+def select_backend(
+    bundle, name: str = "auto", *, device: str = "auto", cpu_threads: int | None = None, **options: Any
+) -> InferenceBackend:
     """The backend ``name`` on ``device``, or with ``name="auto"`` the first that works of
     :data:`AUTO_ORDER` (restricted to ``device`` unless it is "auto"). Each skipped
     candidate is logged with its reason, the choice at INFO. ``options`` apply only to a
-    named backend (``auto`` uses each backend's defaults).
+    named backend (``auto`` uses each backend's defaults); ``cpu_threads`` applies to
+    whichever backend runs on the CPU (:func:`cpu_options`).
     """
     if name != "auto":
         dev = device
@@ -70,6 +82,8 @@ def select_backend(bundle, name: str = "auto", *, device: str = "auto", **option
             dev = "cpu" if name != "tensorrt" else "cuda"
             if name != "tensorrt" and _cuda_available():
                 dev = "cuda"
+        if cpu_threads and dev == "cpu":
+            options = {**cpu_options(name, cpu_threads), **options}
         backend = make_backend(bundle, name, device=dev, **options)
         log.info("inference backend: %r (asked for %s on %s)", backend, name, dev)
         return backend
@@ -79,7 +93,8 @@ def select_backend(bundle, name: str = "auto", *, device: str = "auto", **option
             continue
         dev = device if device != "auto" else dev
         try:
-            backend = make_backend(bundle, candidate, device=dev)
+            extra = cpu_options(candidate, cpu_threads) if cpu_threads and dev == "cpu" else {}
+            backend = make_backend(bundle, candidate, device=dev, **extra)
         except BackendUnavailable as exc:
             skipped.append(f"{candidate}/{dev}: {exc}")
             log.info("backend %s on %s skipped: %s", candidate, dev, exc)
@@ -104,6 +119,7 @@ __all__ = [
     "InferenceBackend",
     "InferenceResult",
     "check_batch",
+    "cpu_options",
     "make_backend",
     "select_backend",
     "softmax",

@@ -32,6 +32,7 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         provider: str | None = None,
         intra_op_threads: int | None = None,
+        allow_spinning: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         fp16: bool = True,
     ):
@@ -47,6 +48,10 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
+        if allow_spinning is not None:
+            # ORT's pool threads busy-wait after each run by default: fine on dedicated cores,
+            # but beside the daemon's shaping workers it burns the cores they need.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         used = self.session.get_providers()
         self.provider = used[0]
