@@ -139,6 +139,8 @@ def train_config(args: argparse.Namespace, data: Path, groups: list[int], model:
     model_cfg = {**base.get("model", {}), "name": model}
     if args.input_size is not None:
         model_cfg["input_size"] = args.input_size
+    if model in args.model_input_size:
+        model_cfg["input_size"] = args.model_input_size[model]
     model_cfg.setdefault("input_size", SCRIPT_DEFAULTS["input_size"])
     base["model"] = model_cfg
     from xtalsym.offline import train_config as tc
@@ -264,6 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help="default %(default)s")
     p.add_argument("--epochs", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['epochs']}")
     p.add_argument("--input-size", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['input_size']}")
+    p.add_argument("--model-input-size", action="append", default=[], metavar="MODEL=PX",
+                   help="input size of one model, over --input-size (e.g. ziletti-cnn=64, the size Ziletti et al. used)")
     p.add_argument("--batch-size", type=int, help=f"default: --config's, else {SCRIPT_DEFAULTS['batch_size']}")
     p.add_argument("--max-per-class", type=int, default=None, help="cap of train and val samples per space group")
     p.add_argument("--max-test-per-class", type=int, default=None, help="cap of test samples per space group")
@@ -286,6 +290,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.model_names if m not in MODELS]
     if unknown or not args.model_names:
         p.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    sizes = {}
+    for item in args.model_input_size:
+        model, _, px = item.partition("=")
+        if model not in MODELS or not px.isdigit() or int(px) < 16:
+            p.error(f"--model-input-size must be MODEL=PX with a known model and PX >= 16, got {item!r}")
+        sizes[model] = int(px)
+    args.model_input_size = sizes
     for name in ("max_per_class", "max_test_per_class"):
         value = getattr(args, name)
         if value is not None and value < 1:

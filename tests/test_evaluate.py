@@ -299,7 +299,7 @@ def test_paper_comparison_end_to_end_and_resume(tiny_dataset, tmp_path, capsys):
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\n")
     argv = ["--dataset", str(tiny_dataset), "--groups", "2", "--epochs", "1", "--input-size", "32", "--batch-size", "4",
-            "--device", "cpu", "--out", str(tmp_path / "pc"), "--results", str(doc)]
+            "--model-input-size", "ziletti-cnn=24", "--device", "cpu", "--out", str(tmp_path / "pc"), "--results", str(doc)]
     assert pc.main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 SGs: 14 (4), 225 (4)" in printed
@@ -311,6 +311,7 @@ def test_paper_comparison_end_to_end_and_resume(tiny_dataset, tmp_path, capsys):
     for model in pc.MODELS:
         result = json.loads((tmp_path / "pc" / "runs" / f"2sg-{model}" / pc.RESULT_FILE).read_text())
         assert result["train_samples"] == 7 and result["test_samples"] == 1
+        assert result["input_size"] == (24 if model == "ziletti-cnn" else 32) and result["epochs"] == 1
         assert result["topk"]["top2"] == 1.0  # two classes
         assert (tmp_path / "pc" / "runs" / f"2sg-{model}" / "evaluation-test" / ev.METRICS_FILE).is_file()
     # a rerun skips the finished runs (no retraining) and rewrites the same table
