@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.xtalsym-installed
 TORCH  := torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean promtool
 
 setup: $(STAMP)
 
@@ -32,10 +32,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
 
+# promtool (Debian's prometheus package, unpacked into .tools/): tests/test_metrics.py runs
+# `promtool check metrics` with it when XTALSYM_PROMTOOL points to it (.ci/run does that).
+promtool:
+	@path=$$(.ci/fetch-promtool); if [ -n "$$path" ]; then echo "export XTALSYM_PROMTOOL=$$path"; fi
+
 bench: setup
 	$(BIN)/python benchmarks/simulate.py
 	$(BIN)/python benchmarks/shaping.py
 	$(BIN)/python benchmarks/dataset.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis .tools

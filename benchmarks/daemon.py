@@ -110,7 +110,8 @@ def main() -> int:
     config = tmp / "bench.toml"
     config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
                       f'[pipeline]\nworkers = {args.workers}\n'
-                      f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n')
+                      f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
+                      '[metrics]\nport = 0\n')  # never collides with a daemon on the default 9855
     serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],
                              cwd=ROOT)
     proc = psutil.Process(serve.pid)

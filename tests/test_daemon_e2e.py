@@ -74,7 +74,8 @@ class Running:
     def __init__(self, components, frame_endpoint, **sections):
         overrides = {"ingest": {"address": frame_endpoint},
                      "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01}}
+                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
+                     "metrics": {"port": 0}}  # any free port: never the default 9855 of a real daemon
         for name, values in sections.items():
             overrides.setdefault(name, {}).update(values)
         self.config = load_config(overrides=overrides)

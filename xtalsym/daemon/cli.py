@@ -158,6 +158,8 @@ def _serve(args) -> int:
         overrides.setdefault("ingest", {})["address"] = args.ingest
     if args.publish:
         overrides.setdefault("publish", {})["address"] = args.publish
+    if args.metrics_port is not None:
+        overrides.setdefault("metrics", {})["port"] = args.metrics_port
     config = load_config(args.config, overrides=overrides)
     if args.print_config:
         print(config.to_toml(), end="")
@@ -217,6 +219,8 @@ def register(commands) -> None:
     p.add_argument("--bundle", help="bundle directory (overrides bundle.path)")
     p.add_argument("--ingest", help="frame endpoint (overrides ingest.address)")
     p.add_argument("--publish", help="prediction endpoint (overrides publish.address)")
+    p.add_argument("--metrics-port", type=int, help="HTTP port of /metrics, /healthz, /readyz (overrides "
+                   "metrics.port; 0 = any free port)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(handler=_serve)
 

@@ -20,6 +20,8 @@ DEFAULT_INGEST_ADDRESS = "tcp://127.0.0.1:31001"  # DECTRIS detectors bind PUSH 
 DEFAULT_PUBLISH_ADDRESS = "tcp://127.0.0.1:5556"
 DEFAULT_TOPIC = "xtalsym.prediction"
 METRICS_TOPIC = "xtalsym.metrics"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # HTTP metrics/health: loopback unless configured
+DEFAULT_METRICS_PORT = 9855
 AXES = ("x", "y", "z")
 
 
@@ -72,6 +74,16 @@ def _nonneg_num(v):
 
 def _bool(v):
     return None if isinstance(v, bool) else "must be true or false"
+
+
+def _host(v):
+    if not isinstance(v, str) or not v or any(c in v for c in "/ \t[]") or v.count(":") == 1:
+        return "must be a host name or IP address like 127.0.0.1 (no scheme, no port)"
+    return None
+
+
+def _port(v):
+    return None if _is_int(v) and 0 <= v <= 65535 else "must be an integer 0..65535 (0 = any free port)"
 
 
 def _axis_order(v):
@@ -140,6 +152,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "topic": (DEFAULT_TOPIC, _str),
         "metrics_interval_seconds": (5.0, _nonneg_num),  # 0 = no metrics messages
         "send_hwm": (10000, _pos_int),
+    },
+    "metrics": {  # Prometheus /metrics, /healthz, /readyz over HTTP (xtalsym/daemon/httpd.py)
+        "enabled": (True, _bool),
+        "address": (DEFAULT_METRICS_ADDRESS, _host),
+        "port": (DEFAULT_METRICS_PORT, _port),
+        "heartbeat_timeout_seconds": (10.0, _pos_num),  # /healthz fails when a loop is quiet longer
     },
 }
 
@@ -246,5 +264,6 @@ def defaults() -> dict:
     return {name: {k: d for k, (d, _) in keys.items()} for name, keys in SCHEMA.items()}
 
 
-__all__ = ["AXES", "ConfigError", "DaemonConfig", "DEFAULT_INGEST_ADDRESS", "DEFAULT_PUBLISH_ADDRESS",
-           "DEFAULT_TOPIC", "METRICS_TOPIC", "SCHEMA", "defaults", "load_config", "validate"]
+__all__ = ["AXES", "ConfigError", "DaemonConfig", "DEFAULT_INGEST_ADDRESS", "DEFAULT_METRICS_ADDRESS",
+           "DEFAULT_METRICS_PORT", "DEFAULT_PUBLISH_ADDRESS", "DEFAULT_TOPIC", "METRICS_TOPIC", "SCHEMA", "defaults",
+           "load_config", "validate"]

@@ -38,7 +38,8 @@ def run_demo(structures: list[str] | None = None, *, bundle: str | None = None, 
     sim = DetectorSim(sources, protocol=protocol, repeat=repeat)
     ingest = f"tcp://127.0.0.1:{_free_port()}"
     publish = f"tcp://127.0.0.1:{_free_port()}"
-    command = [sys.executable, "-m", "xtalsym", "serve", "--ingest", ingest, "--publish", publish]
+    command = [sys.executable, "-m", "xtalsym", "serve", "--ingest", ingest, "--publish", publish,
+               "--metrics-port", "0"]
     if bundle:
         command += ["--bundle", str(Path(bundle))]
     echo(f"demo: {len(sim.samples)} structures x {repeat}, {protocol} frames at {rate_hz:g}/s -> {ingest}; "

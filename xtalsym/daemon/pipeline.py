@@ -42,6 +42,7 @@ from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
+from xtalsym.daemon.metrics import PrometheusMetrics
 from xtalsym.daemon.protocols import BadMessage, decode
 from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
 
@@ -88,6 +89,13 @@ def process_frame(job: FrameJob) -> np.ndarray:
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
+def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
+    """:func:`process_frame` and its duration in the worker (the stage latency, without queueing)."""
+    t0 = time.perf_counter()
+    shaped = process_frame(job)
+    return shaped, time.perf_counter() - t0
+
+
 def _warm(_: int) -> int:
     return os.getpid()
 
@@ -96,7 +104,8 @@ def _warm(_: int) -> int:
 
 
 class Metrics:
-    """Thread-safe counters and latency samples."""
+    """Thread-safe counters and latency samples (the JSON metrics message); every event also
+    feeds the Prometheus metrics in ``self.prom`` (xtalsym/daemon/metrics.py)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -105,15 +114,39 @@ class Metrics:
         self.latencies: deque = deque(maxlen=10000)
         self.batch_sizes: deque = deque(maxlen=1000)
         self.started = time.time()
+        self.prom = PrometheusMetrics()
 
     def count(self, key: str, n: int = 1) -> None:
         with self.lock:
             self.counts[key] += n
+        self.prom.count(key, n)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self.prom.stage(stage, seconds)
+
+    def batch(self, size: int) -> None:
+        with self.lock:
+            self.batch_sizes.append(size)
+        self.prom.batch_size.observe(size)
+
+    def published(self, request, message: dict) -> None:
+        """A prediction sent: latency, counts by status; top-1 and open set of final ones."""
+        ts = message["timestamps"]
+        latency = ts["published"] - ts["received"]
+        with self.lock:
+            self.latencies.append(latency)
+            self.counts["predictions"] += 1
+            self.counts[f"predictions_{request.status}"] += 1
+        top = message["top"][0] if message["top"] else {}
+        self.prom.published(status=request.status, final=request.final, closed_by=request.closed_by,
+                            latency=latency, space_group=top.get("space_group"),
+                            crystal_system=top.get("crystal_system"), open_set=message.get("open_set"))
 
     def bad_frame(self, reason: str, message: str) -> None:
         with self.lock:
             self.bad[reason] += 1
             total = self.bad[reason]
+        self.prom.rejected(reason)
         # the first few of each reason at WARNING, then every 100th (a storm must not flood the log)
         level = logging.WARNING if total <= 5 or total % 100 == 0 else logging.DEBUG
         log.log(level, "bad frame (%s, #%d): %s", reason, total, message)
@@ -181,12 +214,28 @@ class Pipeline:
         self.pool: cf.ProcessPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
+        # time.monotonic() of each loop's latest iteration (the systemd watchdog reads them)
+        self.heartbeats: dict[str, float] = {"ingest": time.monotonic(), "inference": time.monotonic()}
+        self.monitor = None  # the HTTP server of /metrics, /healthz, /readyz (httpd.MonitorServer)
+        self._started = threading.Event()
+        self._pending_batch = 0
+        self.metrics.prom.track_model(lambda: self.model)  # read at scrape time: follows swap()
+        self.metrics.prom.track_queues(
+            {"workers": lambda: len(self._inflight), "results": self._results.qsize,
+             "open_samples": lambda: len(self.assembler.open), "batch": lambda: self._pending_batch},
+            {"workers": lambda: config.pipeline.queue_size, "batch": lambda: self.config.pipeline.max_batch})
 
     # ---- life cycle
 
     def start(self) -> None:
         """Open sockets (so the endpoints are known), start workers and threads."""
         c = self.config
+        if c.metrics.enabled:  # first: a port in use fails before workers are spawned; /readyz says 503 till then
+            from xtalsym.daemon.httpd import MonitorServer
+
+            self.monitor = MonitorServer(self, address=c.metrics.address, port=c.metrics.port,
+                                         heartbeat_timeout=c.metrics.heartbeat_timeout_seconds)
+            log.info("metrics and health on %s (/metrics, /healthz, /readyz)", self.monitor.url)
         self.publisher = Publisher(self.context, address=c.publish.address, mode=c.publish.mode,
                                    topic=c.publish.topic, send_hwm=c.publish.send_hwm)
         self.frame_socket = open_frame_socket(self.context, socket=c.ingest.socket, mode=c.ingest.mode,
@@ -200,6 +249,28 @@ class Pipeline:
         ]
         for t in self._threads:
             t.start()
+        self._started.set()
+
+    # ---- health (for /healthz, /readyz and the systemd watchdog)
+
+    def heartbeat(self) -> dict[str, float]:
+        """Seconds since each processing loop (``heartbeats``) last went round."""
+        now = time.monotonic()
+        return {loop: now - t for loop, t in self.heartbeats.items()}
+
+    @property
+    def state(self) -> str:
+        """``starting``, ``running``, ``stopping`` (intake closed, draining) or ``stopped``."""
+        if self.finished.is_set():
+            return "stopped"
+        if self._stop_intake.is_set():
+            return "stopping"
+        return "running" if self._started.is_set() else "starting"
+
+    @property
+    def ready(self) -> bool:
+        """Bundle loaded, sockets open, workers spawned, loops started, not shutting down."""
+        return self.state == "running"
 
     def _make_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers,
@@ -223,6 +294,8 @@ class Pipeline:
             t.join(timeout)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.monitor is not None:
+            self.monitor.close()
         self._tmp.cleanup()
 
     def wait(self) -> None:
@@ -236,6 +309,7 @@ class Pipeline:
         poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop_intake.is_set():
+                self.heartbeats["ingest"] = time.monotonic()
                 if not poller.poll(100):
                     continue
                 try:
@@ -256,11 +330,15 @@ class Pipeline:
     def _handle(self, frames: list, received: float) -> None:
         m = self.metrics
         m.count("messages")
+        t0 = time.perf_counter()
         try:
             event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
         except BadMessage as exc:
             m.bad_frame(exc.reason, str(exc))
             return
+        finally:
+            m.stage("decode", time.perf_counter() - t0)
+        m.count("decoded")
         outcome = self.tracker.handle(event)
         if outcome is None:
             return
@@ -301,12 +379,12 @@ class Pipeline:
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
         self._slots.acquire()  # bounded: waits while queue_size frames are in the workers
         try:
-            future = self.pool.submit(process_frame, job)
+            future = self.pool.submit(shape_timed, job)
         except cf.BrokenExecutor:
             log.error("the shaping worker pool broke; starting a new one")
             m.bad_frame("worker_crashed", f"image {image.image_id}: worker pool broken, pool restarted")
             self.pool = self._make_pool()
-            future = self.pool.submit(process_frame, job)
+            future = self.pool.submit(shape_timed, job)
         with self._inflight_lock:
             self._inflight.add(future)
         future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
@@ -357,7 +435,7 @@ class Pipeline:
         stopping = False
         try:
             while True:
-                now = time.monotonic()
+                now = self.heartbeats["inference"] = time.monotonic()
                 timeout = 0.1
                 if pending:
                     timeout = max(0.0, oldest + c.latency_budget_seconds - now)
@@ -392,6 +470,7 @@ class Pipeline:
                         if not stopping:
                             break
                     oldest = time.monotonic()
+                self._pending_batch = len(pending)
                 if now >= next_metrics:
                     self.publisher.send_metrics(self.metrics_message())
                     next_metrics = now + self.config.publish.metrics_interval_seconds
@@ -409,7 +488,7 @@ class Pipeline:
     def _add_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
         try:
-            shaped = done.future.result()
+            shaped, seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError) as exc:
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
@@ -420,6 +499,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - BrokenProcessPool, a bug in a worker: count, go on
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
+        self.metrics.stage("calibrate_shape", seconds)
         self.metrics.count("views")
         view = View(shaped=shaped, **meta)
         return self.assembler.add(view, time.time())
@@ -430,6 +510,7 @@ class Pipeline:
         present = np.zeros((len(batch), 3), bool)
         for i, request in enumerate(batch):
             x[i], present[i] = request.tensors(size)
+        t0 = time.perf_counter()
         try:
             result = self.backend.run(x, present)
         except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
@@ -437,27 +518,25 @@ class Pipeline:
             for request in batch:
                 self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
             return
+        self.metrics.stage("infer", time.perf_counter() - t0)
         open_sets: list[Any] = [None] * len(batch)
         if self.index is not None and self.config.index.enabled:
+            t0 = time.perf_counter()
             try:
                 from xtalsym.index import normalise_views
 
                 queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
                                            classes=self.backend.classes, k=self.config.index.neighbours)
                 open_sets = [open_set_result(q) for q in queries]
+                self.metrics.stage("match", time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001
                 self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
-        with self.metrics.lock:
-            self.metrics.batch_sizes.append(len(batch))
+        self.metrics.batch(len(batch))
         for request, probs, open_set in zip(batch, result.probabilities, open_sets):
             message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
                                          model=self.model, open_set=open_set)
             self.publisher.send(message)
-            ts = message["timestamps"]
-            with self.metrics.lock:
-                self.metrics.latencies.append(ts["published"] - ts["received"])
-                self.metrics.counts["predictions"] += 1
-                self.metrics.counts[f"predictions_{request.status}"] += 1
+            self.metrics.published(request, message)
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()

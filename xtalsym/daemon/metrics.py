@@ -1,0 +1,173 @@
+"""The daemon's Prometheus metrics, in a registry of their own (docs/DAEMON.md, "Metrics").
+
+One :class:`PrometheusMetrics` per pipeline: its own ``CollectorRegistry`` (never the
+global one, so several pipelines in one process, as in the tests, do not collide), with
+the process and platform collectors registered in it. The pipeline's ``Metrics`` (JSON
+snapshot on ZeroMQ) feeds every event here too; the HTTP side is ``httpd.py``.
+
+Names follow the Prometheus conventions: prefix ``xtalsym_``, base units in the name,
+counters end in ``_total`` (prometheus-client appends it). Label values are bounded: frame
+rejection reasons and event names are code constants, space groups the model's classes
+(<= 230), crystal systems 7, stages and queues fixed lists.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                               ProcessCollector)
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+import xtalsym
+
+# Targets: p99 <= 250 ms on CPU, <= 50 ms on GPU; both are bucket bounds, so the share of
+# predictions within target is exact (le="0.05", le="0.25").
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+STAGES = ("decode", "calibrate_shape", "infer", "match")
+QUEUES = ("workers", "results", "open_samples", "batch")
+
+# Metrics.count() keys with a metric of their own; any other key goes to xtalsym_events_total{event}.
+_COUNTED = {
+    "messages": "frames_received",
+    "decoded": "frames_decoded",
+    "images": "images_accepted",
+    "views": "views_shaped",
+    "timed_out_samples": "samples_timed_out",
+}
+
+
+class PrometheusMetrics:
+    """Every exported metric; methods are thread-safe (prometheus-client locks)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=r)  # python_info
+        self.frames_received = Counter("xtalsym_frames_received", "Messages received on the frame socket "
+                                       "(start, image, end or undecodable)", registry=r)
+        self.frames_decoded = Counter("xtalsym_frames_decoded", "Messages that decoded to a valid detector event",
+                                      registry=r)
+        self.frames_rejected = Counter("xtalsym_frames_rejected", "Frames (or samples) rejected, by reason",
+                                       ["reason"], registry=r)
+        self.images_accepted = Counter("xtalsym_images_accepted", "Images accepted by the series state machine "
+                                       "and sent to the shaping workers", registry=r)
+        self.views_shaped = Counter("xtalsym_views_shaped", "Views calibrated and shaped by the workers",
+                                    registry=r)
+        self.events = Counter("xtalsym_events", "Other pipeline events (stale_end, ...)", ["event"], registry=r)
+        self.predictions = Counter("xtalsym_predictions_published", "Predictions published, by status "
+                                   "(partial: fewer than 3 axes; complete)", ["status"], registry=r)
+        self.samples_completed = Counter("xtalsym_samples_completed", "Samples closed with all three axes",
+                                         registry=r)
+        self.samples_partial = Counter("xtalsym_samples_partial", "Samples closed with fewer than three axes, "
+                                       "by what closed them", ["closed_by"], registry=r)
+        self.samples_timed_out = Counter("xtalsym_samples_timed_out", "Samples closed by the assembly timeout",
+                                         registry=r)
+        self.open_set_results = Counter("xtalsym_open_set_results", "Final predictions with an open-set result",
+                                        registry=r)
+        self.open_set_unknown = Counter("xtalsym_open_set_unknown", "Final predictions the open-set match "
+                                        "called unknown", registry=r)
+        self.space_groups = Counter("xtalsym_predicted_space_group", "Final predictions by top-1 space group",
+                                    ["space_group"], registry=r)
+        self.crystal_systems = Counter("xtalsym_predicted_crystal_system", "Final predictions by the top-1 "
+                                       "space group's crystal system", ["crystal_system"], registry=r)
+        self.stage_latency = Histogram("xtalsym_stage_latency_seconds", "Seconds per stage: decode (per message), "
+                                       "calibrate_shape (per frame, in a worker), infer and match (per batch)",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end = Histogram("xtalsym_end_to_end_latency_seconds", "Seconds from the triggering frame off "
+                                    "the socket to its prediction published", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("xtalsym_batch_size", "Requests per inference micro-batch",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("xtalsym_queue_depth", "Items waiting: workers (frames being shaped), results "
+                                 "(shaped, waiting for the inference thread), open_samples, batch (requests in "
+                                 "the pending micro-batch)", ["queue"], registry=r)
+        self.queue_capacity = Gauge("xtalsym_queue_capacity", "Configured bound of a queue (workers: queue_size, "
+                                    "batch: max_batch)", ["queue"], registry=r)
+        self.build = Info("xtalsym_build", "xtalsym version and Python", registry=r)
+        self.build.info({"version": xtalsym.__version__, "python": platform.python_version()})
+        started = time.time()
+        self.start_time = Gauge("xtalsym_start_time_seconds", "Unix time the pipeline started", registry=r)
+        self.start_time.set(started)
+        self.uptime = Gauge("xtalsym_uptime_seconds", "Seconds since the pipeline started", registry=r)
+        self.uptime.set_function(lambda: time.time() - started)
+        for stage in STAGES:  # every stage series exists from the start (rate() has a zero to start from)
+            self.stage_latency.labels(stage=stage)
+        for status in ("partial", "complete"):
+            self.predictions.labels(status=status)
+        for closed_by in ("timeout", "shutdown"):
+            self.samples_partial.labels(closed_by=closed_by)
+        self.events.labels(event="stale_end")
+
+    def count(self, key: str, n: int = 1) -> None:
+        name = _COUNTED.get(key)
+        if name is None:
+            self.events.labels(event=key).inc(n)
+        else:
+            getattr(self, name).inc(n)
+
+    def rejected(self, reason: str) -> None:
+        self.frames_rejected.labels(reason=reason).inc()
+
+    def stage(self, stage: str, seconds: float) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+        self.stage_latency.labels(stage=stage).observe(seconds)
+
+    def published(self, *, status: str, final: bool, closed_by: str | None, latency: float,
+                  space_group: int | None, crystal_system: str | None, open_set: dict | None) -> None:
+        """One prediction sent; the sample-level counters only for the final one of a sample."""
+        self.predictions.labels(status=status).inc()
+        self.end_to_end.observe(latency)
+        if not final:
+            return
+        if status == "complete":
+            self.samples_completed.inc()
+        else:
+            self.samples_partial.labels(closed_by=closed_by or "unknown").inc()
+        if space_group is not None:
+            self.space_groups.labels(space_group=str(space_group)).inc()
+        if crystal_system:
+            self.crystal_systems.labels(crystal_system=crystal_system).inc()
+        if open_set is not None:
+            self.open_set_results.inc()
+            if open_set.get("unknown"):
+                self.open_set_unknown.inc()
+
+    def track_queues(self, depths: dict[str, Callable[[], float]],
+                     capacities: dict[str, Callable[[], float]]) -> None:
+        """Queue depths and bounds read at scrape time from the pipeline (nothing on the hot path)."""
+        for name in (*depths, *capacities):
+            if name not in QUEUES:
+                raise ValueError(f"unknown queue {name!r} (known: {', '.join(QUEUES)})")
+        for name, fn in depths.items():
+            self.queue_depth.labels(queue=name).set_function(fn)
+        for name, fn in capacities.items():
+            self.queue_capacity.labels(queue=name).set_function(fn)
+
+    def track_model(self, model: Callable[[], dict]) -> None:
+        """Export ``model()`` (the pipeline's ``model`` dict) at every scrape, so a reload shows at once."""
+        self.registry.register(_ModelCollector(model))
+
+
+class _ModelCollector:
+    """xtalsym_model_info{model_id, name, backend, device, precision} 1 and the index size."""
+
+    LABELS = ("model_id", "name", "backend", "device", "precision")
+
+    def __init__(self, model: Callable[[], dict]) -> None:
+        self.model = model
+
+    def describe(self):  # fixed names: the registry checks them for clashes without calling collect()
+        return [InfoMetricFamily("xtalsym_model", "Model and inference backend in use"),
+                GaugeMetricFamily("xtalsym_reference_index_entries", "Entries of the reference index in use "
+                                  "(0 = no open-set match)")]
+
+    def collect(self):
+        model = self.model()
+        info, entries = self.describe()
+        info.add_metric([], {k: "" if model.get(k) is None else str(model[k]) for k in self.LABELS})
+        entries.add_metric([], (model.get("index") or {}).get("entries", 0))
+        return [info, entries]
