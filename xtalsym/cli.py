@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from xtalsym import __version__
+from xtalsym import __version__, logsetup
 
 
 class UserError(Exception):
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsetup.configure(level)  # no timestamps of our own when stderr is the journal
     try:
         return int(args.handler(args) or 0)
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as exc:

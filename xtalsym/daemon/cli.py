@@ -165,7 +165,13 @@ def _serve(args) -> int:
         print(config.to_toml(), end="")
         return 0
     log.info("configuration:\n%s", config.to_toml())
-    return Service(config).run()
+
+    def reread():  # SIGHUP: the same file and command-line overrides, read afresh
+        fresh = load_config(args.config, overrides=overrides)
+        log.info("reload: configuration:\n%s", fresh.to_toml())
+        return fresh
+
+    return Service(config, reload_config=reread).run()
 
 
 def _detector_sim(args) -> int:

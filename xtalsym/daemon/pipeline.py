@@ -216,6 +216,7 @@ class Pipeline:
         self.finished = threading.Event()
         # time.monotonic() of each loop's latest iteration (the systemd watchdog reads them)
         self.heartbeats: dict[str, float] = {"ingest": time.monotonic(), "inference": time.monotonic()}
+        self._swaps: queue.Queue = queue.Queue()
         self.monitor = None  # the HTTP server of /metrics, /healthz, /readyz (httpd.MonitorServer)
         self._started = threading.Event()
         self._pending_batch = 0
@@ -301,6 +302,32 @@ class Pipeline:
     def wait(self) -> None:
         self.finished.wait()
 
+    def swap(self, *, config, bundle, backend, index) -> cf.Future:
+        """Replace config, bundle, backend and index between two batches of the inference thread.
+
+        The caller has verified them and checked that the bundle takes the same shaped input
+        (image size, training geometry). Views already shaped and open samples carry over.
+        The future resolves to the old (bundle, backend, index) once the swap is applied.
+        """
+        future: cf.Future = cf.Future()
+        self._swaps.put((future, config, bundle, backend, index))
+        return future
+
+    def _apply_swaps(self) -> None:
+        while True:
+            try:
+                future, config, bundle, backend, index = self._swaps.get_nowait()
+            except queue.Empty:
+                return
+            old = (self.bundle, self.backend, self.index)
+            self.bundle, self.backend, self.index = bundle, backend, index
+            self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
+                          "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
+                          "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
+                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id}}
+            self.config = config
+            future.set_result(old)
+
     # ---- ingest thread
 
     def _ingest_loop(self) -> None:
@@ -322,10 +349,24 @@ class Pipeline:
                 except Exception as exc:  # noqa: BLE001 - the loop must survive any frame
                     self.metrics.bad_frame("internal_error", f"{type(exc).__name__}: {exc}")
                     log.exception("unexpected error on a frame")
+            self._drain_socket(sock)
         finally:
             sock.close(linger=0)
             self._drain_workers()
             self._results.put(_STOP)
+
+    def _drain_socket(self, sock: zmq.Socket) -> None:
+        """At stop: finish the messages the socket has already received (at most receive_hwm),
+        so that stopping intake loses nothing the detector has already handed over."""
+        for _ in range(self.config.ingest.receive_hwm):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames, time.time())
+            except Exception as exc:  # noqa: BLE001
+                self.metrics.bad_frame("internal_error", f"{type(exc).__name__}: {exc}")
 
     def _handle(self, frames: list, received: float) -> None:
         m = self.metrics
@@ -390,15 +431,21 @@ class Pipeline:
         future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
 
     def _done(self, meta: dict, future: cf.Future) -> None:
-        self._slots.release()
+        # queued before it leaves _inflight: _drain_workers then knows every result is queued
+        self._results.put(_Done(meta, future))
         with self._inflight_lock:
             self._inflight.discard(future)
-        self._results.put(_Done(meta, future))
+        self._slots.release()
 
     def _drain_workers(self) -> None:
-        with self._inflight_lock:
-            pending = list(self._inflight)
-        cf.wait(pending)
+        # cf.wait returns before done-callbacks run, so wait for _inflight to empty instead
+        while True:
+            with self._inflight_lock:
+                pending = list(self._inflight)
+            if not pending:
+                return
+            cf.wait(pending, timeout=0.1)
+            time.sleep(0.001)
 
     def _frame_geometry(self, series, frame_shape) -> cal.FrameGeometry:
         key = (series.token, tuple(frame_shape))
@@ -436,6 +483,8 @@ class Pipeline:
         try:
             while True:
                 now = self.heartbeats["inference"] = time.monotonic()
+                self._apply_swaps()  # between batches, in this thread: a batch never mixes two models
+                c = self.config.pipeline
                 timeout = 0.1
                 if pending:
                     timeout = max(0.0, oldest + c.latency_budget_seconds - now)
