@@ -109,7 +109,7 @@ def main() -> int:
     pub_port = 20000 + os.getpid() % 20000
     config = tmp / "bench.toml"
     config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
-                      f'[pipeline]\nworkers = {args.workers}\n'
+                      f'[pipeline]\nworkers = {args.workers}\noverload = "block"\n'  # lossless: measures throughput
                       f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
                       '[metrics]\nport = 0\n')  # never collides with a daemon on the default 9855
     serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],

@@ -12,7 +12,9 @@ sample it belongs to, comes from the stream (:func:`identify`):
 missing (only when ``publish_partial``), ``complete`` (final) when the third axis
 arrives; :meth:`Assembler.expire` closes samples older than the timeout as final
 ``partial`` requests and :meth:`Assembler.close_all` does the same at shutdown, so no
-sample is ever dropped silently.
+sample is ever dropped silently. At most ``max_open`` samples are open: a flood of distinct
+sample ids closes the oldest open sample as a final ``partial`` (``closed_by = "overflow"``)
+instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class AssemblyError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # picklable across processes (two-argument __init__)
+        return type(self), (self.reason, self.message)
 
 
 def identify(*, series_id: int, series_unique_id: str | None, image_id: int, user_data: Any,
@@ -79,7 +85,7 @@ class Request:
     views: dict[str, View]
     status: str  # "partial" | "complete"
     final: bool  # no further prediction will be published for this sample
-    closed_by: str | None  # None (more may come), "complete", "timeout", "shutdown"
+    closed_by: str | None  # None (more may come), "complete", "timeout", "shutdown", "overflow"
     trigger: View  # the view whose arrival (or the sample's expiry) caused the request
 
     @property
@@ -107,15 +113,23 @@ class _Open:
 class Assembler:
     """Collects views per sample; not thread-safe (one owner thread)."""
 
-    def __init__(self, *, timeout_seconds: float = 5.0, publish_partial: bool = True) -> None:
+    def __init__(self, *, timeout_seconds: float = 5.0, publish_partial: bool = True, max_open: int = 1000) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open!r}")
         self.timeout_seconds = float(timeout_seconds)
         self.publish_partial = publish_partial
-        self.open: dict[str, _Open] = {}
+        self.max_open = int(max_open)
+        self.open: dict[str, _Open] = {}  # insertion order = opening order: the first is the oldest
         self.duplicates = 0
+        self.overflowed = 0
 
     def add(self, view: View, now: float) -> list[Request]:
+        out: list[Request] = []
         entry = self.open.get(view.sample_key)
         if entry is None:
+            while len(self.open) >= self.max_open:
+                self.overflowed += 1
+                out.append(self._close(next(iter(self.open)), "overflow"))
             entry = self.open[view.sample_key] = _Open(opened=now)
         if view.axis in entry.views:
             self.duplicates += 1
@@ -124,10 +138,10 @@ class Assembler:
         entry.views[view.axis] = view
         if len(entry.views) == 3:
             del self.open[view.sample_key]
-            return [Request(view.sample_key, dict(entry.views), "complete", True, "complete", view)]
+            return [*out, Request(view.sample_key, dict(entry.views), "complete", True, "complete", view)]
         if self.publish_partial:
-            return [Request(view.sample_key, dict(entry.views), "partial", False, None, view)]
-        return []
+            return [*out, Request(view.sample_key, dict(entry.views), "partial", False, None, view)]
+        return out
 
     def expire(self, now: float) -> list[Request]:
         """Final partial requests for samples open longer than the timeout."""

@@ -59,6 +59,10 @@ class CalibrationError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # raised in a worker process: it must unpickle, or the whole pool breaks
+        return type(self), (self.reason, self.message)
 
 
 @dataclass(frozen=True)

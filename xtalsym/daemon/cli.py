@@ -35,9 +35,16 @@ class ListenSummary:
     last: float | None = None
     metrics: dict | None = None
     messages: list = field(default_factory=list)
+    missed: int = 0  # predictions lost on the way (gaps in the daemon's "seq")
+    last_seq: int | None = None
 
     def add(self, msg: dict, arrived: float) -> None:
         self.predictions += 1
+        seq = msg.get("seq")
+        if isinstance(seq, int):
+            if self.last_seq is not None and seq > self.last_seq + 1:
+                self.missed += seq - self.last_seq - 1
+            self.last_seq = seq
         self.first = arrived if self.first is None else self.first
         self.last = arrived
         ts = msg["timestamps"]
@@ -97,8 +104,13 @@ def format_prediction(msg: dict) -> str:
 
 def listen(address: str, *, topic: str = "xtalsym.prediction", count: int | None = None,
            final_count: int | None = None, duration: float | None = None, idle: float | None = None,
-           echo=None, stop=None, context=None, ready=None) -> ListenSummary:
-    """Subscribe to predictions (and metrics) until a limit, an idle gap or ``stop`` is set."""
+           echo=None, stop=None, context=None, ready=None, curve_server_key: str | None = None,
+           curve_key: str | None = None) -> ListenSummary:
+    """Subscribe to predictions (and metrics) until a limit, an idle gap or ``stop`` is set.
+
+    ``curve_server_key``: the daemon's public certificate (CURVE); ``curve_key``: this
+    subscriber's secret certificate, whose public half the daemon must allow.
+    """
     import zmq
 
     from xtalsym.daemon.config import METRICS_TOPIC
@@ -108,6 +120,14 @@ def listen(address: str, *, topic: str = "xtalsym.prediction", count: int | None
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sock.setsockopt(zmq.SUBSCRIBE, METRICS_TOPIC.encode())
+    if curve_server_key:
+        from xtalsym.daemon.publish import curve_client
+
+        try:
+            curve_client(sock, curve_server_key, curve_key)
+        except Exception:
+            sock.close()
+            raise
     sock.connect(address)
     if ready is not None:
         ready.set()
@@ -210,8 +230,11 @@ def _listen(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     summary = listen(args.address, topic=args.topic, count=args.count, final_count=args.samples,
-                     duration=args.duration, idle=args.idle, echo=None if args.quiet else print, stop=stop)
+                     duration=args.duration, idle=args.idle, echo=None if args.quiet else print, stop=stop,
+                     curve_server_key=args.curve_server_key, curve_key=args.curve_key)
     print(summary.table())
+    if summary.missed:
+        print(f"missed {summary.missed} predictions (gaps in seq: this subscriber did not keep up)")
     return 0
 
 
@@ -263,6 +286,10 @@ def register(commands) -> None:
     p.add_argument("--duration", type=float, help="stop after S seconds")
     p.add_argument("--idle", type=float, help="stop after S seconds without a prediction (once one came)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.add_argument("--curve-server-key", help="CURVE: the daemon's public certificate (publish.curve_secret_key_file's "
+                   ".key file)")
+    p.add_argument("--curve-key", help="CURVE: this subscriber's secret certificate (.key_secret); its public half "
+                   "must be in the daemon's publish.curve_public_keys_dir")
     p.set_defaults(handler=_listen)
 
     p = commands.add_parser("demo", help="detector-sim -> serve -> listen on loopback, predictions against the truth",

@@ -133,6 +133,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "sample_key": ("sample_id", _str),
         "timeout_seconds": (5.0, _pos_num),
         "publish_partial": (True, _bool),
+        "max_open_samples": (1000, _pos_int),  # beyond: the oldest open sample is closed as partial
     },
     "pipeline": {
         "workers": (2, _pos_int),
@@ -141,6 +142,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "latency_budget_seconds": (0.02, _nonneg_num),
         "shaping_method": ("fast", _choice("fast", "reference")),
         "inference_threads": (0, _nonneg_int),  # 0 = the backend's default
+        # frames arriving while queue_size are waiting: drop the oldest waiting (fresh frames win),
+        # drop the new one, or block the sender (back-pressure up to the detector)
+        "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),
     },
     "index": {
         "enabled": (True, _bool),
@@ -152,6 +156,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "topic": (DEFAULT_TOPIC, _str),
         "metrics_interval_seconds": (5.0, _nonneg_num),  # 0 = no metrics messages
         "send_hwm": (10000, _pos_int),
+        "curve_secret_key_file": ("", _str),  # "" = no CURVE; else zmq.auth secret certificate of the PUB
+        "curve_public_keys_dir": ("", _str),  # public certificates of the subscribers allowed in
     },
     "metrics": {  # Prometheus /metrics, /healthz, /readyz over HTTP (xtalsym/daemon/httpd.py)
         "enabled": (True, _bool),

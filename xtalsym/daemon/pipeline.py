@@ -23,6 +23,7 @@ counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies 
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import logging
 import multiprocessing
 import os
@@ -191,12 +192,16 @@ class Pipeline:
         self.tracker = SeriesTracker(geometry_override=config.geometry_override,
                                      frames_before_start=config.ingest.frames_before_start)
         self.assembler = Assembler(timeout_seconds=config.assembly.timeout_seconds,
-                                   publish_partial=config.assembly.publish_partial)
+                                   publish_partial=config.assembly.publish_partial,
+                                   max_open=config.assembly.max_open_samples)
         self._stop_intake = threading.Event()
         self._results: queue.Queue = queue.Queue()
         self._slots = threading.BoundedSemaphore(config.pipeline.queue_size)
-        self._inflight: set[cf.Future] = set()
+        # futures in the workers, oldest first (a dict keeps insertion order: drop_oldest cancels from the front)
+        self._inflight: dict[cf.Future, None] = {}
         self._inflight_lock = threading.Lock()
+        self._overload_cancelled: set[cf.Future] = set()  # their slots went to newer frames
+        self._cancel_lock = threading.Lock()  # a future is in that set only while surely cancelled
         self._tmp = tempfile.TemporaryDirectory(prefix="xtalsym-daemon-")
         self._mask_files: dict[tuple[int, str], str | None] = {}
         self._geometry: dict[tuple[int, tuple], cal.FrameGeometry] = {}
@@ -238,7 +243,9 @@ class Pipeline:
                                          heartbeat_timeout=c.metrics.heartbeat_timeout_seconds)
             log.info("metrics and health on %s (/metrics, /healthz, /readyz)", self.monitor.url)
         self.publisher = Publisher(self.context, address=c.publish.address, mode=c.publish.mode,
-                                   topic=c.publish.topic, send_hwm=c.publish.send_hwm)
+                                   topic=c.publish.topic, send_hwm=c.publish.send_hwm,
+                                   curve_secret_key_file=c.publish.curve_secret_key_file,
+                                   curve_public_keys_dir=c.publish.curve_public_keys_dir)
         self.frame_socket = open_frame_socket(self.context, socket=c.ingest.socket, mode=c.ingest.mode,
                                               address=c.ingest.address, receive_hwm=c.ingest.receive_hwm)
         self.pool = self._make_pool()
@@ -418,24 +425,51 @@ class Pipeline:
                        shaping_method=c.pipeline.shaping_method, size=self.size)
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
-        self._slots.acquire()  # bounded: waits while queue_size frames are in the workers
+        if not self._take_slot():
+            m.bad_frame("overload", f"image {image.image_id} of series {image.series_id} dropped: {c.pipeline.queue_size} "
+                        f"frames already waiting for the workers (overload = {c.pipeline.overload!r})")
+            return
         try:
             future = self.pool.submit(shape_timed, job)
-        except cf.BrokenExecutor:
-            log.error("the shaping worker pool broke; starting a new one")
-            m.bad_frame("worker_crashed", f"image {image.image_id}: worker pool broken, pool restarted")
-            self.pool = self._make_pool()
+        except cf.BrokenExecutor:  # a worker died (its frames are counted worker_crashed in _add_view)
+            self._replace_pool()
             future = self.pool.submit(shape_timed, job)
         with self._inflight_lock:
-            self._inflight.add(future)
+            self._inflight[future] = None
         future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
+
+    def _take_slot(self) -> bool:
+        """A place in the workers for one frame, per ``pipeline.overload``; False = drop the new frame."""
+        policy = self.config.pipeline.overload
+        if policy == "block":  # back-pressure: ZeroMQ buffers receive_hwm messages, then the sender blocks
+            self._slots.acquire()
+            return True
+        if self._slots.acquire(blocking=False):
+            return True
+        if policy == "drop_oldest":
+            with self._inflight_lock:
+                oldest_first = list(self._inflight)
+            for future in oldest_first:
+                with self._cancel_lock:
+                    self._overload_cancelled.add(future)  # before cancel(): its callback may run at once
+                    if future.cancel():  # still queued, not in a worker yet: its slot passes to the new frame
+                        return True
+                    self._overload_cancelled.discard(future)
+        return False
+
+    def _replace_pool(self) -> None:
+        log.error("a shaping worker died; replacing the worker pool")
+        self.metrics.count("pool_restarts")
+        broken, self.pool = self.pool, self._make_pool()
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def _done(self, meta: dict, future: cf.Future) -> None:
         # queued before it leaves _inflight: _drain_workers then knows every result is queued
         self._results.put(_Done(meta, future))
         with self._inflight_lock:
-            self._inflight.discard(future)
-        self._slots.release()
+            self._inflight.pop(future, None)
+        # the slot is released when the inference thread takes the result (_add_view): frames in
+        # the workers plus results not yet assembled stay within queue_size, even when inference lags
 
     def _drain_workers(self) -> None:
         # cf.wait returns before done-callbacks run, so wait for _inflight to empty instead
@@ -536,6 +570,14 @@ class Pipeline:
 
     def _add_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
+        with self._cancel_lock:
+            overloaded = done.future in self._overload_cancelled
+            self._overload_cancelled.discard(done.future)
+        if overloaded:  # drop_oldest cancelled it; a newer frame has its slot
+            self.metrics.bad_frame("overload", f"image {meta['image_id']} of series {meta['series_id']} dropped "
+                                   "for a newer frame (overload = 'drop_oldest')")
+            return []
+        self._slots.release()
         try:
             shaped, seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError) as exc:
@@ -545,13 +587,20 @@ class Pipeline:
         except cf.CancelledError:
             self.metrics.bad_frame("cancelled", f"image {meta['image_id']}: cancelled at shutdown")
             return []
-        except Exception as exc:  # noqa: BLE001 - BrokenProcessPool, a bug in a worker: count, go on
+        except BrokenProcessPool as exc:  # a worker process died (killed, out of memory): its frames are lost
+            self.metrics.bad_frame("worker_crashed", f"image {meta['image_id']}: {exc}")
+            return []
+        except Exception as exc:  # noqa: BLE001 - a bug in a worker: count, go on
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
         self.metrics.stage("calibrate_shape", seconds)
         self.metrics.count("views")
         view = View(shaped=shaped, **meta)
-        return self.assembler.add(view, time.time())
+        requests = self.assembler.add(view, time.time())
+        overflowed = sum(r.closed_by == "overflow" for r in requests)
+        if overflowed:  # max_open_samples reached: the oldest open samples were closed as partial
+            self.metrics.count("overflowed_samples", overflowed)
+        return requests
 
     def _classify(self, batch: list[Request]) -> None:
         size = self.size
@@ -584,8 +633,10 @@ class Pipeline:
         for request, probs, open_set in zip(batch, result.probabilities, open_sets):
             message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
                                          model=self.model, open_set=open_set)
-            self.publisher.send(message)
-            self.metrics.published(request, message)
+            if self.publisher.send(message):
+                self.metrics.published(request, message)
+            else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
+                self.metrics.count("publish_dropped")
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()

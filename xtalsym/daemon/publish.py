@@ -3,6 +3,12 @@
 Each message is two frames: the topic (UTF-8, default ``xtalsym.prediction``; metrics go
 to ``xtalsym.metrics``) and a UTF-8 JSON object. The schema is documented field by field
 in docs/DAEMON.md; :func:`prediction_message` is its single producer.
+
+A PUB socket never blocks the pipeline: a subscriber that does not keep up loses messages
+beyond ``send_hwm`` (ZeroMQ drops them silently, per subscriber). Every prediction carries
+``seq`` (0, 1, 2... per daemon process) so that a subscriber can count what it missed.
+Optional CURVE (:func:`curve_server`): encryption, and only subscribers whose public
+certificate is in ``curve_public_keys_dir`` get in.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,14 +108,84 @@ def prediction_message(request: Request, *, probabilities: np.ndarray, classes: 
     }
 
 
+class CurveError(ValueError):
+    """A CURVE key file or directory that cannot be used (names the path)."""
+
+
+def load_secret_certificate(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a zmq.auth secret certificate (``*.key_secret``)."""
+    import zmq.auth
+
+    path = Path(path)
+    if not path.is_file():
+        raise CurveError(f"CURVE secret certificate {str(path)!r}: no such file")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except Exception as exc:  # noqa: BLE001 - zmq.auth raises ValueError/OSError on bad files
+        raise CurveError(f"CURVE secret certificate {str(path)!r}: {exc}") from None
+    if not secret:
+        raise CurveError(f"CURVE certificate {str(path)!r} holds no secret key (use the .key_secret file "
+                         "written by zmq.auth.create_certificates)")
+    return public, secret
+
+
+def load_public_certificate(path: str | Path) -> bytes:
+    import zmq.auth
+
+    path = Path(path)
+    if not path.is_file():
+        raise CurveError(f"CURVE public certificate {str(path)!r}: no such file")
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except Exception as exc:  # noqa: BLE001
+        raise CurveError(f"CURVE public certificate {str(path)!r}: {exc}") from None
+    return public
+
+
+def curve_server(context: zmq.Context, socket: zmq.Socket, secret_key_file: str, public_keys_dir: str):
+    """Make ``socket`` a CURVE server; returns the started ThreadAuthenticator (stop it at close)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    public, secret = load_secret_certificate(secret_key_file)
+    if not public_keys_dir or not Path(public_keys_dir).is_dir():
+        raise CurveError(f"publish.curve_public_keys_dir = {public_keys_dir!r}: not a directory of the "
+                         "subscribers' public certificates (every subscriber must be authorised)")
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(public_keys_dir))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+    return auth
+
+
+def curve_client(socket: zmq.Socket, server_public_file: str, client_secret_file: str | None) -> None:
+    """Make ``socket`` a CURVE client of the server whose public certificate is given."""
+    socket.curve_serverkey = load_public_certificate(server_public_file)
+    if client_secret_file:
+        public, secret = load_secret_certificate(client_secret_file)
+    else:  # an ephemeral key: encrypted, but only let in by a server that allows any client
+        public, secret = zmq.curve_keypair()
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+
+
 class Publisher:
-    """A PUB socket (bound or connected); owned by one thread."""
+    """A PUB socket (bound or connected); owned by one thread. ``send`` never blocks."""
 
     def __init__(self, context: zmq.Context, *, address: str, mode: str = "bind", topic: str = "xtalsym.prediction",
-                 metrics_topic: str = "xtalsym.metrics", send_hwm: int = 10000) -> None:
+                 metrics_topic: str = "xtalsym.metrics", send_hwm: int = 10000, curve_secret_key_file: str = "",
+                 curve_public_keys_dir: str = "") -> None:
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, send_hwm)
         self.socket.setsockopt(zmq.LINGER, 1000)
+        self.auth = None
+        if curve_secret_key_file:
+            try:
+                self.auth = curve_server(context, self.socket, curve_secret_key_file, curve_public_keys_dir)
+            except Exception:
+                self.socket.close(linger=0)
+                raise
         if mode == "bind":
             self.socket.bind(address)
         else:
@@ -116,21 +193,33 @@ class Publisher:
         self.topic = topic.encode()
         self.metrics_topic = metrics_topic.encode()
         self.sent = 0
+        self.seq = 0  # of predictions: a subscriber sees a gap when it lost messages
+        self.dropped = 0
 
     @property
     def endpoint(self) -> str:
         value = self.socket.getsockopt(zmq.LAST_ENDPOINT)
         return value.decode() if isinstance(value, bytes) else str(value)
 
-    def send(self, message: dict, *, topic: bytes | None = None) -> None:
+    def send(self, message: dict, *, topic: bytes | None = None) -> bool:
+        """Send without blocking; False (and ``dropped`` + 1) when ZeroMQ refuses the message."""
         if topic is None and "timestamps" in message:
             message["timestamps"]["published"] = time.time()
+            message["seq"] = self.seq
+            self.seq += 1
         body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
-        self.socket.send_multipart([topic or self.topic, body])
+        try:
+            self.socket.send_multipart([topic or self.topic, body], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
         self.sent += 1
+        return True
 
     def send_metrics(self, metrics: dict) -> None:
         self.send({"schema": METRICS_SCHEMA, "time": time.time(), **metrics}, topic=self.metrics_topic)
 
     def close(self) -> None:
         self.socket.close()
+        if self.auth is not None:
+            self.auth.stop()

@@ -45,6 +45,10 @@ class BadMessage(ValueError):
             raise AssertionError(f"undocumented reason {reason!r}")
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # picklable across processes (two-argument __init__)
+        return type(self), (self.reason, self.message)
 
 
 GEOMETRY_KEYS = (
