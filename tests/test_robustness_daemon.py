@@ -193,6 +193,8 @@ def test_fuzz_running_daemon(components, sims):
         summary = run.close()
     snap = run.service.pipeline.metrics.snapshot()
     bad_counts = snap["bad_frames"]
+    print(f"daemon fuzz: {len(bad)} bad messages in {sent} sent; bad_frames {bad_counts}; "
+          f"stale_end {snap['counts'].get('stale_end', 0)}; views {snap['counts']['views']}")
     assert "internal_error" not in bad_counts and "worker_error" not in bad_counts, bad_counts
     got = finals(summary)
     assert {"NaCl", "Si"} <= set(got) and all(got[k]["status"] == "complete" for k in ("NaCl", "Si"))
