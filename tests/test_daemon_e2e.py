@@ -233,3 +233,37 @@ def test_other_geometry_classifies_the_same(components):
     p = result.probabilities
     assert p[0].argmax() == p[1].argmax()
     assert np.abs(p[0] - p[1]).max() < 0.02
+
+
+def test_sub_bind_ingest_and_pub_connect(components):
+    """The other socket layouts: the daemon binds SUB for frames (a PUB source connects to it)
+    and connects its PUB to a subscriber that binds (e.g. a collector behind a firewall)."""
+    ctx = zmq.Context.instance()
+    collector = ctx.socket(zmq.SUB)
+    collector.setsockopt(zmq.SUBSCRIBE, b"xtalsym.prediction")
+    collector.bind("tcp://127.0.0.1:*")
+    collector_endpoint = collector.getsockopt(zmq.LAST_ENDPOINT).decode()
+    config = load_config(overrides={
+        "ingest": {"socket": "sub", "mode": "bind", "address": "tcp://127.0.0.1:*"},
+        "publish": {"mode": "connect", "address": collector_endpoint, "metrics_interval_seconds": 0},
+        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
+        "metrics": {"port": 0}})
+    service = Service(config, components=components).start()
+    source = ctx.socket(zmq.PUB)
+    try:
+        source.connect(service.pipeline.ingest_endpoint)
+        time.sleep(0.5)  # PUB/SUB join: a PUB drops what it sends before the subscription arrives
+        DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY).send(source)
+        finals, deadline = [], time.monotonic() + 60
+        while not finals and time.monotonic() < deadline:
+            if collector.poll(200):
+                topic, body = collector.recv_multipart()
+                message = json.loads(body)
+                if message["final"]:
+                    finals.append(message)
+    finally:
+        source.close(linger=0)
+        service.pipeline.stop()
+        collector.close(linger=0)
+    assert len(finals) == 1 and finals[0]["status"] == "complete", service.pipeline.metrics.snapshot()
+    assert finals[0]["user_data"]["formula"] == "NaCl"

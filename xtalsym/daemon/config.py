@@ -141,7 +141,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "max_batch": (16, _pos_int),
         "latency_budget_seconds": (0.02, _nonneg_num),
         "shaping_method": ("fast", _choice("fast", "reference")),
-        "inference_threads": (0, _nonneg_int),  # 0 = the backend's default
+        "inference_threads": (0, _nonneg_int),  # 0 = the cores the shaping workers leave
         # frames arriving while queue_size are waiting: drop the oldest waiting (fresh frames win),
         # drop the new one, or block the sender (back-pressure up to the detector)
         "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),

@@ -97,6 +97,16 @@ def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
     return shaped, time.perf_counter() - t0
 
 
+def _init_worker() -> None:
+    """One thread per shaping worker: the pool is the parallelism; OpenCV's and BLAS's own
+    per-core thread pools inside every worker would oversubscribe the cores."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    cv2.setNumThreads(1)
+    threadpool_limits(1)
+
+
 def _warm(_: int) -> int:
     return os.getpid()
 
@@ -281,7 +291,7 @@ class Pipeline:
         return self.state == "running"
 
     def _make_pool(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers,
+        return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers, initializer=_init_worker,
                                       mp_context=multiprocessing.get_context("spawn"))
 
     @property
