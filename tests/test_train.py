@@ -155,6 +155,7 @@ def test_run_writes_all_artefacts_and_learns(tiny, tmp_path):
     assert extra["epoch"] == 3 and extra["classes"] == list(range(1, 231)) and model.num_classes == 230
     assert extra["config"]["model"]["input_size"] == 32
     assert json.loads((out / tr.RESOLVED_CONFIG).read_text())["epochs"] == 3
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0  # flush-to-zero turned off again after training
     with pytest.raises(tr.TrainError, match="already holds a run"):
         tr.train(config, out)
 

@@ -388,11 +388,16 @@ def train(config: dict | TrainConfig, out: str | Path, *, resume: bool = False, 
     if device is not None:
         config = tc.coerce({**config.to_dict(), "device": device})
     out = Path(out)
-    trainer = Trainer(config, out, resume=resume)
     try:
-        return trainer.run()
+        trainer = Trainer(config, out, resume=resume)
+        try:
+            return trainer.run()
+        finally:
+            trainer.dist.close()
     finally:
-        trainer.dist.close()
+        # The flush-to-zero mode is process-wide: leave the caller's floating point as it was
+        # (Python's default), e.g. for hypothesis, which refuses to run with FTZ on.
+        torch.set_flush_denormal(False)
 
 
 class Trainer:
