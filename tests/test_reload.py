@@ -59,7 +59,8 @@ def bundles_dir(tmp_path_factory):
 def _config(bundle, endpoint, **sections):
     overrides = {"bundle": {"path": str(bundle), "backend": "onnxruntime", "device": "cpu"},
                  "ingest": {"address": endpoint}, "publish": {"address": "tcp://127.0.0.1:*"},
-                 "pipeline": {"workers": 1, "latency_budget_seconds": 0.01}}
+                 "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
+                 "metrics": {"port": 0}}  # never the default 9855 of a real daemon
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     return load_config(overrides=overrides)
@@ -204,6 +205,8 @@ latency_budget_seconds = 0.01
 [publish]
 address = "{publish}"
 metrics_interval_seconds = 0
+[metrics]
+port = 0
 """)
 
 

@@ -55,8 +55,6 @@ class TorchBackend:
             raise ValueError("fp16 is for CUDA; the CPU backend runs fp32")
         if threads:
             torch.set_num_threads(int(threads))
-        if dev.type == "cpu":
-            torch.set_flush_denormal(True)  # denormal weights/activations are ~2x slower on x86
         self.device = str(dev)
         self.precision = precision
         self.classes = list(classes)
@@ -112,9 +110,16 @@ class TorchBackend:
                 static_present.copy_(tp, non_blocking=True)
                 g.replay()
                 logits, embeddings = static_logits, static_embeddings
+            elif self.device == "cpu":
+                # Denormal activations are ~2x slower on x86. The flush-to-zero mode belongs to
+                # the calling thread: on for this forward only, so the caller's floats stay IEEE.
+                torch.set_flush_denormal(True)
+                try:
+                    logits, embeddings = self._forward(tx, tp)
+                finally:
+                    torch.set_flush_denormal(False)
             else:
-                if self.device != "cpu":
-                    tx, tp = tx.pin_memory().to(self.device, non_blocking=True), tp.to(self.device)
+                tx, tp = tx.pin_memory().to(self.device, non_blocking=True), tp.to(self.device)
                 logits, embeddings = self._forward(tx, tp)
             logits = logits.float()
             probabilities = torch.softmax(logits, dim=-1)  # in fp32 even for fp16 models
