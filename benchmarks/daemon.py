@@ -62,6 +62,25 @@ def stage_costs(pixels: int, n: int = 10) -> dict:
     return {"decode": t_dec, "calibrate": t_cal, "shape": t_shape}
 
 
+def daemon_stage_means(port: int) -> dict:
+    """Mean seconds per stage and end to end, from the running daemon's own /metrics histograms."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    sums: dict = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in ("xtalsym_stage_latency_seconds", "xtalsym_end_to_end_latency_seconds",
+                               "xtalsym_batch_size"):
+            continue
+        for sample in family.samples:
+            key = sample.labels.get("stage", family.name.removeprefix("xtalsym_"))
+            if sample.name.endswith("_sum") or sample.name.endswith("_count"):
+                sums.setdefault(key, {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    return {k: v["sum"] / v["count"] for k, v in sums.items() if v.get("count")}
+
+
 def inference_cost(bundle_path: str, batch: int = 16, n: int = 3) -> float:
     from xtalsym.bundle import load_bundle
     from xtalsym.inference import select_backend
@@ -107,11 +126,14 @@ def main() -> int:
     push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
     pub_port = 20000 + os.getpid() % 20000
+    from xtalsym.daemon.demo import _free_port
+
+    metrics_port = _free_port()
     config = tmp / "bench.toml"
     config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
                       f'[pipeline]\nworkers = {args.workers}\noverload = "block"\n'  # lossless: measures throughput
                       f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
-                      '[metrics]\nport = 0\n')  # never collides with a daemon on the default 9855
+                      f'[metrics]\nport = {metrics_port}\n')  # a free port, never the default 9855
     serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],
                              cwd=ROOT)
     proc = psutil.Process(serve.pid)
@@ -145,6 +167,7 @@ def main() -> int:
             break
     wall = time.perf_counter() - t0
     cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in [proc] + proc.children(recursive=True))
+    stage_means = daemon_stage_means(metrics_port)
     serve.terminate()
     serve.wait(60)
     push.close(linger=0)
@@ -163,6 +186,11 @@ def main() -> int:
           f"{np.percentile(lat, 99) * 1000:.0f} ms |")
     print(f"| daemon CPU (all processes) | {cpu1 - cpu0:.1f} s = {(cpu1 - cpu0) / wall:.2f} cores |")
     print(f"| daemon peak RSS (all processes) | {peak_rss / 2**20:.0f} MiB |")
+    if stage_means:
+        print("\n| in the daemon during the run (its /metrics histograms) | mean |\n|---|---|")
+        for k, v in stage_means.items():
+            unit = "" if k == "batch_size" else " ms"
+            print(f"| {k} | {v if k == 'batch_size' else v * 1000:.1f}{unit} |")
     costs = stage_costs(args.pixels)
     costs["inference (per sample-request, batch 16)"] = inference_cost(bundle)
     print("\n| stage (one core, this machine) | ms per frame |\n|---|---|")
