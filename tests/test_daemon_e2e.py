@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 import time
 
@@ -267,3 +268,61 @@ def test_sub_bind_ingest_and_pub_connect(components):
         collector.close(linger=0)
     assert len(finals) == 1 and finals[0]["status"] == "complete", service.pipeline.metrics.snapshot()
     assert finals[0]["user_data"]["formula"] == "NaCl"
+
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dectris_stream2"
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"DECTRIS captures not found at {FIXTURES}")
+def test_shipped_config_serves_real_dectris_captures():
+    """The real EIGER2 500K messages (no start message is public) replayed over a socket into
+    the daemon run from the shipped example config and the shipped bundle: with the
+    geometry from the config, every image is calibrated, shaped, classified and published."""
+    ctx = zmq.Context.instance()
+    sock, endpoint = detector()
+    config = load_config(Path(__file__).resolve().parents[1] / "systemd" / "xtalsym.example.toml", overrides={
+        "ingest": {"address": endpoint, "frames_before_start": "config"},
+        # EIGER2 500K: 1030 x 514 pixels of 75 um; beam centre, wavelength and distance as a user would set them
+        "geometry": {"beam_center_x_px": 515.0, "beam_center_y_px": 257.0, "pixel_size_x_m": 75e-6,
+                     "pixel_size_y_m": 75e-6, "wavelength_m": 1.0e-10, "detector_distance_m": 0.1},
+        "assembly": {"axis_from": "image_id", "timeout_seconds": 1.0},
+        "publish": {"address": "tcp://127.0.0.1:*"}, "metrics": {"port": 0}})
+    service = Service(config).start()
+    stop, ready = threading.Event(), threading.Event()
+    result = {}
+    listener = threading.Thread(target=lambda: result.update(s=listen(
+        service.pipeline.publish_endpoint, stop=stop, ready=ready)), daemon=True)
+    listener.start()
+    ready.wait(5)
+    time.sleep(0.3)
+    images = sorted(FIXTURES.glob("*_image.cbor"))
+    try:
+        for path in [*images, FIXTURES / "end.cbor"]:
+            sock.send(path.read_bytes())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and service.pipeline.metrics.snapshot()["counts"].get(
+                "timed_out_samples", 0) < len(images):
+            time.sleep(0.2)
+    finally:
+        sock.close(linger=0)
+        service.pipeline.stop()
+        time.sleep(0.3)
+        stop.set()
+        listener.join(5)
+    snap = service.pipeline.metrics.snapshot()
+    assert snap["bad_frames"] == {}, snap
+    assert snap["counts"]["messages"] == len(images) + 1 and snap["counts"]["views"] == len(images), snap
+    finals = [m for m in result["s"].messages if m["final"]]
+    assert len(finals) == len(images)  # one sample per capture (each its own series), closed by the timeout
+    assert {m["frames"][0]["series_unique_id"] for m in finals} == {
+        ev.series_unique_id for ev in (decode_v2(p) for p in images)}
+    for m in finals:
+        assert m["status"] == "partial" and m["closed_by"] == "timeout" and m["axes"] == ["x"]
+        assert m["model"]["model_id"] == service.pipeline.bundle.model_id and len(m["top"]) == 5
+        assert abs(sum(t["probability"] for t in m["top"])) <= 1.0 + 1e-6
+
+
+def decode_v2(path):
+    from xtalsym.daemon.protocols import decode
+
+    return decode("stream_v2", [path.read_bytes()])

@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- listen
 
 
+def _truth(msg: dict):
+    """The true space group detector-sim puts in user_data; None for any other user_data
+    (real detectors send whatever the user set: lists, strings, numbers)."""
+    user_data = msg.get("user_data")
+    return user_data.get("space_group") if isinstance(user_data, dict) else None
+
+
 @dataclass
 class ListenSummary:
     """What a listener saw: predictions, final ones with a known truth, latencies."""
@@ -50,7 +57,7 @@ class ListenSummary:
         ts = msg["timestamps"]
         self.latencies.append(ts["published"] - ts["received"])
         self.client_latencies.append(arrived - ts["received"])
-        truth = (msg.get("user_data") or {}).get("space_group")
+        truth = _truth(msg)
         hit = truth is not None and msg["top"] and msg["top"][0]["space_group"] == truth
         if msg["final"]:
             self.final += 1
@@ -87,7 +94,7 @@ class ListenSummary:
 
 def format_prediction(msg: dict) -> str:
     top = msg["top"][0] if msg["top"] else {}
-    truth = (msg.get("user_data") or {}).get("space_group")
+    truth = _truth(msg)
     mark = "" if truth is None else ("  OK" if top.get("space_group") == truth else f"  WRONG (truth {truth})")
     open_set = msg.get("open_set")
     extra = ""
