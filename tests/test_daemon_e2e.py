@@ -278,7 +278,6 @@ def test_shipped_config_serves_real_dectris_captures():
     """The real EIGER2 500K messages (no start message is public) replayed over a socket into
     the daemon run from the shipped example config and the shipped bundle: with the
     geometry from the config, every image is calibrated, shaped, classified and published."""
-    ctx = zmq.Context.instance()
     sock, endpoint = detector()
     config = load_config(Path(__file__).resolve().parents[1] / "systemd" / "xtalsym.example.toml", overrides={
         "ingest": {"address": endpoint, "frames_before_start": "config"},

@@ -25,7 +25,7 @@ from test_daemon_e2e import GEOMETRY, SHIPPED, Running, bundle_path, components,
 from xtalsym.daemon.config import ConfigError, defaults, load_config  # noqa: E402
 from xtalsym.detector_sim import DetectorSim  # noqa: E402
 from xtalsym.daemon.httpd import MonitorError, MonitorServer, health  # noqa: E402
-from xtalsym.daemon.pipeline import Metrics  # noqa: E402
+from xtalsym.daemon.metrics import Metrics  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "systemd" / "grafana-dashboard.json"

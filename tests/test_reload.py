@@ -27,7 +27,7 @@ from xtalsym import model as models  # noqa: E402
 from xtalsym.daemon import reload  # noqa: E402
 from xtalsym.daemon.cli import listen  # noqa: E402
 from xtalsym.daemon.config import ConfigError, load_config  # noqa: E402
-from xtalsym.daemon.service import Service, load_components  # noqa: E402
+from xtalsym.daemon.service import Service  # noqa: E402
 from xtalsym.detector_sim import DetectorSim, push_socket  # noqa: E402
 from xtalsym.offline import dataset as ds  # noqa: E402
 

@@ -208,7 +208,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print(json.dumps({"material_id": labelled.material_id, "space_group": labelled.space_group, **result.to_json()}, indent=1))
         return 0
     print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol})")
-    print(f"\nnearest references (similarity = sum of 3 cosines, max 3):")
+    print("\nnearest references (similarity = sum of 3 cosines, max 3):")
     print(f"{'rank':>4} {'similarity':>10}  {'SG':>3} {'symbol':<10} {'material':<22} formula")
     for n in result.neighbours:
         print(f"{n['rank']:>4} {n['similarity']:>10.4f}  {n['space_group']:>3} {n['symbol']:<10} {n['material_id']:<22} {n['formula']}")

@@ -13,15 +13,23 @@ rejection reasons and event names are code constants, space groups the model's c
 
 from __future__ import annotations
 
+import logging
 import platform
+import threading
 import time
+from collections import Counter as Tally
+from collections import deque
 from typing import Callable
+
+import numpy as np
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
                                ProcessCollector)
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 import xtalsym
+
+log = logging.getLogger(__name__)
 
 # Targets: p99 <= 250 ms on CPU, <= 50 ms on GPU; both are bucket bounds, so the share of
 # predictions within target is exact (le="0.05", le="0.25").
@@ -171,3 +179,67 @@ class _ModelCollector:
         info.add_metric([], {k: "" if model.get(k) is None else str(model[k]) for k in self.LABELS})
         entries.add_metric([], (model.get("index") or {}).get("entries", 0))
         return [info, entries]
+
+
+class Metrics:
+    """Thread-safe counters and latency samples (the JSON metrics message); every event also
+    feeds the Prometheus metrics in ``self.prom`` (xtalsym/daemon/metrics.py)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: Tally = Tally()
+        self.bad: Tally = Tally()
+        self.latencies: deque = deque(maxlen=10000)
+        self.batch_sizes: deque = deque(maxlen=1000)
+        self.started = time.time()
+        self.prom = PrometheusMetrics()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+        self.prom.count(key, n)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self.prom.stage(stage, seconds)
+
+    def batch(self, size: int) -> None:
+        with self.lock:
+            self.batch_sizes.append(size)
+        self.prom.batch_size.observe(size)
+
+    def published(self, request, message: dict) -> None:
+        """A prediction sent: latency, counts by status; top-1 and open set of final ones."""
+        ts = message["timestamps"]
+        latency = ts["published"] - ts["received"]
+        with self.lock:
+            self.latencies.append(latency)
+            self.counts["predictions"] += 1
+            self.counts[f"predictions_{request.status}"] += 1
+        top = message["top"][0] if message["top"] else {}
+        self.prom.published(status=request.status, final=request.final, closed_by=request.closed_by,
+                            latency=latency, space_group=top.get("space_group"),
+                            crystal_system=top.get("crystal_system"), open_set=message.get("open_set"))
+
+    def bad_frame(self, reason: str, message: str) -> None:
+        with self.lock:
+            self.bad[reason] += 1
+            total = self.bad[reason]
+        self.prom.rejected(reason)
+        # the first few of each reason at WARNING, then every 100th (a storm must not flood the log)
+        level = logging.WARNING if total <= 5 or total % 100 == 0 else logging.DEBUG
+        log.log(level, "bad frame (%s, #%d): %s", reason, total, message)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            lat = np.array(self.latencies) if self.latencies else None
+            out = {
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "counts": dict(self.counts),
+                "bad_frames": dict(self.bad),
+                "latency_seconds": None if lat is None else {
+                    "p50": round(float(np.percentile(lat, 50)), 6),
+                    "p99": round(float(np.percentile(lat, 99)), 6),
+                    "max": round(float(lat.max()), 6), "n": int(lat.size)},
+                "mean_batch": round(float(np.mean(self.batch_sizes)), 3) if self.batch_sizes else None,
+            }
+        return out

@@ -9,7 +9,7 @@ Threads and processes (docs/DAEMON.md, "Inside the daemon"):
   (a semaphore): when they are all busy the ingest thread waits, ZeroMQ buffers up to
   ``receive_hwm`` messages and the detector's PUSH then blocks: back-pressure, no loss.
 * **worker processes** (``workers``, spawned): calibrate to the training grid and shape
-  (:func:`process_frame`). The sampling map is built once per series geometry in each
+  (:mod:`xtalsym.daemon.workers`). The sampling map is built once per series geometry in each
   worker (cached); the series' pixel mask travels once, through a file.
 * **inference thread** (owns the PUB socket): assembles views into samples, micro-batches
   requests (flush at ``max_batch`` requests or when the oldest waited
@@ -26,12 +26,10 @@ import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import logging
 import multiprocessing
-import os
 import queue
 import tempfile
 import threading
 import time
-from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,139 +41,14 @@ from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
-from xtalsym.daemon.metrics import PrometheusMetrics
+from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.protocols import BadMessage, decode
 from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
+from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-# --------------------------------------------------------------------------- workers
-
-
-@dataclass(frozen=True)
-class FrameJob:
-    """Everything a worker needs for one frame (picklable, no sockets)."""
-
-    frame: np.ndarray
-    frame_geometry: cal.FrameGeometry
-    training: cal.TrainingGeometry
-    method: str
-    mask_path: str | None
-    saturation_value: float | None
-    axis: str
-    shaping_method: str
-    size: int
-
-
-_mask_cache: dict[str, np.ndarray] = {}
-
-
-def _load_mask(path: str) -> np.ndarray:
-    mask = _mask_cache.get(path)
-    if mask is None:
-        if len(_mask_cache) >= 4:
-            _mask_cache.pop(next(iter(_mask_cache)))
-        mask = _mask_cache[path] = np.load(path, allow_pickle=False)
-    return mask
-
-
-def process_frame(job: FrameJob) -> np.ndarray:
-    """Calibrate and shape one frame (runs in a worker process): uint8 (size, size, 3)."""
-    sampling = cal.build_map(job.frame_geometry, job.training, job.method)
-    mask = _load_mask(job.mask_path) if job.mask_path else None
-    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value)
-    return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
-
-
-def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
-    """:func:`process_frame` and its duration in the worker (the stage latency, without queueing)."""
-    t0 = time.perf_counter()
-    shaped = process_frame(job)
-    return shaped, time.perf_counter() - t0
-
-
-def _init_worker() -> None:
-    """One thread per shaping worker: the pool is the parallelism; OpenCV's and BLAS's own
-    per-core thread pools inside every worker would oversubscribe the cores."""
-    import cv2
-    from threadpoolctl import threadpool_limits
-
-    cv2.setNumThreads(1)
-    threadpool_limits(1)
-
-
-def _warm(_: int) -> int:
-    return os.getpid()
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Thread-safe counters and latency samples (the JSON metrics message); every event also
-    feeds the Prometheus metrics in ``self.prom`` (xtalsym/daemon/metrics.py)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: Counter = Counter()
-        self.bad: Counter = Counter()
-        self.latencies: deque = deque(maxlen=10000)
-        self.batch_sizes: deque = deque(maxlen=1000)
-        self.started = time.time()
-        self.prom = PrometheusMetrics()
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counts[key] += n
-        self.prom.count(key, n)
-
-    def stage(self, stage: str, seconds: float) -> None:
-        self.prom.stage(stage, seconds)
-
-    def batch(self, size: int) -> None:
-        with self.lock:
-            self.batch_sizes.append(size)
-        self.prom.batch_size.observe(size)
-
-    def published(self, request, message: dict) -> None:
-        """A prediction sent: latency, counts by status; top-1 and open set of final ones."""
-        ts = message["timestamps"]
-        latency = ts["published"] - ts["received"]
-        with self.lock:
-            self.latencies.append(latency)
-            self.counts["predictions"] += 1
-            self.counts[f"predictions_{request.status}"] += 1
-        top = message["top"][0] if message["top"] else {}
-        self.prom.published(status=request.status, final=request.final, closed_by=request.closed_by,
-                            latency=latency, space_group=top.get("space_group"),
-                            crystal_system=top.get("crystal_system"), open_set=message.get("open_set"))
-
-    def bad_frame(self, reason: str, message: str) -> None:
-        with self.lock:
-            self.bad[reason] += 1
-            total = self.bad[reason]
-        self.prom.rejected(reason)
-        # the first few of each reason at WARNING, then every 100th (a storm must not flood the log)
-        level = logging.WARNING if total <= 5 or total % 100 == 0 else logging.DEBUG
-        log.log(level, "bad frame (%s, #%d): %s", reason, total, message)
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            lat = np.array(self.latencies) if self.latencies else None
-            out = {
-                "uptime_seconds": round(time.time() - self.started, 3),
-                "counts": dict(self.counts),
-                "bad_frames": dict(self.bad),
-                "latency_seconds": None if lat is None else {
-                    "p50": round(float(np.percentile(lat, 50)), 6),
-                    "p99": round(float(np.percentile(lat, 99)), 6),
-                    "max": round(float(lat.max()), 6), "n": int(lat.size)},
-                "mean_batch": round(float(np.mean(self.batch_sizes)), 3) if self.batch_sizes else None,
-            }
-        return out
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -259,7 +132,7 @@ class Pipeline:
         self.frame_socket = open_frame_socket(self.context, socket=c.ingest.socket, mode=c.ingest.mode,
                                               address=c.ingest.address, receive_hwm=c.ingest.receive_hwm)
         self.pool = self._make_pool()
-        list(self.pool.map(_warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
+        list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
@@ -291,7 +164,7 @@ class Pipeline:
         return self.state == "running"
 
     def _make_pool(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers, initializer=_init_worker,
+        return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers, initializer=init_worker,
                                       mp_context=multiprocessing.get_context("spawn"))
 
     @property

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from xtalsym import __version__, spacegroups
+from xtalsym import __version__
 from xtalsym.offline import simulate, structures
 from xtalsym import shaping
 
