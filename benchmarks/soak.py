@@ -142,12 +142,16 @@ def main() -> int:
     ap.add_argument("--bundle")
     ap.add_argument("--duration", type=float, default=600.0, help="soak seconds")
     ap.add_argument("--fraction", type=float, default=0.8, help="soak rate as a fraction of the measured capacity")
-    ap.add_argument("--overload-seconds", type=float, default=30.0)
+    ap.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload phase (needs --rate)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="soak at this many messages/s instead of --fraction x the measured capacity")
     ap.add_argument("--sample-seconds", type=float, default=60.0)
     ap.add_argument("--pixels", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="runs/soak.json")
     args = ap.parse_args()
+    if args.overload_seconds <= 0 and args.rate <= 0:
+        ap.error("without an overload phase (--overload-seconds 0) the soak rate must be given: --rate")
     import psutil
 
     from xtalsym.detector_sim import DetectorGeometry, DetectorSim, push_socket
@@ -200,23 +204,25 @@ def main() -> int:
 
     rss0, cpu0 = usage(proc)
     t0 = time.time()
-    offered = sender.run(args.overload_seconds, 0.0, on_tick=track_peak, tick=0.5)
-    over_end = time.time()
-    time.sleep(2.0)
-    c = counts()
-    views = c["counts"].get("views", 0)
-    capacity = views / (over_end - t0)
-    report["overload"] = {"seconds": args.overload_seconds, "offered_msgs_per_s": round(offered, 1),
-                          "sent": sender.sent, "sustained_views_per_s": round(capacity, 2),
-                          "peak_rss_mib": round(peak[0] / 2**20, 1), "rss_before_mib": round(rss0 / 2**20, 1),
-                          **c}
-    print(f"overload: offered {offered:.1f} msg/s, sustained {capacity:.2f} views/s, peak RSS "
-          f"{peak[0] / 2**20:.0f} MiB, drops {c['bad_frames']}", flush=True)
+    capacity = None
+    if args.overload_seconds > 0:
+        offered = sender.run(args.overload_seconds, 0.0, on_tick=track_peak, tick=0.5)
+        over_end = time.time()
+        time.sleep(2.0)
+        c = counts()
+        views = c["counts"].get("views", 0)
+        capacity = views / (over_end - t0)
+        report["overload"] = {"seconds": args.overload_seconds, "offered_msgs_per_s": round(offered, 1),
+                              "sent": sender.sent, "sustained_views_per_s": round(capacity, 2),
+                              "peak_rss_mib": round(peak[0] / 2**20, 1), "rss_before_mib": round(rss0 / 2**20, 1),
+                              **c}
+        print(f"overload: offered {offered:.1f} msg/s, sustained {capacity:.2f} views/s, peak RSS "
+              f"{peak[0] / 2**20:.0f} MiB, drops {c['bad_frames']}", flush=True)
 
-    # ---- 2. recovery and soak at a fraction of capacity
-    rate = max(0.5, args.fraction * capacity)
+    # ---- 2. recovery and soak at a fraction of capacity (or the given rate)
+    rate = args.rate if args.rate > 0 else max(0.5, args.fraction * capacity)
     report["soak"] = {"rate_msgs_per_s": round(rate, 2), "duration": args.duration}
-    last = [t0, cpu0]  # the first sample covers the overload phase
+    last = [t0, cpu0]  # the first sample covers the overload phase (if any)
 
     def sample():
         now = time.time()
