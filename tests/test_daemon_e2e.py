@@ -325,3 +325,59 @@ def decode_v2(path):
     from xtalsym.daemon.protocols import decode
 
     return decode("stream_v2", [path.read_bytes()])
+
+
+@pytest.mark.parametrize("protocol", ["stream_v2", "stream_v1"])
+def test_stream_flatfield_applied_when_the_detector_did_not(components, protocol):
+    """Frames from a detector whose left half counts a quarter as much, with the flatfield that
+    corrects it in the start message: classified like the clean frames when the start says the
+    detector did not apply it (auto); left alone when it says it did."""
+    from xtalsym.daemon import protocols as proto
+
+    def series(sid, frames, flatfield=None, applied=None):
+        sim = DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY, series_id=sid, protocol=protocol)
+        geo = GEOMETRY.stream_geometry()
+        if protocol == "stream_v2":
+            extra = {} if applied is None else {"flatfield_enabled": applied}
+            start = proto.encode_stream_v2_start(
+                series_id=sid, series_unique_id=sim.series_unique_id, geometry=geo, channels=["threshold_1"],
+                image_dtype="uint16", number_of_images=3, extra=extra,
+                flatfield=None if flatfield is None else {"threshold_1": flatfield})
+        else:
+            config = {"beam_center_x": geo["beam_center_x_px"], "beam_center_y": geo["beam_center_y_px"],
+                      "x_pixel_size": geo["pixel_size_x_m"], "y_pixel_size": geo["pixel_size_y_m"],
+                      "wavelength": geo["wavelength_m"] * 1e10, "detector_distance": geo["detector_distance_m"],
+                      "x_pixels_in_detector": geo["image_size_x_px"], "y_pixels_in_detector": geo["image_size_y_px"],
+                      "nimages": 3, "ntrigger": 1, "bit_depth_image": 16,
+                      **({} if applied is None else {"flatfield_correction_applied": applied})}
+            start = proto.encode_stream_v1_header(series_id=sid, config=config, flatfield=flatfield,
+                                                  header_detail="all" if flatfield is not None else "basic")
+        images = [sim.image_message(i, frames(a), {**ud, "sample_id": f"s{sid}"})
+                  for i, a, ud in sim.images()]
+        return [start, *images, sim.end_message()]
+
+    def weak(array):
+        out = array.copy()
+        out[:, :150] = out[:, :150] // 4
+        return out
+
+    flatfield = np.ones((GEOMETRY.pixels_y, GEOMETRY.pixels_x), np.float32)
+    flatfield[:, :150] = 4.0
+    sock, endpoint = detector()
+    run = Running(components, endpoint, ingest={"protocol": protocol})
+    try:
+        for messages in (series(1, lambda a: a), series(2, weak, flatfield, applied=False),
+                         series(3, weak, flatfield, applied=True)):
+            for m in messages:
+                sock.send_multipart(m)
+        run.wait_final(3)
+    finally:
+        sock.close(linger=0)
+        summary = run.close()
+    finals = {m["sample_id"]: {t["space_group"]: t["probability"] for t in m["top"]}
+              for m in summary.messages if m["final"]}
+    clean, corrected, uncorrected = finals["s1"], finals["s2"], finals["s3"]
+    # (the tiny untrained model's probabilities are flat, so compare the two differences)
+    off_corrected = max(abs(clean[g] - corrected.get(g, 0)) for g in clean)
+    off_uncorrected = max(abs(clean[g] - uncorrected.get(g, 0)) for g in clean)
+    assert off_corrected < 1e-3 and off_uncorrected > 10 * off_corrected, (off_corrected, off_uncorrected)

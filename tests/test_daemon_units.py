@@ -83,6 +83,39 @@ def test_mask_gap_and_saturation_excluded(nacl):
         cal.calibrate(frame[:-1], sampling)
 
 
+def test_flatfield_restores_a_weak_module(nacl):
+    det = DetectorGeometry(pixels_x=380, pixels_y=340, pixel_size_m=55e-6, distance_m=0.5,
+                           beam_center_x_px=190.5, beam_center_y_px=160.5)
+    frame = to_counts(render(nacl, det, axes=("z",))["z"], None).astype(np.float32)
+    sampling = cal.build_map(frame_geometry(det), TRAINING)
+    clean = cal.calibrate(frame, sampling)
+    weak = frame.copy()
+    weak[:, :190] *= 0.25  # one half of the detector a quarter as sensitive
+    flatfield = np.ones(frame.shape, np.float32)
+    flatfield[:, :190] = 4.0
+    assert np.corrcoef(cal.calibrate(weak, sampling).ravel(), clean.ravel())[0, 1] < 0.95
+    fixed = cal.calibrate(weak, sampling, flatfield=flatfield)
+    assert np.abs(fixed.astype(int) - clean.astype(int)).max() <= 1
+    flatfield[200, 200] = np.nan  # a pixel without a flatfield value is excluded, not NaN everywhere
+    flatfield[201, 201] = 0.0
+    assert np.abs(cal.calibrate(weak, sampling, flatfield=flatfield).astype(int) - clean.astype(int)).max() <= 2
+    with pytest.raises(cal.CalibrationError, match="flatfield_mismatch"):
+        cal.calibrate(weak, sampling, flatfield=flatfield[:-1])
+
+
+def test_flatfield_applied_is_read_from_either_stream():
+    from xtalsym.daemon.ingest import flatfield_applied
+
+    def start(raw):
+        return SeriesStart(series_id=1, series_unique_id=None, geometry={}, raw=raw)
+
+    assert flatfield_applied(start({"flatfield_enabled": False})) is False  # stream V2
+    assert flatfield_applied(start({"flatfield_enabled": True})) is True
+    assert flatfield_applied(start({"config": {"flatfield_correction_applied": False}})) is False  # stream V1
+    assert flatfield_applied(start({"flatfield_enabled": "no"})) is None  # not a bool: the stream did not say
+    assert flatfield_applied(start({})) is None
+
+
 def test_area_method_runs_and_agrees(nacl):
     det = DetectorGeometry(pixels_x=380, pixels_y=340, pixel_size_m=30e-6, distance_m=0.3,
                            beam_center_x_px=190.5, beam_center_y_px=170.5)

@@ -239,16 +239,25 @@ def valid_pixels(frame: np.ndarray, pixel_mask: np.ndarray | None = None, *,
 
 
 def apply_map(frame: np.ndarray, sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
-              saturation_value: float | None = None) -> np.ndarray:
-    """Calibrated float32 (N, N) intensity (arbitrary units; excluded targets are 0)."""
+              saturation_value: float | None = None, flatfield: np.ndarray | None = None) -> np.ndarray:
+    """Calibrated float32 (N, N) intensity (arbitrary units; excluded targets are 0).
+
+    ``flatfield``: per-pixel multiplicative correction (DECTRIS convention, values ≈ 1);
+    pixels where it is not finite or not positive are excluded."""
     if frame.ndim != 2:
         raise CalibrationError("bad_frame", f"frame must be 2-D, got shape {frame.shape}")
     if frame.shape != sampling.frame_shape:
         raise CalibrationError(
             "size_mismatch", f"frame is {frame.shape[1]}x{frame.shape[0]} (x by y), the series geometry says "
             f"{sampling.frame_shape[1]}x{sampling.frame_shape[0]}")
-    valid = valid_pixels(frame, pixel_mask, saturation_value=saturation_value)
+    valid = valid_pixels(frame, pixel_mask, saturation_value=saturation_value)  # on the raw counts
     data = np.where(valid > 0, frame, 0).astype(np.float32)
+    if flatfield is not None:
+        if flatfield.shape != frame.shape:
+            raise CalibrationError("flatfield_mismatch", f"flatfield {flatfield.shape} vs frame {frame.shape}")
+        usable = np.isfinite(flatfield) & (flatfield > 0)
+        valid = np.where(usable, valid, 0).astype(np.float32)
+        data = np.where(usable, data * np.nan_to_num(flatfield, nan=0.0, posinf=0.0), 0).astype(np.float32)
     num = np.zeros(sampling.gain.shape, np.float32)
     den = np.zeros(sampling.gain.shape, np.float32)
     for mx, my in zip(sampling.map_x, sampling.map_y):
@@ -269,6 +278,7 @@ def to_uint8(intensity: np.ndarray) -> np.ndarray:
 
 
 def calibrate(frame: np.ndarray, sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
-              saturation_value: float | None = None) -> np.ndarray:
+              saturation_value: float | None = None, flatfield: np.ndarray | None = None) -> np.ndarray:
     """Frame -> uint8 (N, N) raw DP on the training grid."""
-    return to_uint8(apply_map(frame, sampling, pixel_mask=pixel_mask, saturation_value=saturation_value))
+    return to_uint8(apply_map(frame, sampling, pixel_mask=pixel_mask, saturation_value=saturation_value,
+                              flatfield=flatfield))

@@ -125,6 +125,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "method": ("bilinear", _choice("bilinear", "area")),
         "saturation_value": (0, _nonneg_num),  # 0 = none
         "use_stream_mask": (True, _bool),
+        # the start message's flatfield: "auto" applies it only when the detector says it did
+        # not (V2 flatfield_enabled / V1 flatfield_correction_applied false); "apply"; "off"
+        "flatfield": ("auto", _choice("auto", "apply", "off")),
     },
     "assembly": {
         "axis_from": ("user_data", _choice("user_data", "image_id")),

@@ -67,16 +67,37 @@ class Series:
     from_config: bool = False  # no start message: geometry from [geometry]
     token: int = field(default_factory=lambda: next(_tokens))
     images: int = 0
+    flatfield: Any = None  # same layout as pixel_mask
+    flatfield_applied: bool | None = None  # the detector's own word; None = it did not say
 
     def mask_for(self, channel: str) -> np.ndarray | None:
-        if self.pixel_mask is None:
-            return None
-        if isinstance(self.pixel_mask, dict):
-            mask = self.pixel_mask.get(channel)
-            if mask is None and len(self.pixel_mask) == 1:
-                mask = next(iter(self.pixel_mask.values()))
-            return mask
-        return self.pixel_mask
+        return _for_channel(self.pixel_mask, channel)
+
+    def flatfield_for(self, channel: str) -> np.ndarray | None:
+        return _for_channel(self.flatfield, channel)
+
+
+def _for_channel(maps: Any, channel: str) -> np.ndarray | None:
+    """A start message's per-pixel map for ``channel`` (V2: a map per channel; V1: one array)."""
+    if maps is None:
+        return None
+    if isinstance(maps, dict):
+        array = maps.get(channel)
+        if array is None and len(maps) == 1:
+            array = next(iter(maps.values()))
+        return array
+    return maps
+
+
+def flatfield_applied(start: SeriesStart) -> bool | None:
+    """Whether the detector says it already applied its flatfield: stream V2 ``flatfield_enabled``,
+    stream V1 config ``flatfield_correction_applied``; None when the stream does not say."""
+    raw = start.raw or {}
+    config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+    for value in (raw.get("flatfield_enabled"), config.get("flatfield_correction_applied")):
+        if isinstance(value, bool):
+            return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,8 @@ class SeriesTracker:
                         "the detector was re-armed", self.current.series_id, self.current.series_unique_id,
                         start.series_id, start.series_unique_id)
         self.current = Series(start.series_id, start.series_unique_id, dict(start.geometry),
-                              start.pixel_mask, list(start.channels or []), start.user_data)
+                              start.pixel_mask, list(start.channels or []), start.user_data,
+                              flatfield=start.flatfield, flatfield_applied=flatfield_applied(start))
         log.info("series %s (%s) started: %s", start.series_id, start.series_unique_id,
                  {k: v for k, v in start.geometry.items() if v is not None})
         return None

@@ -305,7 +305,8 @@ class Pipeline:
         mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
         job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=c.calibration.method,
                        mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
-                       shaping_method=c.pipeline.shaping_method, size=self.size)
+                       shaping_method=c.pipeline.shaping_method, size=self.size,
+                       flatfield_path=self._flatfield_file(series, channel, frame.shape))
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
         if not self._take_slot():
@@ -386,6 +387,26 @@ class Pipeline:
                 else:
                     path = str(Path(self._tmp.name) / f"mask-{series.token}-{len(self._mask_files)}.npy")
                     np.save(path, (mask != 0).astype(np.uint8), allow_pickle=False)
+            self._mask_files[key] = path
+        return self._mask_files[key]
+
+    def _flatfield_file(self, series, channel: str, shape) -> str | None:
+        """The series' flatfield for ``channel`` as a file for the workers, when ``calibration.flatfield``
+        says to apply it (auto: only if the detector says it did not); None otherwise."""
+        key = (series.token, channel, "flatfield")
+        if key not in self._mask_files:
+            mode, flatfield, path = self.config.calibration.flatfield, series.flatfield_for(channel), None
+            wanted = mode == "apply" or (mode == "auto" and series.flatfield_applied is False)
+            if flatfield is not None and wanted:
+                flatfield = np.asarray(flatfield, dtype=np.float32)
+                if flatfield.shape != tuple(shape):
+                    log.warning("series %s: flatfield %s does not match the frames %s; not applied",
+                                series.series_id, flatfield.shape, tuple(shape))
+                else:
+                    path = str(Path(self._tmp.name) / f"flatfield-{series.token}-{len(self._mask_files)}.npy")
+                    np.save(path, flatfield, allow_pickle=False)
+                    log.info("series %s: applying the stream's flatfield to channel %s (calibration.flatfield = %r)",
+                             series.series_id, channel, mode)
             self._mask_files[key] = path
         return self._mask_files[key]
 

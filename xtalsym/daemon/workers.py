@@ -31,12 +31,14 @@ class FrameJob:
     axis: str
     shaping_method: str
     size: int
+    flatfield_path: str | None = None
 
 
 _mask_cache: dict[str, np.ndarray] = {}
 
 
 def _load_mask(path: str) -> np.ndarray:
+    """A per-series map (pixel mask or flatfield) the daemon saved; cached, it is the same for every frame."""
     mask = _mask_cache.get(path)
     if mask is None:
         if len(_mask_cache) >= 4:
@@ -49,7 +51,9 @@ def process_frame(job: FrameJob) -> np.ndarray:
     """Calibrate and shape one frame (runs in a worker process): uint8 (size, size, 3)."""
     sampling = cal.build_map(job.frame_geometry, job.training, job.method)
     mask = _load_mask(job.mask_path) if job.mask_path else None
-    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value)
+    flatfield = _load_mask(job.flatfield_path) if job.flatfield_path else None
+    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
+                        flatfield=flatfield)
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
