@@ -75,8 +75,9 @@ class Running:
     def __init__(self, components, frame_endpoint, **sections):
         overrides = {"ingest": {"address": frame_endpoint},
                      "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
-                     "metrics": {"port": 0}}  # any free port: never the default 9855 of a real daemon
+                     # lossless (tests count every frame) and any free port, never a real daemon's 9855
+                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
+                     "metrics": {"port": 0}}
         for name, values in sections.items():
             overrides.setdefault(name, {}).update(values)
         self.config = load_config(overrides=overrides)

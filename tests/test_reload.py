@@ -59,7 +59,7 @@ def bundles_dir(tmp_path_factory):
 def _config(bundle, endpoint, **sections):
     overrides = {"bundle": {"path": str(bundle), "backend": "onnxruntime", "device": "cpu"},
                  "ingest": {"address": endpoint}, "publish": {"address": "tcp://127.0.0.1:*"},
-                 "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
+                 "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},  # lossless
                  "metrics": {"port": 0}}  # never the default 9855 of a real daemon
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
@@ -200,6 +200,7 @@ device = "cpu"
 address = "{ingest}"
 [pipeline]
 workers = 1
+overload = "block"
 queue_size = 128
 latency_budget_seconds = 0.01
 [publish]

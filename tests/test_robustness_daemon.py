@@ -59,7 +59,9 @@ class Daemon(Running):
     def __init__(self, components, frame_endpoint, **sections):
         overrides = {"ingest": {"address": frame_endpoint},
                      "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
+                     # lossless unless a test sets the policy: a burst on a loaded machine must not
+                     # turn into overload drops where a test counts every frame
+                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
                      "metrics": {"enabled": False}}
         for name, values in sections.items():
             overrides.setdefault(name, {}).update(values)

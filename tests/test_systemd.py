@@ -186,7 +186,8 @@ def test_a_stalled_inference_loop_stops_the_watchdog_pings(systemd_side):
     config = load_config(overrides={
         "bundle": {"path": str(bundle_path), "backend": "onnxruntime", "device": "cpu"},
         "ingest": {"address": endpoint}, "publish": {"address": "tcp://127.0.0.1:*"},
-        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01}, "metrics": {"port": 0}})
+        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
+        "metrics": {"port": 0}})
     bundle, backend, index = load_components(config)
     stalling = StallingBackend(backend)
     notifier = Notifier(systemd_side.path, watchdog_usec=1_000_000)  # a ping every 0.5 s
