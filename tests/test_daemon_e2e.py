@@ -382,3 +382,32 @@ def test_stream_flatfield_applied_when_the_detector_did_not(components, protocol
     off_corrected = max(abs(clean[g] - corrected.get(g, 0)) for g in clean)
     off_uncorrected = max(abs(clean[g] - uncorrected.get(g, 0)) for g in clean)
     assert off_corrected < 1e-3 and off_uncorrected > 10 * off_corrected, (off_corrected, off_uncorrected)
+
+
+def test_backend_warmed_with_a_full_batch_before_serving(components):
+    """The first batch the backend sees is a full micro-batch of blank views (its memory holds
+    the largest batch from the start), before any frame."""
+    bundle, backend, index = components
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.sizes = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def run(self, x, present=None):
+            self.sizes.append(len(x))
+            return self.inner.run(x, present)
+
+    recording = Recording(backend)
+    sock, endpoint = detector()
+    run = Running((bundle, recording, index), endpoint, pipeline={"max_batch": 7})
+    try:
+        assert recording.sizes == [7]
+        DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY).send(sock)
+        run.wait_final(1)
+    finally:
+        sock.close(linger=0)
+        run.close()
+    assert len(recording.sizes) > 1 and all(1 <= n <= 7 for n in recording.sizes)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from xtalsym.daemon import reload
 from xtalsym.daemon.config import DaemonConfig
 from xtalsym.daemon.notify import Notifier, Watchdog
-from xtalsym.daemon.pipeline import Pipeline
+from xtalsym.daemon.pipeline import Pipeline, warm_backend
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ class Service:
             bundle, backend, index = self._load(config)  # load_bundle verifies every checksum
             try:
                 reload.check_same_input(running, bundle)
+                warm_backend(backend, bundle.image_size, config.pipeline.max_batch)  # it runs, at full size
                 future = self.pipeline.swap(config=config, bundle=bundle, backend=backend, index=index)
                 try:
                     _, old_backend, _ = future.result(timeout=self.SWAP_TIMEOUT)
