@@ -14,7 +14,9 @@ a link to the original shards, and a splits.json in which the materials beyond
 trained into ``OUT/runs/<N>sg-<model>`` with :func:`xtalsym.offline.train.train` and
 evaluated on the test split with :func:`xtalsym.offline.evaluate.evaluate_dataset`
 (``best.pt`` — best validation top-1 — when there is one, else ``last.pt``). A run with
-a ``result.json`` is finished and skipped; an interrupted one resumes from ``last.pt``.
+a ``result.json`` is finished and skipped, unless it stopped early (``stop_after_epochs``)
+and the command now asks for more epochs: then, like an interrupted run, it resumes from
+``last.pt`` and is evaluated again.
 
     python benchmarks/paper_comparison.py --dataset data/mp --groups 8,20,49,72 \\
         --epochs 30 --input-size 112 --max-per-class 200 --out bench_out/paper \\
@@ -30,7 +32,6 @@ import logging
 import os
 import shlex
 import sys
-import time
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -154,15 +155,18 @@ def run_one(args: argparse.Namespace, data: Path, groups: list[int], model: str,
     from xtalsym.offline import train as tr
 
     result_path = run_dir / RESULT_FILE
+    config = train_config(args, data, groups, model)
+    planned = min(config["epochs"], config.get("stop_after_epochs") or config["epochs"])
     if result_path.is_file():
         result = json.loads(result_path.read_text())
-        log.info("%s: finished before, skipped", run_dir)
-        return result
-    config = train_config(args, data, groups, model)
-    start = time.perf_counter()
+        if result.get("epochs", 0) >= planned:
+            log.info("%s: finished before, skipped", run_dir)
+            return result
+        # A run stopped early (stop_after_epochs) and now asked to go further: resume it.
+        log.info("%s: %d epochs done, continuing to %d", run_dir, result.get("epochs", 0), planned)
     resume = (run_dir / tr.LAST).is_file()
     tr.train(config, run_dir, resume=resume)
-    train_seconds = time.perf_counter() - start
+    history = json.loads((run_dir / "metrics.json").read_text())
     checkpoint = run_dir / tr.BEST if (run_dir / tr.BEST).is_file() else run_dir / tr.LAST
     device = ev.resolve_device(args.device)
     net, classes, extra = ev.load_model(checkpoint, device=device)
@@ -172,14 +176,14 @@ def run_one(args: argparse.Namespace, data: Path, groups: list[int], model: str,
         "groups": len(groups),
         "model": model,
         "checkpoint": checkpoint.name,
-        "epochs": len(json.loads((run_dir / "metrics.json").read_text())),  # trained (stop_after_epochs)
+        "epochs": len(history),  # trained so far (stop_after_epochs)
         "schedule_epochs": config["epochs"],
         "input_size": config["model"]["input_size"],
         "train_samples": int(sum(extra.get("class_counts", []))),
         "test_samples": metrics["samples"],
         "topk": metrics["topk"],
         "per_crystal_system": metrics["per_crystal_system"],
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(sum(row["seconds"] for row in history), 1),  # over all resumed chunks
         "resumed": resume,
     }
     result_path.write_text(json.dumps(result, indent=1))

@@ -319,3 +319,25 @@ def test_paper_comparison_end_to_end_and_resume(tiny_dataset, tmp_path, capsys):
     assert pc.main(argv) == 0
     assert stamps == {m: (tmp_path / "pc" / "runs" / f"2sg-{m}" / "last.pt").stat().st_mtime_ns for m in pc.MODELS}
     assert doc.read_text().count(pc.START) == 1 and pc.markdown_table([]) in doc.read_text()
+
+
+@pytest.mark.slow
+def test_paper_comparison_continues_a_run_stopped_early(tiny_dataset, tmp_path):
+    """Raising stop_after_epochs resumes a finished-early run instead of skipping it."""
+    pytest.importorskip("xtalsym.offline.train", reason="training module not available")
+    pc = _paper_comparison()
+    out = tmp_path / "pc"
+    argv = ["--dataset", str(tiny_dataset), "--groups", "2", "--models", "ziletti-cnn", "--epochs", "3",
+            "--input-size", "24", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
+    run = out / "runs" / "2sg-ziletti-cnn"
+    assert pc.main([*argv, "--set", "stop_after_epochs=1"]) == 0
+    first = json.loads((run / pc.RESULT_FILE).read_text())
+    assert (first["epochs"], first["schedule_epochs"]) == (1, 3) and pc._epochs(first) == "1 of 3"
+    assert pc.main([*argv, "--set", "stop_after_epochs=2"]) == 0
+    second = json.loads((run / pc.RESULT_FILE).read_text())
+    assert second["epochs"] == 2 and second["resumed"] is True
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    assert second["train_seconds"] >= first["train_seconds"]  # summed over both chunks
+    stamp = (run / "last.pt").stat().st_mtime_ns
+    assert pc.main([*argv, "--set", "stop_after_epochs=2"]) == 0  # nothing more asked: skipped
+    assert (run / "last.pt").stat().st_mtime_ns == stamp
