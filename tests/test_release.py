@@ -55,3 +55,15 @@ def test_release_needs_an_evaluation(tmp_path):
     models.save_checkpoint(tmp_path / "c.pt", model, extra={"classes": [1, 2, 3]})
     assert main(["model", "release", "--checkpoint", str(tmp_path / "c.pt"), "--evaluation", str(tmp_path / "none"),
                  "--out", str(tmp_path / "r")]) == 2
+
+
+def test_card_says_when_the_checkpoint_is_short_of_its_schedule():
+    from xtalsym.offline.release import _epochs_trained
+
+    cfg = {"epochs": 10, "val_split": "val"}
+    assert _epochs_trained({"epochs_completed": 10, "config": cfg, "source_checkpoint": "r/best.pt"}) == "10 epochs"
+    best = _epochs_trained({"epochs_completed": 9, "config": cfg, "source_checkpoint": "r/best.pt"})
+    assert best == "9 epochs of a 10-epoch schedule (the epoch with the best `val` top-1)"
+    stopped = _epochs_trained({"epochs_completed": 5, "config": cfg, "source_checkpoint": "r/last.pt"})
+    assert stopped == "5 epochs of a 10-epoch schedule (the run stopped there)"
+    assert _epochs_trained({"epochs_completed": 3, "config": {}, "source_checkpoint": "x.pt"}) == "3 epochs"

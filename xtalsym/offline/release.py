@@ -98,6 +98,17 @@ def _pct(value) -> str:
     return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else str(value)
 
 
+def _epochs_trained(training: dict) -> str:
+    """"9 epochs", or "9 epochs of a 10-epoch schedule" and why, when the run planned more."""
+    done, cfg = training["epochs_completed"], training["config"]
+    planned = cfg.get("epochs")
+    if not isinstance(planned, int) or planned <= done:
+        return f"{done} epochs"
+    why = (f"the epoch with the best `{cfg.get('val_split')}` top-1" if Path(str(training.get("source_checkpoint"))).name == "best.pt"
+           else "the run stopped there")
+    return f"{done} epochs of a {planned}-epoch schedule ({why})"
+
+
 def model_card_markdown(card: dict) -> str:
     """A human-readable card from card.json."""
     cfg = card["training"]["config"]
@@ -122,7 +133,7 @@ def model_card_markdown(card: dict) -> str:
         f"model selection on `{cfg.get('val_split')}`, measured on `{card['evaluation'].get('split')}`",
         "",
         "## Training",
-        f"- {card['training']['epochs_completed']} epochs, batch {cfg.get('batch_size')}, "
+        f"- {_epochs_trained(card['training'])}, batch {cfg.get('batch_size')}, "
         f"optimiser {json.dumps(cfg.get('optim'))}, schedule {json.dumps(cfg.get('schedule'))}",
         f"- Class imbalance: {json.dumps(cfg.get('imbalance'))}; augmentation: {json.dumps(cfg.get('augment'))}",
         f"- Model config: {json.dumps(model_cfg)}",
