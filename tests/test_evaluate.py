@@ -307,7 +307,9 @@ def test_paper_comparison_end_to_end_and_resume(tiny_dataset, tmp_path, capsys):
     assert text.startswith("# Results") and text.count(pc.START) == 1
     assert "--groups 2 --epochs 1" in text  # the exact command line
     rows = [line for line in text.splitlines() if line.startswith("| 2 |")]
-    assert [r.split(" | ")[1] for r in rows] == [pc.DESCRIPTIONS[m] for m in pc.MODELS]
+    assert [r.split(" | ")[1] for r in rows[:3]] == [pc.DESCRIPTIONS[m] for m in pc.MODELS]
+    assert [r.split(" | ")[1] for r in rows[3:]] == [pc.DESCRIPTIONS[m] for m in pc.MODELS[1:]]  # paired with MSDN
+    assert "McNemar exact p" in text
     for model in pc.MODELS:
         result = json.loads((tmp_path / "pc" / "runs" / f"2sg-{model}" / pc.RESULT_FILE).read_text())
         assert result["train_samples"] == 7 and result["test_samples"] == 1
@@ -341,3 +343,25 @@ def test_paper_comparison_continues_a_run_stopped_early(tiny_dataset, tmp_path):
     stamp = (run / "last.pt").stat().st_mtime_ns
     assert pc.main([*argv, "--set", "stop_after_epochs=2"]) == 0  # nothing more asked: skipped
     assert (run / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_paired_comparison_counts_discordant_materials(tmp_path):
+    pc = _paper_comparison()
+
+    def write(model, right):
+        folder = tmp_path / f"2sg-{model}" / "evaluation-test"
+        folder.mkdir(parents=True)
+        lines = ["material_id,true_space_group,top1_space_group"]
+        lines += [f"mp-{i},14,{14 if ok else 2}" for i, ok in enumerate(right)]
+        (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+
+    write("msdn", [True] * 12 + [False] * 3)
+    write("ziletti-cnn", [True] * 2 + [False] * 10 + [True] * 1 + [False] * 2)
+    results = [{"groups": 2, "model": m} for m in ("msdn", "ziletti-cnn", "densenet-stacked")]
+    rows = pc.paired_comparison(tmp_path, results)  # no densenet predictions: left out
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["materials"], row["reference_only"], row["model_only"]) == (15, 10, 1)
+    assert row["p"] == pytest.approx(2 * (1 + 11) / 2**11)  # two-sided exact binomial, 11 discordant
+    table = pc.paired_table(rows)
+    assert "| 2 | spot DP + Ziletti CNN | 15 | 10 | 1 | 0.012 |" in table
