@@ -272,7 +272,7 @@ def results_section(
     return "\n".join(
         [
             START,
-            "## Paper comparison: top-k space-group accuracy (Tiong et al. 2020, Fig. 3)",
+            "### Paper comparison: top-k space-group accuracy (Tiong et al. 2020, Fig. 3)",
             "",
             f"Command: `{command}`",
             "",
