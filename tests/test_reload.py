@@ -35,18 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = [e2e.SHIPPED / name for name in ("NaCl.cif", "Si.cif")]
 
 
-def other_bundle(tmp: Path, *, seed: int = 1, image_size: int = 64) -> Path:
+def other_bundle(tmp: Path, *, seed: int = 1, image_size: int = 64, model_name: str = "msdn") -> Path:
     """Like the e2e tiny bundle, with other weights (another model_id), no index."""
     torch.manual_seed(seed)
     release = tmp / "release"
     release.mkdir(parents=True)
-    model = models.build_model("msdn", len(e2e.CLASSES), input_size=32)
+    model = models.build_model(model_name, len(e2e.CLASSES), input_size=32)
     models.save_checkpoint(release / "model.pt", model, extra={
         "classes": e2e.CLASSES, "dataset_config": ds.BuildConfig().to_json(), "config": {}, "metrics": [],
         "release": f"tiny-{seed}"})
     (release / "card.json").write_text(json.dumps({"name": f"tiny-{seed}"}))
     (release / "MODEL_CARD.md").write_text("# tiny\n")
-    return bundles.build_bundle(release, tmp / "bundle", image_size=image_size)
+    # ONNX export takes the multistream model only: other models ship for the torch backend
+    return bundles.build_bundle(release, tmp / "bundle", image_size=image_size, onnx=model_name == "msdn")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,21 @@ def test_merge_keeps_restart_only_keys():
     assert kept == ["publish.address changed ('tcp://127.0.0.1:5556' -> 'tcp://127.0.0.1:7777') but needs a "
                     "restart; keeping 'tcp://127.0.0.1:5556' until then"]
     assert reload.merge(old, old) == (old, []) or reload.merge(old, old)[1] == []
+
+
+def test_a_spot_dp_bundle_is_refused_when_loaded(tmp_path, capsys):
+    """Start-up and SIGHUP reloads both load through load_components."""
+    from xtalsym.bundle import BundleError
+    from xtalsym.cli import main
+    from xtalsym.daemon.service import load_components
+
+    spot = other_bundle(tmp_path, model_name="ziletti-cnn")
+    assert bundles.load_bundle(spot).representation == "spot"
+    with pytest.raises(BundleError, match=r"ziletti-cnn\) classifies spot diffraction patterns.*shaped"):
+        load_components(load_config(overrides={"bundle": {"path": str(spot), "backend": "torch", "device": "cpu"}}))
+    # `xtalsym serve` says so in one line and exits 2
+    assert main(["serve", "--bundle", str(spot), "--metrics-port", "0", "--ingest", "tcp://127.0.0.1:*"]) == 2
+    assert "classifies spot diffraction patterns" in capsys.readouterr().err
 
 
 def test_reload_swaps_the_bundle_without_losing_frames(bundles_dir, caplog):

@@ -150,6 +150,11 @@ class Bundle:
         return int(self.settings["input"]["image_size"])
 
     @property
+    def representation(self) -> str:
+        """What the model classifies: "shaped" DPs (MSDN, stacked DenseNet) or "spot" DPs."""
+        return str(self.settings["input"].get("representation", "shaped"))
+
+    @property
     def geometry(self) -> dict:
         return self.settings["dataset_config"].get("geometry", {})
 

@@ -46,10 +46,15 @@ def limit_native_threads(n: int) -> None:
 
 def load_components(config: DaemonConfig):
     """(bundle, backend, index or None) per ``[bundle]`` and ``[index]``."""
-    from xtalsym.bundle import load_bundle
+    from xtalsym.bundle import BundleError, load_bundle
     from xtalsym.inference import select_backend
 
     bundle = load_bundle(config.bundle.path or None)
+    if bundle.representation != "shaped":
+        # The workers shape every frame; a spot-DP model would classify the wrong picture.
+        raise BundleError(f"bundle {bundle.path}: its model ({bundle.model_spec.get('name')}) classifies "
+                          f"{bundle.representation} diffraction patterns, but the daemon feeds shaped ones: "
+                          "serve a bundle of a shaped-DP model such as msdn")
     threads = inference_cpu_threads(config)
     # The main process's own numpy/FAISS work (index queries) is small: one BLAS/OpenMP
     # thread, so those pools do not spin against the backend and the shaping workers.
