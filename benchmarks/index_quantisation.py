@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from collections import Counter
 
 import numpy as np
 
@@ -33,12 +32,10 @@ def neighbour_quality(index, vectors: np.ndarray, groups: np.ndarray, queries: n
     self5 = float(np.mean([q in row[:k] for q, row in zip(queries, ids)]))
     right, others = 0, []
     for q, srow, irow in zip(queries, sims, ids):
-        kept = [(s, i) for s, i in zip(srow, irow) if i != q][:k]
-        others.append({int(i) for _, i in kept})
-        score = Counter()
-        for s, i in kept:
-            score[int(groups[i])] += float(s)
-        right += score.most_common(1)[0][0] == groups[q]
+        keep = irow != q  # the query's own entry left out
+        neighbours, similarities = irow[keep][:k], srow[keep][:k]
+        others.append({int(i) for i in neighbours})
+        right += ix.vote(similarities, groups[neighbours])[0]["space_group"] == groups[q]  # the daemon's vote
     return self1, self5, right / len(queries), others
 
 
