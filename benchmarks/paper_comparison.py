@@ -157,7 +157,9 @@ def run_one(args: argparse.Namespace, data: Path, groups: list[int], model: str,
 
     result_path = run_dir / RESULT_FILE
     config = train_config(args, data, groups, model)
-    planned = min(config["epochs"], config.get("stop_after_epochs") or config["epochs"])
+    from xtalsym.offline import train_config as tc
+
+    planned = tc.from_dict(config).last_epoch()
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if result.get("epochs", 0) >= planned:

@@ -568,7 +568,7 @@ class Trainer:
                                       pin_memory=pin)
         elif self.val_set is not None and self.dist.main:
             log.warning("validation split %r has no samples of the configured space groups", config.val_split)
-        last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
+        last_epoch = config.last_epoch()
         if self.epoch >= last_epoch and self.dist.main:
             log.info("nothing to train: %d of %d epochs done (stop_after_epochs %d)", self.epoch, config.epochs,
                      config.stop_after_epochs)

@@ -166,6 +166,10 @@ class TrainConfig:
         """The label set; None for "dataset" (taken from the train split)."""
         return resolve_space_groups(self.space_groups)
 
+    def last_epoch(self) -> int:
+        """The epoch this run stops after: ``stop_after_epochs`` of the schedule, else all of it."""
+        return min(self.epochs, self.stop_after_epochs or self.epochs)
+
 
 SECTIONS = {
     "model": ModelConfig,
