@@ -8,6 +8,7 @@ is cached) and reads the series' pixel mask once, from a file (:func:`_load_mask
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -52,8 +53,15 @@ def process_frame(job: FrameJob) -> np.ndarray:
     sampling = cal.build_map(job.frame_geometry, job.training, job.method)
     mask = _load_mask(job.mask_path) if job.mask_path else None
     flatfield = _load_mask(job.flatfield_path) if job.flatfield_path else None
-    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
-                        flatfield=flatfield)
+    try:
+        raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
+                            flatfield=flatfield)
+    except cal.CalibrationError as exc:
+        if exc.reason != "empty_frame":
+            raise
+        why = cal.explain_empty(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
+                                method=job.method)
+        raise cal.CalibrationError("empty_frame", f"nothing on the training grid: {why}") from None
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
@@ -64,11 +72,22 @@ def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
     return shaped, time.perf_counter() - t0
 
 
-def init_worker() -> None:
+def init_worker(log_queue=None, level: int = logging.INFO) -> None:
     """One thread per shaping worker: the pool is the parallelism; OpenCV's and BLAS's own
-    per-core thread pools inside every worker would oversubscribe the cores."""
+    per-core thread pools inside every worker would oversubscribe the cores.
+
+    ``log_queue``: the daemon's queue for this process's log records, so that a worker's
+    warning (e.g. a geometry that covers little of the training grid) reaches the daemon's
+    handlers with level and timestamp instead of a bare line on stderr."""
     import cv2
     from threadpoolctl import threadpool_limits
+
+    if log_queue is not None:
+        import logging.handlers
+
+        root = logging.getLogger()
+        root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+        root.setLevel(level)
 
     cv2.setNumThreads(1)
     threadpool_limits(1)
