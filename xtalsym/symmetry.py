@@ -33,6 +33,7 @@ of Fd-3m / Ia-3d halve the apparent cell too.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -41,6 +42,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
+from importlib import resources
 from itertools import product
 
 import numpy as np
@@ -648,3 +650,24 @@ def symmetry_ceiling(labels: Sequence[int], groups: Iterable[int] | None = None,
         raise ValueError(f"labels outside the given groups: {outside[:10]}")
     best = sum(max(counts[g] for g in members) for members in indistinguishable_sets(counts, cell_known=cell_known))
     return best / sum(counts.values())
+
+
+# --------------------------------------------------------------------------- label frequencies
+
+MP_COUNTS_FILE = "mp_space_group_counts.json"
+
+
+@lru_cache(maxsize=1)
+def materials_project_counts() -> dict[int, int]:
+    """Structures per space group in the shared Materials Project set (spglib, symprec 0.1).
+
+    Made once by ``benchmarks/mp_space_group_counts.py``; the JSON records the command.
+    """
+    text = (resources.files("xtalsym") / "data" / MP_COUNTS_FILE).read_text()
+    return {int(g): int(n) for g, n in json.loads(text)["counts"].items()}
+
+
+def materials_project_labels(groups: Iterable[int] | None = None) -> list[int]:
+    """One label per Materials Project structure, restricted to ``groups`` (default: all)."""
+    keep = None if groups is None else {spacegroups.check_number(g) for g in groups}
+    return [g for g, n in sorted(materials_project_counts().items()) if keep is None or g in keep for _ in range(n)]
