@@ -133,6 +133,16 @@ def test_cell_unknown_keeps_body_centring_visible():
     assert symmetry.apparent_cell_divisors(230) == (2, 2, 2)
 
 
+def test_apparent_cells_keep_the_metric():
+    for group in ALL:
+        p, q, r = symmetry.apparent_cell_divisors(group)
+        if symmetry.metric_class(group) in ("tetragonal", "hexagonal", "cubic"):
+            assert p == q, group
+        if symmetry.metric_class(group) == "cubic":
+            assert q == r, group
+        assert {p, q, r} <= {1, 2}, group
+
+
 def test_cell_unknown_sets_refine_the_known_ones():
     known = symmetry.indistinguishable_sets(ALL)
     unknown = symmetry.indistinguishable_sets(ALL, cell_known=False)
@@ -291,6 +301,17 @@ def test_bad_input_is_named():
         symmetry.signature(231)
     with pytest.raises(ValueError, match="'x'"):
         symmetry.indistinguishable_sets([1, "x"])
+
+
+def test_image_basis_of_a_real_cell():
+    hexagonal = symmetry.vesta_lattice(3.25, 3.25, 5.21, 90, 90, 120)  # ZnO-like
+    basis = symmetry.zone_symmetry(186, "z").image_basis_inv_A(hexagonal)
+    assert np.allclose(np.linalg.norm(basis, axis=1), 2 / (3.25 * np.sqrt(3)))
+    assert np.allclose(basis[1], [0.0, 2 / (3.25 * np.sqrt(3))])  # b* along image y
+    side = symmetry.zone_symmetry(186, "y").image_basis_inv_A(hexagonal)  # u = c* on image x, v = 2a*-b* on y
+    assert np.allclose(side, [[1 / 5.21, 0.0], [0.0, 2 / 3.25]])
+    with pytest.raises(ValueError, match="non-singular"):
+        symmetry.zone_symmetry(186, "z").image_basis_inv_A(np.zeros((3, 3)))
 
 
 def test_absent_mask_accepts_any_reflections():

@@ -347,6 +347,19 @@ class ZoneSymmetry:
             return (m, n) in self.absent
         return bool(absent_mask(self.group, np.array([self.hkl(m, n)]))[0])
 
+    def image_basis_inv_A(self, lattice_A: np.ndarray) -> np.ndarray:
+        """Image (x, y) coordinates in Å⁻¹ (no 2π) of u and v (rows) for a cell in our frame.
+
+        ``lattice_A``: rows a, b, c in Å (a ∥ x, b in the xy plane). Node (m, n) lies at
+        (m, n) @ result; rank-1 zones have a zero second row, rank-0 zones two.
+        """
+        lattice = np.asarray(lattice_A, dtype=float)
+        if lattice.shape != (3, 3) or not np.all(np.isfinite(lattice)) or abs(np.linalg.det(lattice)) < 1e-9:
+            raise ValueError(f"lattice_A must be a finite, non-singular 3x3 matrix, got {lattice_A!r}")
+        _, image_x, image_y = (np.array(v) for v in _ZONE_AXES[self.zone])
+        g = np.array(self.basis_hkl, dtype=float) @ np.linalg.inv(lattice).T
+        return np.stack([g @ image_x, g @ image_y], axis=1)
+
     def hkl(self, m: int, n: int) -> HKL:
         """Miller indices of node (m, n)."""
         u, v = self.basis_hkl
