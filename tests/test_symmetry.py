@@ -202,6 +202,17 @@ def test_zone_point_groups(group, zone, point_group):
     assert symmetry.zone_symmetry(group, zone).point_group_2d == point_group
 
 
+def test_condition_texts():
+    assert symmetry.zone_symmetry(169, "x").conditions == ("00l: l ≠ 6n absent",)  # 6_1, not l odd + l ≠ 3n
+    assert symmetry.zone_symmetry(92, "x").conditions == ("00l: l ≠ 4n absent", "0k0: k = 2n+1 absent")
+    assert symmetry.zone_symmetry(166, "z").conditions == ("hk0: -h+k ≠ 3n absent",)  # R obverse
+    assert symmetry.zone_symmetry(227, "z").conditions[-1] == "hk0: h+k ≠ 4n absent"  # d-glide
+    for group in ALL:
+        for zone in symmetry.ZONES:
+            zs = symmetry.zone_symmetry(group, zone)
+            assert bool(zs.conditions) == bool(zs.absent), (group, zone)
+
+
 def test_mirror_lines_in_image_coordinates():
     square = symmetry.zone_symmetry(221, "z")
     assert square.mirror_lines == ((0, 1), (1, -1), (1, 0), (1, 1))

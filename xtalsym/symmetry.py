@@ -532,7 +532,7 @@ def _conditions(group: int, geometry: _ZoneGeometry, hkl: np.ndarray, rows: np.n
     if geometry.rank == 0:
         return ()
     rotations, translations = _operations(group)
-    candidates: dict[bytes, tuple[tuple[int, int, int], str]] = {}
+    candidates: dict[bytes, tuple[tuple[int, int, int, int], str]] = {}
     for index, bad in zip(rows, hit):
         rotation, translation = rotations[index], translations[index]
         domain = _domain(geometry, rotation.tobytes())
@@ -548,17 +548,22 @@ def _conditions(group: int, geometry: _ZoneGeometry, hkl: np.ndarray, rows: np.n
         form = _linear_text(integers)
         text = f"{name}: {form} = 2n+1 absent" if modulus == 2 else f"{name}: {form} ≠ {modulus}n absent"
         key = np.packbits(bad).tobytes()
-        rank_key = -len(letters), sum(1 for c in integers.values() if c), modulus
+        # planes before rows, simple forms first, then the condition that removes the most
+        rank_key = -len(letters), sum(1 for c in integers.values() if c), -int(bad.sum()), modulus
         if key not in candidates or rank_key < candidates[key][0]:
             candidates[key] = (rank_key, text)
-    kept: list[str] = []
+    kept: list[tuple[str, np.ndarray]] = []
     covered = np.zeros(len(hkl), dtype=bool)
     for key, (_, text) in sorted(candidates.items(), key=lambda item: (item[1][0], item[1][1])):
         bad = np.unpackbits(np.frombuffer(key, dtype=np.uint8), count=len(hkl)).astype(bool)
         if (bad & ~covered).any():
-            kept.append(text)
+            kept.append((text, bad))
             covered |= bad
-    return tuple(kept)
+    # drop a condition that another one implies ("00l: l = 2n+1" beside "00l: l ≠ 4n")
+    return tuple(
+        text for i, (text, bad) in enumerate(kept)
+        if not any(j != i and not (bad & ~other).any() for j, (_, other) in enumerate(kept))
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=None)
