@@ -21,6 +21,7 @@ from pathlib import Path
 
 MP_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mp_structures" / "structures.jsonl.xz"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "xtalsym" / "data" / "mp_space_group_counts.json"
+log = logging.getLogger("mp_space_group_counts")
 COMMAND = "nice -n 10 python benchmarks/mp_space_group_counts.py --workers 2"
 
 
@@ -60,7 +61,7 @@ def count_groups(source: Path, *, symprec: float, limit: int | None = None, work
             else:
                 counts[group] += 1
             if seen % 2000 == 0:
-                logging.info("%d structures labelled (%.0f s)", seen, time.perf_counter() - t0)
+                log.info("%d structures labelled (%.0f s)", seen, time.perf_counter() - t0)
     finally:
         if pool:
             pool.close()

@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from itertools import product
 
@@ -130,7 +130,7 @@ def _centring_letter(group: int) -> str:
 # --------------------------------------------------------------------------- operations
 
 
-@lru_cache(maxsize=None)
+@cache
 def _operations(group: int) -> tuple[np.ndarray, np.ndarray]:
     """Rotations (n, 3, 3) and translations (n, 3) of the standard setting, centrings included."""
     hall = spacegroups.standard_hall_number(group)
@@ -144,7 +144,7 @@ def _operations(group: int) -> tuple[np.ndarray, np.ndarray]:
     return rotations, translations
 
 
-@lru_cache(maxsize=None)
+@cache
 def _laue_rotations(group: int) -> tuple[np.ndarray, ...]:
     rotations, _ = _operations(group)
     unique = {r.tobytes(): r for r in rotations}
@@ -187,7 +187,7 @@ def vesta_lattice(a: float, b: float, c: float, alpha: float, beta: float, gamma
     return np.array([[a, 0.0, 0.0], [b * math.cos(ga), b * math.sin(ga), 0.0], [cx, cy, cz]])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reciprocal_rows(metric: str) -> np.ndarray:
     # rows a*, b*, c* (no 2π): G = H @ rows
     return np.linalg.inv(vesta_lattice(*_GENERIC_CELLS[metric])).T
@@ -202,7 +202,7 @@ class _ZoneGeometry:
     letter_vectors: tuple[HKL, ...]  # H = sum(letter value * vector)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zone_geometry(metric: str, zone: str) -> _ZoneGeometry:
     beam, image_x, image_y = (np.array(v) for v in _ZONE_AXES[zone])
     rows = _reciprocal_rows(metric)
@@ -371,7 +371,7 @@ def zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
     return _zone_symmetry(spacegroups.check_number(group), _check_zone(zone))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
     metric = metric_class(group)
     geometry = _zone_geometry(metric, zone)
@@ -401,7 +401,7 @@ def _zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _window_nodes(rank: int) -> tuple[Node, ...]:
     w = INDEX_WINDOW
     if rank == 2:
@@ -430,7 +430,7 @@ def _zone_extinguishing(group: int, metric: str, zone: str) -> tuple[np.ndarray,
     return np.array(rows), np.array(hits)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fixed_nodes(metric: str, zone: str, rotation_bytes: bytes) -> np.ndarray | None:
     """Window nodes H with H·R = H (None if only the origin), shared by all groups with R."""
     rotation = np.frombuffer(rotation_bytes, dtype=np.int64).reshape(3, 3)
@@ -441,7 +441,7 @@ def _fixed_nodes(metric: str, zone: str, rotation_bytes: bytes) -> np.ndarray | 
     return fixed if fixed.any() else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _window_hkl(metric: str, zone: str) -> np.ndarray:
     geometry = _zone_geometry(metric, zone)
     hkl = _nodes_hkl(geometry.basis_hkl, _window_nodes(geometry.rank))
@@ -472,7 +472,7 @@ def _intensity_symmetry(group: int, geometry: _ZoneGeometry) -> tuple[int, tuple
     return (6 if order == 3 else order), tuple(sorted(mirrors))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _plane_action(basis_hkl: tuple[HKL, HKL], rotation_bytes: bytes) -> tuple[str, object] | None:
     """How H -> H·R acts on the plane spanned by ``basis_hkl``: ('rotation', order), ('mirror', line) or None."""
     rotation = np.frombuffer(rotation_bytes, dtype=np.int64).reshape(3, 3)
@@ -566,7 +566,7 @@ def _conditions(group: int, geometry: _ZoneGeometry, hkl: np.ndarray, rows: np.n
     )  # fmt: skip
 
 
-@lru_cache(maxsize=None)
+@cache
 def _domain(geometry: _ZoneGeometry, rotation_bytes: bytes):
     """Free letters, their hkl vectors and the name of the zone nodes that rotation R fixes."""
     rotation = np.frombuffer(rotation_bytes, dtype=np.int64).reshape(3, 3)
@@ -587,7 +587,7 @@ def _domain(geometry: _ZoneGeometry, rotation_bytes: bytes):
 # --------------------------------------------------------------------------- signatures and sets
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scales(group: int) -> tuple[int, int, int]:
     """Apparent-cell divisors (p, q, r): gcd of h, k, l over the present nodes of the three zones."""
     gcds = np.zeros(3, dtype=np.int64)
@@ -604,7 +604,7 @@ def apparent_cell_divisors(group: int) -> tuple[int, int, int]:
     return _scales(spacegroups.check_number(group))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _apparent_absent(group: int, zone: str) -> frozenset[Node]:
     zs = _zone_symmetry(group, zone)
     nodes = _window_nodes(zs.rank)
@@ -617,7 +617,7 @@ def _apparent_absent(group: int, zone: str) -> frozenset[Node]:
     return frozenset(node for node, a in zip(nodes, mask) if a)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _signature(group: int, cell_known: bool) -> Hashable:
     zones = []
     for zone in ZONES:
