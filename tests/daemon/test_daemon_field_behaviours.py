@@ -19,13 +19,22 @@ pytest.importorskip("onnx")
 zmq = pytest.importorskip("zmq")
 pytest.importorskip("prometheus_client")
 
-from test_daemon_e2e import GEOMETRY, SHIPPED, Running, bundle_path, components, detector  # noqa: E402,F401
 from test_metrics import get, samples, total, value  # noqa: E402
 
 from xtalsym.daemon import protocols as proto  # noqa: E402
-from xtalsym.detector_sim import DetectorGeometry, DetectorSim  # noqa: E402
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim  # noqa: E402
+from xtalsym.testing import InProcessDaemon, detector_socket, shipped_structures, small_detector  # noqa: E402
 
-STRUCTURES = [SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"]
+GEOMETRY = small_detector()
+STRUCTURES = [shipped_structures() / "NaCl.cif", shipped_structures() / "Si.cif"]
+
+
+def Running(components, endpoint, **sections) -> InProcessDaemon:  # noqa: N802 - reads like the class it makes
+    return InProcessDaemon(components=components, frame_endpoint=endpoint, **sections)
+
+
+def detector():
+    return detector_socket()
 
 
 def accounting(pipeline) -> tuple[int, int]:
