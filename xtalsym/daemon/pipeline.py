@@ -275,7 +275,9 @@ class Pipeline:
         m.count("messages")
         t0 = time.perf_counter()
         try:
-            event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
+            # image payloads stay compressed: the workers decompress them (workers.process_frame)
+            event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels,
+                           defer_decompression=True)
         except BadMessage as exc:
             m.bad_frame(exc.reason, str(exc))
             return
@@ -496,7 +498,7 @@ class Pipeline:
         self._slots.release()
         try:
             shaped, seconds = done.future.result()
-        except (cal.CalibrationError, shaping.ShapingError) as exc:
+        except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
             return []
