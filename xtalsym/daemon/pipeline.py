@@ -32,7 +32,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zmq
@@ -40,10 +39,11 @@ import zmq
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
+from xtalsym.daemon.infer import classify_batch
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.protocols import BadMessage, decode
-from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
+from xtalsym.daemon.publish import Publisher
 from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
@@ -521,36 +521,20 @@ class Pipeline:
         return requests
 
     def _classify(self, batch: list[Request]) -> None:
-        size = self.size
-        x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
-        present = np.zeros((len(batch), 3), bool)
-        for i, request in enumerate(batch):
-            x[i], present[i] = request.tensors(size)
-        t0 = time.perf_counter()
-        try:
-            result = self.backend.run(x, present)
-        except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
-            log.exception("inference failed on a batch of %d", len(batch))
+        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model, index=self.index,
+                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours)
+        if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:
-                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
+                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {result.inference_error}")
             return
-        self.metrics.stage("infer", time.perf_counter() - t0)
-        open_sets: list[Any] = [None] * len(batch)
-        if self.index is not None and self.config.index.enabled:
-            t0 = time.perf_counter()
-            try:
-                from xtalsym.index import normalise_views
-
-                queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
-                                           classes=self.backend.classes, k=self.config.index.neighbours)
-                open_sets = [open_set_result(q) for q in queries]
-                self.metrics.stage("match", time.perf_counter() - t0)
-            except Exception as exc:  # noqa: BLE001
-                self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        self.metrics.stage("infer", result.infer_seconds)
+        if result.match_seconds is not None:
+            self.metrics.stage("match", result.match_seconds)
+        if result.index_error is not None:
+            exc = result.index_error
+            self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
-        for request, probs, open_set in zip(batch, result.probabilities, open_sets):
-            message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
-                                         model=self.model, open_set=open_set)
+        for request, message in result.messages:
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for

@@ -19,7 +19,12 @@ from .common import (
     SeriesStart,
     materialise,
 )
-from .native import decode_native, encode_native_end, encode_native_image, encode_native_start
+from .native import (
+    decode_native,
+    encode_native_end,
+    encode_native_image,
+    encode_native_start,
+)
 from .stream_v1 import (
     decode_stream_v1,
     encode_stream_v1_end,
