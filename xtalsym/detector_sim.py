@@ -317,6 +317,14 @@ class DetectorSim:
                 yield [b"\xd9\xd9\xf7this is not a frame"]
         yield self.end_message()
 
+    def write_hdf5(self, prefix: str | Path, *, frames_per_file: int = 100, omit: Sequence[str] = ()) -> Path:
+        """The series as an EIGER records it (:func:`write_eiger_hdf5`), image ids in order; no user_data."""
+        if self.skip_axes:
+            raise ValueError("write_hdf5: skip_axes leaves holes in the image ids; a recorded series has none")
+        frames = [array for _, array, _ in self.images()]
+        return write_eiger_hdf5(prefix, frames, geometry=self.geometry, pixel_mask=self.pixel_mask(),
+                                frames_per_file=frames_per_file, omit=omit)
+
     # ---- transport
 
     def send(self, sock, *, rate_hz: float = 0.0) -> int:
@@ -356,3 +364,70 @@ def push_socket(context, address: str = DEFAULT_ADDRESS, *, bind: bool = True, h
     else:
         sock.connect(address)
     return sock
+
+
+NEXUS_FIELDS = {  # stream geometry key -> (NeXus field under /entry/instrument, units, scale from our SI value)
+    "beam_center_x_px": ("detector/beam_center_x", "pixel", 1.0),
+    "beam_center_y_px": ("detector/beam_center_y", "pixel", 1.0),
+    "pixel_size_x_m": ("detector/x_pixel_size", "m", 1.0),
+    "pixel_size_y_m": ("detector/y_pixel_size", "m", 1.0),
+    "detector_distance_m": ("detector/detector_distance", "m", 1.0),
+    "wavelength_m": ("beam/incident_wavelength", "angstrom", 1e10),
+}
+
+
+def write_eiger_hdf5(prefix: str | Path, frames: Sequence[np.ndarray], *, geometry: DetectorGeometry,
+                     pixel_mask: np.ndarray | None = None, frames_per_file: int = 100,
+                     omit: Sequence[str] = ()) -> Path:
+    """Write ``frames`` as an EIGER does: ``<prefix>_master.h5`` (NeXus geometry, pixel mask, and
+    /entry/data/data_00000N external links) and ``<prefix>_data_00000N.h5`` files of at most
+    ``frames_per_file`` bitshuffle/LZ4-compressed frames (chunk = one frame, ``image_nr_low`` /
+    ``image_nr_high`` 1-based). ``omit``: geometry keys (NEXUS_FIELDS) left out of the master."""
+    import h5py
+    import hdf5plugin
+
+    prefix = Path(prefix)
+    if not frames:
+        raise ValueError("write_eiger_hdf5: no frames")
+    if frames_per_file < 1:
+        raise ValueError(f"frames_per_file must be >= 1, got {frames_per_file}")
+    rows, cols = frames[0].shape
+    links = []
+    for k, lo in enumerate(range(0, len(frames), frames_per_file), start=1):
+        stack = np.stack(frames[lo:lo + frames_per_file])
+        name = f"data_{k:06d}"
+        data_file = f"{prefix.name}_{name}.h5"
+        with h5py.File(prefix.parent / data_file, "w") as f:
+            entry = f.create_group("entry")
+            entry.attrs["NX_class"] = "NXentry"
+            ds = entry.create_group("data").create_dataset(
+                "data", data=stack, chunks=(1, rows, cols), **hdf5plugin.Bitshuffle(cname="lz4"))
+            ds.attrs["image_nr_low"] = np.int64(lo + 1)
+            ds.attrs["image_nr_high"] = np.int64(lo + len(stack))
+        links.append((name, data_file))
+    master = prefix.parent / f"{prefix.name}_master.h5"
+    values = geometry.stream_geometry()
+    with h5py.File(master, "w") as f:
+        entry = f.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        data = entry.create_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        for name, data_file in links:
+            data[name] = h5py.ExternalLink(data_file, "/entry/data/data")
+        instrument = entry.create_group("instrument")
+        instrument.attrs["NX_class"] = "NXinstrument"
+        detector = instrument.create_group("detector")
+        detector.attrs["NX_class"] = "NXdetector"
+        instrument.create_group("beam").attrs["NX_class"] = "NXbeam"
+        for key, (path, units, scale) in NEXUS_FIELDS.items():
+            if key in omit:
+                continue
+            ds = instrument.create_dataset(path, data=np.float64(f"{values[key] * scale:.15g}"))  # 0.035, not 0.035000000000000003
+            ds.attrs["units"] = units
+        specific = detector.create_group("detectorSpecific")
+        specific["x_pixels_in_detector"] = np.uint32(cols)
+        specific["y_pixels_in_detector"] = np.uint32(rows)
+        specific["nimages"] = np.uint32(len(frames))
+        if pixel_mask is not None:
+            specific.create_dataset("pixel_mask", data=pixel_mask.astype(np.uint32), **hdf5plugin.Bitshuffle(cname="lz4"))
+    return master

@@ -21,6 +21,19 @@ from xtalsym.daemon.publish import open_set_result, prediction_message
 log = logging.getLogger(__name__)
 
 
+def model_info(bundle, backend, index=None) -> dict:
+    """The ``model`` object of the prediction schema."""
+    return {
+        "model_id": bundle.model_id,
+        "name": (bundle.card or {}).get("name"),
+        "backend": getattr(backend, "name", "?"),
+        "device": getattr(backend, "device", "?"),
+        "precision": getattr(backend, "precision", "?"),
+        "classes": len(bundle.classes),
+        "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+    }
+
+
 @dataclass
 class BatchResult:
     """The messages of one batch (in request order), or why there are none."""

@@ -39,12 +39,12 @@ import zmq
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
-from xtalsym.daemon.infer import classify_batch
+from xtalsym.daemon.infer import classify_batch, model_info
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.protocols import BadMessage, decode
 from xtalsym.daemon.publish import Publisher
-from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
+from xtalsym.daemon.workers import flatfield_wanted, frame_job, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,7 @@ class Pipeline:
         self._tmp = tempfile.TemporaryDirectory(prefix="xtalsym-daemon-")
         self._mask_files: dict[tuple[int, str], str | None] = {}
         self._geometry: dict[tuple[int, tuple], cal.FrameGeometry] = {}
-        self.model = {
-            "model_id": bundle.model_id,
-            "name": (bundle.card or {}).get("name"),
-            "backend": getattr(backend, "name", "?"),
-            "device": getattr(backend, "device", "?"),
-            "precision": getattr(backend, "precision", "?"),
-            "classes": len(bundle.classes),
-            "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
-        }
+        self.model = model_info(bundle, backend, index)
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -223,10 +215,7 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
-            self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
-                          "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
-                          "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
-                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id}}
+            self.model = {**self.model, **model_info(bundle, backend, index)}
             self.config = config
             future.set_result(old)
 
@@ -317,10 +306,8 @@ class Pipeline:
             m.bad_frame(exc.reason, str(exc))
             return
         mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
-        job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=c.calibration.method,
-                       mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
-                       shaping_method=c.pipeline.shaping_method, size=self.size,
-                       flatfield_path=self._flatfield_file(series, channel, frame.shape))
+        job = frame_job(c, frame=frame, geometry=geometry, training=self.training, axis=axis, size=self.size,
+                        mask_path=mask_path, flatfield_path=self._flatfield_file(series, channel, frame.shape))
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
         if not self._take_slot():
@@ -410,7 +397,7 @@ class Pipeline:
         key = (series.token, channel, "flatfield")
         if key not in self._mask_files:
             mode, flatfield, path = self.config.calibration.flatfield, series.flatfield_for(channel), None
-            wanted = mode == "apply" or (mode == "auto" and series.flatfield_applied is False)
+            wanted = flatfield_wanted(mode, series.flatfield_applied)
             if flatfield is not None and wanted:
                 flatfield = np.asarray(flatfield, dtype=np.float32)
                 if flatfield.shape != tuple(shape):

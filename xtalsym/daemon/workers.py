@@ -40,6 +40,19 @@ class FrameJob:
     flatfield_path: str | None = None
 
 
+def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.TrainingGeometry, axis: str,
+              size: int, mask_path: str | None, flatfield_path: str | None) -> FrameJob:
+    """The job of one frame under the daemon configuration ``config`` (calibration and shaping settings)."""
+    return FrameJob(frame=frame, frame_geometry=geometry, training=training, method=config.calibration.method,
+                    mask_path=mask_path, saturation_value=config.calibration.saturation_value or None, axis=axis,
+                    shaping_method=config.pipeline.shaping_method, size=size, flatfield_path=flatfield_path)
+
+
+def flatfield_wanted(mode: str, applied: bool | None) -> bool:
+    """``calibration.flatfield``: apply the series' flatfield? (auto: only if the detector says it did not)."""
+    return mode == "apply" or (mode == "auto" and applied is False)
+
+
 _mask_cache: dict[str, np.ndarray] = {}
 
 
