@@ -171,7 +171,7 @@ def test_config_defaults_and_every_error_at_once(tmp_path):
 
 def _view(key, axis, t=0.0):
     return View(sample_key=key, axis=axis, series_id=1, image_id=0, shaped=np.zeros((4, 4, 3), np.uint8),
-                received=t)
+                received=t, series_number=1)
 
 
 def test_assembler_partial_complete_timeout():
@@ -196,10 +196,31 @@ def test_identify():
         == ("m1", "z")
     assert identify(series_id=3, series_unique_id="u", image_id=4, user_data=None, axis_from="image_id",
                     axis_order=("z", "x", "y")) == ("u:1", "x")
-    with pytest.raises(AssemblyError, match="no_axis"):
-        identify(series_id=3, series_unique_id=None, image_id=0, user_data={})
+    with pytest.raises(AssemblyError, match="no_axis.*assembly.axis_from"):
+        identify(series_id=3, series_unique_id=None, image_id=0, user_data={}, axis_from="user_data")
     with pytest.raises(AssemblyError, match="bad_axis"):
         identify(series_id=3, series_unique_id=None, image_id=0, user_data={"axis": "w"})
+    # auto (the default): user_data when the frame has it, else the image-id order
+    assert identify(series_id=3, series_unique_id=None, image_id=5, user_data=None) == ("3:1", "z")
+    assert identify(series_id=3, series_unique_id=None, image_id=5, user_data={"axis": "x"}) == ("3:1", "x")
+    # keyed by the daemon's series number: a reused series_unique_id cannot join two series
+    assert identify(series_id=1, series_unique_id="same", image_id=1, user_data=None, series_number=7) \
+        == ("same#7:0", "y")
+
+
+def test_assembler_keys_samples_by_series_and_closes_them_at_the_end():
+    a = Assembler(timeout_seconds=2.0)
+    first, second = _view("k", "x"), _view("k", "y")
+    second.series_number = 2  # same sample key, next series: two samples, never one
+    a.add(first, 0.0)
+    a.add(second, 0.1)
+    assert len(a.open) == 2
+    closed = a.close_series(1, "end")
+    assert [(q.sample_key, q.closed_by, q.axes, q.final) for q in closed] == [("k", "end", ["x"], True)]
+    assert list(a.open) == [(2, "k")]
+    # a sample with a view still in the workers is not timed out (its late view would be an orphan)
+    assert a.expire(10.0, busy={(2, "k")}) == [] and a.next_deadline(busy={(2, "k")}) is None
+    assert [q.closed_by for q in a.expire(10.0)] == ["timeout"]
 
 
 def _start(sid, uid=None):

@@ -526,3 +526,55 @@ def calibrate(frame: np.ndarray, sampling: SamplingMap, *, pixel_mask: np.ndarra
     """Frame -> uint8 (N, N) raw DP on the training grid."""
     return to_uint8(apply_map(frame, sampling, pixel_mask=pixel_mask, saturation_value=saturation_value,
                               flatfield=flatfield))
+
+
+# ---------------------------------------------------------------- method choice, empty frames
+
+AREA_FROM_FOOTPRINT = 2.0  # "auto" averages (area) once a grid pixel spans this many detector pixels
+
+
+def footprint_px(frame: FrameGeometry, training: TrainingGeometry) -> float:
+    """Detector pixels one training-grid pixel spans (along a side, near the beam): the ratio
+    of their q per pixel."""
+    q_target = training.pixel_size_m / (training.distance_m * training.wavelength_m)
+    q_frame = min(frame.pixel_size_x_m, frame.pixel_size_y_m) / (frame.detector_distance_m * frame.wavelength_m)
+    return q_target / q_frame
+
+
+def auto_method(frame: FrameGeometry, training: TrainingGeometry) -> str:
+    """``calibration.method = "auto"``: ``area`` when a grid pixel spans >= 2 detector pixels
+    (bilinear point-sampling would fall between the bright pixels of a much finer detector:
+    a 16M EIGER calibrated empty), else ``bilinear`` (exact when the detector is as coarse)."""
+    return "area" if footprint_px(frame, training) >= AREA_FROM_FOOTPRINT else "bilinear"
+
+
+def explain_empty(frame: np.ndarray, sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
+                  saturation_value: float | None = None, method: str = "bilinear") -> str:
+    """Why a frame calibrated to an all-zero grid (the ``empty_frame`` message); only on that path."""
+    valid = valid_pixels(frame, pixel_mask, saturation_value=saturation_value) > 0
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return (f"every one of the frame's {frame.size} pixels is excluded (pixel mask, the value 2^n-1 of an "
+                "n-bit frame, saturation_value, negative or non-finite)")
+    counts = np.where(valid, frame, 0)
+    lit = counts > 0
+    n_lit = int(lit.sum())
+    if n_lit == 0:
+        return f"the frame has no counts: its {n_valid} usable pixels are all 0"
+    rows, cols = sampling.frame_shape
+    mx = np.rint(sampling.map_x).astype(np.int64).ravel()
+    my = np.rint(sampling.map_y).astype(np.int64).ravel()
+    inside = (mx >= 0) & (mx < cols) & (my >= 0) & (my < rows)
+    hits = int(lit[my[inside], mx[inside]].sum()) if inside.any() else 0
+    spacing = np.abs(np.diff(sampling.map_x[0], axis=1))
+    spacing = spacing[np.isfinite(spacing) & (spacing < cols)]
+    span = float(np.median(spacing)) if spacing.size else float("nan")
+    where = (f"its {n_lit} pixels with counts (max {float(counts.max()):g}) all lie where no training-grid "
+             f"pixel samples ({sampling.coverage:.0%} of the grid falls on the frame)")
+    if hits == 0 and method == "bilinear" and span >= 1.5:
+        return (f"{where}: one grid pixel spans {span:.1f} detector pixels and bilinear point-sampling falls "
+                "between the bright pixels; set calibration.method = \"area\" (or \"auto\")")
+    if hits == 0:
+        return f"{where}: check the beam centre, distance and wavelength against the detector"
+    return (f"the sampled pixels with counts ({hits}) weigh nothing after the flatfield or the Ewald limit "
+            f"({sampling.coverage:.0%} of the grid falls on the frame)")

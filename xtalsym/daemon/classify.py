@@ -11,6 +11,7 @@ daemon's own code, not a copy of it:
 * axis and sample: :func:`xtalsym.daemon.assemble.identify` with the ``[assembly]``
   settings; recorded frames carry no user_data, so the axis is ``axis_order[image_id % 3]``
   (what the daemon does without user_data), the sample ``"<file name>:<image_id // 3>"``;
+* sampling method: ``calibration.method``, ``auto`` resolved per series as the daemon does;
 * samples: :class:`~xtalsym.daemon.assemble.Assembler`; a series' open samples are closed at
   its end (``closed_by = "end"``);
 * inference, open-set match and the message: :func:`xtalsym.daemon.infer.classify_batch`
@@ -254,11 +255,16 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
                     log.info("%s: applying the file's flatfield (calibration.flatfield = %r)", series.name,
                              c.calibration.flatfield)
                 unique = Path(series.name).name
+                method = c.calibration.method
+                if method == "auto":  # as the daemon: from how many detector pixels one grid pixel spans
+                    method = cal.auto_method(geometry, training)
+                    log.info("%s: calibration method %s (one training-grid pixel spans %.2f detector pixels)",
+                             series.name, method, cal.footprint_px(geometry, training))
                 assembler = Assembler(timeout_seconds=float("inf"), publish_partial=partial,
                                       max_open=c.assembly.max_open_samples)
 
                 def jobs(series=series, geometry=geometry, mask_path=mask_path, flatfield_path=flatfield_path,
-                         unique=unique):
+                         unique=unique, method=method):
                     for frame in series.frames():
                         summary.frames += 1
                         meta = {"frame": frame, "received": time.time()}
@@ -267,7 +273,7 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
                             yield meta, None
                             continue
                         axis_from = c.assembly.axis_from
-                        if axis_from == "user_data":  # recorded frames have none: image-id order, as the daemon
+                        if axis_from in ("user_data", "auto"):  # recorded frames have none: image-id order
                             axis_from = "image_id"
                             if series.name not in warned:
                                 warned.add(series.name)
@@ -284,7 +290,7 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
                             continue
                         yield meta, frame_job(c, frame=frame.data, geometry=geometry, training=training,
                                               axis=meta["axis"], size=size, mask_path=mask_path,
-                                              flatfield_path=flatfield_path)
+                                              flatfield_path=flatfield_path, method=method)
 
                 pending: list[Request] = []
                 for meta, shaped, error in shaper.map(jobs()):

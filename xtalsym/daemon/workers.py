@@ -13,6 +13,7 @@ the map once (:func:`_prepared`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -41,9 +42,10 @@ class FrameJob:
 
 
 def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.TrainingGeometry, axis: str,
-              size: int, mask_path: str | None, flatfield_path: str | None) -> FrameJob:
-    """The job of one frame under the daemon configuration ``config`` (calibration and shaping settings)."""
-    return FrameJob(frame=frame, frame_geometry=geometry, training=training, method=config.calibration.method,
+              size: int, mask_path: str | None, flatfield_path: str | None, method: str) -> FrameJob:
+    """The job of one frame under the daemon configuration ``config`` (saturation and shaping settings);
+    ``method`` is the series' resolved sampling method (``calibration.method``, "auto" resolved)."""
+    return FrameJob(frame=frame, frame_geometry=geometry, training=training, method=method,
                     mask_path=mask_path, saturation_value=config.calibration.saturation_value or None, axis=axis,
                     shaping_method=config.pipeline.shaping_method, size=size, flatfield_path=flatfield_path)
 
@@ -89,7 +91,15 @@ def process_frame(job: FrameJob) -> np.ndarray:
     Raises BadMessage (a corrupt compressed frame), CalibrationError or ShapingError."""
     frame = materialise(job.frame)
     prepared = _prepared(job)
-    raw = cal.to_uint8(prepared.apply(frame, saturation_value=job.saturation_value))
+    try:
+        raw = cal.to_uint8(prepared.apply(frame, saturation_value=job.saturation_value))
+    except cal.CalibrationError as exc:
+        if exc.reason != "empty_frame":
+            raise
+        mask = _load_mask(job.mask_path) if job.mask_path else None
+        why = cal.explain_empty(frame, prepared.sampling, pixel_mask=mask, saturation_value=job.saturation_value,
+                                method=job.method)
+        raise cal.CalibrationError("empty_frame", f"nothing on the training grid: {why}") from None
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
@@ -100,11 +110,22 @@ def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
     return shaped, time.perf_counter() - t0
 
 
-def init_worker() -> None:
+def init_worker(log_queue=None, level: int = logging.INFO) -> None:
     """One thread per shaping worker: the pool is the parallelism; OpenCV's and BLAS's own
-    per-core thread pools inside every worker would oversubscribe the cores."""
+    per-core thread pools inside every worker would oversubscribe the cores.
+
+    ``log_queue``: the daemon's queue for this process's log records, so that a worker's
+    warning (e.g. a geometry that covers little of the training grid) reaches the daemon's
+    handlers with level and timestamp instead of a bare line on stderr."""
     import cv2
     from threadpoolctl import threadpool_limits
+
+    if log_queue is not None:
+        import logging.handlers
+
+        root = logging.getLogger()
+        root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+        root.setLevel(level)
 
     cv2.setNumThreads(1)
     threadpool_limits(1)

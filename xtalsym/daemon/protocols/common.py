@@ -46,9 +46,21 @@ class BadMessage(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        # which kind of message failed, when the decoder got that far ("start", "image", "end"),
+        # and its series id: a rejected start is worth a WARNING of its own (the series' images follow)
+        self.message_type: str | None = None
+        self.series_id: int | None = None
 
     def __reduce__(self):  # picklable across processes (two-argument __init__)
         return type(self), (self.reason, self.message)
+
+
+def failed_as(exc: BadMessage, message_type: str, series_id: Any) -> BadMessage:
+    """``exc`` marked as the failure of a ``message_type`` message of ``series_id`` (when an int)."""
+    exc.message_type = message_type
+    if isinstance(series_id, int) and not isinstance(series_id, bool) and series_id >= 0:
+        exc.series_id = series_id
+    return exc
 
 
 GEOMETRY_KEYS = (
@@ -81,6 +93,10 @@ class SeriesStart:
     pixel_mask: Any = None  # ndarray, or dict channel -> ndarray for stream V2
     flatfield: Any = None  # same layout as pixel_mask
     raw: dict = field(default_factory=dict)
+    # parts of the start the decoder could not use and left out (the series is kept), one line each
+    warnings: tuple[str, ...] = ()
+    # geometry key -> the stream field its value came from (``detector_translation[2]``, ...)
+    geometry_fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

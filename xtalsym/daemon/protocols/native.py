@@ -24,6 +24,7 @@ from .common import (
     _short,
     deferred,
     dims_2d,
+    failed_as,
     json_object,
     lz4_block_decompress,
     optional,
@@ -60,7 +61,10 @@ def decode_native(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if kind == "end":
         return SeriesEnd(series_id=series_id, series_unique_id=unique)
     if kind == "start":
-        return _start(head, series_id, unique)
+        try:
+            return _start(head, series_id, unique)
+        except BadMessage as exc:
+            raise failed_as(exc, "start", series_id) from None
     return _image(head, frames[1], series_id, unique, max_pixels, defer_decompression)
 
 
@@ -87,6 +91,8 @@ def _start(head: dict, series_id: int, unique: str | None) -> SeriesStart:
         number_of_images=optional(head, "number_of_images", int, "start"),
         user_data=head.get("user_data"),
         raw=head,
+        geometry_fields={k: (k if head.get(k) is not None else "pixel_size_m") for k in GEOMETRY_KEYS
+                         if geometry[k] is not None},
     )
 
 
