@@ -15,6 +15,7 @@ class UserError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from xtalsym import export_cli, index_cli, model_cli
+    from xtalsym.daemon import classify_cli
     from xtalsym.daemon import cli as daemon_cli
     from xtalsym.offline import cli as offline_cli
     from xtalsym.offline import evaluate as evaluate_cli
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.register(commands)
     index_cli.register(commands)
     daemon_cli.register(commands)
+    classify_cli.register(commands)
     return parser
 
 
