@@ -377,6 +377,7 @@ class PreparedMap:
     excluded: np.ndarray | None  # (rows * cols,) True where masked or without a usable flatfield (bins only)
     flatfield_flat: np.ndarray | None  # (rows * cols,) the flatfield, 0 where excluded (bins only)
     bin_valid: np.ndarray | None  # (N*N,) valid frame pixels per target, mask and flatfield applied
+    usable: np.ndarray | None = None  # (rows * cols,) ~excluded (bins only)
 
     def apply(self, frame: np.ndarray, *, saturation_value: float | None = None) -> np.ndarray:
         """Calibrated float32 (N, N) intensity of one frame (see :func:`apply_map`)."""
@@ -413,7 +414,8 @@ def prepare(sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
             bin_valid = bins.count - np.bincount(lost, minlength=bins.count.size + 1)[:-1].astype(np.float32)
         if ff is not None:
             ff_flat = ff.ravel()
-    return PreparedMap(sampling, index, weight, gather_ff, excluded, ff_flat, bin_valid)
+    return PreparedMap(sampling, index, weight, gather_ff, excluded, ff_flat, bin_valid,
+                       None if excluded is None else ~excluded)
 
 
 def _invalid_values(values: np.ndarray, saturation_value: float | None) -> np.ndarray | None:
@@ -458,15 +460,16 @@ def _apply_bins(frame: np.ndarray, prepared: PreparedMap, saturation_value: floa
     flat = frame.ravel()
     nonzero = flat != 0  # NaN counts as non-zero; a bool array's nonzero() is numpy's fast one
     dense = np.count_nonzero(nonzero) > DENSE_FRACTION * flat.size
+    static = None
     if dense:  # every pixel: whole-array operations beat gathering most of them
         nz, target, values = None, bins.target, flat
+        static = prepared.excluded  # masked pixels: already out of bin_valid
     else:  # a diffraction frame: a few % of the pixels are non-zero
+        if prepared.usable is not None:  # masked pixels (EIGER gaps: 2^n - 1, non-zero) never visited
+            nonzero &= prepared.usable
         nz = np.flatnonzero(nonzero)
         target, values = bins.target[nz], flat[nz]
     bad = _invalid_values(values, saturation_value)
-    static = None
-    if prepared.excluded is not None:  # masked pixels: already out of bin_valid
-        static = prepared.excluded if dense else prepared.excluded[nz]
     newly_bad = bad if static is None or bad is None else bad & ~static
     drop = static if bad is None else (bad if static is None else bad | static)
     den = prepared.bin_valid
