@@ -179,8 +179,9 @@ def main() -> int:
     repeat = max(1, args.images // (3 * len(structures)))
     sim = DetectorSim(structures, geometry=geometry, layout=layout, repeat=repeat, cache_dir=args.cache_dir,
                       series_id=2)
-    warm = DetectorSim(structures, geometry=geometry, layout=layout, repeat=max(1, args.warmup // 6 + 1),
-                       cache_dir=args.cache_dir, series_id=1) if args.warmup else None
+    warm = DetectorSim(structures, geometry=geometry, layout=layout,
+                       repeat=max(1, round(args.warmup / (3 * len(structures)))), cache_dir=args.cache_dir,
+                       series_id=1) if args.warmup else None
     ctx = zmq.Context.instance()
     push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -200,10 +201,9 @@ def main() -> int:
     result: dict = {}
     n_images = sim.number_of_images()
     warm_messages = []
-    if warm is not None:  # start, args.warmup images, end
+    if warm is not None:  # a whole series of about args.warmup images
         warm_messages = list(warm.messages())
-        warm_messages = warm_messages[:1 + args.warmup] + warm_messages[-1:]
-    n_warm_finals = -(-args.warmup // 3) if warm is not None else 0
+    n_warm_finals = warm.number_of_images() // 3 if warm is not None else 0
     t_listen = threading.Thread(target=lambda: result.update(s=listen(
         f"tcp://127.0.0.1:{pub_port}", final_count=n_images // 3 + n_warm_finals, stop=stop, ready=ready,
         duration=900)))
@@ -251,7 +251,7 @@ def main() -> int:
     finals = sum(1 for m in measured if m["final"])
     print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
           f"{' (' + args.layout + ' layout)' if args.layout else ''}, {args.workers} workers, overload "
-          f"{args.overload}, bundle {bundle}; warm-up series of {args.warmup} frames first")
+          f"{args.overload}, bundle {bundle}; warm-up series of {n_warm_finals * 3} frames first")
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine)")
     print("| metric | value |\n|---|---|")
     print(f"| frames sent / final predictions received | {n_images} / {finals} (samples of 3) |")
