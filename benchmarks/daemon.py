@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_bundle(tmp: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_daemon_e2e import tiny_bundle as make
+    from xtalsym.testing import tiny_bundle as make
 
     return make(tmp, index=True)
 
@@ -155,8 +154,8 @@ def main() -> int:
     args = ap.parse_args()
     import psutil
 
-    from xtalsym.daemon.cli import listen
-    from xtalsym.detector_sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout, push_socket
+    from xtalsym.daemon.client import listen
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout, push_socket
 
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-bench-"))
     bundle = args.bundle
@@ -186,9 +185,9 @@ def main() -> int:
     push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
     pub_port = 20000 + os.getpid() % 20000
-    from xtalsym.daemon.demo import _free_port
+    from xtalsym.daemon.demo import free_port
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     config = tmp / "bench.toml"
     config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
                       f'[pipeline]\nworkers = {args.workers}\noverload = "{args.overload}"\n'  # block: lossless

@@ -39,7 +39,7 @@ TRAINING_DEFAULT = (3.5e-12, 0.4, 75e-6, 256)  # the shipped bundle's training g
 
 
 def _sim(size: str, cache_dir: str | None):
-    from xtalsym.detector_sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout
 
     structures = [ROOT / "xtalsym/data/structures/NaCl.cif", ROOT / "xtalsym/data/structures/Si.cif"]
     if size == "512":

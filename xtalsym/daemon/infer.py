@@ -67,7 +67,7 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
     if index is not None and index_enabled:
         t0 = time.perf_counter()
         try:
-            from xtalsym.index import normalise_views
+            from xtalsym.index.scoring import normalise_views
 
             queries = index.query(normalise_views(out.embeddings), probabilities=out.probabilities,
                                   classes=backend.classes, k=neighbours)
