@@ -24,7 +24,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xtalsym.cli import daemon, data, index, model, train
+    from xtalsym.cli import classify, daemon, data, index, model, train
 
     parser = argparse.ArgumentParser(
         prog="xtalsym",
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(commands)
     index.register(commands)
     daemon.register(commands)
+    classify.register(commands)
     return parser
 
 

@@ -41,14 +41,26 @@ def _serve(args) -> int:
 def _detector_sim(args) -> int:
     import zmq
 
-    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout, push_socket
     from xtalsym.offline import simulate, structures
 
     sources = args.structures or [str(structures.shipped_structures_dir())]
-    geometry = DetectorGeometry(pixels_x=args.pixels[0], pixels_y=args.pixels[-1], pixel_size_m=args.pixel_size_m,
-                                distance_m=args.distance_m, wavelength_m=args.wavelength_m,
-                                beam_center_x_px=args.beam_center[0] if args.beam_center else None,
-                                beam_center_y_px=args.beam_center[1] if args.beam_center else None)
+    layout = None
+    if args.layout:
+        if args.pixels or args.pixel_size_m:
+            raise ValueError(f"--layout {args.layout} sets the pixels and pixel size; drop --pixels / --pixel-size-m")
+        layout = eiger2_layout(args.layout, seed=args.seed)
+        geometry = eiger2_geometry(args.layout, distance_m=args.distance_m, wavelength_m=args.wavelength_m)
+        if args.beam_center:
+            geometry = DetectorGeometry(**{**geometry.__dict__, "beam_center_x_px": args.beam_center[0],
+                                           "beam_center_y_px": args.beam_center[1]})
+    else:
+        pixels = args.pixels or [512]
+        geometry = DetectorGeometry(pixels_x=pixels[0], pixels_y=pixels[-1], pixel_size_m=args.pixel_size_m or 75e-6,
+                                    distance_m=0.3 if args.distance_m is None else args.distance_m,
+                                    wavelength_m=args.wavelength_m,
+                                    beam_center_x_px=args.beam_center[0] if args.beam_center else None,
+                                    beam_center_y_px=args.beam_center[1] if args.beam_center else None)
     realism = None
     if args.dose or args.background or args.misorientation_deg or args.beam_stop_px:
         realism = simulate.Realism(dose=args.dose, background=args.background, seed=args.seed,
@@ -58,7 +70,8 @@ def _detector_sim(args) -> int:
                       bad_every=args.bad_every, gap_rows=tuple(args.gap_rows) if args.gap_rows else None,
                       user_data=not args.no_user_data, distance_field=args.distance_field,
                       odd_mask_encoding=args.odd_mask_encoding, start_with_first_image=args.start_with_first_image,
-                      unique_id=args.series_unique_id, duplicate_end=args.duplicate_end)
+                      unique_id=args.series_unique_id, duplicate_end=args.duplicate_end,
+                      layout=layout, cache_dir=args.cache_dir)
     ctx = zmq.Context.instance()
     sock = push_socket(ctx, args.address, bind=not args.connect)
     print(f"detector-sim: {len(sim.samples)} structures x {args.repeat} -> {sim.number_of_images()} images, "
@@ -117,9 +130,13 @@ def register(commands) -> None:
     p.add_argument("--rate", type=float, default=0.0, help="images per second (0 = as fast as accepted)")
     p.add_argument("--repeat", type=int, default=1, help="send every structure this many times")
     p.add_argument("--axis-order", default="xyz")
-    p.add_argument("--pixels", type=int, nargs="+", default=[512], metavar="N", help="N or NX NY")
-    p.add_argument("--pixel-size-m", type=float, default=75e-6)
-    p.add_argument("--distance-m", type=float, default=0.3)
+    p.add_argument("--pixels", type=int, nargs="+", metavar="N", help="N or NX NY (default 512)")
+    p.add_argument("--pixel-size-m", type=float, help="default 75e-6")
+    p.add_argument("--distance-m", type=float, help="default 0.3, or the layout's (3.0 m for a 4M, 6.0 m for a 16M)")
+    p.add_argument("--layout", choices=("eiger2-500k", "eiger2-1m", "eiger2-4m", "eiger2-9m", "eiger2-16m"),
+                   help="an EIGER2 face: its size, module gaps and dead/noisy pixels (in the frames and the "
+                        "pixel mask); use calibration.method = \"area\" for 4M and 16M")
+    p.add_argument("--cache-dir", help="keep rendered frames here (a 16M frame takes ~1 min per axis to render)")
     p.add_argument("--wavelength-m", type=float, default=3.5e-12)
     p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"))
     p.add_argument("--dose", type=float, default=None, help="Poisson noise: counts at the brightest pixel")

@@ -34,7 +34,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zmq
@@ -42,11 +41,12 @@ import zmq
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
+from xtalsym.daemon.infer import classify_batch, model_info
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, geometry_hint, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.protocols import BadMessage, decode_parts
-from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
-from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
+from xtalsym.daemon.publish import Publisher
+from xtalsym.daemon.workers import flatfield_wanted, frame_job, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,7 @@ class Pipeline:
         # worker processes log through this queue into this process's handlers
         self._log_queue = multiprocessing.get_context("spawn").Queue()
         self._log_listener = logging.handlers.QueueListener(self._log_queue, _Relay())
-        self.model = {
-            "model_id": bundle.model_id,
-            "name": (bundle.card or {}).get("name"),
-            "backend": getattr(backend, "name", "?"),
-            "device": getattr(backend, "device", "?"),
-            "precision": getattr(backend, "precision", "?"),
-            "classes": len(bundle.classes),
-            "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
-        }
+        self.model = model_info(bundle, backend, index)
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -259,10 +251,7 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
-            self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
-                          "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
-                          "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
-                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id}}
+            self.model = {**self.model, **model_info(bundle, backend, index)}
             self.config = config
             future.set_result(old)
 
@@ -311,7 +300,9 @@ class Pipeline:
         m.count("messages")
         t0 = time.perf_counter()
         try:
-            events = decode_parts(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
+            # image payloads stay compressed: the workers decompress them (workers.process_frame)
+            events = decode_parts(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels,
+                                  defer_decompression=True)
         except BadMessage as exc:
             self._bad_message(exc)
             return
@@ -379,10 +370,9 @@ class Pipeline:
                         "say so, or to \"user_data\" to require user_data)", image.series_id, image.image_id,
                         c.assembly.axis_key, "".join(c.assembly.axis_order))
         mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
-        job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=method,
-                       mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
-                       shaping_method=c.pipeline.shaping_method, size=self.size,
-                       flatfield_path=self._flatfield_file(series, channel, frame.shape))
+        job = frame_job(c, frame=frame, geometry=geometry, training=self.training, axis=axis, size=self.size,
+                        mask_path=mask_path, flatfield_path=self._flatfield_file(series, channel, frame.shape),
+                        method=method)
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received,
                 "series_number": series.number}
@@ -504,7 +494,7 @@ class Pipeline:
         key = (series.token, channel, "flatfield")
         if key not in self._mask_files:
             mode, flatfield, path = self.config.calibration.flatfield, series.flatfield_for(channel), None
-            wanted = mode == "apply" or (mode == "auto" and series.flatfield_applied is False)
+            wanted = flatfield_wanted(mode, series.flatfield_applied)
             if flatfield is not None and wanted:
                 flatfield = np.asarray(flatfield, dtype=np.float32)
                 if flatfield.shape != tuple(shape):
@@ -613,7 +603,7 @@ class Pipeline:
         self._slots.release()
         try:
             shaped, seconds = done.future.result()
-        except (cal.CalibrationError, shaping.ShapingError) as exc:
+        except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
             return []
@@ -639,36 +629,20 @@ class Pipeline:
         return requests
 
     def _classify(self, batch: list[Request]) -> None:
-        size = self.size
-        x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
-        present = np.zeros((len(batch), 3), bool)
-        for i, request in enumerate(batch):
-            x[i], present[i] = request.tensors(size)
-        t0 = time.perf_counter()
-        try:
-            result = self.backend.run(x, present)
-        except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
-            log.exception("inference failed on a batch of %d", len(batch))
+        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model, index=self.index,
+                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours)
+        if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:
-                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
+                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {result.inference_error}")
             return
-        self.metrics.stage("infer", time.perf_counter() - t0)
-        open_sets: list[Any] = [None] * len(batch)
-        if self.index is not None and self.config.index.enabled:
-            t0 = time.perf_counter()
-            try:
-                from xtalsym.index.scoring import normalise_views
-
-                queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
-                                           classes=self.backend.classes, k=self.config.index.neighbours)
-                open_sets = [open_set_result(q) for q in queries]
-                self.metrics.stage("match", time.perf_counter() - t0)
-            except Exception as exc:  # noqa: BLE001
-                self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        self.metrics.stage("infer", result.infer_seconds)
+        if result.match_seconds is not None:
+            self.metrics.stage("match", result.match_seconds)
+        if result.index_error is not None:
+            exc = result.index_error
+            self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
-        for request, probs, open_set in zip(batch, result.probabilities, open_sets):
-            message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
-                                         model=self.model, open_set=open_set)
+        for request, message in result.messages:
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for

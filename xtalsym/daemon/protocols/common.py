@@ -323,6 +323,68 @@ def lz4_block_decompress(blob: bytes, expected_nbytes: int, where: str) -> bytes
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class CompressedFrame:
+    """An image's payload checked but not yet decompressed (``decode(..., defer_decompression=True)``).
+
+    The daemon's ingest thread decodes messages; decompressing a 16M frame there (~20 ms) and
+    pickling the 36 MB result to a worker would cap the daemon at one core. Instead the
+    framing, sizes and expansion bound are checked here (a message that fails them is still
+    a bad message at decode time) and :meth:`decompress` runs in the worker; a corrupt
+    compressed stream then raises :class:`BadMessage` (``bad_compression``) there.
+    """
+
+    blob: bytes
+    algorithm: str  # "bslz4" / "lz4" (HDF5-filter framing) or "lz4_block" (raw block)
+    dtype: str  # numpy dtype string of the payload, byte order included
+    shape: tuple[int, int]  # (rows, cols) of the decompressed array
+    order: str = "C"  # "F": column-major payload (stream V2 tag 1040)
+    where: str = "image"
+
+    ndim = 2
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def decompress(self) -> np.ndarray:
+        """The C-contiguous, native-order array (read-only when no copy was needed)."""
+        dtype = np.dtype(self.dtype)
+        if self.algorithm == "lz4_block":
+            raw = lz4_block_decompress(self.blob, self.nbytes, self.where)
+        else:
+            raw = decompress_framed(self.blob, self.algorithm, dtype.itemsize, self.nbytes, self.where)
+        rows, cols = self.shape
+        array = np.frombuffer(raw, dtype=dtype)
+        array = array.reshape((rows, cols)) if self.order == "C" else array.reshape((cols, rows)).T
+        if not dtype.isnative:
+            array = array.astype(dtype.newbyteorder("="))
+        return np.ascontiguousarray(array)
+
+
+def deferred(blob: bytes, algorithm: str, dtype: np.dtype, shape: tuple[int, int], where: str,
+             order: str = "C") -> CompressedFrame:
+    """Check a compressed payload as the eager decoders do, without decompressing it."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if algorithm == "lz4_block":
+        check_expansion(len(blob), nbytes, where, "lz4 block")
+    else:
+        if algorithm not in ("bslz4", "lz4"):
+            raise BadMessage("bad_compression", f"{where}: unknown algorithm {_short(algorithm)}")
+        framed_header(blob, nbytes, where)
+        check_expansion(len(blob), nbytes, where, algorithm)
+    return CompressedFrame(bytes(blob), algorithm, dtype.str, (int(shape[0]), int(shape[1])), order, where)
+
+
+def materialise(frame: Any) -> np.ndarray:
+    """An image array as decoded: a :class:`CompressedFrame` decompressed, an array as is."""
+    return frame.decompress() if isinstance(frame, CompressedFrame) else frame
+
+
 # Pure numpy + lz4.block implementation of the two framings. The encoders use it
 # (dectris-compression only decompresses), and the tests use the decompressor as an
 # independent second decoder of the real DECTRIS captures.

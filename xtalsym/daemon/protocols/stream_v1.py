@@ -21,6 +21,7 @@ from .common import (
     DEFAULT_MAX_PIXELS,
     HC_EV_ANGSTROM,
     BadMessage,
+    CompressedFrame,
     Event,
     Image,
     SeriesEnd,
@@ -28,6 +29,7 @@ from .common import (
     _short,
     bslz4_compress,
     decompress_framed,
+    deferred,
     dims_2d,
     failed_as,
     json_object,
@@ -47,14 +49,16 @@ ARRAY_PART_HTYPES = {
 }
 
 
-def decode_stream_v1(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Event:
-    """Decode one stream V1 multipart ZeroMQ message into an event."""
+def decode_stream_v1(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     defer_decompression: bool = False) -> Event:
+    """Decode one stream V1 multipart ZeroMQ message into an event (``defer_decompression``:
+    a compressed image blob becomes a :class:`CompressedFrame`)."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise BadMessage("bad_frames", "stream V1 message has no frames")
     head = json_object(frames[0], "part 1")
     htype = head.get("htype")
     if htype == "dimage-1.0":
-        return _image(head, frames, max_pixels)
+        return _image(head, frames, max_pixels, defer_decompression)
     if htype == "dheader-1.0":
         start, rest = _header_and_rest(head, frames, max_pixels)
         if rest:
@@ -76,7 +80,7 @@ def _series(head: dict, where: str) -> int:
     return value
 
 
-def _array(desc: dict, blob: Any, where: str, max_pixels: int) -> np.ndarray:
+def _array(desc: dict, blob: Any, where: str, max_pixels: int, defer: bool = False) -> np.ndarray | CompressedFrame:
     """A described blob ({shape: [x, y], type, encoding}) -> (y, x) array."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise BadMessage("bad_frames", f"{where} blob is {type(blob).__name__}")
@@ -91,6 +95,10 @@ def _array(desc: dict, blob: Any, where: str, max_pixels: int) -> np.ndarray:
     if encoding not in ENCODINGS:
         raise BadMessage("bad_compression", f"{where} encoding {_short(encoding)}")
     nbytes = x * y * dtype.itemsize
+    if defer and encoding != "<":
+        if encoding in BS_ENCODINGS and BS_ENCODINGS[encoding] != dtype.itemsize:
+            raise BadMessage("bad_dtype", f"{where} encoding {encoding} with type {type_name}")
+        return deferred(blob, "lz4_block" if encoding == "lz4<" else "bslz4", dtype, (y, x), where)
     if encoding == "<":
         data = blob
     elif encoding == "lz4<":
@@ -106,7 +114,7 @@ def _array(desc: dict, blob: Any, where: str, max_pixels: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(y, x).astype(dtype.newbyteorder("="))
 
 
-def _image(head: dict, frames: list, max_pixels: int) -> Image:
+def _image(head: dict, frames: list, max_pixels: int, defer: bool = False) -> Image:
     if len(frames) not in (4, 5):
         raise BadMessage("bad_frames", f"dimage-1.0 message has 4 or 5 parts, got {len(frames)}")
     series = _series(head, "dimage-1.0")
@@ -116,7 +124,7 @@ def _image(head: dict, frames: list, max_pixels: int) -> Image:
     desc = json_object(frames[1], "part 2")
     if desc.get("htype") != "dimage_d-1.0":
         raise BadMessage("unknown_type", f"part 2 htype {_short(desc.get('htype'))}")
-    array = _array(desc, frames[2], "dimage_d-1.0", max_pixels)
+    array = _array(desc, frames[2], "dimage_d-1.0", max_pixels, defer)
     times = json_object(frames[3], "part 4")
     if times.get("htype") != "dconfig-1.0":
         raise BadMessage("unknown_type", f"part 4 htype {_short(times.get('htype'))}")
@@ -135,8 +143,8 @@ def _image(head: dict, frames: list, max_pixels: int) -> Image:
     )
 
 
-def decode_stream_v1_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS
-                           ) -> list[Event | BadMessage]:
+def decode_stream_v1_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           defer_decompression: bool = False) -> list[Event | BadMessage]:
     """One ZeroMQ message -> its events: normally one; a series header followed in the same
     multipart message by the parts of an image (``dimage-1.0`` ...) gives the start and that
     image (its BadMessage when the image's parts do not decode)."""
@@ -147,10 +155,10 @@ def decode_stream_v1_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX
             if not rest:
                 return [start]
             try:
-                return [start, decode_stream_v1(rest, max_pixels=max_pixels)]
+                return [start, decode_stream_v1(rest, max_pixels=max_pixels, defer_decompression=defer_decompression)]
             except BadMessage as exc:
                 return [start, exc]
-    return [decode_stream_v1(frames, max_pixels=max_pixels)]
+    return [decode_stream_v1(frames, max_pixels=max_pixels, defer_decompression=defer_decompression)]
 
 
 def _json_or_none(part: Any) -> dict | None:

@@ -21,6 +21,7 @@ from .common import (
     DEFAULT_MAX_PIXELS,
     HC_EV_ANGSTROM,
     BadMessage,
+    CompressedFrame,
     Event,
     Image,
     SeriesEnd,
@@ -30,6 +31,7 @@ from .common import (
     bslz4_compress,
     check_kind,
     decompress_framed,
+    deferred,
     dims_2d,
     failed_as,
     hdf5_lz4_compress,
@@ -64,15 +66,19 @@ MAX_MESSAGE_BYTES = 1 << 31
 # ---------------------------------------------------------------- decoding
 
 
-def decode_stream_v2(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Event:
-    """Decode one stream V2 ZeroMQ message (exactly one frame) into an event."""
+def decode_stream_v2(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     defer_decompression: bool = False) -> Event:
+    """Decode one stream V2 ZeroMQ message (exactly one frame) into an event.
+
+    ``defer_decompression``: compressed image data become :class:`CompressedFrame` (checked,
+    decompressed later by whoever needs the pixels)."""
     if not isinstance(frames, (list, tuple)) or len(frames) != 1:
         n = len(frames) if isinstance(frames, (list, tuple)) else type(frames).__name__
         raise BadMessage("bad_frames", f"stream V2 messages have 1 frame, got {n}")
     msg = _load(frames[0])
     kind = msg.get("type")
     if kind == "image":
-        return _image(msg, max_pixels)
+        return _image(msg, max_pixels, defer_decompression)
     if kind == "start":
         try:
             return _start(msg, max_pixels)
@@ -88,8 +94,8 @@ def decode_stream_v2(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXEL
     raise BadMessage("unknown_type", f"stream V2 message type {_short(kind)}")
 
 
-def decode_stream_v2_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS
-                           ) -> list[Event | BadMessage]:
+def decode_stream_v2_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           defer_decompression: bool = False) -> list[Event | BadMessage]:
     """One ZeroMQ message -> the events of the stream V2 messages it carries, in order.
 
     Normally one. A start that arrived together with the next message(s) as one multipart
@@ -107,11 +113,12 @@ def decode_stream_v2_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX
             out: list[Event | BadMessage] = [first]
             for part in frames[1:]:
                 try:
-                    out.append(decode_stream_v2([part], max_pixels=max_pixels))
+                    out.append(decode_stream_v2([part], max_pixels=max_pixels,
+                                                defer_decompression=defer_decompression))
                 except BadMessage as exc:
                     out.append(exc)
             return out
-    return [decode_stream_v2(frames, max_pixels=max_pixels)]
+    return [decode_stream_v2(frames, max_pixels=max_pixels, defer_decompression=defer_decompression)]
 
 
 def _load(frame: Any) -> dict:
@@ -141,7 +148,7 @@ def _series_id(msg: Any, where: str) -> int:
     return value
 
 
-def _image(msg: Any, max_pixels: int) -> Image:
+def _image(msg: Any, max_pixels: int, defer: bool = False) -> Image:
     series_id = _series_id(msg, "image")
     image_id = require(msg, "image_id", int, "image")
     if image_id < 0:
@@ -154,7 +161,8 @@ def _image(msg: Any, max_pixels: int) -> Image:
     for channel, value in data.items():
         if not isinstance(channel, str):
             raise BadMessage("bad_field", f"image channel name {_short(channel)} is not text")
-        arrays[channel] = _spend(decode_multidim(value, f"image data[{channel!r}]", budget[0]), budget)
+        arrays[channel] = _spend(decode_multidim(value, f"image data[{channel!r}]", budget[0], defer=defer),
+                                 budget)
     known = {"type", "series_id", "image_id", "data", "user_data", "series_unique_id",
              "real_time", "start_time", "stop_time"}  # fmt: skip
     extra = {k: plain(v) for k, v in msg.items() if k not in known and isinstance(k, str)}
@@ -293,8 +301,9 @@ def _untag(value: Any, budget: list[int], depth: int = 0) -> Any:
     return value
 
 
-def decode_multidim(value: Any, where: str, max_pixels: int) -> np.ndarray:
-    """Tag 40 / 1040 [dims, typed array] -> C-contiguous 2-D array, native byte order."""
+def decode_multidim(value: Any, where: str, max_pixels: int, *, defer: bool = False) -> np.ndarray | CompressedFrame:
+    """Tag 40 / 1040 [dims, typed array] -> C-contiguous 2-D array, native byte order
+    (``defer``: a compressed typed array becomes a :class:`CompressedFrame`)."""
     if not isinstance(value, cbor2.CBORTag) or value.tag not in (
         TAG_MULTIDIM_ROW,
         TAG_MULTIDIM_COL,
@@ -305,8 +314,12 @@ def decode_multidim(value: Any, where: str, max_pixels: int) -> np.ndarray:
     if not isinstance(body, (list, tuple)) or len(body) != 2:
         raise BadMessage("bad_tag", f"{where}: tag {value.tag} must hold [dims, typed array]")
     dims = dims_2d(body[0], where, max_pixels)
-    flat = decode_typed_array(body[1], dims[0] * dims[1], where, max_pixels)
     order = "F" if value.tag == TAG_MULTIDIM_COL else "C"
+    if defer:
+        lazy = _deferred_typed_array(body[1], dims, order, where)
+        if lazy is not None:
+            return lazy
+    flat = decode_typed_array(body[1], dims[0] * dims[1], where, max_pixels)
     return np.ascontiguousarray(flat.reshape(dims, order=order))
 
 
@@ -342,7 +355,22 @@ def decode_typed_array(
     return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native order
 
 
-def _decompress(tag: cbor2.CBORTag, dtype: np.dtype, nbytes: int, where: str) -> bytes:
+def _deferred_typed_array(value: Any, dims: tuple[int, int], order: str, where: str) -> CompressedFrame | None:
+    """A compressed typed array checked like :func:`decode_typed_array` but left compressed; None
+    when the payload is not compressed (then decoded at once: there is nothing to save)."""
+    if not isinstance(value, cbor2.CBORTag) or value.tag not in TYPED_ARRAY_TAGS:
+        return None
+    payload = value.value
+    if not (isinstance(payload, cbor2.CBORTag) and payload.tag == TAG_COMPRESSION):
+        return None
+    dtype = np.dtype(TYPED_ARRAY_TAGS[value.tag])
+    algorithm, blob = _compression_parts(payload, dtype, where)
+    rows, cols = dims
+    return deferred(blob, algorithm, dtype, (rows, cols), where, order)
+
+
+def _compression_parts(tag: cbor2.CBORTag, dtype: np.dtype, where: str) -> tuple[str, bytes]:
+    """The checked (algorithm, blob) of a tag 56500 [algorithm, elem size, bytes]."""
     body = tag.value
     if not isinstance(body, (list, tuple)) or len(body) != 3:
         raise BadMessage("bad_tag", f"{where}: tag 56500 must hold [algorithm, elem size, bytes]")
@@ -357,7 +385,12 @@ def _decompress(tag: cbor2.CBORTag, dtype: np.dtype, nbytes: int, where: str) ->
         raise BadMessage(
             "bad_dtype", f"{where}: bslz4 element size {elem_size} but typed array is {dtype.str}"
         )
-    return decompress_framed(blob, algorithm, elem_size, nbytes, where)
+    return algorithm, blob
+
+
+def _decompress(tag: cbor2.CBORTag, dtype: np.dtype, nbytes: int, where: str) -> bytes:
+    algorithm, blob = _compression_parts(tag, dtype, where)
+    return decompress_framed(blob, algorithm, dtype.itemsize, nbytes, where)
 
 
 # ---------------------------------------------------------------- encoding
