@@ -122,6 +122,20 @@ def test_missing_extras_are_named():
     assert missing_extra(ModuleNotFoundError("typo", name="numpyy")) is None
 
 
+def test_a_wrapped_import_error_of_ours_is_one_line(monkeypatch, capsys):
+    import xtalsym.cli.model as model_cli
+
+    def info(args):
+        try:
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        except ModuleNotFoundError as exc:
+            raise ImportError("xtalsym's models need torch: pip install torch==2.13.0, then 'xtalsym[ml]'") from exc
+
+    monkeypatch.setattr(model_cli, "_info", info)
+    assert main(["model", "info", "msdn", "--classes", "3"]) == 2
+    assert "xtalsym's models need torch" in _one_line_error(capsys.readouterr().err)
+
+
 def test_the_parser_imports_no_optional_dependency():
     code = (
         "import sys; from xtalsym.cli import build_parser; build_parser(); "

@@ -93,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailable as exc:  # no inference backend can run here: the reasons name what to install
         print(f"xtalsym: error: {exc}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as exc:
-        hint = missing_extra(exc)
+    except ImportError as exc:
+        # a missing optional module, or a module of ours saying which extra it needs
+        # (``raise ImportError("... pip install ...") from ModuleNotFoundError``)
+        cause = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+        hint = missing_extra(cause) if isinstance(cause, ModuleNotFoundError) else None
         if hint is None:
             raise
-        print(f"xtalsym: error: {hint}", file=sys.stderr)
+        message = hint if exc is cause else f"{exc}"
+        print(f"xtalsym: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `xtalsym ... | head`: the reader left. Point stdout at /dev/null so the flush
