@@ -177,8 +177,8 @@ class InProcessDaemon:
         return self.pipeline.metrics.snapshot()["counts"].get("predictions", 0)
 
     def finals(self) -> int:
-        c = self.pipeline.metrics.snapshot()["counts"]
-        return c.get("predictions_complete", 0) + c.get("timed_out_samples", 0)
+        """Final predictions published (complete, or closed by end, restart, timeout, ...)."""
+        return self.pipeline.metrics.snapshot()["counts"].get("predictions_final", 0)
 
     def wait_predictions(self, n: int, timeout: float = 60.0) -> None:
         self._wait(lambda: self.predictions() >= n, timeout, f"{n} predictions")

@@ -33,9 +33,9 @@ SHIPPED = shipped_structures()
 GEOMETRY = small_detector()
 
 
-def wait_until(condition, timeout=10.0):
+def wait_until(predicate, timeout=30.0):
     t0 = time.monotonic()
-    while not condition():
+    while not predicate():
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"not reached in {timeout} s")
         time.sleep(0.05)

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,22 @@ def _detector_sim(args) -> int:
     sim = DetectorSim(sources, geometry=geometry, realism=realism, protocol=args.protocol,
                       axis_order=args.axis_order, repeat=args.repeat, series_id=args.series_id,
                       bad_every=args.bad_every, gap_rows=tuple(args.gap_rows) if args.gap_rows else None,
+                      user_data=not args.no_user_data, distance_field=args.distance_field,
+                      odd_mask_encoding=args.odd_mask_encoding, start_with_first_image=args.start_with_first_image,
+                      unique_id=args.series_unique_id, duplicate_end=args.duplicate_end,
                       layout=layout, cache_dir=args.cache_dir)
     ctx = zmq.Context.instance()
     sock = push_socket(ctx, args.address, bind=not args.connect)
     print(f"detector-sim: {len(sim.samples)} structures x {args.repeat} -> {sim.number_of_images()} images, "
-          f"{args.protocol}, PUSH {'connect' if args.connect else 'bind'} {args.address}", file=sys.stderr)
+          f"{args.series_count} series, {args.protocol}, PUSH {'connect' if args.connect else 'bind'} {args.address}",
+          file=sys.stderr)
     t0 = time.perf_counter()
-    n = sim.send(sock, rate_hz=args.rate)
+    n = 0
+    for k in range(args.series_count):  # the same frames again as series id + k (same unique id if given)
+        sim.series_id = args.series_id + k
+        if k and not args.series_unique_id:
+            sim.series_unique_id = uuid.uuid4().hex
+        n += sim.send(sock, rate_hz=args.rate)
     sock.close(linger=int(args.linger * 1000))
     print(f"detector-sim: sent {n} messages in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return 0
@@ -137,6 +147,22 @@ def register(commands) -> None:
     p.add_argument("--gap-rows", type=int, nargs=2, metavar=("START", "STOP"))
     p.add_argument("--bad-every", type=int, default=0, help="insert an undecodable message every N images")
     p.add_argument("--series-id", type=int, default=1)
+    p.add_argument("--series-count", type=int, default=1, help="send the series this many times (series ids "
+                   "--series-id, +1, ...)")
+    g = p.add_argument_group("behaviours seen from real streams (each reproduced on request)")
+    g.add_argument("--no-user-data", action="store_true", help="images without user_data (no axis, no sample id)")
+    g.add_argument("--distance-field", default="distance", choices=("distance", "translation",
+                   "negative_translation", "none"), help="how the start gives the detector distance: "
+                   "detector_distance, only detector_translation [0, 0, +D] or [0, 0, -D], or not at all "
+                   "(stream V1: distance or none)")
+    g.add_argument("--odd-mask-encoding", action="store_true", help="the start's pixel mask and flatfield in an "
+                   "encoding the spec does not use (V2: raw bytes, not tagged arrays; V1: htypes pixelmask-1.0 / "
+                   "flatfield-1.0)")
+    g.add_argument("--start-with-first-image", action="store_true", help="send the start and image 0 as one "
+                   "ZeroMQ message")
+    g.add_argument("--series-unique-id", help="send this series_unique_id (with --series-count: reused by every "
+                   "series)")
+    g.add_argument("--duplicate-end", action="store_true", help="send every end message twice")
     p.add_argument("--linger", type=float, default=10.0, help="seconds to wait for queued messages at exit")
     p.set_defaults(handler=_detector_sim)
 

@@ -255,7 +255,8 @@ class SeriesTracker:
         if not cur.from_config:  # images of several detector series share a config series: no id order
             if image.image_id > cur.next_image_id:
                 self._missing(cur, image.image_id - cur.next_image_id,
-                              f"image ids jump from {cur.next_image_id - 1} to {image.image_id}")
+                              f"image ids jump from {cur.next_image_id - 1} to {image.image_id}" if cur.next_image_id
+                              else f"its first image is image {image.image_id}, not 0")
             cur.next_image_id = max(cur.next_image_id, image.image_id + 1)
         cur.images += 1
         return Accepted(cur, image)

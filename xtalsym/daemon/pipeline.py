@@ -453,7 +453,8 @@ class Pipeline:
 
     def _frame_geometry(self, series, frame_shape) -> tuple[cal.FrameGeometry, str]:
         """The series' calibration geometry and sampling method (``auto``: from how many detector
-        pixels one training-grid pixel spans); a refused geometry names the field and the fix."""
+        pixels one training-grid pixel spans, decided once per series geometry); a refused
+        geometry names the stream field and the fix."""
         key = (series.token, tuple(frame_shape))
         cached = self._geometry.get(key)
         if cached is None:
@@ -463,14 +464,13 @@ class Pipeline:
             except cal.CalibrationError as exc:
                 hint = geometry_hint(series, override, exc)
                 raise cal.CalibrationError(exc.reason, f"{exc.message} ({hint})" if hint else exc.message) from None
-            method = self.config.calibration.method
-            if method == "auto":
-                method = cal.auto_method(g, self.training)
-                log.info("series %s: calibration method %s (one training-grid pixel spans %.2f detector pixels; "
-                         "calibration.method = \"auto\")", series.series_id, method, cal.footprint_px(g, self.training))
-            cached = self._geometry[key] = (g, method)
-            log.info("series %s calibration geometry: %s", series.series_id, g)
-        return cached
+            auto = cal.auto_method(g, self.training)
+            cached = self._geometry[key] = (g, auto)
+            log.info("series %s calibration geometry: %s; calibration.method \"auto\" means %s for it (one "
+                     "training-grid pixel spans %.2f detector pixels)", series.series_id, g, auto,
+                     cal.footprint_px(g, self.training))
+        method = self.config.calibration.method  # read per frame: a reload applies at once
+        return cached[0], cached[1] if method == "auto" else method
 
     def _mask_file(self, series, channel: str, shape) -> str | None:
         key = (series.token, channel)

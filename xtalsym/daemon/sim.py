@@ -16,6 +16,15 @@ rendered counts on disk, keyed by the structure file, geometry and realism.
 Every image carries the truth in ``user_data``: ``sample_id``, ``axis``, ``space_group``,
 ``symbol``, ``material_id``, ``formula``, ``sent`` (Unix time). Used by the daemon's tests,
 ``benchmarks/daemon.py`` and ``xtalsym detector-sim``.
+
+On request it reproduces what real (EIGER-compatible) streams were seen to do, one option
+each (:class:`DetectorSim` fields; ``xtalsym detector-sim --help``): no ``user_data``
+(``user_data=False``), the distance only as a ``detector_translation`` (negative z too) or
+not at all (``distance_field``), a start whose pixel mask and flatfield arrive in an
+unexpected encoding (``odd_mask_encoding``: V2 raw bytes instead of tagged arrays, V1
+``pixelmask-1.0`` / ``flatfield-1.0`` htypes), the start and image 0 as one two-part
+message (``start_with_first_image``), a fixed ``series_unique_id`` reused across series
+(``unique_id``) and every ``end`` sent twice (``duplicate_end``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from xtalsym.offline import simulate, structures
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:31001"
+DISTANCE_FIELDS = ("distance", "translation", "negative_translation", "none")
 COUNTS_PEAK = 10000  # brightest pixel without noise (uint16 frames)
 
 
@@ -185,6 +195,13 @@ class DetectorSim:
     bad_every: int = 0  # after every N images, one undecodable message
     compression: str = "bslz4"
     skip_axes: dict[str, str] = field(default_factory=dict)  # sample_id prefix -> axes not sent
+    # behaviours seen from real streams, reproduced on request (module docstring)
+    user_data: bool = True  # False: images carry no user_data (no axis, no sample id, no truth)
+    distance_field: str = "distance"  # "distance" | "translation" | "negative_translation" | "none"
+    odd_mask_encoding: bool = False  # the start's mask + flatfield in an encoding the spec does not use
+    start_with_first_image: bool = False  # start and image 0 in one ZeroMQ message (two parts)
+    unique_id: str | None = None  # series_unique_id to send (None: a fresh one); reuse it across series
+    duplicate_end: bool = False  # send every end message twice
 
     def __post_init__(self) -> None:
         if sorted(self.axis_order) != ["x", "y", "z"]:
@@ -195,7 +212,9 @@ class DetectorSim:
                 self.geometry.pixels_x, self.geometry.pixels_y):
             raise ValueError(f"layout {self.layout.name} is {self.layout.pixels_x} x {self.layout.pixels_y} pixels, "
                              f"the geometry {self.geometry.pixels_x} x {self.geometry.pixels_y}")
-        self.series_unique_id = uuid.uuid4().hex
+        if self.distance_field not in DISTANCE_FIELDS:
+            raise ValueError(f"distance_field must be one of {DISTANCE_FIELDS}, got {self.distance_field!r}")
+        self.series_unique_id = self.unique_id or uuid.uuid4().hex
         self.samples: list[SimSample] = []
         for source in self.sources:
             for path in _structure_files(Path(source)):
@@ -238,14 +257,20 @@ class DetectorSim:
         return counts
 
     def pixel_mask(self) -> np.ndarray | None:
-        if not self.gap_rows and self.layout is None:
+        if not self.gap_rows and self.layout is None and not self.odd_mask_encoding:
             return None
         mask = np.zeros((self.geometry.pixels_y, self.geometry.pixels_x), np.uint32)
         if self.layout is not None:
             mask |= self.layout.mask
         if self.gap_rows:
-            mask[self.gap_rows[0]:self.gap_rows[1]] |= MASK_GAP
+            mask[self.gap_rows[0]:self.gap_rows[1]] |= MASK_GAP  # DECTRIS bit 0: gap
         return mask
+
+    def flatfield(self) -> np.ndarray | None:
+        """A flat flatfield, sent only with ``odd_mask_encoding`` (to be ignored by the daemon)."""
+        if not self.odd_mask_encoding:
+            return None
+        return np.ones((self.geometry.pixels_y, self.geometry.pixels_x), np.float32)
 
     def number_of_images(self) -> int:
         n = 0
@@ -258,27 +283,45 @@ class DetectorSim:
 
     def start_message(self) -> list[bytes]:
         geo = self.geometry.stream_geometry()
+        if self.distance_field != "distance":  # the distance only as a translation, or not at all
+            geo["detector_distance_m"] = None
         ud = {"source": "xtalsym detector-sim", "samples": len(self.samples) * self.repeat}
-        mask = self.pixel_mask()
+        mask, flatfield = self.pixel_mask(), self.flatfield()
         if self.protocol == "stream_v2":
+            extra = {}
+            if self.distance_field in ("translation", "negative_translation"):
+                z = self.geometry.distance_m * (-1 if self.distance_field == "negative_translation" else 1)
+                extra["detector_translation"] = [0.0, 0.0, z]
+            if self.odd_mask_encoding:  # raw bytes where the spec has a tagged array
+                extra["pixel_mask"] = {"threshold_1": mask.tobytes()}
+                extra["flatfield"] = {"threshold_1": flatfield.tobytes()}
             return proto.encode_stream_v2_start(
                 series_id=self.series_id, series_unique_id=self.series_unique_id, geometry=geo,
                 channels=["threshold_1"], image_dtype="uint16", number_of_images=self.number_of_images(),
-                user_data=ud, pixel_mask=None if mask is None else {"threshold_1": mask})
+                user_data=ud, pixel_mask=None if mask is None else {"threshold_1": mask}, extra=extra)
         if self.protocol == "stream_v1":
             config = {"beam_center_x": geo["beam_center_x_px"], "beam_center_y": geo["beam_center_y_px"],
                       "x_pixel_size": geo["pixel_size_x_m"], "y_pixel_size": geo["pixel_size_y_m"],
-                      "wavelength": geo["wavelength_m"] * 1e10, "detector_distance": geo["detector_distance_m"],
+                      "wavelength": geo["wavelength_m"] * 1e10,
                       "x_pixels_in_detector": geo["image_size_x_px"], "y_pixels_in_detector": geo["image_size_y_px"],
                       "nimages": self.number_of_images(), "ntrigger": 1, "bit_depth_image": 16}
-            return proto.encode_stream_v1_header(series_id=self.series_id, config=config,
-                                                 header_detail="all" if mask is not None else "basic",
-                                                 pixel_mask=mask, appendix=ud)
+            if geo["detector_distance_m"] is not None:
+                config["detector_distance"] = geo["detector_distance_m"]
+            parts = proto.encode_stream_v1_header(series_id=self.series_id, config=config,
+                                                  header_detail="all" if mask is not None else "basic",
+                                                  pixel_mask=mask, flatfield=flatfield, appendix=ud)
+            if self.odd_mask_encoding:  # the V1 htypes without their "d" (seen: flatfield-1.0)
+                parts = [p.replace(b'"htype": "dflatfield-1.0"', b'"htype": "flatfield-1.0"')
+                          .replace(b'"htype": "dpixelmask-1.0"', b'"htype": "pixelmask-1.0"') if p[:1] == b"{" else p
+                         for p in parts]
+            return parts
         return proto.encode_native_start(series_id=self.series_id, series_unique_id=self.series_unique_id,
                                          geometry=geo, channels=["image"], dtype="<u2",
                                          number_of_images=self.number_of_images(), user_data=ud)
 
-    def image_message(self, image_id: int, array: np.ndarray, user_data: dict) -> list[bytes]:
+    def image_message(self, image_id: int, array: np.ndarray, user_data: dict | None) -> list[bytes]:
+        if not self.user_data:
+            user_data = None
         if self.protocol == "stream_v2":
             return proto.encode_stream_v2_image(series_id=self.series_id, series_unique_id=self.series_unique_id,
                                                 image_id=image_id, data={"threshold_1": array},
@@ -310,12 +353,22 @@ class DetectorSim:
 
     def messages(self) -> Iterator[list[bytes]]:
         """start, images (with bad messages interleaved when bad_every), end."""
-        yield self.start_message()
+        start = self.start_message()
         for n, (image_id, array, ud) in enumerate(self.images(), 1):
-            yield self.image_message(image_id, array, {**ud, "sent": time.time()})
+            image = self.image_message(image_id, array, {**ud, "sent": time.time()})
+            if start is not None and self.start_with_first_image:
+                image, start = [*start, *image], None
+            elif start is not None:
+                yield start
+                start = None
+            yield image
             if self.bad_every and n % self.bad_every == 0:
                 yield [b"\xd9\xd9\xf7this is not a frame"]
+        if start is not None:
+            yield start
         yield self.end_message()
+        if self.duplicate_end:
+            yield self.end_message()
 
     def write_hdf5(self, prefix: str | Path, *, frames_per_file: int = 100, omit: Sequence[str] = ()) -> Path:
         """The series as an EIGER records it (:func:`write_eiger_hdf5`), image ids in order; no user_data."""

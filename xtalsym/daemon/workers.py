@@ -126,6 +126,7 @@ def init_worker(log_queue=None, level: int = logging.INFO) -> None:
         root = logging.getLogger()
         root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
         root.setLevel(level)
+        logging.captureWarnings(True)  # Python warnings (numpy, OpenCV bindings) too, as "py.warnings" records
 
     cv2.setNumThreads(1)
     threadpool_limits(1)

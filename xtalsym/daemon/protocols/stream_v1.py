@@ -200,15 +200,14 @@ def _header(head: dict, frames: list, max_pixels: int) -> tuple[SeriesStart, lis
         htype = part.get("htype")
         kind = ARRAY_PART_HTYPES.get(htype) if isinstance(htype, str) else None  # a list is unhashable
         if kind is None:
-            if not rest:
-                user_data = part  # header appendix, always the last part
+            following = _json_or_none(rest[0]) if rest else None
+            if not rest or (following or {}).get("htype") == "dimage-1.0":
+                user_data = part  # header appendix, always the header's last part
                 break
-            following = _json_or_none(rest[0])
-            if following is None or following.get("htype") == "dimage-1.0":
+            if following is None:
                 # an array part under a name we do not know (seen: "flatfield-1.0" for
                 # "dflatfield-1.0"); its blob follows: leave both out, keep the series
-                if following is None:
-                    rest.pop(0)
+                rest.pop(0)
                 warnings.append(f"header part htype {_short(htype)} is not one of {sorted(ARRAY_PART_HTYPES)}: "
                                 "ignored with its data part")
                 continue
