@@ -208,12 +208,12 @@ class DetectorSim:
             raise ValueError(f"axis_order must be a permutation of xyz, got {self.axis_order!r}")
         if self.protocol not in proto.PROTOCOLS:
             raise ValueError(f"protocol must be one of {proto.PROTOCOLS}, got {self.protocol!r}")
+        if self.distance_field not in DISTANCE_FIELDS:
+            raise ValueError(f"distance_field must be one of {DISTANCE_FIELDS}, got {self.distance_field!r}")
         if self.layout is not None and (self.layout.pixels_x, self.layout.pixels_y) != (
                 self.geometry.pixels_x, self.geometry.pixels_y):
             raise ValueError(f"layout {self.layout.name} is {self.layout.pixels_x} x {self.layout.pixels_y} pixels, "
                              f"the geometry {self.geometry.pixels_x} x {self.geometry.pixels_y}")
-        if self.distance_field not in DISTANCE_FIELDS:
-            raise ValueError(f"distance_field must be one of {DISTANCE_FIELDS}, got {self.distance_field!r}")
         self.series_unique_id = self.unique_id or uuid.uuid4().hex
         self.samples: list[SimSample] = []
         for source in self.sources:
@@ -263,7 +263,7 @@ class DetectorSim:
         if self.layout is not None:
             mask |= self.layout.mask
         if self.gap_rows:
-            mask[self.gap_rows[0]:self.gap_rows[1]] |= MASK_GAP  # DECTRIS bit 0: gap
+            mask[self.gap_rows[0]:self.gap_rows[1]] |= MASK_GAP
         return mask
 
     def flatfield(self) -> np.ndarray | None:
