@@ -157,7 +157,7 @@ def register(commands) -> None:
     p.add_argument("--distance-m", type=float, help="sample-to-detector distance in metres: default 0.3, or the layout's (3.0 m for a 4M, 6.0 m for a 16M)")
     p.add_argument("--layout", choices=("eiger2-500k", "eiger2-1m", "eiger2-4m", "eiger2-9m", "eiger2-16m"),
                    help="an EIGER2 face: its size, module gaps and dead/noisy pixels (in the frames and the "
-                        "pixel mask); use calibration.method = \"area\" for 4M and 16M")
+                        "pixel mask); calibration.method = \"auto\" (the default) picks area for 4M and 16M")
     p.add_argument("--cache-dir", help="keep rendered frames here (a 16M frame takes ~1 min per axis to render)")
     p.add_argument("--wavelength-m", type=float, default=3.5e-12, help="wavelength in metres (default %(default)s)")
     p.add_argument("--beam-center", type=float, nargs=2, metavar=("X", "Y"),
