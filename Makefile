@@ -35,7 +35,8 @@ test: setup
 # ruff (configured in pyproject.toml): lint everything; the formatter's check covers the
 # folders already formatted (the rest is formatted in one commit once parallel work has
 # landed, so that no branch has to merge a whole-tree reformat).
-FORMATTED := xtalsym/cli xtalsym/index xtalsym/testing.py xtalsym/progress.py xtalsym/offline/samples.py \
+FORMATTED := xtalsym/cli/__init__.py xtalsym/cli/data.py xtalsym/cli/index.py xtalsym/cli/model.py \
+             xtalsym/cli/train.py xtalsym/index xtalsym/testing.py xtalsym/progress.py xtalsym/offline/samples.py \
              xtalsym/offline/images.py xtalsym/daemon/endpoints.py xtalsym/daemon/client.py \
              xtalsym/daemon/overload.py xtalsym/daemon/series_files.py \
              tests/daemon/conftest.py tests/cli/test_user_errors.py tests/test_install.py
