@@ -259,7 +259,7 @@ def _check_or_write_metadata(out: Path, config: BuildConfig, inputs: dict, overw
         for key in ("format_version", "config", "inputs"):
             if existing.get(key) != wanted[key]:
                 raise DatasetError(
-                    f"{out} holds a dataset built with other settings: "
+                    f"{out} holds a dataset built with other {key}: "
                     f"{_first_difference(existing.get(key), wanted[key], key)}; choose another --out, rerun "
                     f"with the same settings to resume, or pass --overwrite"
                 )
