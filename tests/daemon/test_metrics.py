@@ -108,7 +108,7 @@ def test_health_verdicts():
 
 def fake_pipeline(state: str, beats: dict) -> SimpleNamespace:
     return SimpleNamespace(state=state, ready=state == "running", heartbeat=lambda: beats,
-                           model={"model_id": "m1"}, metrics=Metrics())
+                           model_info={"model_id": "m1"}, metrics=Metrics())
 
 
 @pytest.mark.parametrize("state, beats, healthz, readyz", [
