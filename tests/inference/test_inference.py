@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -109,13 +110,17 @@ def test_absent_views_are_ignored(bundle, batch, name):
 
 
 def test_auto_on_this_host_logs_its_choice(bundle, caplog):
-    caplog.set_level(logging.INFO, logger="xtalsym.inference")
+    caplog.set_level(logging.DEBUG, logger="xtalsym.inference")
     backend = select_backend(bundle, "auto")
     assert backend.name in ("tensorrt", "onnxruntime", "torch")
     assert "inference backend" in caplog.text
     if not torch.cuda.is_available():
         assert (backend.name, backend.device) == ("onnxruntime", "cpu")
         assert "tensorrt on cuda skipped" in caplog.text and "torch on cuda skipped" in caplog.text
+        if not os.path.exists("/dev/nvidia0") and shutil.which("nvidia-smi") is None:
+            # a CPU host: the GPU install hints are one DEBUG line, nothing at INFO
+            hints = [r for r in caplog.records if "skipped" in r.getMessage()]
+            assert len(hints) == 1 and hints[0].levelno == logging.DEBUG
     cpu = select_backend(bundle, "auto", device="cpu")
     assert cpu.device == "cpu" and cpu.name == "onnxruntime"
 

@@ -101,12 +101,12 @@ def select_backend(
             extra = cpu_options(candidate, cpu_threads) if cpu_threads and dev == "cpu" else {}
             backend = make_backend(bundle, candidate, device=dev, **extra)
         except BackendUnavailable as exc:
-            skipped.append(f"{candidate}/{dev}: {exc}")
+            skipped.append(f"{candidate} on {dev} skipped: {exc}")
             continue
         # The skipped candidates carry install hints (TensorRT, onnxruntime-gpu): worth
         # reading on a GPU host, noise on a CPU one, where they go to one DEBUG line.
-        log.log(logging.INFO if _gpu_present() else logging.DEBUG, "auto backend: skipped %s",
-                "; ".join(skipped) or "none")
+        log.log(logging.INFO if _gpu_present() else logging.DEBUG, "auto backend: %s",
+                "; ".join(skipped) or "nothing skipped")
         log.info("inference backend: %r (auto)", backend)
         return backend
     raise BackendUnavailable("no inference backend works here: " + "; ".join(skipped))
