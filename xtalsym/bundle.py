@@ -8,6 +8,8 @@ Layout (every file but ``manifest.json`` and ``.cache/`` is listed in the manife
     settings.json     geometry + shaping the model was trained with, input layout
     card.json, MODEL_CARD.md (+ any other plain file of the release, e.g. a PNG)
     index/            optional reference index (xtalsym.index); index/index.json has "model_id"
+    fusion.json       optional fusion parameters (xtalsym.fusion): the calibrated 230-group
+                      posterior; a bundle without it predicts with the model alone
     manifest.json     format, xtalsym version, model_id, SHA-256 + size of every file
     .cache/           not part of the bundle: TensorRT engines and timing caches
 
@@ -49,6 +51,7 @@ SETTINGS_FILE = "settings.json"
 CARD_FILE = "card.json"
 CARD_MD_FILE = "MODEL_CARD.md"
 INDEX_DIR = "index"
+FUSION_FILE = "fusion.json"  # the same name as xtalsym.fusion.FUSION_FILE
 INDEX_META = "index.json"
 CACHE_DIR = ".cache"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, SETTINGS_FILE, CARD_FILE, CARD_MD_FILE)
@@ -167,6 +170,11 @@ class Bundle:
         return self.path / INDEX_DIR if self.manifest.get("index") else None
 
     @property
+    def fusion_path(self) -> Path | None:
+        """The fusion parameters (verified with the rest), or None for a bundle without them."""
+        return self.path / FUSION_FILE if self.manifest.get("fusion") else None
+
+    @property
     def cache_dir(self) -> Path:
         """Where engines are cached: ``.cache/`` inside the bundle if writable, else the user cache."""
         inside = self.path / CACHE_DIR
@@ -254,7 +262,26 @@ def verify_bundle(path: str | os.PathLike) -> dict:
         _check_index_matches(root / INDEX_DIR, manifest["model_id"], f"bundle {root}")
     elif any(name.startswith(INDEX_DIR + "/") for name in manifest["files"]):
         raise _bad_manifest(root, f"files under {INDEX_DIR}/ are listed but \"index\" is not set")
+    if manifest.get("fusion"):
+        if FUSION_FILE not in manifest["files"]:
+            raise _bad_manifest(root, f"\"fusion\" is set but {FUSION_FILE} is not listed")
+        _check_fusion(root / FUSION_FILE, manifest.get("classes"), f"bundle {root}")
+    elif FUSION_FILE in manifest["files"]:
+        raise _bad_manifest(root, f"{FUSION_FILE} is listed but \"fusion\" is not set")
     return manifest
+
+
+def _check_fusion(path: Path, classes: list | None, where: str) -> dict:
+    """Refuse fusion parameters that do not parse or were fitted for other classes."""
+    from xtalsym.fusion import FusionError, FusionParams
+
+    try:
+        params = FusionParams.load(path)
+    except FusionError as exc:
+        raise BundleError(f"{where}: {FUSION_FILE}: {exc}") from None
+    if classes is not None and [int(c) for c in params.classes] != [int(c) for c in classes]:
+        raise BundleError(f"{where}: {FUSION_FILE} was fitted for other classes than the model's")
+    return {"file": FUSION_FILE, "format": params.to_json()["format"], "fitted": params.fitted.get("split", "")}
 
 
 def load_bundle(path: str | os.PathLike | None = None, *, verify: bool = True) -> Bundle:
@@ -383,6 +410,8 @@ def build_bundle(
         if index_dir is not None:
             _copy_index(Path(index_dir), tmp / INDEX_DIR, model_id)
             index_info = {"dir": INDEX_DIR, "model_id": model_id}
+        fusion_info = _check_fusion(tmp / FUSION_FILE, classes, f"release {release_dir}") \
+            if (tmp / FUSION_FILE).is_file() else None
         base = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "release": extra.get("release") or release_dir.name,
@@ -390,6 +419,7 @@ def build_bundle(
             "classes": classes,
             "onnx": onnx_info,
             "index": index_info,
+            "fusion": fusion_info,
         }
         _write_manifest(tmp, base)
         verify_bundle(tmp)
@@ -416,6 +446,37 @@ def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
         _copy_index(Path(index_dir), tmp / INDEX_DIR, manifest["model_id"])
         base = {k: v for k, v in manifest.items() if k not in ("files", "format", "xtalsym_version", "model_id")}
         base["index"] = {"dir": INDEX_DIR, "model_id": manifest["model_id"]}
+        _write_manifest(tmp, base)
+        verify_bundle(tmp)
+        cache = root / CACHE_DIR
+        if cache.is_dir():
+            shutil.copytree(cache, tmp / CACHE_DIR)
+        _swap_in(tmp, root, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def add_fusion(bundle: str | os.PathLike, params_file: str | os.PathLike) -> Path:
+    """Put (or replace) the fusion parameters of an existing bundle and re-write its manifest.
+
+    The parameters are refused (BundleError) unless they parse and were fitted for the
+    bundle's classes; the new bundle is assembled beside the old one and swapped in.
+    """
+    root = Path(bundle)
+    manifest = verify_bundle(root)
+    params_file = Path(params_file)
+    if not params_file.is_file():
+        raise BundleError(f"fusion parameters {params_file} do not exist")
+    info = _check_fusion(params_file, manifest.get("classes"), f"fusion parameters {params_file}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.add-fusion-", dir=root.parent))
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(root, tmp, ignore=shutil.ignore_patterns(CACHE_DIR, MANIFEST), symlinks=False)
+        shutil.copyfile(params_file, tmp / FUSION_FILE)
+        base = {k: v for k, v in manifest.items() if k not in ("files", "format", "xtalsym_version", "model_id")}
+        base["fusion"] = info
         _write_manifest(tmp, base)
         verify_bundle(tmp)
         cache = root / CACHE_DIR
@@ -468,6 +529,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "ENV_BUNDLE",
+    "add_fusion",
     "add_index",
     "build_bundle",
     "default_bundle_path",
