@@ -100,7 +100,7 @@ def absence_rules(group: int, zone: str) -> AbsenceRules:
     for rot, t in zip(*_operations(group)):
         d = a @ (rot - np.eye(3, dtype=np.int64))  # [m n] @ d = 0 for fixed nodes
         pu, pv = float(a[0] @ t), float(a[1] @ t)
-        rank = np.linalg.matrix_rank(d.astype(float))
+        rank = 0 if not d.any() else (1 if not np.cross(d[0], d[1]).any() else 2)
         if rank == 0:
             if abs(pu - round(pu)) > 1e-6 or abs(pv - round(pv)) > 1e-6:
                 plane_rules.add((_frac(pu), _frac(pv)))
@@ -165,3 +165,33 @@ def intensity_ops(group: int, zone: str) -> IntensityOps:
             line = 0.5 * math.degrees(math.atan2(q[0, 1], q[0, 0])) % 180
             mirrors.add(round(line % 180, 3) % 180)
     return IntensityOps(order, tuple(sorted(mirrors)))
+
+
+@lru_cache(maxsize=None)
+def apparent_divisors(group: int) -> tuple[int, int, int]:
+    """(p, q, r): the zones of ``group`` look like a cell (a/p, b/q, c/r) — the gcd of h, k, l over
+    the present nodes of its zones (symmetry.apparent_cell_divisors, from these fast rules)."""
+    metric = symmetry.metric_class(group)
+    w = symmetry.INDEX_WINDOW
+    g = np.arange(-w, w + 1)
+    mm, nn = (x.ravel() for x in np.meshgrid(g, g, indexing="ij"))
+    gcds = [0, 0, 0]
+    for zone in ZONES:
+        plane = zone_plane(metric, zone)
+        if plane.rank == 0:
+            continue
+        m, n = (mm, nn) if plane.rank == 2 else (g, np.zeros_like(g))
+        present = ~absence_rules(group, zone).absent(m, n) & ((m != 0) | (n != 0))
+        if plane.rank == 1:
+            present &= _row_present(group, zone, m)
+        hkl = np.outer(m[present], plane.basis_hkl[0]) + np.outer(n[present], plane.basis_hkl[1])
+        for i in range(3):
+            gcds[i] = math.gcd(gcds[i], int(np.gcd.reduce(np.abs(hkl[:, i])))) if len(hkl) else gcds[i]
+    return tuple(x or 1 for x in gcds)
+
+
+def _row_present(group: int, zone: str, m: np.ndarray) -> np.ndarray:
+    """Present nodes of a rank-1 zone (a row), from the full operations."""
+    plane = zone_plane(symmetry.metric_class(group), zone)
+    hkl = np.outer(m, plane.basis_hkl[0])
+    return ~symmetry.absent_mask(group, hkl)
