@@ -173,8 +173,12 @@ class FusionParams:
 
     classes: list[int]
     prior_counts: np.ndarray  # (230,) training materials per group
-    weights: dict[int, dict[str, float]]  # views present (1, 2, 3) -> feature -> weight
+    weights: dict[int, dict[str, float]]  # views present (1, 2, 3) -> feature -> weight (with evidence)
     temperature: dict[int, float]  # views present -> MSDN temperature
+    # the same fitted without evidence: used when a prediction has none (a caller that cannot
+    # measure it), so that its absence is not read as "uninformative evidence"
+    weights_no_evidence: dict[int, dict[str, float]] = field(default_factory=dict)
+    temperature_no_evidence: dict[int, float] = field(default_factory=dict)
     evidence_clip: float = 20.0
     decide_at: float = DEFAULT_DECIDE_AT
     cell_known: bool = True
@@ -194,6 +198,9 @@ class FusionParams:
             "prior_counts": [int(c) for c in self.prior_counts],
             "weights": {str(k): {f: float(v[f]) for f in FEATURES} for k, v in sorted(self.weights.items())},
             "temperature": {str(k): float(v) for k, v in sorted(self.temperature.items())},
+            "weights_no_evidence": {str(k): {f: float(v[f]) for f in FEATURES}
+                                    for k, v in sorted(self.weights_no_evidence.items())},
+            "temperature_no_evidence": {str(k): float(v) for k, v in sorted(self.temperature_no_evidence.items())},
             "evidence_clip": float(self.evidence_clip),
             "decide_at": float(self.decide_at),
             "cell_known": bool(self.cell_known),
@@ -210,11 +217,15 @@ class FusionParams:
         try:
             weights = {int(k): {f: float(v[f]) for f in FEATURES} for k, v in data["weights"].items()}
             temperature = {int(k): float(v) for k, v in data["temperature"].items()}
+            weights_ne = {int(k): {f: float(v[f]) for f in FEATURES} for k, v in data.get("weights_no_evidence", {}).items()}
+            temperature_ne = {int(k): float(v) for k, v in data.get("temperature_no_evidence", {}).items()}
             params = cls(
                 classes=[int(c) for c in data["classes"]],
                 prior_counts=np.asarray(data["prior_counts"], dtype=np.float64),
                 weights=weights,
                 temperature=temperature,
+                weights_no_evidence=weights_ne,
+                temperature_no_evidence=temperature_ne,
                 evidence_clip=float(data.get("evidence_clip", 20.0)),
                 decide_at=float(data.get("decide_at", DEFAULT_DECIDE_AT)),
                 cell_known=bool(data.get("cell_known", True)),
@@ -230,7 +241,9 @@ class FusionParams:
         missing = [k for k in (1, 2, 3) if k not in params.weights or k not in params.temperature]
         if missing:
             raise FusionError(f"{where}: no weights for {missing} view(s)")
-        if any(t <= 0 for t in params.temperature.values()):
+        if set(params.weights_no_evidence) != set(params.temperature_no_evidence):
+            raise FusionError(f"{where}: weights_no_evidence and temperature_no_evidence list different view counts")
+        if any(t <= 0 for t in list(params.temperature.values()) + list(params.temperature_no_evidence.values())):
             raise FusionError(f"{where}: temperatures must be > 0, got {params.temperature}")
         for c in params.classes:
             spacegroups.check_number(c)
@@ -431,8 +444,7 @@ class Fusion:
     def posterior(self, view_logits: np.ndarray, present: np.ndarray | None = None,
                   evidence_loglik: np.ndarray | None = None) -> np.ndarray:
         """(B, 230) posterior from per-view MSDN logits (B, 3, C), views present (B, 3)
-        (None: all) and evidence log-likelihoods (B, 230) or None. Rows with no view get
-        the prior (the evidence, if any, alone)."""
+        (None: all) and evidence log-likelihoods (B, 230) or None."""
         view_logits = np.asarray(view_logits, dtype=np.float64)
         if view_logits.ndim == 2:
             view_logits = view_logits[None]
@@ -440,30 +452,46 @@ class Fusion:
         if classes != len(self.params.classes) or views != 3:
             raise FusionError(f"view logits must have shape (B, 3, {len(self.params.classes)}), got {view_logits.shape}")
         present = np.ones((batch, 3), dtype=bool) if present is None else np.broadcast_to(np.asarray(present, dtype=bool), (batch, 3))
-        counts = present.sum(axis=1)
         summed = (view_logits * present[..., None]).sum(axis=1)
-        out = np.zeros((batch, N_GROUPS))
+        return self.posterior_summed(summed, present.sum(axis=1), evidence_loglik)
+
+    def posterior_summed(self, logits: np.ndarray, n_views: np.ndarray | int,
+                         evidence_loglik: np.ndarray | None = None) -> np.ndarray:
+        """(B, 230) posterior from the MSDN's summed logits over the views present (B, C), as
+        the inference backends return them, the number of those views (B,), and evidence
+        (B, 230) or None. Rows with no view get the prior (or the evidence alone)."""
+        logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+        batch, classes = logits.shape
+        if classes != len(self.params.classes):
+            raise FusionError(f"logits must have {len(self.params.classes)} columns (the model's classes), got {classes}")
+        counts = np.broadcast_to(np.asarray(n_views, dtype=np.int64), (batch,))
+        if ((counts < 0) | (counts > 3)).any():
+            raise FusionError(f"the number of views must be 0-3, got {sorted(set(counts.tolist()))}")
         ev = None
         if evidence_loglik is not None:
             ev = np.asarray(evidence_loglik, dtype=np.float64)
             if ev.shape not in ((N_GROUPS,), (batch, N_GROUPS)):
                 raise FusionError(f"evidence log-likelihoods must have shape ({batch}, 230), got {ev.shape}")
             ev = np.broadcast_to(ev, (batch, N_GROUPS))
+        with_ev = ev is not None or not self.params.weights_no_evidence
+        weights = self.params.weights if with_ev else self.params.weights_no_evidence
+        temperature = self.params.temperature if with_ev else self.params.temperature_no_evidence
+        out = np.zeros((batch, N_GROUPS))
         for k in np.unique(counts):
             rows = np.flatnonzero(counts == k)
             if k == 0:
                 s = np.zeros((len(rows), N_GROUPS)) + self.log_prior_train
                 if ev is not None:
-                    # no view at all: the evidence alone can speak, at the 1-view weight
+                    # no view of the model at all: the evidence alone can speak, at the 1-view weight
                     feats = feature_tensor(np.zeros((len(rows), classes)), ev[rows], classes=self.params.classes,
                                            temperature=1.0, evidence_clip=self.params.evidence_clip,
                                            log_prior_train=self.log_prior_train, tables=self.tables)
                     s = s + self.params.weights[1]["evidence"] * feats[..., 5]
             else:
-                feats = feature_tensor(summed[rows], None if ev is None else ev[rows], classes=self.params.classes,
-                                       temperature=self.params.temperature[int(k)], evidence_clip=self.params.evidence_clip,
+                feats = feature_tensor(logits[rows], None if ev is None else ev[rows], classes=self.params.classes,
+                                       temperature=temperature[int(k)], evidence_clip=self.params.evidence_clip,
                                        log_prior_train=self.log_prior_train, tables=self.tables)
-                s = scores(feats, self.params.weights[int(k)])
+                s = scores(feats, weights[int(k)])
             s = s + self.log_prior_shift
             out[rows] = np.exp(_log_softmax(s))
         return out

@@ -79,6 +79,7 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.index = index
+        self.fusion = _load_fusion(bundle)
         self.context = context or zmq.Context.instance()
         self.training = cal.TrainingGeometry.from_bundle(bundle)
         self.size = int(bundle.image_size)
@@ -107,6 +108,7 @@ class Pipeline:
             "precision": getattr(backend, "precision", "?"),
             "classes": len(bundle.classes),
             "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+            "fusion": self.fusion is not None,
         }
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
@@ -223,10 +225,12 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
+            self.fusion = _load_fusion(bundle)
             self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
                           "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
                           "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
-                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id}}
+                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+                          "fusion": self.fusion is not None}
             self.config = config
             future.set_result(old)
 
@@ -545,14 +549,37 @@ class Pipeline:
                 self.metrics.stage("match", time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001
                 self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        fused: list[dict | None] = [None] * len(batch)
+        if self.fusion is not None:
+            t0 = time.perf_counter()
+            try:
+                fused = self._fuse(batch, result.logits, present)
+                self.metrics.stage("fuse", time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
+                self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
-        for request, probs, open_set in zip(batch, result.probabilities, open_sets):
+        for request, probs, open_set, fused_one in zip(batch, result.probabilities, open_sets, fused):
             message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
-                                         model=self.model, open_set=open_set)
+                                         model=self.model, open_set=open_set, fused=fused_one)
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
                 self.metrics.count("publish_dropped")
+
+    def _fuse(self, batch: list[Request], logits: np.ndarray, present: np.ndarray) -> list[dict]:
+        """The fusion's prediction for each request, from the summed logits of its views (and the
+        views' symmetry evidence when the workers measured it)."""
+        evidence = [_evidence_loglik(request) for request in batch]
+        out: list[dict] = []
+        for i, request in enumerate(batch):
+            ev = evidence[i]
+            post = self.fusion.posterior_summed(logits[i][None], int(present[i].sum()),
+                                                None if ev is None else ev[0][None])[0]
+            prediction = self.fusion.describe(post, views=request.axes, evidence_used=ev is not None,
+                                              warnings=[] if ev is None else ev[1],
+                                              evidence_decided=True if ev is None else ev[2])
+            out.append(prediction.to_json())
+        return out
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()
@@ -561,3 +588,25 @@ class Pipeline:
         snap["duplicate_axes"] = self.assembler.duplicates
         snap["model_id"] = self.bundle.model_id
         return snap
+
+
+def _load_fusion(bundle):
+    """The bundle's fusion (None for a bundle without fusion.json: the model's answer only)."""
+    from xtalsym.fusion import load_fusion
+
+    engine = load_fusion(bundle)
+    log.info("bundle %s: %s", bundle.path, "fusion over 230 groups" if engine is not None
+             else "no fusion parameters: predictions are the model's own softmax")
+    return engine
+
+
+def _evidence_loglik(request: Request):
+    """(group log-likelihoods (230,), warnings, decided) of a request's views, when every view
+    carries its frame evidence (``View.evidence``, measured by the workers); else None."""
+    frames = {axis: getattr(view, "evidence", None) for axis, view in request.views.items()}
+    if not frames or any(f is None for f in frames.values()):
+        return None
+    from xtalsym.evidence import combine
+
+    sample = combine(frames)
+    return np.asarray(sample.group_loglik, dtype=np.float64), list(sample.warnings), bool(sample.decided)

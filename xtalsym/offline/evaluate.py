@@ -582,9 +582,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--axes", help="classify with these zone axes only, e.g. x,z (multi-view models)")
     ev.set_defaults(handler=_cmd_evaluate)
 
-    pr = commands.add_parser("predict", help="top-5 space groups of one structure, simulated and shaped on the fly")
+    pr = commands.add_parser("predict", help="space group of one structure, simulated and shaped on the fly: the "
+                             "indistinguishable set, top groups, crystal system and Bravais lattice")
     pr.add_argument("structure", help="CIF file, or a JSON file holding a CIF or a pymatgen Structure")
-    pr.add_argument("--checkpoint", required=True)
+    model_source = pr.add_mutually_exclusive_group()
+    model_source.add_argument("--bundle", help="model bundle (default: the shipped one); its fusion gives the answer")
+    model_source.add_argument("--checkpoint", help="a training checkpoint instead of a bundle: the model alone")
+    pr.add_argument("--prior", default=None, help="fusion prior: training (default), flat, or a JSON file {group: weight}")
+    pr.add_argument("--no-evidence", action="store_true", help="do not measure the symmetry evidence")
     pr.add_argument("--axes", help="zone axes to use, e.g. x,y (default all three)")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
@@ -622,8 +627,76 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    model, classes, extra = load_model(args.checkpoint, device=device)
-    config = build_config_from(extra)
+    if args.checkpoint:
+        model, classes, extra = load_model(args.checkpoint, device=device)
+        return _predict_model_only(args, model, classes, build_config_from(extra), device)
+    from xtalsym import fusion
+    from xtalsym.bundle import load_bundle
+    from xtalsym.offline import fused
+
+    bundle = load_bundle(args.bundle)
+    model = bundle.load_model(map_location=device)
+    classes = bundle.classes
+    config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
+    engine = fusion.load_fusion(bundle, prior=args.prior)
+    if engine is None:
+        log.info("bundle %s has no fusion parameters: the model's own softmax over its %d classes", bundle.path, len(classes))
+        return _predict_model_only(args, model, classes, config, device)
+    labelled = structures.load_structure(args.structure, symprec=config.symprec)
+    axes = _axes(args.axes)
+    present_mask(axes, model)  # refuses unknown axes with one line
+    result = fused.predict_structure(model.to("cpu"), engine, labelled, config=config, axes=axes,
+                                     use_evidence=not args.no_evidence)
+    print_fused(labelled, result, classes, as_json=args.json)
+    return 0
+
+
+def print_fused(labelled: structures.LabelledStructure, result, classes: Sequence[int], *, as_json: bool) -> None:
+    """What `xtalsym predict` prints for a fused prediction (text or JSON)."""
+    prediction = result.prediction
+    verdict = prediction.truth_verdict(labelled.space_group)
+    evidence = result.evidence
+    if as_json:
+        payload = {
+            "material_id": labelled.material_id,
+            "true_space_group": labelled.space_group,
+            "truth": verdict,
+            "prediction": prediction.to_json(),
+            "evidence": evidence.to_json() if evidence is not None else None,
+        }
+        print(json.dumps(payload, indent=1))
+        return
+    known = "" if labelled.space_group in classes else " - not one of the model's classes"
+    print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}")
+    print(f"prediction: {prediction.headline()}")
+    print(f"truth {labelled.symbol}: {_VERDICT_TEXT[verdict]}")
+    print(f"crystal system: {prediction.crystal_system[0]} (p = {prediction.crystal_system[1]:.3f})   "
+          f"Bravais lattice: {prediction.bravais_lattice[0]} (p = {prediction.bravais_lattice[1]:.3f})")
+    if evidence is not None:
+        cell = ", ".join(f"{v:.3f}" for v in evidence.cell) if evidence.cell else "not measured"
+        print(f"evidence: cell {cell}; Bravais {evidence.bravais or 'undecided'}"
+              + (f"; {'; '.join(evidence.warnings)}" if evidence.warnings else ""))
+    print("top sets:")
+    for s in prediction.top_sets:
+        inside = ", ".join(f"{g.symbol} {g.probability:.3f}" for g in s.groups[:6])
+        print(f"  p = {s.probability:.3f}  {s.label}  [{inside}]")
+    print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}  model class")
+    for rank, g in enumerate(prediction.top_groups, 1):
+        print(f"{rank:>4}  {g.space_group:>3}  {g.symbol:<10} {spacegroups.crystal_system(g.space_group):<14} "
+              f"{g.probability:>11.4f}  {'yes' if g.in_model_classes else 'no'}")
+    print(f"prior: {prediction.prior}; views: {','.join(prediction.views)}; evidence "
+          f"{'used' if prediction.evidence_used else 'not used'}")
+
+
+_VERDICT_TEXT = {
+    "top-1": "the most probable group",
+    "in set": "in the predicted set (the data cannot separate it from the top group)",
+    "candidate": "among the candidates of an undecided prediction",
+    "wrong": "NOT in the predicted set",
+}
+
+
+def _predict_model_only(args: argparse.Namespace, model, classes, config: ds.BuildConfig, device: str) -> int:
     labelled = structures.load_structure(args.structure, symprec=config.symprec)
     top = predict_structure(model, classes, labelled, axes=_axes(args.axes), config=config, device=device)
     if args.json:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -253,10 +254,11 @@ def load_features(out: str | Path) -> Features:
     )
 
 
-def iter_patterns(out: str | Path, pixels: int = 256) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """(chunk, position, {axis: float pattern}) of every cached material, in load order."""
+def iter_patterns(out: str | Path, pixels: int = 256, *, only: Path | None = None
+                  ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """(chunk, position, {axis: float pattern}) of every cached material (or of chunk ``only``)."""
     out = Path(out)
-    for path in sorted(out.glob("chunk-*.npz")):
+    for path in [only] if only is not None else sorted(out.glob("chunk-*.npz")):
         with np.load(path) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             if not meta["rows"]:
@@ -273,6 +275,74 @@ def iter_patterns(out: str | Path, pixels: int = 256) -> Iterator[tuple[int, int
                     k = position * 3 + v
                     views[axis] = dense_pattern(idx[starts[k] : ends[k]], val[starts[k] : ends[k]], peaks[k], pixels)
                 yield index, position, views
+
+
+EVIDENCE_DIR = "evidence"
+VIEW_SUBSETS = tuple(m for m in itertools.product((False, True), repeat=3) if any(m))
+
+
+def mask_key(mask: Sequence[bool]) -> str:
+    """'101' for views x and z present."""
+    return "".join("1" if v else "0" for v in mask)
+
+
+def evidence_chunk(path: Path, out_dir: Path, q_per_pixel: float,
+                   subsets: Sequence[tuple[bool, ...]] = ((True, True, True),)) -> tuple[int, float]:
+    """Evidence log-likelihoods of every material of one feature chunk, for every view subset
+    (one frame analysis per view, combined per subset); written as evidence/<chunk>.npz."""
+    from threadpoolctl import threadpool_limits
+
+    from xtalsym.evidence import analyse_frame, combine
+
+    target = out_dir / path.name
+    if target.is_file():
+        return 0, 0.0
+    start = time.process_time()
+    index = int(path.stem.split("-")[1])
+    arrays: dict[str, list] = {f"loglik_{mask_key(m)}": [] for m in subsets}
+    arrays.update({f"decided_{mask_key(m)}": [] for m in subsets})
+    ids: list[str] = []
+    with threadpool_limits(1):
+        meta = None
+        for chunk, position, views in iter_patterns(path.parent, only=path):
+            if meta is None:
+                with np.load(path) as data:
+                    meta = json.loads(bytes(data["meta"]).decode())
+            needed = [a for i, a in enumerate(simulate.AXES) if any(m[i] for m in subsets)]
+            frames = {a: analyse_frame(views[a], axis=a, q_per_pixel=q_per_pixel, counts=False) for a in needed}
+            for m in subsets:
+                ev = combine({a: frames[a] for a, keep in zip(simulate.AXES, m) if keep})
+                arrays[f"loglik_{mask_key(m)}"].append(np.asarray(ev.group_loglik, dtype=np.float32))
+                arrays[f"decided_{mask_key(m)}"].append(bool(ev.decided))
+            ids.append(meta["rows"][position]["material_id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, material_id=np.array(ids), **{k: np.array(v) for k, v in arrays.items()})
+    os.replace(tmp, target)
+    return len(ids), time.process_time() - start
+
+
+def build_evidence(out: str | Path, *, q_per_pixel: float, workers: int = 1,
+                   subsets: Sequence[tuple[bool, ...]] = ((True, True, True),)) -> Path:
+    """Evidence for every finished feature chunk (resumable), then all of it in evidence.npz.
+    ``subsets``: the view subsets to combine (each costs ~0.13 CPU-s per material)."""
+    out = Path(out)
+    chunks = sorted(out.glob("chunk-*.npz"))
+    n_chunks = len(chunks)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for path, (n, seconds) in zip(chunks, pool.map(evidence_chunk, chunks, [out / EVIDENCE_DIR] * n_chunks,
+                                                        [q_per_pixel] * n_chunks, [tuple(subsets)] * n_chunks)):
+            if n:
+                log.info("evidence %s: %d materials, %.3f CPU-s per material", path.name, n, seconds / n)
+    merged: dict[str, list] = {}
+    for path in sorted((out / EVIDENCE_DIR).glob("chunk-*.npz")):
+        with np.load(path) as data:
+            for key in data.files:
+                merged.setdefault(key, []).append(data[key])
+    target = out / "evidence.npz"
+    np.savez_compressed(target, **{k: np.concatenate(v) for k, v in merged.items()})
+    return target
 
 
 def label_all(source: str | Path, out: str | Path, *, symprec: float = structures.DEFAULT_SYMPREC,
@@ -349,8 +419,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-chunks", type=int, default=None)
     parser.add_argument("--labels-only", action="store_true", help="only label every material (mp_labels.json)")
+    parser.add_argument("--evidence", action="store_true", help="compute the evidence of the cached patterns")
+    parser.add_argument("--subsets", default="111", help="view subsets for the evidence, e.g. 111,100,010,001")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.evidence:
+        from xtalsym.bundle import load_bundle
+        from xtalsym.offline.evaluate import build_config_from
+
+        bundle = load_bundle(args.bundle)
+        geometry = build_config_from({"dataset_config": bundle.settings["dataset_config"]}).geometry
+        subsets = [tuple(c == "1" for c in key) for key in args.subsets.split(",")]
+        path = build_evidence(args.out, q_per_pixel=geometry.q_per_pixel, workers=args.workers, subsets=subsets)
+        log.info("evidence written to %s", path)
+        return 0
     if args.labels_only:
         labels = label_all(args.source, Path(args.out) / "mp_labels.json")
         log.info("%d materials labelled", len(labels))

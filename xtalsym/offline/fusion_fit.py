@@ -103,9 +103,27 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
     """Fusion parameters fitted on validation materials (per-view logits (n, 3, C), groups (n,))."""
     tables = tables or fusion.symmetry_tables(cell_known)
     log_prior = np.log(fusion.training_prior(counts))
+    weights, temperature, report = _fit_per_views(view_logits, groups, evidence, classes=classes, log_prior=log_prior,
+                                                  tables=tables, use=use, evidence_clip=evidence_clip)
+    weights_ne, temperature_ne = {}, {}
+    if evidence is not None:  # the same without evidence, for callers that cannot measure it
+        weights_ne, temperature_ne, report_ne = _fit_per_views(
+            view_logits, groups, None, classes=classes, log_prior=log_prior, tables=tables,
+            use=[f for f in use if f != "evidence"], evidence_clip=evidence_clip)
+        report = {**report, "no_evidence": report_ne}
+    return fusion.FusionParams(
+        classes=[int(c) for c in classes], prior_counts=np.asarray(counts), weights=weights, temperature=temperature,
+        weights_no_evidence=weights_ne, temperature_no_evidence=temperature_ne,
+        evidence_clip=evidence_clip, cell_known=cell_known, sets=[list(m) for m in tables.sets],
+        bravais=[tables.bravais_names[i] for i in tables.bravais], fitted={**(fitted or {}), "per_views": report},
+    )
+
+
+def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables, use, evidence_clip):
     weights, temperature, report = {}, {}, {}
     for k in (1, 2, 3):
-        data = subset_samples(view_logits, groups, evidence, k)
+        ev_k = evidence if evidence is not None and all(tuple(bool(v) for v in m) in evidence for m in SUBSETS[k]) else None
+        data = subset_samples(view_logits, groups, ev_k, k)
         best = None
         with threadpool_limits(1):  # small matrices: BLAS threads only contend on a shared machine
             for t in TEMPERATURES:
@@ -117,13 +135,11 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
         t, w, nll = best
         weights[k], temperature[k] = w, t
         report[str(k)] = {"samples": int(len(data.target)), "nll": round(nll, 4), "temperature": round(t, 4)}
-        log.info("fusion fit, %d view(s): T = %.3f, NLL %.4f on %d samples, weights %s", k, t, nll, len(data.target),
+        log.info("fusion fit, %d view(s)%s: T = %.3f, NLL %.4f on %d samples, weights %s", k,
+                 "" if ev_k is not None else " (no evidence)", t, nll, len(data.target),
                  {f: round(v, 3) for f, v in w.items()})
-    return fusion.FusionParams(
-        classes=[int(c) for c in classes], prior_counts=np.asarray(counts), weights=weights, temperature=temperature,
-        evidence_clip=evidence_clip, cell_known=cell_known, sets=[list(m) for m in tables.sets],
-        bravais=[tables.bravais_names[i] for i in tables.bravais], fitted={**(fitted or {}), "per_views": report},
-    )
+        report[str(k)]["evidence"] = ev_k is not None
+    return weights, temperature, report
 
 
 # --------------------------------------------------------------------------- measuring
