@@ -28,31 +28,22 @@ from xtalsym.offline import fusion_data, fusion_fit  # noqa: E402
 
 log = logging.getLogger("benchmarks.fusion")
 PER_GROUP_CAP = 8
-VARIANTS = {
-    "msdn": None,  # the shipped model alone (softmax over its 72 classes)
-    "msdn+T+prior": ("msdn", "msdn_system", "msdn_bravais", "outside", "outside_entropy", "prior"),
-    "fusion": fusion.FEATURES,
-}
 
 
-def load_evidence(path: Path, material_ids: list[str]) -> dict[tuple, np.ndarray] | None:
-    """{present mask: (n, 230) evidence log-likelihoods} aligned with ``material_ids``, or None."""
+def load_evidence(path: Path, material_ids: list[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
+    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows)."""
     if not path.is_file():
-        return None
+        return np.zeros(0, dtype=np.int64), {}
     with np.load(path) as data:
-        ids = [str(m) for m in data["material_id"]]
-        where = {m: i for i, m in enumerate(ids)}
-        missing = [m for m in material_ids if m not in where]
-        if missing:
-            log.warning("evidence missing for %d of %d materials: not used", len(missing), len(material_ids))
-            return None
-        rows = np.array([where[m] for m in material_ids])
+        where = {str(m): i for i, m in enumerate(data["material_id"])}
+        rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
+        src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
         out = {}
         for key in data.files:
             if key.startswith("loglik_"):
                 mask = tuple(c == "1" for c in key.split("_")[1])
-                out[mask] = data[key][rows].astype(np.float64)
-    return out
+                out[mask] = data[key][src].astype(np.float64)
+    return rows, out
 
 
 def capped(groups: np.ndarray, cap: int) -> np.ndarray:
@@ -66,13 +57,28 @@ def capped(groups: np.ndarray, cap: int) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
-def posterior_of(variant: str, params: fusion.FusionParams | None, view_logits, present, evidence, classes) -> np.ndarray:
-    if params is None:
-        summed = (view_logits * present[None, :, None]).sum(axis=1)
-        return fusion_fit.msdn_posterior(summed, classes)
-    engine = fusion.Fusion(params)
-    ev = None if evidence is None else evidence[tuple(bool(v) for v in present)]
-    return engine.posterior(view_logits, np.broadcast_to(present, (len(view_logits), 3)), ev)
+def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evidence=None, masks=None) -> dict:
+    """{(views): metrics} of one method on materials ``idx`` (3 views, and 1/2-view averages)."""
+    out = {}
+    for views, mask_list in (masks or {"xyz": [np.ones(3, dtype=bool)]}).items():
+        ms = []
+        for mask in mask_list:
+            ev = None
+            if evidence is not None and tuple(bool(v) for v in mask) in evidence:
+                pos = {r: i for i, r in enumerate(evidence_rows)}
+                ev = evidence[tuple(bool(v) for v in mask)][[pos[i] for i in idx]]
+            if params is None:
+                summed = (feats.view_logits[idx] * mask[None, :, None]).sum(axis=1)
+                post = fusion_fit.msdn_posterior(summed, classes)
+            else:
+                post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
+            ms.append(fusion_fit.posterior_metrics(post, feats.space_group[idx], tables=tables))
+        if len(ms) == 1:
+            out[views] = ms[0]
+        else:
+            keys = ("group_top1", "group_top5", "set_top1", "crystal_system", "bravais_lattice", "nll", "ece")
+            out[views] = {k: float(np.mean([m[k] for m in ms])) for k in keys} | {"n": ms[0]["n"] * len(ms)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -90,89 +96,107 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.bundle)
     classes = bundle.classes
     feats = fusion_data.load_features(args.features)
-    labels = json.loads((Path(args.features) / "mp_labels.json").read_text())
-    counts = fusion_fit.prior_counts(labels, "train")
-    evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence.npz"), feats.material_id)
+    labels_file = Path(args.features) / "mp_labels.json"
+    if labels_file.is_file():  # every material labelled (fusion_data --labels-only): the training split
+        counts, prior_source = fusion_fit.prior_counts(json.loads(labels_file.read_text()), "train"), "train split"
+    else:  # else the validation materials' own frequencies: the same distribution (split by a hash), no test label
+        counts = np.bincount(feats.space_group[feats.split == "val"] - 1, minlength=fusion.N_GROUPS)
+        prior_source = "validation split (mp_labels.json not built)"
+    ev_rows, evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence.npz"), feats.material_id)
+    has_ev = np.zeros(len(feats), dtype=bool)
+    has_ev[ev_rows] = True
     val = np.flatnonzero(feats.split == "val")
     test = np.flatnonzero(feats.split == "test")
+    val_ev, test_ev = val[has_ev[val]], test[has_ev[test]]
     inside = np.isin(feats.space_group, classes)
-    sel = lambda idx: None if evidence is None else {k: v[idx] for k, v in evidence.items()}  # noqa: E731
-    log.info("materials: val %d, test %d (%d in the model's %d groups); train prior from %d materials; evidence: %s",
-             len(val), len(test), int(inside[test].sum()), len(classes), int(counts.sum()),
-             "yes" if evidence is not None else "no")
+    log.info("materials: val %d (%d with evidence), test %d (%d with evidence, %d in the model's %d groups); "
+             "prior from %d materials of the %s", len(val), len(val_ev), len(test), len(test_ev),
+             int(inside[test].sum()), len(classes), int(counts.sum()), prior_source)
 
-    fitted = {}
-    for name, use in VARIANTS.items():
-        if use is None:
-            fitted[name] = None
-            continue
-        if "evidence" in use and evidence is None and name != "fusion":
-            continue
-        start = time.process_time()
-        fitted[name] = fusion_fit.fit(
-            feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts, evidence=sel(val), use=use,
-            fitted={"split": "val", "materials": int(len(val)), "evidence": evidence is not None,
-                    "features": list(use)},
-        )
-        log.info("fitted %s in %.1f CPU-s", name, time.process_time() - start)
+    def ev_of(idx):
+        pos = {r: i for i, r in enumerate(ev_rows)}
+        return {k: v[[pos[i] for i in idx]] for k, v in evidence.items()}
+
+    cpu = time.process_time()
+    no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
+                           use=[f for f in fusion.FEATURES if f != "evidence"],
+                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source})
+    log.info("fitted the no-evidence fusion in %.1f CPU-s", time.process_time() - cpu)
+    fitted = {"msdn": None, "fusion, no evidence": no_ev}
+    if len(val_ev):
+        cpu = time.process_time()
+        with_ev = fusion_fit.fit(feats.view_logits[val_ev], feats.space_group[val_ev], classes=classes, counts=counts,
+                                 evidence=ev_of(val_ev),
+                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source})
+        log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
+        # the views without evidence, and the no-evidence fallback, from the larger validation set
+        for k in (1, 2):
+            if not with_ev.fitted["per_views"][str(k)]["evidence"]:
+                with_ev.weights[k], with_ev.temperature[k] = no_ev.weights[k], no_ev.temperature[k]
+        with_ev.weights_no_evidence = dict(no_ev.weights)
+        with_ev.temperature_no_evidence = dict(no_ev.temperature)
+        with_ev.fitted["no_evidence_materials"] = int(len(val))
+        fitted["fusion"] = with_ev
 
     tables = fusion.symmetry_tables(True)
-    test_a = test[inside[test]]
-    test_b = test_a[capped(feats.space_group[test_a], PER_GROUP_CAP)]
-    subsets = {"72 groups, natural": test_a, f"72 groups, <= {PER_GROUP_CAP} per group": test_b, "every group (natural)": test}
-    all3 = np.ones(3, dtype=bool)
-    results: dict = {}
-    for variant, params in fitted.items():
-        for subset, idx in subsets.items():
-            post = posterior_of(variant, params, feats.view_logits[idx], all3, sel(idx), classes)
-            m = fusion_fit.posterior_metrics(post, feats.space_group[idx], tables=tables)
-            results[(variant, subset, "xyz")] = m
-        for k, masks in ((1, fusion_fit.SUBSETS[1]), (2, fusion_fit.SUBSETS[2])):
-            ms = []
-            for mask in masks:
-                post = posterior_of(variant, params, feats.view_logits[test_a], mask, sel(test_a), classes)
-                ms.append(fusion_fit.posterior_metrics(post, feats.space_group[test_a], tables=tables))
-            results[(variant, "72 groups, natural", f"{k} view(s)")] = {
-                key: float(np.mean([x[key] for x in ms])) for key in ("group_top1", "group_top5", "set_top1",
-                                                                    "crystal_system", "bravais_lattice", "nll", "ece")
-            } | {"n": ms[0]["n"] * len(ms)}
-    ceilings = {}
-    for subset, idx in subsets.items():
-        labels_here = feats.space_group[idx]
-        space = classes if subset.startswith("72") else None
-        ceilings[subset] = (fusion_fit.symmetry_ceiling(labels_here, space, True),
-                            fusion_fit.symmetry_ceiling(labels_here, space, False))
+    masks = {"xyz": [np.ones(3, dtype=bool)], "1 view": fusion_fit.SUBSETS[1], "2 views": fusion_fit.SUBSETS[2]}
 
-    paper = {"72 groups, natural": {"group_top1": "80.2 %", "group_top5": "> 95 %"}}
-    print(f"\nFusion on the MP test split (by material); fitted on {len(val)} val materials; evidence "
-          f"{'used' if evidence is not None else 'NOT available (MSDN + prior only)'}\n")
-    print("| test | views | method | n | group top-1 | set top-1 | crystal system | Bravais | group top-5 | NLL | ECE | ceiling (cell known / unknown) | paper |")
+    def subsets_of(idx):
+        a = idx[inside[idx]]
+        return {"72 groups, natural": a, f"72 groups, <= {PER_GROUP_CAP} per group": a[capped(feats.space_group[a], PER_GROUP_CAP)],
+                "every group (natural)": idx}
+
+    rows = []
+    results = {}
+    for tier, idx, methods in (("all cached test materials", test, ("msdn", "fusion, no evidence")),
+                               ("test materials with evidence", test_ev, tuple(fitted))):
+        if not len(idx):
+            continue
+        for subset, sub in subsets_of(idx).items():
+            space = classes if subset.startswith("72") else None
+            ceiling = (fusion_fit.symmetry_ceiling(feats.space_group[sub], space, True),
+                       fusion_fit.symmetry_ceiling(feats.space_group[sub], space, False))
+            for name in methods:
+                params = fitted[name]
+                m_masks = masks if subset == "72 groups, natural" else {"xyz": masks["xyz"]}
+                res = evaluate(name, params, sub, feats, classes, tables,
+                               ev_rows if name == "fusion" else None, evidence if name == "fusion" else None, m_masks)
+                for views, m in res.items():
+                    results[(tier, subset, name, views)] = m
+                    rows.append((tier, subset, views, name, m, ceiling))
+
+    print(f"\nFusion on the MP test split (by material). Fitted on val: {len(val)} materials "
+          f"({len(val_ev)} with evidence). Prior: frequencies of {int(counts.sum())} materials of the {prior_source}.\n")
+    print("| materials | test | views | method | n | group top-1 | set top-1 | crystal system | Bravais | group top-5 | NLL | ECE | ceiling (cell known / unknown) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (variant, subset, views), m in results.items():
-        ceiling = ceilings[subset]
-        pp = paper.get(subset, {}) if views == "xyz" else {}
-        print(f"| {subset} | {views} | {variant} | {m['n']} | {m['group_top1']:.1%} | {m['set_top1']:.1%} | "
+    for tier, subset, views, name, m, ceiling in rows:
+        print(f"| {tier} | {subset} | {views} | {name} | {m['n']} | {m['group_top1']:.1%} | {m['set_top1']:.1%} | "
               f"{m['crystal_system']:.1%} | {m['bravais_lattice']:.1%} | {m['group_top5']:.1%} | {m['nll']:.3f} | "
-              f"{m['ece']:.3f} | {ceiling[0]:.1%} / {ceiling[1]:.1%} | "
-              f"{', '.join(f'{k} {v}' for k, v in pp.items()) or '–'} |")
+              f"{m['ece']:.3f} | {ceiling[0]:.1%} / {ceiling[1]:.1%} |")
+    print("\npaper (Tiong et al. 2020, 72 groups): group top-1 80.2 %, top-5 > 95 %")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    best = "fusion"
-    curves = {name: results[(name, "72 groups, natural", "xyz")]["reliability"] for name in fitted}
-    fusion_fit.save_reliability_png(curves, out / "reliability_72_natural.png",
-                                    title=f"MP test, 72 groups, 3 views (n={len(test_a)})")
-    curves = {name: results[(name, "every group (natural)", "xyz")]["reliability"] for name in fitted}
-    fusion_fit.save_reliability_png(curves, out / "reliability_all_groups.png",
-                                    title=f"MP test, every group, 3 views (n={len(test)})")
-    serial = {" | ".join(k): v for k, v in results.items()}
-    (out / "metrics.json").write_text(json.dumps({"results": serial, "ceilings": ceilings}, indent=1))
-    print(f"\nset confusion (fusion, every group, most frequent true sets):")
-    for label, row in results[(best, "every group (natural)", "xyz")]["set_confusion"].items():
+    for tier, key in (("all cached test materials", "all"), ("test materials with evidence", "evidence")):
+        curves = {name: results[(tier, "every group (natural)", name, "xyz")]["reliability"]
+                  for name in fitted if (tier, "every group (natural)", name, "xyz") in results}
+        if curves:
+            n = results[(tier, "every group (natural)", next(iter(curves)), "xyz")]["n"]
+            fusion_fit.save_reliability_png(curves, out / f"reliability_{key}.png",
+                                            title=f"MP test, every group, 3 views ({tier}, n={n})")
+    serial = {" | ".join(k): {kk: vv for kk, vv in v.items()} for k, v in results.items()}
+    (out / "metrics.json").write_text(json.dumps(serial, indent=1))
+    best = "fusion" if "fusion" in fitted else "fusion, no evidence"
+    tier = "test materials with evidence" if best == "fusion" else "all cached test materials"
+    print(f"\nset confusion ({best}, {tier}, every group, most frequent true sets):")
+    for label, row in results[(tier, "every group (natural)", best, "xyz")]["set_confusion"].items():
         print(f"  {label:40s} n={row['count']:4d} right {row['right']:.0%}  taken for {row['taken_for']}")
     if args.write_params:
         params = fitted[best]
-        params.fitted.update(test={k: round(results[(best, k, "xyz")][m], 4) for k in subsets for m in ("group_top1",)})
+        params.fitted["test"] = {
+            f"{t} | {sub}": {k: round(results[(t, sub, best, "xyz")][k], 4) for k in ("group_top1", "set_top1", "ece")}
+            | {"n": results[(t, sub, best, "xyz")]["n"]}
+            for (t, sub, name, views) in results if name == best and views == "xyz"}
         params.save(args.write_params)
         print(f"\nwrote {args.write_params}")
     return 0

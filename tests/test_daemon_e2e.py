@@ -140,7 +140,7 @@ def test_end_to_end(components):
     partial = [m for m in msgs if m["status"] == "partial"]
     assert len(partial) == 4  # one after each of the first two views of each sample
     m = finals[0]
-    assert m["schema"] == "xtalsym.prediction/1" and len(m["top"]) == 5
+    assert m["schema"] == "xtalsym.prediction/2" and len(m["top"]) == 5
     assert {t["space_group"] for t in m["top"]} <= set(CLASSES)
     assert all(0 <= t["probability"] <= 1 for t in m["top"])
     assert m["open_set"] is not None and len(m["open_set"]["neighbours"]) == 4

@@ -197,3 +197,42 @@ def test_real_symmetry_tables_hold_the_known_sets():
     assert tables.set_of[186 - 1] == tables.set_of[194 - 1]
     assert tables.set_of[62 - 1] != tables.set_of[33 - 1]
     assert spacegroups.crystal_system(225) == spacegroups.CRYSTAL_SYSTEMS[tables.system[225 - 1]]
+
+
+def test_bundle_carries_fusion_parameters_checksummed_and_old_bundles_still_load(tmp_path, shipped_bundle_copy):
+    from xtalsym.bundle import BundleError, add_fusion, load_bundle
+
+    root = shipped_bundle_copy
+    bundle = load_bundle(root)
+    classes = bundle.classes
+    params = make_params(classes=classes, weights={k: {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -9.0}
+                                                   for k in (1, 2, 3)})
+    params.prior_counts = np.ones(230)
+    if bundle.fusion_path is None:  # an old bundle: loads, and predicts with the model alone
+        assert fusion.load_fusion(bundle) is None
+    path = params.save(tmp_path / "fusion.json")
+    add_fusion(root, path)
+    bundle = load_bundle(root)
+    assert bundle.fusion_path is not None and bundle.manifest["fusion"]["file"] == "fusion.json"
+    assert fusion.load_fusion(bundle) is not None
+    # a changed byte is refused by the manifest check
+    text = (root / "fusion.json").read_text()
+    (root / "fusion.json").write_text(text.replace('"decide_at": 0.5', '"decide_at": 0.6'))
+    with pytest.raises(BundleError, match="fusion.json is corrupted"):
+        load_bundle(root)
+    (root / "fusion.json").write_text(text)
+    # parameters fitted for other classes are refused
+    other = make_params()
+    with pytest.raises(BundleError, match="other classes"):
+        add_fusion(root, other.save(tmp_path / "other.json"))
+
+
+@pytest.fixture
+def shipped_bundle_copy(tmp_path):
+    import shutil
+
+    from xtalsym.bundle import default_bundle_path
+
+    root = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), root, ignore=shutil.ignore_patterns(".cache"))
+    return root

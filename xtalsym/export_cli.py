@@ -1,4 +1,4 @@
-"""`xtalsym export` (ONNX graph) and `xtalsym bundle build|verify|add-index`."""
+"""`xtalsym export` (ONNX graph) and `xtalsym bundle build|verify|add-index|add-fusion`."""
 
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("index", help="reference index directory")
     add.set_defaults(handler=_add_index)
 
+    fuse = sub.add_parser("add-fusion", help="put fusion parameters (fusion.json) into an existing bundle",
+                          description="Copy PARAMS into BUNDLE/fusion.json (replacing any), after checking that they "
+                          "parse and were fitted for the bundle's classes; record the fit in the model card; rewrite "
+                          "the manifest. Fit them with benchmarks/fusion.py --write-params.")
+    fuse.add_argument("bundle", help="bundle directory")
+    fuse.add_argument("params", help="fusion parameters (JSON, xtalsym-fusion/1)")
+    fuse.set_defaults(handler=_add_fusion)
+
 
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -99,7 +107,8 @@ def _verify(args: argparse.Namespace) -> int:
     print(f"OK {bundle.path}: model_id {bundle.model_id}")
     print(f"  model {spec['name']} (input {spec['input_size']}, {spec['num_classes']} classes), "
           f"{len(bundle.manifest['files'])} files, {total / 1e6:.1f} MB, xtalsym {bundle.manifest.get('xtalsym_version')}, "
-          f"onnx {'yes' if bundle.onnx_path else 'no'}, index {'yes' if bundle.index_dir else 'no'}")
+          f"onnx {'yes' if bundle.onnx_path else 'no'}, index {'yes' if bundle.index_dir else 'no'}, "
+          f"fusion {'yes' if bundle.fusion_path else 'no'}")
     return 0
 
 
@@ -109,4 +118,13 @@ def _add_index(args: argparse.Namespace) -> int:
     add_index(args.bundle, args.index)
     bundle = load_bundle(args.bundle)
     print(f"bundle {bundle.path}: index added, model_id {bundle.model_id}, {len(bundle.manifest['files'])} files")
+    return 0
+
+
+def _add_fusion(args: argparse.Namespace) -> int:
+    from xtalsym.bundle import add_fusion, load_bundle
+
+    add_fusion(args.bundle, args.params)
+    bundle = load_bundle(args.bundle)
+    print(f"bundle {bundle.path}: fusion added, model_id {bundle.model_id}, {len(bundle.manifest['files'])} files")
     return 0

@@ -755,7 +755,7 @@ def embed_structures(embedder: Embedder, sources: Sequence[str | os.PathLike], *
     bar = _progress(len(records), "simulate+embed", progress)
     for i in range(0, len(records), embedder.batch_size):
         chunk = records[i : i + embedder.batch_size]
-        inputs, labelled, bad = ev._simulate_records(chunk, config, "shaped")
+        inputs, labelled, bad, _ = ev._simulate_records(chunk, config, "shaped")
         failed += bad
         if inputs:
             e, p = embedder(np.stack(inputs))

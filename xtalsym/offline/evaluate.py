@@ -45,6 +45,7 @@ TOP_K = 5
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "crystal_system_confusion.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 class EvaluationError(ValueError):
@@ -323,6 +324,7 @@ def evaluate_dataset(
     device: str = "cpu",
     present: np.ndarray | None = None,
     k: int = TOP_K,
+    engine=None,
 ) -> dict:
     """Metrics of ``model`` on one split of a dataset directory (see :func:`compute_metrics`),
     plus ``predictions`` (per-sample rows) and ``out_of_classes`` (samples not scored)."""
@@ -344,6 +346,8 @@ def evaluate_dataset(
     targets = data.labels
     metrics = compute_metrics(probs, targets, classes, k=k)
     true_sg = [s["space_group"] for s in data.samples]
+    if engine is not None:  # datasets keep 8-bit DPs only: the fusion runs without evidence here
+        metrics["fusion"] = fusion_metrics(engine, probs, _n_views(present), true_sg, classes=classes, evidence=None)
     metrics.update(
         source={"dataset": str(root), "split": split, "representation": data.representation},
         out_of_classes=_excluded_summary(excluded),
@@ -379,17 +383,25 @@ def build_config_from(extra: dict | None) -> ds.BuildConfig:
     )
 
 
-def _simulate_records(records, config: ds.BuildConfig, representation: str):
-    """(inputs, labelled) for the records that simulate, and failures with reasons."""
-    inputs, labelled_ok, failed = [], [], []
+def _simulate_records(records, config: ds.BuildConfig, representation: str, *, evidence_axes: Sequence[str] | None = None):
+    """(inputs, labelled, failures with reasons, evidence log-likelihoods) for the records that
+    simulate; the evidence (230,) per structure only with ``evidence_axes`` (else [])."""
+    inputs, labelled_ok, failed, evidence = [], [], [], []
     for item in records:
         if isinstance(item, structures.StructureError):
             failed.append({"source": item.source, "material_id": None, "reason": item.reason})
             continue
         try:
             labelled = structures.label(item, symprec=config.symprec)
-            raws, shaped = ds.make_sample(labelled, config)
+            patterns = simulate.simulate_axes(labelled.structure, geometry=config.geometry, scattering=config.scattering,
+                                              **simulate.DATASET_OPTIONS)
+            raws = np.stack([simulate.to_raw_uint8(patterns[a]) for a in simulate.AXES])
+            shaped = np.stack([shaping.shape(r, a, method=config.shaping_method) for r, a in zip(raws, simulate.AXES)])
             x = model_input(raws, shaped, representation)
+            if evidence_axes is not None:
+                from xtalsym.offline.fused import evidence_of
+
+                ev = evidence_of(patterns, q_per_pixel=config.geometry.q_per_pixel, axes=evidence_axes)
         except (structures.StructureError, simulate.SimulationError, shaping.ShapingError) as exc:
             failed.append({"source": item.source, "material_id": item.material_id, "reason": getattr(exc, "reason", str(exc))})
             continue
@@ -399,7 +411,9 @@ def _simulate_records(records, config: ds.BuildConfig, representation: str):
             continue
         inputs.append(x)
         labelled_ok.append(labelled)
-    return inputs, labelled_ok, failed
+        if evidence_axes is not None:
+            evidence.append(np.asarray(ev.group_loglik, dtype=np.float64))
+    return inputs, labelled_ok, failed, evidence
 
 
 def evaluate_structures(
@@ -412,6 +426,7 @@ def evaluate_structures(
     device: str = "cpu",
     present: np.ndarray | None = None,
     k: int = TOP_K,
+    engine=None,
 ) -> dict:
     """Metrics of ``model`` on structures (CIF files/folders, JSON lines), simulated and
     shaped on the fly. Unusable structures go to ``failed``; structures of space groups
@@ -423,11 +438,13 @@ def evaluate_structures(
         if not Path(source).exists():
             raise FileNotFoundError(f"structure source not found: {source}")
         records.extend(structures.iter_records(source))
-    inputs, labelled, failed = _simulate_records(records, config, _representation(model))
+    inputs, labelled, failed, evidence = _simulate_records(records, config, _representation(model),
+                                                          evidence_axes=_axes_of(present) if engine is not None else None)
     index = {int(c): i for i, c in enumerate(classes)}
     keep = [i for i, item in enumerate(labelled) if item.space_group in index]
     outside = [item for item in labelled if item.space_group not in index]
-    probs = predict_probs(model, _batched([inputs[i] for i in keep], batch_size), device=device, present=present)
+    all_probs = predict_probs(model, _batched(inputs, batch_size), device=device, present=present)
+    probs = all_probs[keep] if len(keep) else np.zeros((0, len(classes)))
     kept = [labelled[i] for i in keep]
     targets = np.array([index[item.space_group] for item in kept], dtype=np.int64)
     metrics = compute_metrics(probs, targets, classes, k=k)
@@ -442,7 +459,39 @@ def evaluate_structures(
         predictions=_prediction_rows([i.material_id for i in kept], [i.space_group for i in kept], probs, classes, k),
         seconds=round(time.perf_counter() - start, 3),
     )
+    if engine is not None and labelled:  # every structure counts: the fusion answers over 230 groups
+        metrics["fusion"] = fusion_metrics(engine, all_probs, _n_views(present), [i.space_group for i in labelled],
+                                           classes=classes, evidence=np.stack(evidence))
     return metrics
+
+
+def _n_views(present: np.ndarray | None) -> int:
+    return 3 if present is None else int(np.asarray(present).sum())
+
+
+def _axes_of(present: np.ndarray | None) -> list[str]:
+    return list(shaping.AXES) if present is None else [a for a, p in zip(shaping.AXES, present) if p]
+
+
+def fusion_metrics(engine, probs: np.ndarray, n_views: int, true_groups: Sequence[int], *, classes: Sequence[int],
+                   evidence: np.ndarray | None) -> dict:
+    """The fusion's figures (group top-1/top-5, set top-1, crystal system, Bravais lattice, ECE, per-set
+    confusion) for model probabilities (n, C), beside the symmetry ceiling of the same labels."""
+    from xtalsym.offline import fusion_fit
+
+    logits = np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30))  # log-softmax = logits + const
+    post = engine.posterior_summed(logits, n_views, evidence)
+    labels = np.asarray(true_groups, dtype=np.int64)
+    m = fusion_fit.posterior_metrics(post, labels, tables=engine.tables, decide_at=engine.params.decide_at)
+    inside = np.isin(labels, classes)
+    m["ceiling"] = {
+        "cell_known": fusion_fit.symmetry_ceiling(labels, None, True),
+        "cell_unknown": fusion_fit.symmetry_ceiling(labels, None, False),
+    }
+    m["in_model_classes"] = int(inside.sum())
+    m["evidence"] = evidence is not None
+    m["prior"] = engine.prior_name
+    return m
 
 
 def predict_structure(
@@ -496,6 +545,12 @@ def write_outputs(metrics: dict, out: str | Path, *, title: str = "") -> dict[st
         writer.writeheader()
         writer.writerows(rows)
     save_confusion_png(metrics["confusion"], paths["confusion"], title=title)
+    if metrics.get("fusion"):
+        from xtalsym.offline import fusion_fit
+
+        paths["reliability"] = fusion_fit.save_reliability_png(
+            {"fusion, group": metrics["fusion"]["reliability"], "fusion, set": metrics["fusion"]["set_reliability"]},
+            out / RELIABILITY_FILE, title=f"{title} - fusion ECE {metrics['fusion']['ece']:.3f}")
     return paths
 
 
@@ -559,6 +614,26 @@ def format_summary(metrics: dict) -> str:
     if outside:
         lines.append("not scored (space group outside the model's classes): "
                      + ", ".join(f"{sg} x{n}" for sg, n in list(outside.items())[:12]) + (" ..." if len(outside) > 12 else ""))
+    fused = metrics.get("fusion")
+    if fused:
+        ceiling = fused["ceiling"]
+        lines += [
+            "",
+            f"fusion over 230 groups ({fused['n']} samples, evidence {'used' if fused['evidence'] else 'not used'}, "
+            f"prior: {fused['prior']}):",
+            f"{'':<16} {'measured':>9} {'ceiling (cell known / unknown)':>32}",
+            f"{'group top-1':<16} {_pct(fused['group_top1']):>9} {_pct(ceiling['cell_known']):>16} / "
+            f"{_pct(ceiling['cell_unknown'])}",
+            f"{'set top-1':<16} {_pct(fused['set_top1']):>9} {'100.0 %':>16}",
+            f"{'crystal system':<16} {_pct(fused['crystal_system']):>9} {'100.0 %':>16}",
+            f"{'Bravais lattice':<16} {_pct(fused['bravais_lattice']):>9} {'100.0 %':>16}",
+            f"{'group top-5':<16} {_pct(fused['group_top5']):>9}",
+            f"ECE {fused['ece']:.3f} (set {fused['set_ece']:.3f}); decided {_pct(fused['decided_share'])}",
+            "per set (true set: count, right, most often taken for):",
+        ]
+        for label, row in list(fused["set_confusion"].items())[:10]:
+            taken = ", ".join(f"{k} x{v}" for k, v in row["taken_for"].items())
+            lines.append(f"  {label:<34} {row['count']:>5} {_pct(row['right']):>7}  {taken}")
     for item in metrics.get("failed", [])[:10]:
         lines.append(f"failed: {item['source']}: {item['reason']}")
     if len(metrics.get("failed", [])) > 10:
@@ -570,8 +645,12 @@ def format_summary(metrics: dict) -> str:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    ev = commands.add_parser("evaluate", help="top-k accuracy, per space group/crystal system, confusion matrix")
-    ev.add_argument("--checkpoint", required=True, help="model checkpoint written by training")
+    ev = commands.add_parser("evaluate", help="top-k accuracy, per space group/crystal system, confusion matrix; "
+                             "with a bundle's fusion also set top-1, crystal system, Bravais lattice, per-set confusion")
+    ev_model = ev.add_mutually_exclusive_group(required=True)
+    ev_model.add_argument("--checkpoint", help="model checkpoint written by training (the model alone)")
+    ev_model.add_argument("--bundle", help="model bundle: its model, and its fusion over 230 groups if it has one")
+    ev.add_argument("--prior", default=None, help="fusion prior: training (default), flat, or a JSON file {group: weight}")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
     source.add_argument("--structures", nargs="+", metavar="SRC", help="CIF files/folders or JSON-lines files")
@@ -604,24 +683,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    model, classes, extra = load_model(args.checkpoint, device=device)
+    engine = None
+    if args.bundle:
+        from xtalsym import fusion
+        from xtalsym.bundle import load_bundle
+
+        bundle = load_bundle(args.bundle)
+        model, classes = bundle.load_model(map_location=device), bundle.classes
+        extra = {"dataset_config": bundle.settings["dataset_config"]}
+        engine = fusion.load_fusion(bundle, prior=args.prior)
+    else:
+        model, classes, extra = load_model(args.checkpoint, device=device)
     present = present_mask(_axes(args.axes), model)
     if args.dataset:
-        metrics = evaluate_dataset(model, classes, args.dataset, args.split, batch_size=args.batch_size, device=device, present=present)
+        metrics = evaluate_dataset(model, classes, args.dataset, args.split, batch_size=args.batch_size, device=device,
+                                   present=present, engine=engine)
         what = args.split
     else:
         metrics = evaluate_structures(
             model, classes, args.structures, config=build_config_from(extra), batch_size=args.batch_size,
-            device=device, present=present,
+            device=device, present=present, engine=engine,
         )
         what = "structures"
-    metrics["checkpoint"] = str(args.checkpoint)
+    metrics["checkpoint"] = str(args.checkpoint or Path(args.bundle) / "model.pt")
     metrics["model"] = getattr(model, "name", type(model).__name__)
     metrics["axes"] = _axes(args.axes) or list(shaping.AXES)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"evaluation-{what}"
+    # never write into a bundle (it holds only what its manifest lists): beside the checkpoint, or here
+    default_out = Path(f"evaluation-{what}") if args.bundle else Path(args.checkpoint).resolve().parent / f"evaluation-{what}"
+    out = Path(args.out) if args.out else default_out
     paths = write_outputs(metrics, out, title=f"{metrics['model']} on {what} ({metrics['samples']} samples)")
     print(format_summary(metrics))
-    print(f"\nmetrics: {paths['metrics']}\npredictions: {paths['predictions']}\nconfusion matrix: {paths['confusion']}")
+    print(f"\nmetrics: {paths['metrics']}\npredictions: {paths['predictions']}\nconfusion matrix: {paths['confusion']}"
+          + (f"\nreliability diagram: {paths['reliability']}" if "reliability" in paths else ""))
     return 0
 
 

@@ -32,6 +32,7 @@ L2 = 1e-3
 # The MSDN temperature is searched on a coarse grid: the weight of the MSDN's log-probability
 # already rescales it, so T only shapes the system/Bravais masses and the entropy.
 TEMPERATURES = (0.7, 1.0, 1.5, 2.2)
+EVIDENCE_CLIPS = (4.0, 8.0, 16.0, 32.0)
 ECE_BINS = 15
 SUBSETS = {k: [np.array([i in c for i in range(3)]) for c in itertools.combinations(range(3), k)] for k in (1, 2, 3)}
 INITIAL = {"msdn": 1.0, "msdn_system": 0.0, "msdn_bravais": 0.0, "outside": -3.0, "outside_entropy": 0.5,
@@ -97,12 +98,23 @@ def fit_weights(data: FitData, *, classes: Sequence[int], temperature: float, ev
 
 
 def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], counts: np.ndarray,
-        evidence: Mapping[tuple, np.ndarray] | None = None, evidence_clip: float = 20.0,
+        evidence: Mapping[tuple, np.ndarray] | None = None, evidence_clip: float | None = None,
         cell_known: bool = True, fitted: dict | None = None,
         use: Sequence[str] = fusion.FEATURES, tables: fusion.SymmetryTables | None = None) -> fusion.FusionParams:
     """Fusion parameters fitted on validation materials (per-view logits (n, 3, C), groups (n,))."""
     tables = tables or fusion.symmetry_tables(cell_known)
     log_prior = np.log(fusion.training_prior(counts))
+    if evidence is not None and evidence_clip is None:
+        # how far below the best group the evidence may push one (a wrong hard rule must not
+        # make the truth impossible): chosen by validation NLL with every view present
+        scored = []
+        for clip in EVIDENCE_CLIPS:
+            _, _, rep = _fit_per_views(view_logits, groups, evidence, classes=classes, log_prior=log_prior,
+                                       tables=tables, use=use, evidence_clip=clip, ks=(3,))
+            scored.append((rep["3"]["nll"], clip))
+        evidence_clip = min(scored)[1]
+        log.info("evidence clip chosen on validation NLL: %s (%s)", evidence_clip, scored)
+    evidence_clip = 20.0 if evidence_clip is None else evidence_clip
     weights, temperature, report = _fit_per_views(view_logits, groups, evidence, classes=classes, log_prior=log_prior,
                                                   tables=tables, use=use, evidence_clip=evidence_clip)
     weights_ne, temperature_ne = {}, {}
@@ -119,9 +131,9 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
     )
 
 
-def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables, use, evidence_clip):
+def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables, use, evidence_clip, ks=(1, 2, 3)):
     weights, temperature, report = {}, {}, {}
-    for k in (1, 2, 3):
+    for k in ks:
         ev_k = evidence if evidence is not None and all(tuple(bool(v) for v in m) in evidence for m in SUBSETS[k]) else None
         data = subset_samples(view_logits, groups, ev_k, k)
         best = None
