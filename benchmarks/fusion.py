@@ -30,19 +30,24 @@ log = logging.getLogger("benchmarks.fusion")
 PER_GROUP_CAP = 8
 
 
-def load_evidence(path: Path, material_ids: list[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
-    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows)."""
-    if not path.is_file():
+def load_evidence(folder: Path, material_ids: list[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
+    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows),
+    from the per-chunk evidence files (fusion_data --evidence)."""
+    merged: dict[str, list] = {}
+    for path in sorted(folder.glob("chunk-*.npz")):
+        with np.load(path) as data:
+            for key in data.files:
+                merged.setdefault(key, []).append(data[key])
+    if not merged:
         return np.zeros(0, dtype=np.int64), {}
-    with np.load(path) as data:
-        where = {str(m): i for i, m in enumerate(data["material_id"])}
-        rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
-        src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
-        out = {}
-        for key in data.files:
-            if key.startswith("loglik_"):
-                mask = tuple(c == "1" for c in key.split("_")[1])
-                out[mask] = data[key][src].astype(np.float64)
+    ids = [str(m) for m in np.concatenate(merged["material_id"])]
+    where = {m: i for i, m in enumerate(ids)}
+    rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
+    src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
+    out = {}
+    for key, parts in merged.items():
+        if key.startswith("loglik_"):
+            out[tuple(c == "1" for c in key.split("_")[1])] = np.concatenate(parts)[src].astype(np.float64)
     return rows, out
 
 
@@ -84,7 +89,7 @@ def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evid
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", default="data/fusion")
-    parser.add_argument("--evidence", default=None, help="evidence cache (default: <features>/evidence.npz)")
+    parser.add_argument("--evidence", default=None, help="evidence folder (default: <features>/evidence)")
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--out", default="runs/fusion")
     parser.add_argument("--write-params", default=None, help="write the fitted fusion parameters here")
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
     else:  # else the validation materials' own frequencies: the same distribution (split by a hash), no test label
         counts = np.bincount(feats.space_group[feats.split == "val"] - 1, minlength=fusion.N_GROUPS)
         prior_source = "validation split (mp_labels.json not built)"
-    ev_rows, evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence.npz"), feats.material_id)
+    ev_rows, evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
     has_ev = np.zeros(len(feats), dtype=bool)
     has_ev[ev_rows] = True
     val = np.flatnonzero(feats.split == "val")

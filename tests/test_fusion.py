@@ -236,3 +236,23 @@ def shipped_bundle_copy(tmp_path):
     root = tmp_path / "bundle"
     shutil.copytree(default_bundle_path(), root, ignore=shutil.ignore_patterns(".cache"))
     return root
+
+
+def test_daemon_message_carries_the_fusion_and_listen_judges_by_the_set():
+    from xtalsym.daemon.cli import format_prediction, truth_verdict
+    from xtalsym.daemon.publish import PREDICTION_SCHEMA
+
+    assert PREDICTION_SCHEMA == "xtalsym.prediction/2"
+    engine = fusion.Fusion(make_params())
+    fused = engine.predict(logits_for(225)).to_json()
+    msg = {"schema": PREDICTION_SCHEMA, "sample_id": "s:0", "status": "complete", "final": True, "closed_by": "complete",
+           "axes": ["x", "y", "z"], "top": [{"space_group": 225, "symbol": "Fm-3m", "probability": 0.9}],
+           "fusion": fused, "open_set": None, "user_data": {"space_group": 216},
+           "timestamps": {"received": 1.0, "published": 1.01}}
+    assert truth_verdict(msg, 216) == "in set"  # F-43m: the data cannot separate it from Fm-3m
+    assert truth_verdict(msg, 225) == "top-1"
+    assert truth_verdict(msg, 14) == "wrong"
+    line = format_prediction(msg)
+    assert "IN SET" in line and "Fm-3m or F-43m" in line
+    old = {k: v for k, v in msg.items() if k != "fusion"}  # a /1 message or a bundle without fusion
+    assert truth_verdict(old, 216) == "wrong" and truth_verdict(old, 225) == "top-1"

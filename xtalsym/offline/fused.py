@@ -35,7 +35,8 @@ def evidence_of(patterns: Mapping[str, np.ndarray], *, q_per_pixel: float, axes:
     """SampleEvidence of the float patterns of ``axes`` (the views present)."""
     from xtalsym.evidence import analyse_frame, combine
 
-    frames = {a: analyse_frame(patterns[a], axis=a, q_per_pixel=q_per_pixel, counts=False) for a in axes}
+    # counts=None: Poisson statistics when the frame holds integer counts (a dose), none for noise-free floats
+    frames = {a: analyse_frame(patterns[a], axis=a, q_per_pixel=q_per_pixel, counts=None) for a in axes}
     return combine(frames)
 
 
