@@ -239,7 +239,7 @@ def shipped_bundle_copy(tmp_path):
 
 
 def test_daemon_message_carries_the_fusion_and_listen_judges_by_the_set():
-    from xtalsym.daemon.cli import format_prediction, truth_verdict
+    from xtalsym.daemon.client import format_prediction, truth_verdict
     from xtalsym.daemon.publish import PREDICTION_SCHEMA
 
     assert PREDICTION_SCHEMA == "xtalsym.prediction/2"

@@ -1,0 +1,129 @@
+"""One micro-batch of assembled samples -> prediction messages: backend, open-set match, schema.
+
+The daemon's inference thread (:meth:`xtalsym.daemon.pipeline.Pipeline._classify`) and
+``xtalsym classify`` (:mod:`xtalsym.daemon.classify`) both call :func:`classify_batch`, so a
+recorded frame and the same frame streamed live meet the same tensors, backend call, index
+query and message producer (:func:`xtalsym.daemon.publish.prediction_message`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xtalsym.daemon.assemble import Request
+from xtalsym.daemon.publish import open_set_result, prediction_message
+
+log = logging.getLogger(__name__)
+
+
+def model_info(bundle, backend, index=None, fusion=None) -> dict:
+    """The ``model`` object of the prediction schema."""
+    return {
+        "fusion": fusion is not None,
+        "model_id": bundle.model_id,
+        "name": (bundle.card or {}).get("name"),
+        "backend": getattr(backend, "name", "?"),
+        "device": getattr(backend, "device", "?"),
+        "precision": getattr(backend, "precision", "?"),
+        "classes": len(bundle.classes),
+        "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+    }
+
+
+@dataclass
+class BatchResult:
+    """The messages of one batch (in request order), or why there are none."""
+
+    messages: list[tuple[Request, dict]] = field(default_factory=list)
+    infer_seconds: float | None = None
+    match_seconds: float | None = None
+    inference_error: Exception | None = None  # the backend failed: no messages
+    index_error: Exception | None = None  # the index failed: messages without open_set
+    fuse_seconds: float | None = None
+    fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
+
+
+def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
+                   index_enabled: bool = True, neighbours: int = 5, fusion=None) -> BatchResult:
+    """Run ``backend`` on the batch (present-axes mask), query ``index`` when given and enabled,
+    fuse (``fusion``: the bundle's :class:`xtalsym.fusion.Fusion`, or None) and build each
+    request's ``xtalsym.prediction/2`` message (``seq``/``published`` are the publisher's to set)."""
+    result = BatchResult()
+    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
+    present = np.zeros((len(batch), 3), bool)
+    for i, request in enumerate(batch):
+        x[i], present[i] = request.tensors(size)
+    t0 = time.perf_counter()
+    try:
+        out = backend.run(x, present)
+    except Exception as exc:
+        log.exception("inference failed on a batch of %d", len(batch))
+        result.inference_error = exc
+        return result
+    result.infer_seconds = time.perf_counter() - t0
+    open_sets: list[Any] = [None] * len(batch)
+    if index is not None and index_enabled:
+        t0 = time.perf_counter()
+        try:
+            from xtalsym.index.scoring import normalise_views
+
+            queries = index.query(normalise_views(out.embeddings), probabilities=out.probabilities,
+                                  classes=backend.classes, k=neighbours)
+            open_sets = [open_set_result(q) for q in queries]
+            result.match_seconds = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001
+            result.index_error = exc
+    fused: list[dict | None] = [None] * len(batch)
+    if fusion is not None:
+        t0 = time.perf_counter()
+        try:
+            fused = fuse_batch(fusion, batch, out.logits, present)
+            result.fuse_seconds = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
+            result.fusion_error = exc
+    for request, probs, open_set, fused_one in zip(batch, out.probabilities, open_sets, fused):
+        result.messages.append((request, prediction_message(request, probabilities=probs, classes=backend.classes,
+                                                            model=model, open_set=open_set, fused=fused_one)))
+    return result
+
+
+def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.ndarray) -> list[dict]:
+    """The fusion's prediction for each request, from the summed logits of its views (and the
+    views' symmetry evidence when the workers measured it)."""
+    out: list[dict] = []
+    for i, request in enumerate(batch):
+        ev = _evidence_loglik(request)
+        post = fusion.posterior_summed(np.asarray(logits[i], dtype=np.float64)[None], int(present[i].sum()),
+                                       None if ev is None else ev[0][None])[0]
+        prediction = fusion.describe(post, views=request.axes, evidence_used=ev is not None,
+                                     warnings=[] if ev is None else ev[1],
+                                     evidence_decided=True if ev is None else ev[2])
+        out.append(prediction.to_json())
+    return out
+
+
+def load_fusion(bundle):
+    """The bundle's fusion (None for a bundle without fusion.json: the model's answer only)."""
+    from xtalsym.fusion import load_fusion as load
+
+    engine = load(bundle)
+    log.info("bundle %s: %s", bundle.path, "fusion over 230 groups" if engine is not None
+             else "no fusion parameters: predictions are the model's own softmax")
+    return engine
+
+
+def _evidence_loglik(request: Request):
+    """(group log-likelihoods (230,), warnings, decided) of a request's views, when every view
+    carries its frame evidence (``View.evidence``, measured by the workers); else None."""
+    frames = {axis: getattr(view, "evidence", None) for axis, view in request.views.items()}
+    if not frames or any(f is None for f in frames.values()):
+        return None
+    from xtalsym.evidence import combine
+
+    sample = combine(frames)
+    return np.asarray(sample.group_loglik, dtype=np.float64), list(sample.warnings), bool(sample.decided)
