@@ -102,6 +102,7 @@ def evaluate(materials, *, geometry, realism, d_min, timings) -> list[dict]:
         top_set = np.flatnonzero(ev.group_loglik >= best - sample_mod.DECIDE_LOG_ODDS) + 1
         forced_b = max(ev.bravais_loglik, key=ev.bravais_loglik.get)
         rows.append({
+            "id": lab.material_id, "sg": sg, "warnings": ev.warnings,
             "system": spacegroups.crystal_system(sg), "bravais": symmetry.bravais_lattice(sg),
             "lattice_system": symmetry.lattice_system(sg),
             "decided_system": ev.crystal_system, "decided_bravais": ev.bravais,
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--realism", default="", help="comma list of " + ", ".join(REALISM) + ", or 'all'")
     ap.add_argument("--d-min", default="", help="comma list of d_min in Å for the coverage table, e.g. 1.46,1.0,0.7")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--show-wrong", action="store_true", help="list the wrong decisions")
     args = ap.parse_args()
 
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
@@ -199,6 +201,12 @@ def main() -> None:
             rows = evaluate(materials, geometry=geometry, realism=realism, d_min=None, timings=timings)
             all_rows[(set_name, cond)] = rows
             print(fmt(f"{set_name[:9]} {cond}", summarise(rows)), flush=True)
+            if args.show_wrong:
+                for r in rows:
+                    if (r["decided_system"] and r["decided_system"] != r["system"]) or \
+                            (r["decided_bravais"] and r["decided_bravais"] != r["bravais"]):
+                        print(f"    wrong: {r['id']} SG {r['sg']} {r['system']}/{r['bravais']} -> "
+                              f"{r['decided_system']}/{r['decided_bravais']}; {r['warnings']}")
     for d in [float(x) for x in args.d_min.split(",") if x]:
         pixels = int(2 * np.ceil(1.0 / (d * geometry.q_per_pixel) + 12)) if d < 1.4 else geometry.pixels
         g = simulate.Geometry(pixels=pixels)

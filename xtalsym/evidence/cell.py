@@ -37,6 +37,13 @@ DIRECTION_TOLERANCE_DEG = 3.0
 # in relative terms, angles over 30°. Without them a lower class always fits at least as well.
 OCCAM_LENGTH = math.log(math.sqrt(2 * math.pi) * LENGTH_SIGMA_FLOOR / math.log(15.0))
 OCCAM_ANGLE = math.log(math.sqrt(2 * math.pi) * ANGLE_SIGMA_FLOOR_DEG / 30.0)
+# One zone alone fixes two lengths and an angle of its plane: what a class with fewer than two
+# usable true zones (and the triclinic class, whose only true zone is x) is scored with. Every
+# class then scores the same, so one zone never decides a crystal system.
+PARTIAL_LOGLIK = 2 * OCCAM_LENGTH + OCCAM_ANGLE
+# A zone that is not a zone axis of the class is explained by its own 2D lattice (two lengths,
+# an angle and an in-plane orientation): its Occam factor.
+OWN_LATTICE_OCCAM = 2 * OCCAM_LENGTH + 2 * OCCAM_ANGLE
 _N = np.array(list(itertools.product(range(-4, 5), repeat=3)))
 _N = _N[np.any(_N != 0, axis=1)]
 
@@ -68,6 +75,7 @@ class MetricFit:
     cell_sigma: tuple[float, ...] | None = None
     chi2: float = float("inf")
     loglik: float = -1e4
+    partial: bool = False  # too few true zones: the class is not tested (PARTIAL_LOGLIK)
 
     def lattice(self, scale=(1, 1, 1)) -> np.ndarray:
         """Rows a, b, c (Å) of the idealised cell times ``scale`` per axis (our frame)."""
@@ -186,15 +194,10 @@ def _idealise(metric: str, p: np.ndarray) -> tuple[np.ndarray, float, np.ndarray
 def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
     """The conventional cell of ``metric`` from the zones that are true zones of that class."""
     used = tuple(a for a in TRUE_ZONES[metric] if a in zones)
-    if metric == "triclinic":
-        if "x" not in zones:
-            return MetricFit(metric, False, "zone x (the only true zone of a triclinic cell) is missing")
-        n_len, n_ang = FREE_PARAMETERS[metric]
-        return MetricFit(metric, True, None, zones=("x",), chi2=0.0,
-                         loglik=n_len * OCCAM_LENGTH + n_ang * OCCAM_ANGLE)
-    needed = 2
-    if len(used) < needed:
-        return MetricFit(metric, False, f"needs {needed} of its true zones {TRUE_ZONES[metric]}, has {used}")
+    if metric == "triclinic" or len(used) < 2:
+        why = ("a triclinic cell has one zone axis among x, y, z" if metric == "triclinic"
+               else f"only zone {', '.join(used) or 'none'} of its zone axes {', '.join(TRUE_ZONES[metric])} measured")
+        return MetricFit(metric, True, why, zones=used, chi2=0.0, loglik=PARTIAL_LOGLIK, partial=True)
     rows, tol, sig = [], [], []
     for axis in used:
         zv = zones[axis]

@@ -232,7 +232,8 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     bravais_ll = _class_logliks(group_ll, _bravais_labels(), BRAVAIS_LATTICES)
     system, system_ok = _decide(system_ll)
     bravais, bravais_ok = _decide(bravais_ll)
-    best_metric = max(feasible, key=lambda m: feasible[m].loglik)
+    tested = {m: f for m, f in feasible.items() if not f.partial}
+    best_metric = max(tested or feasible, key=lambda m: (tested or feasible)[m].loglik)
     best_fit = feasible[best_metric]
     cell_by_bravais = {}
     labels = _bravais_labels()
@@ -240,7 +241,7 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         members = [int(g) for g, lab in zip(GROUPS, labels) if lab == name]
         g = max(members, key=lambda x: group_ll[x - 1])
         fit = fits[symmetry.metric_class(int(g))]
-        if fit.feasible and fit.cell is not None and np.isfinite(group_ll[g - 1]):
+        if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(group_ll[g - 1]):
             s = group_scale[g - 1]
             a, b, c, al, be, ga = fit.cell
             cell_by_bravais[name] = (a * s[0], b * s[1], c * s[2], al, be, ga)
@@ -255,8 +256,8 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         warnings_.append(f"crystal system not decided: {'/'.join(_within_reach(system_ll))} remain possible")
     if best_metric == "monoclinic":
         warnings_.append("cell from zones x and y only: z is not a zone axis of a monoclinic cell")
-    if best_metric == "triclinic":
-        warnings_.append("cell undetermined: only zone x is a zone axis of a triclinic cell")
+    if best_fit.partial:
+        warnings_.append(f"cell undetermined: {best_fit.reason}")
     if first_only and bravais_ok:
         warnings_.append("first-order reflections only in every zone")
     group_ll = np.where(np.isfinite(group_ll), group_ll, np.nan)
@@ -264,7 +265,7 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     group_ll = np.nan_to_num(group_ll - np.nanmax(group_ll), nan=floor - np.nanmax(group_ll))
     reason = None if system_ok else "crystal system not decided (see warnings)"
     return SampleEvidence(
-        cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=best_metric,
+        cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=None if best_fit.partial else best_metric,
         crystal_system_loglik=system_ll, bravais_loglik=bravais_ll, group_loglik=group_ll,
         decided=system_ok, crystal_system=system if system_ok else None, bravais=bravais if bravais_ok else None,
         warnings=warnings_, reason=reason, cell_by_bravais=cell_by_bravais, zones=dict(frames),
@@ -351,8 +352,11 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         fit = fits[metric]
         if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
             continue
+        if fit.partial:  # the class is not tested: every usable zone by its own lattice
+            out[g - 1] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            continue
         true_zones = [a for a in cellfit.TRUE_ZONES[metric] if a in prepared]
-        other = sum(own[a] for a in prepared if a not in true_zones)
+        other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
         sym = 0.0
         for a in true_zones:
             ops = info.ops[a]
@@ -361,9 +365,6 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                 sym_cache[key] = sum(s["log_likelihood_ratio"] for s in prepared[a].frame.symmetry.values()
                                      if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
             sym += sym_cache[key]
-        if metric == "triclinic":
-            out[g - 1] = fit.loglik + sum(own.values()) + sym
-            continue
         scale = info.divisors
         best = 0.0
         for a in true_zones:
