@@ -366,22 +366,25 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                                      if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
             sym += sym_cache[key]
         scale = info.divisors
-        best = 0.0
-        for a in true_zones:
-            plane = zonerules.zone_plane(metric, a)
-            if plane.rank < 2:
-                best += own[a]
-                continue
-            ck = (metric, a, scale)
-            if ck not in node_cache:
-                basis_px = _zone_basis_px(fit.lattice(scale), plane, a, prepared[a].frame.q_per_pixel)
-                node_cache[ck] = _node_scores(prepared[a], basis_px)
-            sk = (ck, info.rules[a].key)
-            if sk not in sum_cache:
-                nodes, score = node_cache[ck]
-                absent = info.rules[a].absent(nodes[:, 0], nodes[:, 1])
-                sum_cache[sk] = float(score[~absent].sum())
-            best += sum_cache[sk]
+        best = -np.inf
+        for choice, lattice in enumerate(fit.lattices(scale)):
+            total = 0.0
+            for a in true_zones:
+                plane = zonerules.zone_plane(metric, a)
+                if plane.rank < 2:
+                    total += own[a]
+                    continue
+                ck = (metric, a, scale, choice)
+                if ck not in node_cache:
+                    basis_px = _zone_basis_px(lattice, plane, a, prepared[a].frame.q_per_pixel)
+                    node_cache[ck] = _node_scores(prepared[a], basis_px)
+                sk = (ck, info.rules[a].key)
+                if sk not in sum_cache:
+                    nodes, score = node_cache[ck]
+                    absent = info.rules[a].absent(nodes[:, 0], nodes[:, 1])
+                    sum_cache[sk] = float(score[~absent].sum())
+                total += sum_cache[sk]
+            best = max(best, total)
         best_scale = scale
         out[g - 1] = fit.loglik + best + other + sym
         scales[g - 1] = best_scale

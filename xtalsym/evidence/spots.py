@@ -205,6 +205,7 @@ def measure_at(padded: np.ndarray, shape: tuple[int, int], x_px: np.ndarray, y_p
 
     Positions must lie inside the frame (callers keep nodes within the resolution disc)."""
     cx, cy = beam_centre(shape)
-    cols = np.clip(np.rint(np.asarray(x_px) + cx).astype(np.int64), 0, shape[1] - 1)
-    rows = np.clip(np.rint(np.asarray(y_px) + cy).astype(np.int64), 0, shape[0] - 1)
+    # round half up, not to even: mirror-related nodes then get mirror-related boxes
+    cols = np.clip(np.floor(np.asarray(x_px) + cx + 0.5).astype(np.int64), 0, shape[1] - 1)
+    rows = np.clip(np.floor(np.asarray(y_px) + cy + 0.5).astype(np.int64), 0, shape[0] - 1)
     return integrate(padded, rows, cols, pad=PAD, sigma_bg=sigma_bg, counts=counts)
