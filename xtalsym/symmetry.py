@@ -33,6 +33,7 @@ of Fd-3m / Ia-3d halve the apparent cell too.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -40,7 +41,8 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache, lru_cache
+from importlib import resources
 from itertools import product
 
 import numpy as np
@@ -128,7 +130,7 @@ def _centring_letter(group: int) -> str:
 # --------------------------------------------------------------------------- operations
 
 
-@lru_cache(maxsize=None)
+@cache
 def _operations(group: int) -> tuple[np.ndarray, np.ndarray]:
     """Rotations (n, 3, 3) and translations (n, 3) of the standard setting, centrings included."""
     hall = spacegroups.standard_hall_number(group)
@@ -142,7 +144,7 @@ def _operations(group: int) -> tuple[np.ndarray, np.ndarray]:
     return rotations, translations
 
 
-@lru_cache(maxsize=None)
+@cache
 def _laue_rotations(group: int) -> tuple[np.ndarray, ...]:
     rotations, _ = _operations(group)
     unique = {r.tobytes(): r for r in rotations}
@@ -154,15 +156,23 @@ def absent_mask(group: int, hkl: np.ndarray) -> np.ndarray:
     """True where reflections ``hkl`` (n, 3 integers) are systematically absent in ``group``."""
     spacegroups.check_number(group)
     hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
-    return _extinguishing(group, hkl).any(axis=0) & np.any(hkl != 0, axis=1)
+    _, hit = _extinguishing(group, hkl)
+    return hit.any(axis=0) & np.any(hkl != 0, axis=1)
 
 
-def _extinguishing(group: int, hkl: np.ndarray) -> np.ndarray:
-    """(n_ops, n) booleans: operation (R, t) has H·R = H and H·t not an integer, so F(H) = 0."""
+def _extinguishing(group: int, hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Operations that extinguish some of ``hkl`` and where: (indices, (n_hit, n) booleans).
+
+    Operation (R, t) extinguishes H when H·R = H and H·t is not an integer (F(H) = 0).
+    """
     rotations, translations = _operations(group)
-    fixed = np.all(np.einsum("ni,oij->onj", hkl, rotations) == hkl[None], axis=2)
-    phase = translations @ hkl.T
-    return fixed & (np.abs(phase - np.round(phase)) > 1e-6)
+    hkl_f = hkl.astype(float)
+    # most rotations fix no node of the list: skip them before the (n_ops, n) work
+    fixed = np.all(np.abs(np.matmul(hkl_f[None], rotations.astype(float)) - hkl_f[None]) < 0.5, axis=2)
+    phase = translations @ hkl_f.T
+    hit = fixed & (np.abs(phase - np.round(phase)) > 1e-6)
+    rows = np.flatnonzero(hit.any(axis=1))
+    return rows, hit[rows]
 
 
 # --------------------------------------------------------------------------- zone geometry
@@ -177,7 +187,7 @@ def vesta_lattice(a: float, b: float, c: float, alpha: float, beta: float, gamma
     return np.array([[a, 0.0, 0.0], [b * math.cos(ga), b * math.sin(ga), 0.0], [cx, cy, cz]])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reciprocal_rows(metric: str) -> np.ndarray:
     # rows a*, b*, c* (no 2π): G = H @ rows
     return np.linalg.inv(vesta_lattice(*_GENERIC_CELLS[metric])).T
@@ -192,7 +202,7 @@ class _ZoneGeometry:
     letter_vectors: tuple[HKL, ...]  # H = sum(letter value * vector)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zone_geometry(metric: str, zone: str) -> _ZoneGeometry:
     beam, image_x, image_y = (np.array(v) for v in _ZONE_AXES[zone])
     rows = _reciprocal_rows(metric)
@@ -200,14 +210,11 @@ def _zone_geometry(metric: str, zone: str) -> _ZoneGeometry:
     # primitive vectors only (gcd 1): the zone lattice is Z^3 cut by a plane, so these are
     # exactly the vectors that can belong to a basis of it
     candidates = [h for h in product(range(-span, span + 1), repeat=3) if math.gcd(*h) == 1]
-    in_plane = []
-    for h in candidates:
-        g = np.asarray(h) @ rows
-        if abs(g @ beam) < 1e-9 * np.linalg.norm(g):
-            in_plane.append(h)
-    if not in_plane:
+    g = np.array(candidates) @ rows
+    in_plane = np.abs(g @ beam) < 1e-9 * np.linalg.norm(g, axis=1)
+    if not in_plane.any():
         return _ZoneGeometry(0, ((0, 0, 0), (0, 0, 0)), "none", (), ())
-    vectors = np.array(in_plane)
+    vectors = np.array(candidates)[in_plane]
     rank = int(np.linalg.matrix_rank(vectors))
     lengths = np.linalg.norm(vectors @ rows, axis=1)
 
@@ -340,6 +347,19 @@ class ZoneSymmetry:
             return (m, n) in self.absent
         return bool(absent_mask(self.group, np.array([self.hkl(m, n)]))[0])
 
+    def image_basis_inv_A(self, lattice_A: np.ndarray) -> np.ndarray:
+        """Image (x, y) coordinates in Å⁻¹ (no 2π) of u and v (rows) for a cell in our frame.
+
+        ``lattice_A``: rows a, b, c in Å (a ∥ x, b in the xy plane). Node (m, n) lies at
+        (m, n) @ result; rank-1 zones have a zero second row, rank-0 zones two.
+        """
+        lattice = np.asarray(lattice_A, dtype=float)
+        if lattice.shape != (3, 3) or not np.all(np.isfinite(lattice)) or abs(np.linalg.det(lattice)) < 1e-9:
+            raise ValueError(f"lattice_A must be a finite, non-singular 3x3 matrix, got {lattice_A!r}")
+        _, image_x, image_y = (np.array(v) for v in _ZONE_AXES[self.zone])
+        g = np.array(self.basis_hkl, dtype=float) @ np.linalg.inv(lattice).T
+        return np.stack([g @ image_x, g @ image_y], axis=1)
+
     def hkl(self, m: int, n: int) -> HKL:
         """Miller indices of node (m, n)."""
         u, v = self.basis_hkl
@@ -351,16 +371,14 @@ def zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
     return _zone_symmetry(spacegroups.check_number(group), _check_zone(zone))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
     metric = metric_class(group)
     geometry = _zone_geometry(metric, zone)
     nodes = _window_nodes(geometry.rank)
-    absent: frozenset[Node] = frozenset()
-    if nodes:
-        hkl = _nodes_hkl(geometry.basis_hkl, nodes)
-        mask = absent_mask(group, hkl)
-        absent = frozenset(node for node, a in zip(nodes, mask) if a)
+    hkl = _window_hkl(metric, zone)
+    rows, hit = _zone_extinguishing(group, metric, zone)
+    absent = frozenset(nodes[i] for i in np.flatnonzero(hit.any(axis=0))) if nodes else frozenset()
     order, mirrors = _intensity_symmetry(group, geometry)
     angles = tuple(_image_angle_deg(metric, zone, geometry.basis_hkl, line) for line in mirrors)
     if geometry.rank == 2:
@@ -374,7 +392,7 @@ def _zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
         rank=geometry.rank,
         basis_hkl=geometry.basis_hkl,
         absent=absent,
-        conditions=_conditions(group, geometry),
+        conditions=_conditions(group, geometry, hkl, rows, hit),
         point_group_2d=point_group,
         rotation_order=order if geometry.rank == 2 else 0,
         mirror_lines=mirrors,
@@ -383,13 +401,52 @@ def _zone_symmetry(group: int, zone: str) -> ZoneSymmetry:
     )
 
 
-def _window_nodes(rank: int) -> list[Node]:
+@cache
+def _window_nodes(rank: int) -> tuple[Node, ...]:
     w = INDEX_WINDOW
     if rank == 2:
-        return [(m, n) for m in range(-w, w + 1) for n in range(-w, w + 1) if (m, n) != (0, 0)]
+        return tuple((m, n) for m in range(-w, w + 1) for n in range(-w, w + 1) if (m, n) != (0, 0))
     if rank == 1:
-        return [(m, 0) for m in range(-w, w + 1) if m]
-    return []
+        return tuple((m, 0) for m in range(-w, w + 1) if m)
+    return ()
+
+
+def _zone_extinguishing(group: int, metric: str, zone: str) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`_extinguishing` on the zone's window nodes, reusing what each rotation fixes."""
+    rotations, translations = _operations(group)
+    hkl = _window_hkl(metric, zone).astype(float)
+    rows, hits = [], []
+    for index, (rotation, translation) in enumerate(zip(rotations, translations)):
+        fixed = _fixed_nodes(metric, zone, rotation.tobytes())
+        if fixed is None:
+            continue
+        phase = hkl @ translation
+        bad = fixed & (np.abs(phase - np.round(phase)) > 1e-6)
+        if bad.any():
+            rows.append(index)
+            hits.append(bad)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(hkl)), dtype=bool)
+    return np.array(rows), np.array(hits)
+
+
+@cache
+def _fixed_nodes(metric: str, zone: str, rotation_bytes: bytes) -> np.ndarray | None:
+    """Window nodes H with H·R = H (None if only the origin), shared by all groups with R."""
+    rotation = np.frombuffer(rotation_bytes, dtype=np.int64).reshape(3, 3)
+    hkl = _window_hkl(metric, zone)
+    if not len(hkl):
+        return None
+    fixed = np.all(hkl @ rotation == hkl, axis=1)
+    return fixed if fixed.any() else None
+
+
+@cache
+def _window_hkl(metric: str, zone: str) -> np.ndarray:
+    geometry = _zone_geometry(metric, zone)
+    hkl = _nodes_hkl(geometry.basis_hkl, _window_nodes(geometry.rank))
+    hkl.setflags(write=False)
+    return hkl
 
 
 def _nodes_hkl(basis: tuple[HKL, HKL], nodes: Sequence[Node]) -> np.ndarray:
@@ -401,24 +458,33 @@ def _intensity_symmetry(group: int, geometry: _ZoneGeometry) -> tuple[int, tuple
     """Highest rotation order and mirror-line directions of the Laue group restricted to the plane."""
     if geometry.rank < 2:
         return 0, ()
-    basis = np.array(geometry.basis_hkl, dtype=np.int64)  # rows u, v
-    normal = np.cross(basis[0], basis[1])  # H lies in the plane iff H·normal = 0
-    rotations = np.array(_laue_rotations(group))
-    images = np.einsum("ai,oij->oaj", basis, rotations)  # rows u R, v R per operation
-    keeps_plane = np.all(images @ normal == 0, axis=1)
-    # coordinates of u R, v R in (u, v), from two index columns where (u, v) is invertible
-    cols = next((i, j) for i, j in ((0, 1), (0, 2), (1, 2)) if round(np.linalg.det(basis[:, [i, j]].astype(float))))
-    inverse = np.linalg.inv(basis[:, cols].astype(float))
     order = 1
     mirrors: set[Node] = set()
-    for image in images[keeps_plane]:
-        m2 = np.round(image[:, cols] @ inverse).astype(np.int64)  # (m, n) -> (m, n) @ m2
-        det = round(float(np.linalg.det(m2)))
-        if det == 1:
-            order = max(order, {2: 1, -2: 2, 0: 4, 1: 6, -1: 3}[int(np.trace(m2))])
+    for rotation in _laue_rotations(group):
+        action = _plane_action(geometry.basis_hkl, rotation.tobytes())
+        if action is None:
+            continue  # does not map the plane onto itself
+        kind, value = action
+        if kind == "rotation":
+            order = max(order, value)
         else:
-            mirrors.add(_null_vector(m2.T - np.eye(2, dtype=np.int64)))  # line: (m, n) @ m2 = (m, n)
+            mirrors.add(value)
     return (6 if order == 3 else order), tuple(sorted(mirrors))
+
+
+@cache
+def _plane_action(basis_hkl: tuple[HKL, HKL], rotation_bytes: bytes) -> tuple[str, object] | None:
+    """How H -> H·R acts on the plane spanned by ``basis_hkl``: ('rotation', order), ('mirror', line) or None."""
+    rotation = np.frombuffer(rotation_bytes, dtype=np.int64).reshape(3, 3)
+    basis = np.array(basis_hkl, dtype=np.int64)  # rows u, v
+    image = basis @ rotation  # rows u R, v R
+    if np.any(image @ np.cross(basis[0], basis[1]) != 0):  # H in the plane iff H·(u×v) = 0
+        return None
+    cols = next((i, j) for i, j in ((0, 1), (0, 2), (1, 2)) if round(np.linalg.det(basis[:, [i, j]].astype(float))))
+    m2 = np.round(image[:, cols] @ np.linalg.inv(basis[:, cols].astype(float))).astype(np.int64)  # (m,n) -> (m,n) @ m2
+    if round(float(np.linalg.det(m2))) == 1:
+        return "rotation", {2: 1, -2: 2, 0: 4, 1: 6, -1: 3}[int(np.trace(m2))]
+    return "mirror", _null_vector(m2.T - np.eye(2, dtype=np.int64))  # line: (m, n) @ m2 = (m, n)
 
 
 def _null_vector(matrix: np.ndarray) -> Node:
@@ -458,19 +524,18 @@ def _orientation_note(geometry: _ZoneGeometry, point_group: str, mirrors: tuple[
 # --------------------------------------------------------------------------- conditions as text
 
 
-def _conditions(group: int, geometry: _ZoneGeometry) -> tuple[str, ...]:
-    """Human-readable reflection conditions of the zone, each one adding absences."""
+def _conditions(group: int, geometry: _ZoneGeometry, hkl: np.ndarray, rows: np.ndarray, hit: np.ndarray) -> tuple[str, ...]:
+    """Human-readable reflection conditions of the zone, each one adding absences.
+
+    ``rows``, ``hit``: the extinguishing operations and the window nodes each one extinguishes.
+    """
     if geometry.rank == 0:
         return ()
-    nodes = _window_nodes(geometry.rank)
-    hkl = _nodes_hkl(geometry.basis_hkl, nodes)
     rotations, translations = _operations(group)
-    extinguishing = _extinguishing(group, hkl)
-    candidates: dict[frozenset[int], tuple[tuple[int, int, int], str]] = {}
-    for index in np.flatnonzero(extinguishing.any(axis=1)):
-        rotation, translation, bad = rotations[index], translations[index], extinguishing[index]
-        fixed = np.all(hkl @ rotation == hkl, axis=1)
-        domain = _domain(geometry, hkl[fixed])
+    candidates: dict[bytes, tuple[tuple[int, int, int, int], str]] = {}
+    for index, bad in zip(rows, hit):
+        rotation, translation = rotations[index], translations[index]
+        domain = _domain(geometry, rotation.tobytes())
         if domain is None:
             continue
         letters, vectors, name = domain
@@ -482,21 +547,33 @@ def _conditions(group: int, geometry: _ZoneGeometry) -> tuple[str, ...]:
             integers = {k: -c for k, c in integers.items()}
         form = _linear_text(integers)
         text = f"{name}: {form} = 2n+1 absent" if modulus == 2 else f"{name}: {form} ≠ {modulus}n absent"
-        key = frozenset(np.flatnonzero(bad).tolist())
-        rank_key = -len(letters), sum(1 for c in integers.values() if c), modulus
+        key = np.packbits(bad).tobytes()
+        # planes before rows, simple forms first, then the condition that removes the most
+        rank_key = -len(letters), sum(1 for c in integers.values() if c), -int(bad.sum()), modulus
         if key not in candidates or rank_key < candidates[key][0]:
             candidates[key] = (rank_key, text)
-    kept: list[str] = []
-    covered: set[int] = set()
+    kept: list[tuple[str, np.ndarray]] = []
+    covered = np.zeros(len(hkl), dtype=bool)
     for key, (_, text) in sorted(candidates.items(), key=lambda item: (item[1][0], item[1][1])):
-        if not key <= covered:
-            kept.append(text)
-            covered |= key
-    return tuple(kept)
+        bad = np.unpackbits(np.frombuffer(key, dtype=np.uint8), count=len(hkl)).astype(bool)
+        if (bad & ~covered).any():
+            kept.append((text, bad))
+            covered |= bad
+    # drop a condition that another one implies ("00l: l = 2n+1" beside "00l: l ≠ 4n")
+    return tuple(
+        text for i, (text, bad) in enumerate(kept)
+        if not any(j != i and not (bad & ~other).any() for j, (_, other) in enumerate(kept))
+    )  # fmt: skip
 
 
-def _domain(geometry: _ZoneGeometry, fixed_hkl: np.ndarray):
-    """Free letters, their hkl vectors and the name of the nodes fixed by an operation."""
+@cache
+def _domain(geometry: _ZoneGeometry, rotation_bytes: bytes):
+    """Free letters, their hkl vectors and the name of the zone nodes that rotation R fixes."""
+    rotation = np.frombuffer(rotation_bytes, dtype=np.int64).reshape(3, 3)
+    hkl = _nodes_hkl(geometry.basis_hkl, _window_nodes(geometry.rank))
+    fixed_hkl = hkl[np.all(hkl @ rotation == hkl, axis=1)]
+    if not len(fixed_hkl):
+        return None
     rank = int(np.linalg.matrix_rank(fixed_hkl.astype(float)))
     if rank == geometry.rank:
         return geometry.letters, geometry.letter_vectors, geometry.plane
@@ -510,19 +587,16 @@ def _domain(geometry: _ZoneGeometry, fixed_hkl: np.ndarray):
 # --------------------------------------------------------------------------- signatures and sets
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scales(group: int) -> tuple[int, int, int]:
     """Apparent-cell divisors (p, q, r): gcd of h, k, l over the present nodes of the three zones."""
-    gcds = [0, 0, 0]
+    gcds = np.zeros(3, dtype=np.int64)
     for zone in ZONES:
         zs = _zone_symmetry(group, zone)
         nodes = [node for node in _window_nodes(zs.rank) if node not in zs.absent]
-        if not nodes:
-            continue
-        for h in _nodes_hkl(zs.basis_hkl, nodes):
-            for i in range(3):
-                gcds[i] = math.gcd(gcds[i], int(abs(h[i])))
-    return tuple(g or 1 for g in gcds)  # an index no zone shows (triclinic h) stays unscaled
+        if nodes:
+            gcds = np.gcd(gcds, np.gcd.reduce(np.abs(_nodes_hkl(zs.basis_hkl, nodes)), axis=0))
+    return tuple(int(g) or 1 for g in gcds)  # an index no zone shows (triclinic h) stays unscaled
 
 
 def apparent_cell_divisors(group: int) -> tuple[int, int, int]:
@@ -530,18 +604,20 @@ def apparent_cell_divisors(group: int) -> tuple[int, int, int]:
     return _scales(spacegroups.check_number(group))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _apparent_absent(group: int, zone: str) -> frozenset[Node]:
     zs = _zone_symmetry(group, zone)
     nodes = _window_nodes(zs.rank)
     if not nodes:
         return frozenset()
+    if _scales(group) == (1, 1, 1):
+        return zs.absent
     hkl = _nodes_hkl(zs.basis_hkl, nodes) * np.array(_scales(group), dtype=np.int64)
     mask = absent_mask(group, hkl)
     return frozenset(node for node, a in zip(nodes, mask) if a)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _signature(group: int, cell_known: bool) -> Hashable:
     zones = []
     for zone in ZONES:
@@ -592,3 +668,24 @@ def symmetry_ceiling(labels: Sequence[int], groups: Iterable[int] | None = None,
         raise ValueError(f"labels outside the given groups: {outside[:10]}")
     best = sum(max(counts[g] for g in members) for members in indistinguishable_sets(counts, cell_known=cell_known))
     return best / sum(counts.values())
+
+
+# --------------------------------------------------------------------------- label frequencies
+
+MP_COUNTS_FILE = "mp_space_group_counts.json"
+
+
+@lru_cache(maxsize=1)
+def materials_project_counts() -> dict[int, int]:
+    """Structures per space group in the shared Materials Project set (spglib, symprec 0.1).
+
+    Made once by ``benchmarks/mp_space_group_counts.py``; the JSON records the command.
+    """
+    text = (resources.files("xtalsym") / "data" / MP_COUNTS_FILE).read_text()
+    return {int(g): int(n) for g, n in json.loads(text)["counts"].items()}
+
+
+def materials_project_labels(groups: Iterable[int] | None = None) -> list[int]:
+    """One label per Materials Project structure, restricted to ``groups`` (default: all)."""
+    keep = None if groups is None else {spacegroups.check_number(g) for g in groups}
+    return [g for g, n in sorted(materials_project_counts().items()) if keep is None or g in keep for _ in range(n)]
