@@ -252,3 +252,18 @@ def test_zone_rules_examples():
             assert bool(y.absent(np.array([m]), np.array([n]))[0]) == (l % 2 == 1), (h, k, l)
     assert zonerules.apparent_divisors(225) == (2, 2, 2)
     assert zonerules.apparent_divisors(229) == (1, 1, 1)
+
+
+@pytest.mark.slow
+def test_shape_cli_overlays_the_indexed_lattice(tmp_path, capsys):
+    from xtalsym.cli import main
+
+    structure, _ = _conventional(_build("TiO2"))
+    raw = tmp_path / "tio2_z.npy"
+    np.save(raw, simulate.simulate_pattern(structure, "z", **simulate.DATASET_OPTIONS))
+    overlay = tmp_path / "overlay.png"
+    assert main(["shape", str(raw), "--axis", "z", "--out", str(tmp_path / "shaped.png"),
+                 "--overlay", str(overlay)]) == 0
+    printed = capsys.readouterr().out
+    assert overlay.is_file() and overlay.stat().st_size > 1000
+    assert "indexed spots" in printed and "4mm" in printed

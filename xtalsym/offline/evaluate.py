@@ -588,6 +588,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     pr.add_argument("--axes", help="zone axes to use, e.g. x,y (default all three)")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    pr.add_argument("--no-evidence", action="store_true",
+                    help="skip the symmetry evidence (cell, Bravais lattice, absences) measured in the patterns")
     pr.set_defaults(handler=_cmd_predict)
 
 
@@ -626,12 +628,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     config = build_config_from(extra)
     labelled = structures.load_structure(args.structure, symprec=config.symprec)
     top = predict_structure(model, classes, labelled, axes=_axes(args.axes), config=config, device=device)
+    found = None if args.no_evidence else structure_evidence(labelled, config=config, axes=_axes(args.axes))
     if args.json:
-        print(json.dumps({"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}, indent=1))
+        out = {"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}
+        if found is not None:
+            out["evidence"] = found.to_json()
+        print(json.dumps(out, indent=1))
         return 0
     known = "" if labelled.space_group in classes else " - not one of the model's classes"
     print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}")
     print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}")
     for row in top:
         print(f"{row['rank']:>4}  {row['space_group']:>3}  {row['symbol']:<10} {row['crystal_system']:<14} {row['probability']:>11.4f}")
+    if found is not None:
+        from xtalsym.evidence import report
+
+        print()
+        print(report.format_text(found))
     return 0
+
+
+def structure_evidence(labelled: structures.LabelledStructure, *, config: ds.BuildConfig, axes=None):
+    """Symmetry evidence from the structure's simulated float patterns (the dataset's geometry)."""
+    from xtalsym.evidence import analyse_sample
+    from xtalsym.offline import simulate
+
+    patterns = simulate.simulate_axes(labelled.structure, axes=axes or simulate.AXES, geometry=config.geometry,
+                                      scattering=config.scattering, **simulate.DATASET_OPTIONS)
+    return analyse_sample(patterns, q_per_pixel=config.geometry.q_per_pixel)
