@@ -152,6 +152,10 @@ def _register_shape(commands) -> None:
     shape.add_argument("--method", choices=("reference", "fast"), default="fast")
     shape.add_argument("--size", type=int, choices=(shaping.MODEL_SIZE, shaping.RAW_SIZE), default=shaping.MODEL_SIZE)
     shape.add_argument("--out", required=True, help="output PNG")
+    shape.add_argument("--overlay", metavar="PNG",
+                       help="also write the raw DP with the indexed lattice and its indices (symmetry evidence)")
+    shape.add_argument("--q-per-pixel", type=float, default=None,
+                       help="reciprocal-space scale of the raw DP in 1/Å per pixel (default: the training grid's)")
     shape.set_defaults(handler=_cmd_shape)
 
 
@@ -183,6 +187,16 @@ def _cmd_shape(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(shaped).save(out)
     print(f"{args.raw} -> {out} ({args.method}, axis {args.axis}, {shaped.shape[0]}x{shaped.shape[1]})")
+    if args.overlay:
+        from xtalsym.evidence import analyse_frame, report
+        from xtalsym.offline import simulate
+
+        q = args.q_per_pixel if args.q_per_pixel is not None else simulate.Geometry().q_per_pixel
+        frame = analyse_frame(raw if raw.ndim == 2 else raw[..., 0], axis=args.axis, q_per_pixel=q)
+        report.draw_overlay(raw if raw.ndim == 2 else raw[..., 0], frame, args.overlay)
+        state = (f"{int(frame.spots_indexed.sum())} indexed spots, 2D symmetry {frame.point_group_2d}"
+                 if frame.decided else f"cannot decide: {frame.reason}")
+        print(f"overlay: {args.overlay} ({state})")
     return 0
 
 
@@ -198,6 +212,8 @@ def _register_dataset(commands) -> None:
     show.add_argument("--examples", type=int, default=8, help="rows in the grid (default %(default)s)")
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--json", action="store_true", help="print the counts as JSON")
+    show.add_argument("--overlay", metavar="DIR",
+                      help="also write, per example and axis, the raw DP with the indexed lattice (symmetry evidence)")
     show.set_defaults(handler=_cmd_dataset_show)
 
 
@@ -209,4 +225,7 @@ def _cmd_dataset_show(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.dataset) / "examples.png"
     dataset_view.save_example_grid(args.dataset, out, rows=args.examples, seed=args.seed)
     print(f"example grid: {out}")
+    if args.overlay:
+        paths = dataset_view.save_evidence_overlays(args.dataset, args.overlay, rows=args.examples, seed=args.seed)
+        print(f"lattice overlays: {len(paths)} PNGs in {args.overlay}")
     return 0

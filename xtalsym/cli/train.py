@@ -183,9 +183,11 @@ def print_fused(labelled, result, classes, *, as_json: bool) -> None:
     print(f"crystal system: {prediction.crystal_system[0]} (p = {prediction.crystal_system[1]:.3f})   "
           f"Bravais lattice: {prediction.bravais_lattice[0]} (p = {prediction.bravais_lattice[1]:.3f})")
     if evidence is not None:
-        cell = ", ".join(f"{v:.3f}" for v in evidence.cell) if evidence.cell else "not measured"
-        print(f"evidence: cell {cell}; Bravais {evidence.bravais or 'undecided'}"
-              + (f"; {'; '.join(evidence.warnings)}" if evidence.warnings else ""))
+        from xtalsym.evidence import report
+
+        print()
+        print(report.format_text(evidence))
+        print()
     print("top sets:")
     for s in prediction.top_sets:
         inside = ", ".join(f"{g.symbol} {g.probability:.3f}" for g in s.groups[:6])

@@ -37,6 +37,13 @@ DIRECTION_TOLERANCE_DEG = 3.0
 # in relative terms, angles over 30°. Without them a lower class always fits at least as well.
 OCCAM_LENGTH = math.log(math.sqrt(2 * math.pi) * LENGTH_SIGMA_FLOOR / math.log(15.0))
 OCCAM_ANGLE = math.log(math.sqrt(2 * math.pi) * ANGLE_SIGMA_FLOOR_DEG / 30.0)
+# One zone alone fixes two lengths and an angle of its plane: what a class with fewer than two
+# usable true zones (and the triclinic class, whose only true zone is x) is scored with. Every
+# class then scores the same, so one zone never decides a crystal system.
+PARTIAL_LOGLIK = 2 * OCCAM_LENGTH + OCCAM_ANGLE
+# A zone that is not a zone axis of the class is explained by its own 2D lattice (two lengths,
+# an angle and an in-plane orientation): its Occam factor.
+OWN_LATTICE_OCCAM = 2 * OCCAM_LENGTH + 2 * OCCAM_ANGLE
 _N = np.array(list(itertools.product(range(-4, 5), repeat=3)))
 _N = _N[np.any(_N != 0, axis=1)]
 
@@ -68,6 +75,15 @@ class MetricFit:
     cell_sigma: tuple[float, ...] | None = None
     chi2: float = float("inf")
     loglik: float = -1e4
+    partial: bool = False  # too few true zones: the class is not tested (PARTIAL_LOGLIK)
+    alternatives: tuple = ()  # other idealised cells of the same lattice (monoclinic cell choices)
+
+    def lattices(self, scale=(1, 1, 1)) -> list[np.ndarray]:
+        """The idealised cell and its alternative choices, times ``scale`` per axis."""
+        out = [self.lattice(scale)]
+        for a, b, c, al, be, ga in self.alternatives:
+            out.append(symmetry.vesta_lattice(a * scale[0], b * scale[1], c * scale[2], al, be, ga))
+        return out
 
     def lattice(self, scale=(1, 1, 1)) -> np.ndarray:
         """Rows a, b, c (Å) of the idealised cell times ``scale`` per axis (our frame)."""
@@ -138,19 +154,35 @@ def _conventional_vectors(metric: str, real: np.ndarray) -> np.ndarray | None:
                       & (v[:, 1] > 0))
     elif metric == "monoclinic":
         b = _shortest(v, _along(v, y, tol))
-        lengths = np.linalg.norm(v, axis=1)
-        off_a = np.linalg.norm(np.cross(v, a), axis=1) / (lengths * np.linalg.norm(a)) > math.sin(math.radians(5))
-        mask = _in_plane(v, y, tol) & off_a & (v[:, 2] > 0)
-        c = None
-        if mask.any():
-            cand, lc = v[mask], lengths[mask]
-            near = cand[lc <= lc.min() * 1.01]
-            c = near[np.argmin(near[:, 0])]  # β >= 90° among equally short choices
+        alts = monoclinic_c_choices(v, a)
+        c = alts[0] if alts else None
     else:
         return None
     if b is None or c is None:
         return None
     return np.array([a, b, c])
+
+
+MONOCLINIC_CHOICES = 3
+
+
+def monoclinic_c_choices(v: np.ndarray, a: np.ndarray) -> list[np.ndarray]:
+    """Lattice vectors c in the xz plane (c_z > 0, not ∥ a), shortest first (β >= 90° first among
+    equals): the cell choices a group's standard setting may use (C2/c vs I2/a, ...)."""
+    lengths = np.linalg.norm(v, axis=1)
+    off_a = np.linalg.norm(np.cross(v, a), axis=1) / (lengths * np.linalg.norm(a)) > math.sin(math.radians(5))
+    mask = _in_plane(v, np.array([0.0, 1.0, 0.0]), DIRECTION_TOLERANCE_DEG) & off_a & (v[:, 2] > 0)
+    if not mask.any():
+        return []
+    cand, lc = v[mask], lengths[mask]
+    order = np.lexsort((cand[:, 0], np.round(lc / lc.min(), 2)))
+    out: list[np.ndarray] = []
+    for i in order:
+        if all(np.linalg.norm(cand[i] - o) > 1e-6 for o in out):
+            out.append(cand[i])
+        if len(out) >= MONOCLINIC_CHOICES:
+            break
+    return out
 
 
 def _params(vectors: np.ndarray) -> np.ndarray:
@@ -186,15 +218,10 @@ def _idealise(metric: str, p: np.ndarray) -> tuple[np.ndarray, float, np.ndarray
 def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
     """The conventional cell of ``metric`` from the zones that are true zones of that class."""
     used = tuple(a for a in TRUE_ZONES[metric] if a in zones)
-    if metric == "triclinic":
-        if "x" not in zones:
-            return MetricFit(metric, False, "zone x (the only true zone of a triclinic cell) is missing")
-        n_len, n_ang = FREE_PARAMETERS[metric]
-        return MetricFit(metric, True, None, zones=("x",), chi2=0.0,
-                         loglik=n_len * OCCAM_LENGTH + n_ang * OCCAM_ANGLE)
-    needed = 2
-    if len(used) < needed:
-        return MetricFit(metric, False, f"needs {needed} of its true zones {TRUE_ZONES[metric]}, has {used}")
+    if metric == "triclinic" or len(used) < 2:
+        why = ("a triclinic cell has one zone axis among x, y, z" if metric == "triclinic"
+               else f"only zone {', '.join(used) or 'none'} of its zone axes {', '.join(TRUE_ZONES[metric])} measured")
+        return MetricFit(metric, True, why, zones=used, chi2=0.0, loglik=PARTIAL_LOGLIK, partial=True)
     rows, tol, sig = [], [], []
     for axis in used:
         zv = zones[axis]
@@ -231,5 +258,12 @@ def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
         sigma[3:] = 0.0
     elif metric == "monoclinic":
         sigma[3] = sigma[5] = 0.0
+    alternatives = []
+    if metric == "monoclinic":
+        for c in monoclinic_c_choices(_N @ real, conv[0])[1:]:
+            q = _params(np.array([conv[0], conv[1], c]))
+            q[3], q[5] = 90.0, 90.0
+            alternatives.append(tuple(float(x) for x in q))
     return MetricFit(metric, True, None, zones=used, vectors=conv, cell=tuple(float(x) for x in ideal),
-                     cell_sigma=tuple(float(x) for x in sigma), chi2=chi2, loglik=loglik)
+                     cell_sigma=tuple(float(x) for x in sigma), chi2=chi2, loglik=loglik,
+                     alternatives=tuple(alternatives))

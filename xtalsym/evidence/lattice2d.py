@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 INDEX_TOLERANCE_PX = 1.2  # a spot farther than this from its node is not indexed
+FRACTION_TOLERANCE = 0.15  # ... nor one farther than this fraction of the cell in either index
 MAX_SCORED_SPOTS = 60  # the brightest spots score candidate bases
 MAX_DIFFERENCE_SPOTS = 25  # differences between the brightest spots are candidate vectors
 MAX_CANDIDATES = 18  # shortest distinct candidate vectors tried pairwise
@@ -97,14 +98,21 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     frac = np.einsum("kd,pde->pke", top, inv)
     rem = frac - np.rint(frac)
     cart = rem[..., :1] * a[:, None, :] + rem[..., 1:] * b[:, None, :]
-    ok = np.hypot(cart[..., 0], cart[..., 1]) <= INDEX_TOLERANCE_PX
+    # absolute AND fractional tolerance: a too-fine basis indexes stray spots by chance otherwise
+    ok = (np.hypot(cart[..., 0], cart[..., 1]) <= INDEX_TOLERANCE_PX) & np.all(np.abs(rem) <= FRACTION_TOLERANCE, -1)
     score = (ok * w[None]).sum(1) / w.sum()
     good = score >= score.max() - SCORE_SLACK
     best = np.flatnonzero(good)[np.argmax(np.abs(det[good]))]
     if score[best] < 0.5:
         return None
     basis = reduce_basis(np.array([a[best], b[best]]))
-    return refine(points, weights, basis)
+    refined = refine(points, weights, basis)
+    if refined is None:
+        return None
+    area0, area1 = abs(np.linalg.det(basis)), abs(np.linalg.det(refined.basis_px))
+    if min(np.hypot(*refined.basis_px.T)) < MIN_VECTOR_PX or abs(area1 / area0 - 1) > 0.05:
+        return None  # least squares ran away from the lattice it started on
+    return refined
 
 
 def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattice2D | None:

@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import logsumexp
 
 from xtalsym import spacegroups, symmetry
 from xtalsym.evidence import cell as cellfit, stats, zonerules
@@ -47,7 +46,18 @@ CRYSTAL_SYSTEMS = spacegroups.CRYSTAL_SYSTEMS
 BRAVAIS_LATTICES = symmetry.BRAVAIS_LATTICES
 DECIDE_LOG_ODDS = 5.0  # ≈ 99.3 % posterior under a uniform prior over classes
 NODE_TOLERANCE_PX = 1.5
-PRUNE_METRIC_NATS = 200.0  # groups of a metric class this far below the best class are not scored
+PRUNE_METRIC_NATS = 200.0
+
+
+def logsumexp(values) -> float:
+    """log Σ exp (numpy; scipy's version costs ~1 ms of call overhead)."""
+    v = np.asarray(values, float)
+    if v.size == 0:
+        return -np.inf
+    m = float(v.max())
+    if not np.isfinite(m):
+        return m
+    return m + math.log(float(np.exp(v - m).sum()))  # groups of a metric class this far below the best class are not scored
 
 
 @dataclass
@@ -222,7 +232,8 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     bravais_ll = _class_logliks(group_ll, _bravais_labels(), BRAVAIS_LATTICES)
     system, system_ok = _decide(system_ll)
     bravais, bravais_ok = _decide(bravais_ll)
-    best_metric = max(feasible, key=lambda m: feasible[m].loglik)
+    tested = {m: f for m, f in feasible.items() if not f.partial}
+    best_metric = max(tested or feasible, key=lambda m: (tested or feasible)[m].loglik)
     best_fit = feasible[best_metric]
     cell_by_bravais = {}
     labels = _bravais_labels()
@@ -230,7 +241,7 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         members = [int(g) for g, lab in zip(GROUPS, labels) if lab == name]
         g = max(members, key=lambda x: group_ll[x - 1])
         fit = fits[symmetry.metric_class(int(g))]
-        if fit.feasible and fit.cell is not None and np.isfinite(group_ll[g - 1]):
+        if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(group_ll[g - 1]):
             s = group_scale[g - 1]
             a, b, c, al, be, ga = fit.cell
             cell_by_bravais[name] = (a * s[0], b * s[1], c * s[2], al, be, ga)
@@ -245,8 +256,8 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         warnings_.append(f"crystal system not decided: {'/'.join(_within_reach(system_ll))} remain possible")
     if best_metric == "monoclinic":
         warnings_.append("cell from zones x and y only: z is not a zone axis of a monoclinic cell")
-    if best_metric == "triclinic":
-        warnings_.append("cell undetermined: only zone x is a zone axis of a triclinic cell")
+    if best_fit.partial:
+        warnings_.append(f"cell undetermined: {best_fit.reason}")
     if first_only and bravais_ok:
         warnings_.append("first-order reflections only in every zone")
     group_ll = np.where(np.isfinite(group_ll), group_ll, np.nan)
@@ -254,7 +265,7 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     group_ll = np.nan_to_num(group_ll - np.nanmax(group_ll), nan=floor - np.nanmax(group_ll))
     reason = None if system_ok else "crystal system not decided (see warnings)"
     return SampleEvidence(
-        cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=best_metric,
+        cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=None if best_fit.partial else best_metric,
         crystal_system_loglik=system_ll, bravais_loglik=bravais_ll, group_loglik=group_ll,
         decided=system_ok, crystal_system=system if system_ok else None, bravais=bravais if bravais_ok else None,
         warnings=warnings_, reason=reason, cell_by_bravais=cell_by_bravais, zones=dict(frames),
@@ -334,40 +345,46 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     scales: list[tuple[int, int, int]] = [(1, 1, 1)] * 230
     node_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     sum_cache: dict[tuple, float] = {}  # (node set, rules) -> allowed score
+    sym_cache: dict[tuple, float] = {}
     best_metric = max(f.loglik for f in fits.values() if f.feasible)
     for info in group_table():
         g, metric = info.group, info.metric
         fit = fits[metric]
         if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
             continue
+        if fit.partial:  # the class is not tested: every usable zone by its own lattice
+            out[g - 1] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            continue
         true_zones = [a for a in cellfit.TRUE_ZONES[metric] if a in prepared]
-        other = sum(own[a] for a in prepared if a not in true_zones)
+        other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
         sym = 0.0
         for a in true_zones:
             ops = info.ops[a]
-            if ops.rotation_order:
-                sym += sum(s["log_likelihood_ratio"] for s in prepared[a].frame.symmetry.values()
-                           if ops.has(s["kind"], s["angle_deg"]))
-        if metric == "triclinic":
-            out[g - 1] = fit.loglik + sum(own.values()) + sym
-            continue
+            key = (a, ops)
+            if key not in sym_cache:
+                sym_cache[key] = sum(s["log_likelihood_ratio"] for s in prepared[a].frame.symmetry.values()
+                                     if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
+            sym += sym_cache[key]
         scale = info.divisors
-        best = 0.0
-        for a in true_zones:
-            plane = zonerules.zone_plane(metric, a)
-            if plane.rank < 2:
-                best += own[a]
-                continue
-            ck = (metric, a, scale)
-            if ck not in node_cache:
-                basis_px = _zone_basis_px(fit.lattice(scale), plane, a, prepared[a].frame.q_per_pixel)
-                node_cache[ck] = _node_scores(prepared[a], basis_px)
-            sk = (ck, info.rules[a].key)
-            if sk not in sum_cache:
-                nodes, score = node_cache[ck]
-                absent = info.rules[a].absent(nodes[:, 0], nodes[:, 1])
-                sum_cache[sk] = float(score[~absent].sum())
-            best += sum_cache[sk]
+        best = -np.inf
+        for choice, lattice in enumerate(fit.lattices(scale)):
+            total = 0.0
+            for a in true_zones:
+                plane = zonerules.zone_plane(metric, a)
+                if plane.rank < 2:
+                    total += own[a]
+                    continue
+                ck = (metric, a, scale, choice)
+                if ck not in node_cache:
+                    basis_px = _zone_basis_px(lattice, plane, a, prepared[a].frame.q_per_pixel)
+                    node_cache[ck] = _node_scores(prepared[a], basis_px)
+                sk = (ck, info.rules[a].key)
+                if sk not in sum_cache:
+                    nodes, score = node_cache[ck]
+                    absent = info.rules[a].absent(nodes[:, 0], nodes[:, 1])
+                    sum_cache[sk] = float(score[~absent].sum())
+                total += sum_cache[sk]
+            best = max(best, total)
         best_scale = scale
         out[g - 1] = fit.loglik + best + other + sym
         scales[g - 1] = best_scale

@@ -31,6 +31,10 @@ SIDELOBE_WIDTH_PX = 2.5
 SIDELOBE_SAFETY = 4.0
 DETECT_SIGMA = 5.0  # a spot must exceed this many σ of its integrated intensity
 DETECT_RELATIVE = 4e-3  # ... and this fraction of the strongest spots (noise-free frames, side lobes)
+# ... and this fraction of the central beam: where the rods of strong reflections of other
+# layers cross the zone plane (a block's shape transform) they leave spots at ~1e-3 of their
+# parent; in a zone whose own reflections are weak those would otherwise pass as reflections.
+DETECT_CENTRAL = 5e-4
 BACKGROUND_STRIDE = 7
 HALF = BOX // 2
 PATCH = 2 * int(np.ceil(RING_OUTER)) + 1  # 9: the patch holding box and ring
@@ -128,6 +132,17 @@ def pad(image: np.ndarray) -> np.ndarray:
     return np.pad(image, PAD, mode="edge")
 
 
+def _central_beam(image: np.ndarray, padded: np.ndarray, r: np.ndarray, r_min_px: float, sigma_bg: float) -> float:
+    """Integrated intensity of the central beam (0 when a beam stop hides it)."""
+    centre = r < min(r_min_px, 3.0)
+    if not centre.any():
+        return 0.0
+    k = int(np.argmax(np.where(centre, image, -np.inf)))
+    value, _ = integrate(padded, np.array([k // image.shape[1]]), np.array([k % image.shape[1]]), pad=PAD,
+                         sigma_bg=sigma_bg, counts=False)
+    return max(float(value[0]), 0.0)
+
+
 def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_px: float, counts: bool) -> Spots:
     """Spots between radii r_min_px (the central beam, a beam stop) and r_max_px (resolution).
 
@@ -152,7 +167,9 @@ def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_
     else:
         reference = 0.0
     typical_sigma = float(np.median(sigma)) if len(sigma) else 0.0
-    threshold = max(DETECT_SIGMA * typical_sigma, DETECT_RELATIVE * max(reference, 0.0))
+    central = _central_beam(image, padded, r, r_min_px, sigma_bg)
+    threshold = max(DETECT_SIGMA * typical_sigma, DETECT_RELATIVE * max(reference, 0.0),
+                    DETECT_CENTRAL * central)
     keep = (value > threshold) & (value > DETECT_SIGMA * sigma)
     rows, cols, value, sigma = rows[keep], cols[keep], value[keep], sigma[keep]
     peak = image[rows, cols]
@@ -188,6 +205,7 @@ def measure_at(padded: np.ndarray, shape: tuple[int, int], x_px: np.ndarray, y_p
 
     Positions must lie inside the frame (callers keep nodes within the resolution disc)."""
     cx, cy = beam_centre(shape)
-    cols = np.clip(np.rint(np.asarray(x_px) + cx).astype(np.int64), 0, shape[1] - 1)
-    rows = np.clip(np.rint(np.asarray(y_px) + cy).astype(np.int64), 0, shape[0] - 1)
+    # round half up, not to even: mirror-related nodes then get mirror-related boxes
+    cols = np.clip(np.floor(np.asarray(x_px) + cx + 0.5).astype(np.int64), 0, shape[1] - 1)
+    rows = np.clip(np.floor(np.asarray(y_px) + cy + 0.5).astype(np.int64), 0, shape[0] - 1)
     return integrate(padded, rows, cols, pad=PAD, sigma_bg=sigma_bg, counts=counts)

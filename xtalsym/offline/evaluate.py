@@ -638,3 +638,13 @@ def format_summary(metrics: dict) -> str:
     if len(metrics.get("failed", [])) > 10:
         lines.append(f"failed: ... {len(metrics['failed']) - 10} more in {METRICS_FILE}")
     return "\n".join(lines)
+
+
+def structure_evidence(labelled: structures.LabelledStructure, *, config: ds.BuildConfig, axes=None):
+    """Symmetry evidence from the structure's simulated float patterns (the dataset's geometry)."""
+    from xtalsym.evidence import analyse_sample
+    from xtalsym.offline import simulate
+
+    patterns = simulate.simulate_axes(labelled.structure, axes=axes or simulate.AXES, geometry=config.geometry,
+                                      scattering=config.scattering, **simulate.DATASET_OPTIONS)
+    return analyse_sample(patterns, q_per_pixel=config.geometry.q_per_pixel)
