@@ -209,16 +209,26 @@ _VERDICT_TEXT = {
 
 
 def _predict_model_only(args: argparse.Namespace, model, classes, config, device: str) -> int:
+    """The model's own top-5 (a checkpoint, or a bundle without fusion), with the evidence."""
     from xtalsym.offline import evaluate as ev
 
     labelled = ev.structures.load_structure(args.structure, symprec=config.symprec)
     top = ev.predict_structure(model, classes, labelled, axes=_axes(args.axes), config=config, device=device)
+    found = None if args.no_evidence else ev.structure_evidence(labelled, config=config, axes=_axes(args.axes))
     if args.json:
-        print(json.dumps({"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}, indent=1))
+        out = {"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}
+        if found is not None:
+            out["evidence"] = found.to_json()
+        print(json.dumps(out, indent=1))
         return 0
     known = "" if labelled.space_group in classes else " - not one of the model's classes"
     print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}")
     print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}")
     for row in top:
         print(f"{row['rank']:>4}  {row['space_group']:>3}  {row['symbol']:<10} {row['crystal_system']:<14} {row['probability']:>11.4f}")
+    if found is not None:
+        from xtalsym.evidence import report
+
+        print()
+        print(report.format_text(found))
     return 0
