@@ -124,14 +124,14 @@ def main(argv=None) -> int:
 
     cpu = time.process_time()
     no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
-                           use=[f for f in fusion.FEATURES if f != "evidence"],
+                           use=[f for f in fusion.FEATURES if f not in fusion.EVIDENCE_FEATURES],
                            fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source})
     log.info("fitted the no-evidence fusion in %.1f CPU-s", time.process_time() - cpu)
     fitted = {"msdn": None, "fusion, no evidence": no_ev}
     if len(val_ev):
         cpu = time.process_time()
         with_ev = fusion_fit.fit(feats.view_logits[val_ev], feats.space_group[val_ev], classes=classes, counts=counts,
-                                 evidence=ev_of(val_ev),
+                                 evidence=ev_of(val_ev), fit_no_evidence=False,
                                  fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source})
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
         # the views without evidence, and the no-evidence fallback, from the larger validation set

@@ -20,7 +20,7 @@ def make_params(**overrides) -> fusion.FusionParams:
     counts = np.zeros(230)
     counts[np.array(CLASSES) - 1] = [50, 400, 300, 40, 30, 120]
     weights = {k: {"msdn": 1.0, "msdn_system": 0.0, "msdn_bravais": 0.0, "outside": -9.0, "outside_entropy": 0.5,
-                   "evidence": 1.0, "prior": 0.0} for k in (1, 2, 3)}
+                   "evidence": 1.0, "evidence_top": 0.0, "prior": 0.0} for k in (1, 2, 3)}
     base = dict(classes=CLASSES, prior_counts=counts, weights=weights, temperature={1: 1.0, 2: 1.0, 3: 1.0},
                 sets=SETS, bravais=BRAVAIS)
     base.update(overrides)

@@ -8,6 +8,7 @@ The model is a conditional-logit product of experts: for each candidate group g,
          + w_brav · log p_T(Bravais of g)     ... and on g's Bravais lattice
          + [g outside the classes] · (b_out + w_ent · H(p_T))
          + w_ev · max(ev(g) − max ev, −clip)  the evidence log-likelihood of g's signature
+         + w_top · [ev(g) within 0.5 of max ev] the groups the evidence points to
          + w_prior · log π_train(g)
 
 and p(g | data) = softmax over the 230 groups of s. One parameter set per number of views
@@ -42,7 +43,9 @@ FUSION_FILE = "fusion.json"
 FUSION_FORMAT = "xtalsym-fusion/1"
 N_GROUPS = 230
 GROUPS = np.arange(1, N_GROUPS + 1)
-FEATURES = ("msdn", "msdn_system", "msdn_bravais", "outside", "outside_entropy", "evidence", "prior")
+FEATURES = ("msdn", "msdn_system", "msdn_bravais", "outside", "outside_entropy", "evidence", "evidence_top", "prior")
+EVIDENCE_FEATURES = ("evidence", "evidence_top")
+EVIDENCE_TOP_NATS = 0.5  # a group this close to the evidence's best counts as "what the evidence points to"
 PRIOR_SMOOTHING = 0.5  # pseudo-count per group: a group absent from training keeps a small prior
 DEFAULT_DECIDE_AT = 0.5  # below this set probability a prediction says "cannot decide"
 CANDIDATE_MASS = 0.95  # "cannot decide" lists sets until they hold this much probability
@@ -313,7 +316,8 @@ def feature_tensor(
         top = ev.max(axis=1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         feats[:, :, 5] = np.maximum(ev - top, -evidence_clip)
-    feats[:, :, 6] = log_prior_train[None, :]
+        feats[:, :, 6] = (ev - top >= -EVIDENCE_TOP_NATS) & np.isfinite(ev)
+    feats[:, :, 7] = log_prior_train[None, :]
     return feats
 
 
@@ -486,7 +490,8 @@ class Fusion:
                     feats = feature_tensor(np.zeros((len(rows), classes)), ev[rows], classes=self.params.classes,
                                            temperature=1.0, evidence_clip=self.params.evidence_clip,
                                            log_prior_train=self.log_prior_train, tables=self.tables)
-                    s = s + self.params.weights[1]["evidence"] * feats[..., 5]
+                    w = self.params.weights[1]
+                    s = s + w["evidence"] * feats[..., 5] + w["evidence_top"] * feats[..., 6]
             else:
                 feats = feature_tensor(logits[rows], None if ev is None else ev[rows], classes=self.params.classes,
                                        temperature=temperature[int(k)], evidence_clip=self.params.evidence_clip,

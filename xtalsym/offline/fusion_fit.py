@@ -32,11 +32,11 @@ L2 = 1e-3
 # The MSDN temperature is searched on a coarse grid: the weight of the MSDN's log-probability
 # already rescales it, so T only shapes the system/Bravais masses and the entropy.
 TEMPERATURES = (0.7, 1.0, 1.5, 2.2)
-EVIDENCE_CLIPS = (4.0, 8.0, 16.0, 32.0)
+EVIDENCE_CLIPS = (8.0, 32.0, 128.0)
 ECE_BINS = 15
 SUBSETS = {k: [np.array([i in c for i in range(3)]) for c in itertools.combinations(range(3), k)] for k in (1, 2, 3)}
 INITIAL = {"msdn": 1.0, "msdn_system": 0.0, "msdn_bravais": 0.0, "outside": -3.0, "outside_entropy": 0.5,
-           "evidence": 0.5, "prior": 0.3}
+           "evidence": 0.2, "evidence_top": 0.5, "prior": 0.3}
 
 
 def prior_counts(labels: Mapping[str, Mapping], split: str = "train") -> np.ndarray:
@@ -89,7 +89,7 @@ def fit_weights(data: FitData, *, classes: Sequence[int], temperature: float, ev
     """(weights, mean NLL) at a given temperature; features not in ``use`` stay at weight 0."""
     feats = fusion.feature_tensor(data.logits, data.evidence, classes=classes, temperature=temperature,
                                   evidence_clip=evidence_clip, log_prior_train=log_prior_train, tables=tables)
-    free = np.array([f in use and (f != "evidence" or data.evidence is not None) for f in fusion.FEATURES])
+    free = np.array([f in use and (f not in fusion.EVIDENCE_FEATURES or data.evidence is not None) for f in fusion.FEATURES])
     x0 = np.array([(start or INITIAL)[f] for f, keep in zip(fusion.FEATURES, free) if keep])
     result = minimize(_nll_and_grad, x0, args=(feats, data.target, free), jac=True, method="L-BFGS-B")
     full = np.zeros(len(fusion.FEATURES))
@@ -100,7 +100,8 @@ def fit_weights(data: FitData, *, classes: Sequence[int], temperature: float, ev
 def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], counts: np.ndarray,
         evidence: Mapping[tuple, np.ndarray] | None = None, evidence_clip: float | None = None,
         cell_known: bool = True, fitted: dict | None = None,
-        use: Sequence[str] = fusion.FEATURES, tables: fusion.SymmetryTables | None = None) -> fusion.FusionParams:
+        use: Sequence[str] = fusion.FEATURES, tables: fusion.SymmetryTables | None = None,
+        fit_no_evidence: bool = True) -> fusion.FusionParams:
     """Fusion parameters fitted on validation materials (per-view logits (n, 3, C), groups (n,))."""
     tables = tables or fusion.symmetry_tables(cell_known)
     log_prior = np.log(fusion.training_prior(counts))
@@ -118,10 +119,10 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
     weights, temperature, report = _fit_per_views(view_logits, groups, evidence, classes=classes, log_prior=log_prior,
                                                   tables=tables, use=use, evidence_clip=evidence_clip)
     weights_ne, temperature_ne = {}, {}
-    if evidence is not None:  # the same without evidence, for callers that cannot measure it
+    if evidence is not None and fit_no_evidence:  # the same without evidence, for callers that cannot measure it
         weights_ne, temperature_ne, report_ne = _fit_per_views(
             view_logits, groups, None, classes=classes, log_prior=log_prior, tables=tables,
-            use=[f for f in use if f != "evidence"], evidence_clip=evidence_clip)
+            use=[f for f in use if f not in fusion.EVIDENCE_FEATURES], evidence_clip=evidence_clip)
         report = {**report, "no_evidence": report_ne}
     return fusion.FusionParams(
         classes=[int(c) for c in classes], prior_counts=np.asarray(counts), weights=weights, temperature=temperature,
