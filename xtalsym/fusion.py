@@ -48,7 +48,7 @@ EVIDENCE_FEATURES = ("evidence", "evidence_top")
 EVIDENCE_TOP_NATS = 0.5  # a group this close to the evidence's best counts as "what the evidence points to"
 PRIOR_SMOOTHING = 0.5  # pseudo-count per group: a group absent from training keeps a small prior
 DEFAULT_DECIDE_AT = 0.5  # below this set probability a prediction says "cannot decide"
-CANDIDATE_MASS = 0.95  # "cannot decide" lists sets until they hold this much probability
+CANDIDATE_MASS = 0.99  # "cannot decide" lists sets until they hold this much probability
 MAX_CANDIDATES = 8
 LOG_FLOOR = -30.0  # log of a probability that rounds to zero (keeps features finite)
 TOP_GROUPS = 5
@@ -442,6 +442,8 @@ class Fusion:
         self.train_prior = training_prior(params.prior_counts)
         self.log_prior_train = np.log(self.train_prior)
         self.prior, self.prior_name = load_prior(prior, self.train_prior)
+        if prior in (None, "training") and params.fitted.get("prior"):
+            self.prior_name = f"frequencies of the {params.fitted['prior']}"  # where the bundle's counts came from
         self.log_prior_shift = np.log(self.prior) - self.log_prior_train
         self._inside = set(int(c) for c in params.classes)
 

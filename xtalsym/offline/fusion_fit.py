@@ -32,7 +32,7 @@ L2 = 1e-3
 # The MSDN temperature is searched on a coarse grid: the weight of the MSDN's log-probability
 # already rescales it, so T only shapes the system/Bravais masses and the entropy.
 TEMPERATURES = (0.7, 1.0, 1.5, 2.2)
-EVIDENCE_CLIPS = (8.0, 32.0, 128.0)
+EVIDENCE_CLIPS = (32.0, 128.0, 512.0)
 ECE_BINS = 15
 SUBSETS = {k: [np.array([i in c for i in range(3)]) for c in itertools.combinations(range(3), k)] for k in (1, 2, 3)}
 INITIAL = {"msdn": 1.0, "msdn_system": 0.0, "msdn_bravais": 0.0, "outside": -3.0, "outside_entropy": 0.5,
@@ -155,6 +155,26 @@ def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables,
     return weights, temperature, report
 
 
+DECIDED_SET_ACCURACY = 0.97  # a decided prediction's set must be right this often (on validation)
+
+
+def choose_decide_at(post: np.ndarray, labels: np.ndarray, tables: fusion.SymmetryTables,
+                     target: float = DECIDED_SET_ACCURACY) -> float:
+    """The lowest set probability above which the predicted set is right at least ``target`` of
+    the time on these (validation) materials: below it a prediction says "cannot decide"."""
+    labels = np.asarray(labels, dtype=np.int64)
+    set_mass = np.zeros((len(labels), len(tables.sets)))
+    np.add.at(set_mass.T, tables.set_of, post.T)
+    best = set_mass.argmax(axis=1)
+    confidence = set_mass[np.arange(len(labels)), best]
+    right = best == tables.set_of[labels - 1]
+    for t in np.round(np.arange(0.5, 0.991, 0.01), 2):
+        keep = confidence >= t
+        if keep.sum() >= 20 and right[keep].mean() >= target:
+            return float(t)
+    return 0.99
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -215,6 +235,13 @@ def posterior_metrics(post: np.ndarray, labels: np.ndarray, *, tables: fusion.Sy
     set_ece, set_bins = expected_calibration_error(set_mass[rows, best_set], set_correct)
     decided = set_mass[rows, best_set] >= decide_at
     p_true = post[rows, labels - 1]
+    # the answer holds the truth: the decided set is right, or an undecided one lists it as a candidate
+    order_sets = np.argsort(-set_mass, axis=1, kind="stable")
+    in_answer = set_correct.copy()
+    for i in np.flatnonzero(~decided):
+        cum = np.cumsum(set_mass[i, order_sets[i]])
+        n_cand = min(int(np.searchsorted(cum, fusion.CANDIDATE_MASS)) + 1, fusion.MAX_CANDIDATES)
+        in_answer[i] = true_set[i] in order_sets[i, :n_cand]
     return {
         "n": int(n),
         "group_top1": float(correct.mean()),
@@ -227,6 +254,7 @@ def posterior_metrics(post: np.ndarray, labels: np.ndarray, *, tables: fusion.Sy
         "set_ece": set_ece,
         "decided_share": float(decided.mean()),
         "set_top1_when_decided": float(set_correct[decided].mean()) if decided.any() else None,
+        "truth_in_answer": float(in_answer.mean()),
         "reliability": bins,
         "set_reliability": set_bins,
         "set_confusion": set_confusion(true_set, best_set, tables),
