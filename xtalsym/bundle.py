@@ -512,7 +512,7 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
              "\"Fusion (issue 15)\".", "",
              "| test | n | group top-1 | set top-1 | ECE |", "|---|---|---|---|---|"]
     for name, row in (fitted.get("test") or {}).items():
-        lines.append(f"| {name} | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
+        lines.append(f"| {name.replace(' | ', ', ')} | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
                      f"{row.get('ece', 0):.3f} |")
     md_path.write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
 
