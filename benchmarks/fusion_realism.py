@@ -22,9 +22,11 @@ from xtalsym.offline.evaluate import build_config_from  # noqa: E402
 from xtalsym.offline.fusion_data import DEFAULT_SOURCE, select_records  # noqa: E402
 
 log = logging.getLogger("benchmarks.fusion_realism")
-CONDITIONS = {
+CONDITIONS = {  # levels of benchmarks/evidence.py (realistic dose and background; misorientation 0.5° and 2°)
     "noise-free": None,
-    "dose 1e5, background 1e-3, misorientation 2°": simulate.Realism(dose=1e5, background=1e-3, misorientation_deg=2.0),
+    "dose 1e5, background 1e-3": simulate.Realism(dose=1e5, background=1e-3),
+    "dose 1e5, background 1e-3, misorientation σ 0.5°": simulate.Realism(dose=1e5, background=1e-3, misorientation_deg=0.5),
+    "dose 1e5, background 1e-3, misorientation σ 2°": simulate.Realism(dose=1e5, background=1e-3, misorientation_deg=2.0),
 }
 
 
