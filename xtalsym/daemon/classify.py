@@ -18,7 +18,7 @@ daemon's own code, not a copy of it:
   in micro-batches of ``pipeline.max_batch``.
 
 Each final prediction (every prediction with ``--partial``) is one JSON line of schema
-``xtalsym.prediction/1`` (docs/DAEMON.md) with ``user_data = {"source": "<file>[:dataset[i]]"}``
+``xtalsym.prediction/2`` (docs/DAEMON.md) with ``user_data = {"source": "<file>[:dataset[i]]"}``
 of its triggering frame, and one CSV row (:data:`CSV_COLUMNS`). Bad frames are counted by
 reason, logged, and skipped, as in the daemon; the summary lists them.
 """
