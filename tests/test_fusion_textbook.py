@@ -49,3 +49,24 @@ def test_truth_is_in_the_predicted_set_or_a_candidate(shipped, path):
         f"{path.stem} (truth {labelled.symbol}): {prediction.headline()}; "
         f"top groups {[(g.symbol, round(g.probability, 3)) for g in prediction.top_groups]}")
     assert abs(prediction.posterior.sum() - 1) < 1e-9
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_give_the_fused_answer(tmp_path, capsys):
+    import json
+
+    from xtalsym.cli import main
+
+    zno = str(TEXTBOOK / "ZnO_wurtzite.cif")
+    assert main(["predict", zno, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["truth"] in ("top-1", "in set", "candidate")
+    assert payload["prediction"]["crystal_system"]["name"] == "hexagonal"
+    assert len(payload["prediction"]["top_groups"]) == 5 and len(payload["prediction"]["evidence_used"] * "x") == 1
+    out = tmp_path / "eval"
+    cifs = [str(TEXTBOOK / "CaCO3_calcite.cif"), str(TEXTBOOK / "Cu_fcc.cif")]
+    assert main(["evaluate", "--bundle", str(default_bundle_path()), "--structures", *cifs, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fusion over 230 groups (2 samples" in printed and "set top-1" in printed and "ceiling" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fusion"]["n"] == 2 and (out / "reliability.png").is_file()
