@@ -75,6 +75,7 @@ class View:
     received: float  # wall-clock seconds when the frame arrived
     user_data: Any = None
     series_unique_id: str | None = None
+    evidence: Any = None  # xtalsym.evidence.FrameEvidence of the calibrated frame, or None
 
 
 @dataclass

@@ -43,7 +43,7 @@ from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, ide
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.protocols import BadMessage, decode
-from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
+from xtalsym.daemon.publish import Publisher, evidence_partial, open_set_result, prediction_message
 from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,8 @@ class Pipeline:
         job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=c.calibration.method,
                        mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
                        shaping_method=c.pipeline.shaping_method, size=self.size,
-                       flatfield_path=self._flatfield_file(series, channel, frame.shape))
+                       flatfield_path=self._flatfield_file(series, channel, frame.shape),
+                       evidence=c.pipeline.evidence)
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
         if not self._take_slot():
@@ -495,7 +496,7 @@ class Pipeline:
             return []
         self._slots.release()
         try:
-            shaped, seconds = done.future.result()
+            shaped, seconds, found, evidence_seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError) as exc:
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
@@ -510,8 +511,10 @@ class Pipeline:
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
         self.metrics.stage("calibrate_shape", seconds)
+        if found is not None:
+            self.metrics.stage("evidence", evidence_seconds)
         self.metrics.count("views")
-        view = View(shaped=shaped, **meta)
+        view = View(shaped=shaped, evidence=found, **meta)
         requests = self.assembler.add(view, time.time())
         overflowed = sum(r.closed_by == "overflow" for r in requests)
         if overflowed:  # max_open_samples reached: the oldest open samples were closed as partial
@@ -548,11 +551,30 @@ class Pipeline:
         self.metrics.batch(len(batch))
         for request, probs, open_set in zip(batch, result.probabilities, open_sets):
             message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
-                                         model=self.model, open_set=open_set)
+                                         model=self.model, open_set=open_set, evidence=self._evidence(request))
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
                 self.metrics.count("publish_dropped")
+
+    def _evidence(self, request: Request) -> dict | None:
+        """The message's ``evidence`` object: the zones combined for a final prediction, the
+        per-zone evidence for a partial one (combining costs milliseconds; once per sample)."""
+        frames = {a: v.evidence for a, v in request.views.items() if v.evidence is not None}
+        if not frames:
+            return None
+        try:
+            if not request.final:
+                return evidence_partial(frames)
+            t0 = time.perf_counter()
+            from xtalsym.evidence import combine
+
+            out = combine(frames).to_json()
+            self.metrics.stage("combine", time.perf_counter() - t0)
+            return out
+        except Exception as exc:  # noqa: BLE001 - evidence never costs a prediction
+            self.metrics.bad_frame("evidence_error", f"sample {request.sample_key}: {type(exc).__name__}: {exc}")
+            return None
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()

@@ -1,4 +1,5 @@
-"""The shaping worker processes: one frame in, its shaped DP out (calibrate + shape).
+"""The shaping worker processes: one frame in, its shaped DP and its symmetry evidence out
+(calibrate, shape, and :func:`xtalsym.evidence.analyse_frame` on the calibrated float frame).
 
 They are spawned processes (:mod:`xtalsym.daemon.pipeline` owns the pool); everything they
 receive is a picklable :class:`FrameJob` built by the daemon itself, never network bytes.
@@ -32,6 +33,7 @@ class FrameJob:
     shaping_method: str
     size: int
     flatfield_path: str | None = None
+    evidence: bool = True  # also measure the symmetry evidence on the calibrated float frame
 
 
 _mask_cache: dict[str, np.ndarray] = {}
@@ -47,21 +49,41 @@ def _load_mask(path: str) -> np.ndarray:
     return mask
 
 
-def process_frame(job: FrameJob) -> np.ndarray:
-    """Calibrate and shape one frame (runs in a worker process): uint8 (size, size, 3)."""
+def _calibrated(job: FrameJob) -> np.ndarray:
     sampling = cal.build_map(job.frame_geometry, job.training, job.method)
     mask = _load_mask(job.mask_path) if job.mask_path else None
     flatfield = _load_mask(job.flatfield_path) if job.flatfield_path else None
-    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
-                        flatfield=flatfield)
+    return cal.apply_map(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
+                         flatfield=flatfield)
+
+
+def process_frame(job: FrameJob) -> np.ndarray:
+    """Calibrate and shape one frame (runs in a worker process): uint8 (size, size, 3)."""
+    raw = cal.to_uint8(_calibrated(job))
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
-def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
-    """:func:`process_frame` and its duration in the worker (the stage latency, without queueing)."""
+def frame_evidence(intensity: np.ndarray, job: FrameJob):
+    """Symmetry evidence of the calibrated float frame (counts on the training grid; never raises)."""
+    from xtalsym.evidence import analyse_frame
+
+    t = job.training
+    q_per_pixel = t.pixel_size_m / (t.distance_m * t.wavelength_m) * 1e-10
+    counts = bool(np.issubdtype(np.asarray(job.frame).dtype, np.integer))
+    return analyse_frame(intensity, axis=job.axis, q_per_pixel=q_per_pixel, counts=counts)
+
+
+def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, object, float]:
+    """Calibrate, shape and (``job.evidence``) measure the evidence of one frame in a worker:
+    (shaped, calibrate+shape seconds, FrameEvidence or None, evidence seconds)."""
     t0 = time.perf_counter()
-    shaped = process_frame(job)
-    return shaped, time.perf_counter() - t0
+    intensity = _calibrated(job)
+    shaped = shaping.shape(cal.to_uint8(intensity), job.axis, method=job.shaping_method, size=job.size)
+    t1 = time.perf_counter()
+    if not job.evidence:
+        return shaped, t1 - t0, None, 0.0
+    found = frame_evidence(intensity, job)
+    return shaped, t1 - t0, found, time.perf_counter() - t1
 
 
 def init_worker() -> None:
