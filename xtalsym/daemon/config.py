@@ -122,7 +122,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     },
     "geometry": {key: (None, _geometry_value(key)) for key in GEOMETRY_KEYS},
     "calibration": {
-        "method": ("bilinear", _choice("bilinear", "area")),
+        # "auto": area when a training-grid pixel spans >= 2 detector pixels, else bilinear
+        "method": ("auto", _choice("auto", "bilinear", "area")),
         "saturation_value": (0, _nonneg_num),  # 0 = none
         "use_stream_mask": (True, _bool),
         # the start message's flatfield: "auto" applies it only when the detector says it did
@@ -130,7 +131,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "flatfield": ("auto", _choice("auto", "apply", "off")),
     },
     "assembly": {
-        "axis_from": ("user_data", _choice("user_data", "image_id")),
+        # "auto": user_data[axis_key] when a frame has it, else the image-id order (warned once per series)
+        "axis_from": ("auto", _choice("auto", "user_data", "image_id")),
         "axis_key": ("axis", _str),
         "axis_order": (list(AXES), _axis_order),
         "sample_key": ("sample_id", _str),

@@ -23,8 +23,10 @@ counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies 
 from __future__ import annotations
 
 import concurrent.futures as cf
+from collections import Counter as Tally
 from concurrent.futures.process import BrokenProcessPool
 import logging
+import logging.handlers
 import multiprocessing
 import queue
 import tempfile
@@ -32,19 +34,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zmq
 
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
-from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
-from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
+from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
+from xtalsym.daemon.infer import classify_batch, model_info
+from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, geometry_hint, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
-from xtalsym.daemon.protocols import BadMessage, decode
-from xtalsym.daemon.publish import Publisher, evidence_partial, open_set_result, prediction_message
-from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
+from xtalsym.daemon.protocols import BadMessage, decode_parts
+from xtalsym.daemon.publish import Publisher
+from xtalsym.daemon.workers import flatfield_wanted, frame_job, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,25 @@ class _Done:
     future: cf.Future
 
 
+@dataclass(frozen=True)
+class _SeriesClosed:
+    """Queued by the ingest thread when a series ends (or a restart closes it): the inference
+    thread closes the series' open samples once its frames still in the workers are back."""
+
+    number: int
+    reason: str  # "end" | "restart"
+
+
+class _Relay(logging.Handler):
+    """Hands a worker process's log record to the logger of the same name in this process, so
+    worker warnings get this process's handlers (level, timestamp, journal priority)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
 class Pipeline:
     """Runs the daemon's threads; :meth:`start`, then :meth:`stop` (drains) or :meth:`wait`."""
 
@@ -84,7 +105,7 @@ class Pipeline:
         self.size = int(bundle.image_size)
         self.metrics = Metrics()
         self.tracker = SeriesTracker(geometry_override=config.geometry_override,
-                                     frames_before_start=config.ingest.frames_before_start)
+                                     frames_before_start=config.ingest.frames_before_start, count=self.metrics.count)
         self.assembler = Assembler(timeout_seconds=config.assembly.timeout_seconds,
                                    publish_partial=config.assembly.publish_partial,
                                    max_open=config.assembly.max_open_samples)
@@ -98,16 +119,17 @@ class Pipeline:
         self._cancel_lock = threading.Lock()  # a future is in that set only while surely cancelled
         self._tmp = tempfile.TemporaryDirectory(prefix="xtalsym-daemon-")
         self._mask_files: dict[tuple[int, str], str | None] = {}
-        self._geometry: dict[tuple[int, tuple], cal.FrameGeometry] = {}
-        self.model = {
-            "model_id": bundle.model_id,
-            "name": (bundle.card or {}).get("name"),
-            "backend": getattr(backend, "name", "?"),
-            "device": getattr(backend, "device", "?"),
-            "precision": getattr(backend, "precision", "?"),
-            "classes": len(bundle.classes),
-            "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
-        }
+        self._geometry: dict[tuple[int, tuple], tuple[cal.FrameGeometry, str]] = {}
+        # frames handed to the workers whose result the inference thread has not taken yet, per
+        # sample key and per series number (ingest increments, inference decrements)
+        self._pending_lock = threading.Lock()
+        self._pending_samples: Tally = Tally()
+        self._pending_series: Tally = Tally()
+        self._closing: dict[int, str] = {}  # series number -> reason, waiting for its frames (inference thread)
+        # worker processes log through this queue into this process's handlers
+        self._log_queue = multiprocessing.get_context("spawn").Queue()
+        self._log_listener = logging.handlers.QueueListener(self._log_queue, _Relay())
+        self.model = model_info(bundle, backend, index)
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -142,6 +164,8 @@ class Pipeline:
                                    curve_public_keys_dir=c.publish.curve_public_keys_dir)
         self.frame_socket = open_frame_socket(self.context, socket=c.ingest.socket, mode=c.ingest.mode,
                                               address=c.ingest.address, receive_hwm=c.ingest.receive_hwm)
+        self._log_listener.start()
+        self._log_listening = True
         self.pool = self._make_pool()
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
@@ -177,6 +201,7 @@ class Pipeline:
 
     def _make_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers, initializer=init_worker,
+                                      initargs=(self._log_queue, logging.getLogger("xtalsym").getEffectiveLevel()),
                                       mp_context=multiprocessing.get_context("spawn"))
 
     @property
@@ -199,6 +224,9 @@ class Pipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
             self.monitor.close()
+        if getattr(self, "_log_listening", False):
+            self._log_listener.stop()
+            self._log_listening = False
         self._tmp.cleanup()
 
     def wait(self) -> None:
@@ -223,10 +251,7 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
-            self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
-                          "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
-                          "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
-                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id}}
+            self.model = {**self.model, **model_info(bundle, backend, index)}
             self.config = config
             future.set_result(old)
 
@@ -275,24 +300,46 @@ class Pipeline:
         m.count("messages")
         t0 = time.perf_counter()
         try:
-            event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
+            # image payloads stay compressed: the workers decompress them (workers.process_frame)
+            events = decode_parts(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels,
+                                  defer_decompression=True)
         except BadMessage as exc:
-            m.bad_frame(exc.reason, str(exc))
+            self._bad_message(exc)
             return
         finally:
             m.stage("decode", time.perf_counter() - t0)
-        m.count("decoded")
-        outcome = self.tracker.handle(event)
-        if outcome is None:
-            return
-        if isinstance(outcome, Dropped):
-            if outcome.reason == "stale_end":
-                m.count("stale_end")
-                log.info("%s", outcome.message)
-            else:
-                m.bad_frame(outcome.reason, outcome.message)
-            return
-        self._submit(outcome, received)
+        if len(events) > 1:  # a start and the image(s) after it in one ZeroMQ message: each is a message
+            m.count("messages", len(events) - 1)
+            m.count("coalesced_messages", len(events) - 1)
+            log.log(logging.WARNING if m.counts["coalesced_messages"] == len(events) - 1 else logging.DEBUG,
+                    "one ZeroMQ message carried %d detector messages (%s): each handled in order (counted "
+                    "coalesced_messages)", len(events), ", ".join(type(e).__name__ for e in events))
+        for event in events:
+            if isinstance(event, BadMessage):
+                self._bad_message(event)
+                continue
+            m.count("decoded")
+            outcome = self.tracker.handle(event)
+            for number, reason in self.tracker.take_closed():
+                self._results.put(_SeriesClosed(number, reason))
+            if outcome is None:
+                continue
+            if isinstance(outcome, Dropped):
+                if outcome.reason == "stale_end":
+                    m.count("stale_end")
+                    log.info("%s", outcome.message)
+                else:
+                    m.bad_frame(outcome.reason, outcome.message)
+                continue
+            self._submit(outcome, received)
+
+    def _bad_message(self, exc: BadMessage) -> None:
+        if exc.message_type == "start":  # its own WARNING: the series' images will follow
+            self.metrics.count("start_rejected")
+            self.metrics.bad_frame(exc.reason, str(exc), quiet=True)
+            self.tracker.rejected_start(exc)
+        else:
+            self.metrics.bad_frame(exc.reason, str(exc))
 
     def _submit(self, accepted: Accepted, received: float) -> None:
         c, m = self.config, self.metrics
@@ -309,31 +356,57 @@ class Pipeline:
             sample_key, axis = identify(
                 series_id=image.series_id, series_unique_id=image.series_unique_id, image_id=image.image_id,
                 user_data=image.user_data, axis_from=c.assembly.axis_from, axis_key=c.assembly.axis_key,
-                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key)
-            geometry = self._frame_geometry(series, frame.shape)
+                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key,
+                series_number=series.number)
+            geometry, method = self._frame_geometry(series, frame.shape)
         except (AssemblyError, cal.CalibrationError) as exc:
             m.bad_frame(exc.reason, str(exc))
             return
+        if (c.assembly.axis_from == "auto" and "axis" not in series.warned
+                and not axis_in_user_data(image.user_data, c.assembly.axis_key)):
+            series.warned.add("axis")
+            log.warning("series %s: image %d has no user_data[%r]: this series' axes come from the image-id order "
+                        "(axis_order[image_id %% 3] = %s; assembly.axis_from = \"auto\": set it to \"image_id\" to "
+                        "say so, or to \"user_data\" to require user_data)", image.series_id, image.image_id,
+                        c.assembly.axis_key, "".join(c.assembly.axis_order))
         mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
-        job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=c.calibration.method,
-                       mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
-                       shaping_method=c.pipeline.shaping_method, size=self.size,
-                       flatfield_path=self._flatfield_file(series, channel, frame.shape),
-                       evidence=c.pipeline.evidence)
+        job = frame_job(c, frame=frame, geometry=geometry, training=self.training, axis=axis, size=self.size,
+                        mask_path=mask_path, flatfield_path=self._flatfield_file(series, channel, frame.shape),
+                        method=method)
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
-                "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
+                "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received,
+                "series_number": series.number}
         if not self._take_slot():
             m.bad_frame("overload", f"image {image.image_id} of series {image.series_id} dropped: {c.pipeline.queue_size} "
                         f"frames already waiting for the workers (overload = {c.pipeline.overload!r})")
             return
+        self._pending(meta, +1)  # before the worker can finish it: the inference thread decrements
         try:
-            future = self.pool.submit(shape_timed, job)
-        except cf.BrokenExecutor:  # a worker died (its frames are counted worker_crashed in _add_view)
-            self._replace_pool()
-            future = self.pool.submit(shape_timed, job)
+            try:
+                future = self.pool.submit(shape_timed, job)
+            except cf.BrokenExecutor:  # a worker died (its frames are counted worker_crashed in _add_view)
+                self._replace_pool()
+                future = self.pool.submit(shape_timed, job)
+        except BaseException:
+            self._pending(meta, -1)
+            self._slots.release()
+            raise
         with self._inflight_lock:
             self._inflight[future] = None
         future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
+
+    def _pending(self, meta: dict, n: int) -> None:
+        with self._pending_lock:
+            self._pending_samples[(meta["series_number"], meta["sample_key"])] += n
+            self._pending_series[meta["series_number"]] += n
+            if self._pending_samples[(meta["series_number"], meta["sample_key"])] <= 0:
+                del self._pending_samples[(meta["series_number"], meta["sample_key"])]
+            if self._pending_series[meta["series_number"]] <= 0:
+                del self._pending_series[meta["series_number"]]
+
+    def _busy_samples(self) -> frozenset:
+        with self._pending_lock:
+            return frozenset(self._pending_samples)
 
     def _take_slot(self) -> bool:
         """A place in the workers for one frame, per ``pipeline.overload``; False = drop the new frame."""
@@ -378,14 +451,26 @@ class Pipeline:
             cf.wait(pending, timeout=0.1)
             time.sleep(0.001)
 
-    def _frame_geometry(self, series, frame_shape) -> cal.FrameGeometry:
+    def _frame_geometry(self, series, frame_shape) -> tuple[cal.FrameGeometry, str]:
+        """The series' calibration geometry and sampling method (``auto``: from how many detector
+        pixels one training-grid pixel spans, decided once per series geometry); a refused
+        geometry names the stream field and the fix."""
         key = (series.token, tuple(frame_shape))
-        g = self._geometry.get(key)
-        if g is None:
-            g = cal.resolve_geometry(series.stream_geometry, self.config.geometry_override, frame_shape=frame_shape)
-            self._geometry[key] = g
-            log.info("series %s calibration geometry: %s", series.series_id, g)
-        return g
+        cached = self._geometry.get(key)
+        if cached is None:
+            override = self.config.geometry_override
+            try:
+                g = cal.resolve_geometry(series.stream_geometry, override, frame_shape=frame_shape)
+            except cal.CalibrationError as exc:
+                hint = geometry_hint(series, override, exc)
+                raise cal.CalibrationError(exc.reason, f"{exc.message} ({hint})" if hint else exc.message) from None
+            auto = cal.auto_method(g, self.training)
+            cached = self._geometry[key] = (g, auto)
+            log.info("series %s calibration geometry: %s; calibration.method \"auto\" means %s for it (one "
+                     "training-grid pixel spans %.2f detector pixels)", series.series_id, g, auto,
+                     cal.footprint_px(g, self.training))
+        method = self.config.calibration.method  # read per frame: a reload applies at once
+        return cached[0], cached[1] if method == "auto" else method
 
     def _mask_file(self, series, channel: str, shape) -> str | None:
         key = (series.token, channel)
@@ -409,7 +494,7 @@ class Pipeline:
         key = (series.token, channel, "flatfield")
         if key not in self._mask_files:
             mode, flatfield, path = self.config.calibration.flatfield, series.flatfield_for(channel), None
-            wanted = mode == "apply" or (mode == "auto" and series.flatfield_applied is False)
+            wanted = flatfield_wanted(mode, series.flatfield_applied)
             if flatfield is not None and wanted:
                 flatfield = np.asarray(flatfield, dtype=np.float32)
                 if flatfield.shape != tuple(shape):
@@ -439,7 +524,8 @@ class Pipeline:
                 timeout = 0.1
                 if pending:
                     timeout = max(0.0, oldest + c.latency_budget_seconds - now)
-                deadline = self.assembler.next_deadline()
+                busy = self._busy_samples()
+                deadline = self.assembler.next_deadline(busy)
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - time.time()))
                 item = None
@@ -450,12 +536,18 @@ class Pipeline:
                         pass
                 if item is _STOP:
                     stopping = True
+                elif isinstance(item, _SeriesClosed):
+                    self._closing[item.number] = item.reason
                 elif item is not None:
                     for request in self._add_view(item):
                         if not pending:
                             oldest = time.monotonic()
                         pending.append(request)
-                for request in self.assembler.expire(time.time()):
+                for request in self._close_ended_series():
+                    if not pending:
+                        oldest = time.monotonic()
+                    pending.append(request)
+                for request in self.assembler.expire(time.time(), self._busy_samples()):
                     self.metrics.count("timed_out_samples")
                     if not pending:
                         oldest = time.monotonic()
@@ -485,8 +577,22 @@ class Pipeline:
             finally:
                 self.finished.set()
 
+    def _close_ended_series(self) -> list[Request]:
+        """Close the open samples of the series that ended (or were restarted) once none of their
+        frames is left in the workers: a view finishing late still joins its sample."""
+        out: list[Request] = []
+        for number, reason in list(self._closing.items()):
+            with self._pending_lock:
+                waiting = self._pending_series.get(number, 0)
+            if waiting:
+                continue
+            del self._closing[number]
+            out.extend(self.assembler.close_series(number, reason))
+        return out
+
     def _add_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
+        self._pending(meta, -1)
         with self._cancel_lock:
             overloaded = done.future in self._overload_cancelled
             self._overload_cancelled.discard(done.future)
@@ -497,7 +603,7 @@ class Pipeline:
         self._slots.release()
         try:
             shaped, seconds, found, evidence_seconds = done.future.result()
-        except (cal.CalibrationError, shaping.ShapingError) as exc:
+        except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
             return []
@@ -515,71 +621,44 @@ class Pipeline:
             self.metrics.stage("evidence", evidence_seconds)
         self.metrics.count("views")
         view = View(shaped=shaped, evidence=found, **meta)
+        duplicates = self.assembler.duplicates
         requests = self.assembler.add(view, time.time())
+        if self.assembler.duplicates > duplicates:
+            self.metrics.count("duplicate_axes", self.assembler.duplicates - duplicates)
         overflowed = sum(r.closed_by == "overflow" for r in requests)
         if overflowed:  # max_open_samples reached: the oldest open samples were closed as partial
             self.metrics.count("overflowed_samples", overflowed)
         return requests
 
     def _classify(self, batch: list[Request]) -> None:
-        size = self.size
-        x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
-        present = np.zeros((len(batch), 3), bool)
-        for i, request in enumerate(batch):
-            x[i], present[i] = request.tensors(size)
-        t0 = time.perf_counter()
-        try:
-            result = self.backend.run(x, present)
-        except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
-            log.exception("inference failed on a batch of %d", len(batch))
+        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model, index=self.index,
+                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours)
+        if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:
-                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
+                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {result.inference_error}")
             return
-        self.metrics.stage("infer", time.perf_counter() - t0)
-        open_sets: list[Any] = [None] * len(batch)
-        if self.index is not None and self.config.index.enabled:
-            t0 = time.perf_counter()
-            try:
-                from xtalsym.index import normalise_views
-
-                queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
-                                           classes=self.backend.classes, k=self.config.index.neighbours)
-                open_sets = [open_set_result(q) for q in queries]
-                self.metrics.stage("match", time.perf_counter() - t0)
-            except Exception as exc:  # noqa: BLE001
-                self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        self.metrics.stage("infer", result.infer_seconds)
+        if result.match_seconds is not None:
+            self.metrics.stage("match", result.match_seconds)
+        if result.index_error is not None:
+            exc = result.index_error
+            self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        for seconds in result.combine_seconds:
+            self.metrics.stage("combine", seconds)
+        for key, exc in result.evidence_errors:
+            self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
-        for request, probs, open_set in zip(batch, result.probabilities, open_sets):
-            message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
-                                         model=self.model, open_set=open_set, evidence=self._evidence(request))
+        for request, message in result.messages:
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
                 self.metrics.count("publish_dropped")
-
-    def _evidence(self, request: Request) -> dict | None:
-        """The message's ``evidence`` object: the zones combined for a final prediction, the
-        per-zone evidence for a partial one (combining costs milliseconds; once per sample)."""
-        frames = {a: v.evidence for a, v in request.views.items() if v.evidence is not None}
-        if not frames:
-            return None
-        try:
-            if not request.final:
-                return evidence_partial(frames)
-            t0 = time.perf_counter()
-            from xtalsym.evidence import combine
-
-            out = combine(frames).to_json()
-            self.metrics.stage("combine", time.perf_counter() - t0)
-            return out
-        except Exception as exc:  # noqa: BLE001 - evidence never costs a prediction
-            self.metrics.bad_frame("evidence_error", f"sample {request.sample_key}: {type(exc).__name__}: {exc}")
-            return None
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()
         snap["series"] = dict(self.tracker.events)
         snap["open_samples"] = len(self.assembler.open)
         snap["duplicate_axes"] = self.assembler.duplicates
+        snap["frames_missing"] = self.tracker.frames_missing
         snap["model_id"] = self.bundle.model_id
         return snap

@@ -1,0 +1,105 @@
+"""One micro-batch of assembled samples -> prediction messages: backend, open-set match, schema.
+
+The daemon's inference thread (:meth:`xtalsym.daemon.pipeline.Pipeline._classify`) and
+``xtalsym classify`` (:mod:`xtalsym.daemon.classify`) both call :func:`classify_batch`, so a
+recorded frame and the same frame streamed live meet the same tensors, backend call, index
+query and message producer (:func:`xtalsym.daemon.publish.prediction_message`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xtalsym.daemon.assemble import Request
+from xtalsym.daemon.publish import evidence_partial, open_set_result, prediction_message
+
+log = logging.getLogger(__name__)
+
+
+def model_info(bundle, backend, index=None) -> dict:
+    """The ``model`` object of the prediction schema."""
+    return {
+        "model_id": bundle.model_id,
+        "name": (bundle.card or {}).get("name"),
+        "backend": getattr(backend, "name", "?"),
+        "device": getattr(backend, "device", "?"),
+        "precision": getattr(backend, "precision", "?"),
+        "classes": len(bundle.classes),
+        "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+    }
+
+
+@dataclass
+class BatchResult:
+    """The messages of one batch (in request order), or why there are none."""
+
+    messages: list[tuple[Request, dict]] = field(default_factory=list)
+    infer_seconds: float | None = None
+    match_seconds: float | None = None
+    inference_error: Exception | None = None  # the backend failed: no messages
+    index_error: Exception | None = None  # the index failed: messages without open_set
+    combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
+    evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
+
+
+def request_evidence(request: Request, result: BatchResult) -> dict | None:
+    """The message's ``evidence`` object: the zones combined for a final prediction, the per-zone
+    evidence for a partial one (combining costs milliseconds: once per sample). Never raises."""
+    frames = {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+    if not frames:
+        return None
+    try:
+        if not request.final:
+            return evidence_partial(frames)
+        from xtalsym.evidence import combine
+
+        t0 = time.perf_counter()
+        out = combine(frames).to_json()
+        result.combine_seconds.append(time.perf_counter() - t0)
+        return out
+    except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
+        log.exception("evidence of sample %s failed", request.sample_key)
+        result.evidence_errors.append((request.sample_key, exc))
+        return None
+
+
+def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
+                   index_enabled: bool = True, neighbours: int = 5) -> BatchResult:
+    """Run ``backend`` on the batch (present-axes mask), query ``index`` when given and enabled,
+    and build each request's ``xtalsym.prediction/1`` message (``seq``/``published`` are the
+    publisher's to set)."""
+    result = BatchResult()
+    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
+    present = np.zeros((len(batch), 3), bool)
+    for i, request in enumerate(batch):
+        x[i], present[i] = request.tensors(size)
+    t0 = time.perf_counter()
+    try:
+        out = backend.run(x, present)
+    except Exception as exc:
+        log.exception("inference failed on a batch of %d", len(batch))
+        result.inference_error = exc
+        return result
+    result.infer_seconds = time.perf_counter() - t0
+    open_sets: list[Any] = [None] * len(batch)
+    if index is not None and index_enabled:
+        t0 = time.perf_counter()
+        try:
+            from xtalsym.index.scoring import normalise_views
+
+            queries = index.query(normalise_views(out.embeddings), probabilities=out.probabilities,
+                                  classes=backend.classes, k=neighbours)
+            open_sets = [open_set_result(q) for q in queries]
+            result.match_seconds = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001
+            result.index_error = exc
+    for request, probs, open_set in zip(batch, out.probabilities, open_sets):
+        result.messages.append((request, prediction_message(request, probabilities=probs, classes=backend.classes,
+                                                            model=model, open_set=open_set,
+                                                            evidence=request_evidence(request, result))))
+    return result
