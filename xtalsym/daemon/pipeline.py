@@ -170,6 +170,12 @@ class Pipeline:
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
         warm_backend(self.backend, self.size, c.pipeline.max_batch)
+        if c.pipeline.evidence:  # the 230 groups' zone tables, once, before the first sample needs them
+            from xtalsym.evidence import sample as evidence_sample
+
+            t0 = time.perf_counter()
+            evidence_sample.group_table()
+            log.info("symmetry-evidence tables ready in %.1f s", time.perf_counter() - t0)
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
