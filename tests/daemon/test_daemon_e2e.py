@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 zmq = pytest.importorskip("zmq")
 
-from xtalsym.daemon.client import listen  # noqa: E402
-from xtalsym.daemon.config import load_config  # noqa: E402
-from xtalsym.daemon.service import Service  # noqa: E402
-from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
-from xtalsym.offline import structures  # noqa: E402
-from xtalsym.testing import (  # noqa: E402
+from xtalsym.daemon.client import listen
+from xtalsym.daemon.config import load_config
+from xtalsym.daemon.service import Service
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket
+from xtalsym.offline import structures
+from xtalsym.testing import (
     REPO_ROOT,
     TINY_CLASSES,
     InProcessDaemon,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xtalsym.daemon import sim as ds
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon import protocols as proto
+from xtalsym.daemon import sim as ds
 from xtalsym.offline import simulate as sim
 from xtalsym.offline import structures
 

@@ -39,7 +39,9 @@ def _register_model(commands: argparse._SubParsersAction) -> None:
         "MODEL_CARD.md (data, split, config, measured accuracy).",
     )
     release.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. RUN/best.pt")
-    release.add_argument("--evaluation", required=True, help="output folder of `xtalsym evaluate` on the held-out split")
+    release.add_argument(
+        "--evaluation", required=True, help="output folder of `xtalsym evaluate` on the held-out split"
+    )
     release.add_argument("--out", required=True, help="release folder, e.g. models/msdn_paper72")
     release.add_argument("--name", help="release name (default: the --out folder's name)")
     release.set_defaults(handler=_release)
@@ -100,17 +102,27 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--bundle", help="bundle directory (its model.pt is exported)")
     export.add_argument("--out", required=True, help="output .onnx file")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
-    export.add_argument("--image-size", type=int, default=None,
-                        help="H = W of the shaped DPs the graph takes (default 224; the graph max-pools to the model's input size)")
-    export.add_argument("--check", action="store_true",
-                        help="run onnx.checker and compare ONNX Runtime with torch on a mixed 1/2/3-view batch")
+    export.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="H = W of the shaped DPs the graph takes (default 224; the graph max-pools to the model's input size)",
+    )
+    export.add_argument(
+        "--check",
+        action="store_true",
+        help="run onnx.checker and compare ONNX Runtime with torch on a mixed 1/2/3-view batch",
+    )
     export.set_defaults(handler=_export)
 
     bundle = commands.add_parser("bundle", help="build and verify model bundles (weights, ONNX, labels, index)")
     sub = bundle.add_subparsers(dest="bundle_command", metavar="WHAT", required=True)
-    build = sub.add_parser("build", help="bundle a release folder",
-                           description="Copy a release (`xtalsym model release`), export ONNX, add labels, settings, "
-                           "an optional reference index and a SHA-256 manifest; written atomically.")
+    build = sub.add_parser(
+        "build",
+        help="bundle a release folder",
+        description="Copy a release (`xtalsym model release`), export ONNX, add labels, settings, "
+        "an optional reference index and a SHA-256 manifest; written atomically.",
+    )
     build.add_argument("--release", required=True, help="release folder with model.pt, card.json, MODEL_CARD.md")
     build.add_argument("--out", required=True, help="bundle directory to create")
     build.add_argument("--index", help="reference index directory (xtalsym index build) made with this model")
@@ -120,15 +132,21 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     build.set_defaults(handler=_build)
 
-    verify = sub.add_parser("verify", help="check a bundle against its manifest",
-                            description="Verify every file's size and SHA-256, refuse unlisted files and an index "
-                            "built by another model; prints OK and the model identity.")
+    verify = sub.add_parser(
+        "verify",
+        help="check a bundle against its manifest",
+        description="Verify every file's size and SHA-256, refuse unlisted files and an index "
+        "built by another model; prints OK and the model identity.",
+    )
     verify.add_argument("path", nargs="?", help="bundle directory (default: the shipped/default bundle)")
     verify.set_defaults(handler=_verify)
 
-    add = sub.add_parser("add-index", help="put a reference index into an existing bundle",
-                         description="Copy INDEX_DIR into BUNDLE/index (replacing any index), after checking that "
-                         "its index.json model_id is the bundle's, and rewrite the manifest.")
+    add = sub.add_parser(
+        "add-index",
+        help="put a reference index into an existing bundle",
+        description="Copy INDEX_DIR into BUNDLE/index (replacing any index), after checking that "
+        "its index.json model_id is the bundle's, and rewrite the manifest.",
+    )
     add.add_argument("bundle", help="bundle directory")
     add.add_argument("index", help="reference index directory")
     add.set_defaults(handler=_add_index)
@@ -149,26 +167,38 @@ def _export(args: argparse.Namespace) -> int:
     else:
         model, _ = models.load_checkpoint(args.checkpoint)
         image_size = args.image_size or onnx_export.DEFAULT_IMAGE_SIZE
-    out = onnx_export.export_onnx(model, args.out, image_size=image_size,
-                                  opset=args.opset or onnx_export.DEFAULT_OPSET)
-    print(f"exported {model.name} (input {model.input_size}, {model.num_classes} classes) -> {out} "
-          f"({Path(out).stat().st_size / 1e6:.1f} MB, x uint8 (B, 3, 3, {image_size}, {image_size}))")
+    out = onnx_export.export_onnx(model, args.out, image_size=image_size, opset=args.opset or onnx_export.DEFAULT_OPSET)
+    print(
+        f"exported {model.name} (input {model.input_size}, {model.num_classes} classes) -> {out} "
+        f"({Path(out).stat().st_size / 1e6:.1f} MB, x uint8 (B, 3, 3, {image_size}, {image_size}))"
+    )
     if args.check:
         report = onnx_export.check_onnx(model, out, batch=7)
-        print("check OK: onnx.checker passed; ONNX Runtime vs torch on 7 samples (1-3 views): "
-              f"max |Δp| {report['max_abs_probabilities']:.2e}, max |Δlogits| {report['max_abs_logits']:.2e}, "
-              f"max |Δembeddings| {report['max_abs_embeddings']:.2e}, top-1 agreement {report['top1_agreement']:.3f}")
+        print(
+            "check OK: onnx.checker passed; ONNX Runtime vs torch on 7 samples (1-3 views): "
+            f"max |Δp| {report['max_abs_probabilities']:.2e}, max |Δlogits| {report['max_abs_logits']:.2e}, "
+            f"max |Δembeddings| {report['max_abs_embeddings']:.2e}, top-1 agreement {report['top1_agreement']:.3f}"
+        )
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
     from xtalsym.bundle import build_bundle, load_bundle
 
-    out = build_bundle(args.release, args.out, index_dir=args.index, onnx=not args.no_onnx,
-                       image_size=args.image_size, opset=args.opset, overwrite=args.overwrite)
+    out = build_bundle(
+        args.release,
+        args.out,
+        index_dir=args.index,
+        onnx=not args.no_onnx,
+        image_size=args.image_size,
+        opset=args.opset,
+        overwrite=args.overwrite,
+    )
     bundle = load_bundle(out)
-    print(f"bundle {out}: model_id {bundle.model_id}, {len(bundle.manifest['files'])} files"
-          + (", with index" if bundle.index_dir else ""))
+    print(
+        f"bundle {out}: model_id {bundle.model_id}, {len(bundle.manifest['files'])} files"
+        + (", with index" if bundle.index_dir else "")
+    )
     return 0
 
 
@@ -180,9 +210,11 @@ def _verify(args: argparse.Namespace) -> int:
     spec = bundle.model_spec
     total = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
     print(f"OK {bundle.path}: model_id {bundle.model_id}")
-    print(f"  model {spec['name']} (input {spec['input_size']}, {spec['num_classes']} classes), "
-          f"{len(bundle.manifest['files'])} files, {total / 1e6:.1f} MB, xtalsym {bundle.manifest.get('xtalsym_version')}, "
-          f"onnx {'yes' if bundle.onnx_path else 'no'}, index {'yes' if bundle.index_dir else 'no'}")
+    print(
+        f"  model {spec['name']} (input {spec['input_size']}, {spec['num_classes']} classes), "
+        f"{len(bundle.manifest['files'])} files, {total / 1e6:.1f} MB, xtalsym {bundle.manifest.get('xtalsym_version')}, "
+        f"onnx {'yes' if bundle.onnx_path else 'no'}, index {'yes' if bundle.index_dir else 'no'}"
+    )
     return 0
 
 

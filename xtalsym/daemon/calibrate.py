@@ -240,7 +240,7 @@ def _bilinear_neighbours(map_x: np.ndarray, map_y: np.ndarray, shape: tuple[int,
         inside = (xi >= 0) & (xi < cols) & (yi >= 0) & (yi < rows)
         index[k] = np.where(inside, yi * cols + xi, 0)
         weight[k] = np.where(inside, w, 0.0)
-    return index.astype(np.int32 if rows * cols < 2**31 else np.int64), weight.astype(np.float32)
+    return index.astype(np.intp), weight.astype(np.float32)  # intp: numpy gathers without converting
 
 
 DENSE_FRACTION = 0.25  # above this share of non-zero pixels, area binning visits every pixel
@@ -442,15 +442,16 @@ def _apply_gather(frame: np.ndarray, prepared: PreparedMap, saturation_value: fl
     if targets is not None:
         index, weight = index[:, targets], weight[:, targets]
         ff = None if ff is None else ff[:, targets]
-    values = frame.ravel()[index]
+    values = np.take(frame.ravel(), index)
     bad = _invalid_values(values, saturation_value)
-    if bad is not None:
-        weight = np.where(bad, 0, weight)
-        values = np.where(bad, 0, values)
+    if bad is not None and bad.any():
+        weight = weight * ~bad
+        if not np.issubdtype(values.dtype, np.integer):  # NaN/inf times a zero weight is still NaN
+            values = np.where(bad, 0, values)
     values = values.astype(np.float32)
     if ff is not None:
         values *= ff
-    return (weight * values).sum(axis=0), weight.sum(axis=0)
+    return np.einsum("ij,ij->j", weight, values), weight.sum(axis=0)
 
 
 def _apply_bins(frame: np.ndarray, prepared: PreparedMap, saturation_value: float | None) -> np.ndarray:

@@ -10,7 +10,8 @@ daemon's own code, not a copy of it:
   in ``pipeline.workers`` processes like the daemon's when more than one;
 * axis and sample: :func:`xtalsym.daemon.assemble.identify` with the ``[assembly]``
   settings; recorded frames carry no user_data, so the axis is ``axis_order[image_id % 3]``
-  (what the daemon does without user_data), the sample ``"<file name>:<image_id // 3>"``;
+  (what the daemon does without user_data), the sample ``"<file name>#<n>:<image_id // 3>"``
+  (n = the series' number in this run, as the daemon numbers the series it opens);
 * sampling method: ``calibration.method``, ``auto`` resolved per series as the daemon does;
 * samples: :class:`~xtalsym.daemon.assemble.Assembler`; a series' open samples are closed at
   its end (``closed_by = "end"``);
@@ -283,7 +284,8 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
                             meta["key"], meta["axis"] = identify(
                                 series_id=series.series_id, series_unique_id=unique, image_id=frame.image_id,
                                 user_data=None, axis_from=axis_from, axis_key=c.assembly.axis_key,
-                                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key)
+                                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key,
+                                series_number=series.series_id)
                         except AssemblyError as exc:
                             bad(exc.reason, f"{frame.where}: {exc}")
                             yield meta, None

@@ -9,19 +9,22 @@ resolved copy.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from xtalsym.daemon.endpoints import (  # noqa: F401 (re-exported: callers import them from here)
+    DEFAULT_INGEST_ADDRESS,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PUBLISH_ADDRESS,
+    DEFAULT_TOPIC,
+    METRICS_TOPIC,
+)
 from xtalsym.daemon.protocols import GEOMETRY_KEYS, PROTOCOLS
 
-DEFAULT_INGEST_ADDRESS = "tcp://127.0.0.1:31001"  # DECTRIS detectors bind PUSH on 31001
-DEFAULT_PUBLISH_ADDRESS = "tcp://127.0.0.1:5556"
-DEFAULT_TOPIC = "xtalsym.prediction"
-METRICS_TOPIC = "xtalsym.metrics"
-DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # HTTP metrics/health: loopback unless configured
-DEFAULT_METRICS_PORT = 9855
 AXES = ("x", "y", "z")
 
 

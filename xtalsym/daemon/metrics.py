@@ -19,12 +19,10 @@ import threading
 import time
 from collections import Counter as Tally
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
-                               ProcessCollector)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 import xtalsym

@@ -23,17 +23,15 @@ counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections import Counter as Tally
-from concurrent.futures.process import BrokenProcessPool
 import logging
 import logging.handlers
 import multiprocessing
 import queue
-import tempfile
 import threading
 import time
+from collections import Counter as Tally
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zmq
@@ -42,11 +40,13 @@ from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
 from xtalsym.daemon.infer import classify_batch, model_info
-from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, geometry_hint, open_frame_socket
+from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
+from xtalsym.daemon.overload import WorkerSlots
 from xtalsym.daemon.protocols import BadMessage, decode_parts
 from xtalsym.daemon.publish import Publisher
-from xtalsym.daemon.workers import flatfield_wanted, frame_job, init_worker, shape_timed, warm
+from xtalsym.daemon.series_files import SeriesSideFiles
+from xtalsym.daemon.workers import frame_job, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,8 @@ class Pipeline:
                                    max_open=config.assembly.max_open_samples)
         self._stop_intake = threading.Event()
         self._results: queue.Queue = queue.Queue()
-        self._slots = threading.BoundedSemaphore(config.pipeline.queue_size)
-        # futures in the workers, oldest first (a dict keeps insertion order: drop_oldest cancels from the front)
-        self._inflight: dict[cf.Future, None] = {}
-        self._inflight_lock = threading.Lock()
-        self._overload_cancelled: set[cf.Future] = set()  # their slots went to newer frames
-        self._cancel_lock = threading.Lock()  # a future is in that set only while surely cancelled
-        self._tmp = tempfile.TemporaryDirectory(prefix="xtalsym-daemon-")
-        self._mask_files: dict[tuple[int, str], str | None] = {}
-        self._geometry: dict[tuple[int, tuple], tuple[cal.FrameGeometry, str]] = {}
+        self.slots = WorkerSlots(config.pipeline.queue_size)  # pipeline.overload decides when they are full
+        self.side_files = SeriesSideFiles()  # per-series geometry, mask and flatfield files for the workers
         # frames handed to the workers whose result the inference thread has not taken yet, per
         # sample key and per series number (ingest increments, inference decrements)
         self._pending_lock = threading.Lock()
@@ -129,7 +122,7 @@ class Pipeline:
         # worker processes log through this queue into this process's handlers
         self._log_queue = multiprocessing.get_context("spawn").Queue()
         self._log_listener = logging.handlers.QueueListener(self._log_queue, _Relay())
-        self.model = model_info(bundle, backend, index)
+        self.model_info = model_info(bundle, backend, index)
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -141,9 +134,9 @@ class Pipeline:
         self.monitor = None  # the HTTP server of /metrics, /healthz, /readyz (httpd.MonitorServer)
         self._started = threading.Event()
         self._pending_batch = 0
-        self.metrics.prom.track_model(lambda: self.model)  # read at scrape time: follows swap()
+        self.metrics.prom.track_model(lambda: self.model_info)  # read at scrape time: follows swap()
         self.metrics.prom.track_queues(
-            {"workers": lambda: len(self._inflight), "results": self._results.qsize,
+            {"workers": lambda: len(self.slots), "results": self._results.qsize,
              "open_samples": lambda: len(self.assembler.open), "batch": lambda: self._pending_batch},
             {"workers": lambda: config.pipeline.queue_size, "batch": lambda: self.config.pipeline.max_batch})
 
@@ -233,7 +226,7 @@ class Pipeline:
         if getattr(self, "_log_listening", False):
             self._log_listener.stop()
             self._log_listening = False
-        self._tmp.cleanup()
+        self.side_files.cleanup()
 
     def wait(self) -> None:
         self.finished.wait()
@@ -257,7 +250,7 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
-            self.model = {**self.model, **model_info(bundle, backend, index)}
+            self.model_info = {**self.model_info, **model_info(bundle, backend, index)}
             self.config = config
             future.set_result(old)
 
@@ -364,7 +357,8 @@ class Pipeline:
                 user_data=image.user_data, axis_from=c.assembly.axis_from, axis_key=c.assembly.axis_key,
                 axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key,
                 series_number=series.number)
-            geometry, method = self._frame_geometry(series, frame.shape)
+            geometry, method = self.side_files.frame_geometry(series, frame.shape, override=c.geometry_override,
+                                                              training=self.training, method=c.calibration.method)
         except (AssemblyError, cal.CalibrationError) as exc:
             m.bad_frame(exc.reason, str(exc))
             return
@@ -375,14 +369,14 @@ class Pipeline:
                         "(axis_order[image_id %% 3] = %s; assembly.axis_from = \"auto\": set it to \"image_id\" to "
                         "say so, or to \"user_data\" to require user_data)", image.series_id, image.image_id,
                         c.assembly.axis_key, "".join(c.assembly.axis_order))
-        mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
+        mask_path = self.side_files.mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
         job = frame_job(c, frame=frame, geometry=geometry, training=self.training, axis=axis, size=self.size,
-                        mask_path=mask_path, flatfield_path=self._flatfield_file(series, channel, frame.shape),
-                        method=method)
+                        mask_path=mask_path, method=method,
+                        flatfield_path=self.side_files.flatfield_file(series, channel, frame.shape, c.calibration.flatfield))
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received,
                 "series_number": series.number}
-        if not self._take_slot():
+        if not self.slots.take(c.pipeline.overload):
             m.bad_frame("overload", f"image {image.image_id} of series {image.series_id} dropped: {c.pipeline.queue_size} "
                         f"frames already waiting for the workers (overload = {c.pipeline.overload!r})")
             return
@@ -395,10 +389,9 @@ class Pipeline:
                 future = self.pool.submit(shape_timed, job)
         except BaseException:
             self._pending(meta, -1)
-            self._slots.release()
+            self.slots.release()
             raise
-        with self._inflight_lock:
-            self._inflight[future] = None
+        self.slots.add(future)
         future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
 
     def _pending(self, meta: dict, n: int) -> None:
@@ -414,25 +407,6 @@ class Pipeline:
         with self._pending_lock:
             return frozenset(self._pending_samples)
 
-    def _take_slot(self) -> bool:
-        """A place in the workers for one frame, per ``pipeline.overload``; False = drop the new frame."""
-        policy = self.config.pipeline.overload
-        if policy == "block":  # back-pressure: ZeroMQ buffers receive_hwm messages, then the sender blocks
-            self._slots.acquire()
-            return True
-        if self._slots.acquire(blocking=False):
-            return True
-        if policy == "drop_oldest":
-            with self._inflight_lock:
-                oldest_first = list(self._inflight)
-            for future in oldest_first:
-                with self._cancel_lock:
-                    self._overload_cancelled.add(future)  # before cancel(): its callback may run at once
-                    if future.cancel():  # still queued, not in a worker yet: its slot passes to the new frame
-                        return True
-                    self._overload_cancelled.discard(future)
-        return False
-
     def _replace_pool(self) -> None:
         log.error("a shaping worker died; replacing the worker pool")
         self.metrics.count("pool_restarts")
@@ -442,77 +416,18 @@ class Pipeline:
     def _done(self, meta: dict, future: cf.Future) -> None:
         # queued before it leaves _inflight: _drain_workers then knows every result is queued
         self._results.put(_Done(meta, future))
-        with self._inflight_lock:
-            self._inflight.pop(future, None)
+        self.slots.left_workers(future)
         # the slot is released when the inference thread takes the result (_add_view): frames in
         # the workers plus results not yet assembled stay within queue_size, even when inference lags
 
     def _drain_workers(self) -> None:
         # cf.wait returns before done-callbacks run, so wait for _inflight to empty instead
         while True:
-            with self._inflight_lock:
-                pending = list(self._inflight)
+            pending = self.slots.pending()
             if not pending:
                 return
             cf.wait(pending, timeout=0.1)
             time.sleep(0.001)
-
-    def _frame_geometry(self, series, frame_shape) -> tuple[cal.FrameGeometry, str]:
-        """The series' calibration geometry and sampling method (``auto``: from how many detector
-        pixels one training-grid pixel spans, decided once per series geometry); a refused
-        geometry names the stream field and the fix."""
-        key = (series.token, tuple(frame_shape))
-        cached = self._geometry.get(key)
-        if cached is None:
-            override = self.config.geometry_override
-            try:
-                g = cal.resolve_geometry(series.stream_geometry, override, frame_shape=frame_shape)
-            except cal.CalibrationError as exc:
-                hint = geometry_hint(series, override, exc)
-                raise cal.CalibrationError(exc.reason, f"{exc.message} ({hint})" if hint else exc.message) from None
-            auto = cal.auto_method(g, self.training)
-            cached = self._geometry[key] = (g, auto)
-            log.info("series %s calibration geometry: %s; calibration.method \"auto\" means %s for it (one "
-                     "training-grid pixel spans %.2f detector pixels)", series.series_id, g, auto,
-                     cal.footprint_px(g, self.training))
-        method = self.config.calibration.method  # read per frame: a reload applies at once
-        return cached[0], cached[1] if method == "auto" else method
-
-    def _mask_file(self, series, channel: str, shape) -> str | None:
-        key = (series.token, channel)
-        if key not in self._mask_files:
-            mask = series.mask_for(channel)
-            path = None
-            if mask is not None:
-                mask = np.asarray(mask)
-                if mask.shape != tuple(shape):
-                    log.warning("series %s: pixel mask %s does not match the frames %s; mask ignored",
-                                series.series_id, mask.shape, tuple(shape))
-                else:
-                    path = str(Path(self._tmp.name) / f"mask-{series.token}-{len(self._mask_files)}.npy")
-                    np.save(path, (mask != 0).astype(np.uint8), allow_pickle=False)
-            self._mask_files[key] = path
-        return self._mask_files[key]
-
-    def _flatfield_file(self, series, channel: str, shape) -> str | None:
-        """The series' flatfield for ``channel`` as a file for the workers, when ``calibration.flatfield``
-        says to apply it (auto: only if the detector says it did not); None otherwise."""
-        key = (series.token, channel, "flatfield")
-        if key not in self._mask_files:
-            mode, flatfield, path = self.config.calibration.flatfield, series.flatfield_for(channel), None
-            wanted = flatfield_wanted(mode, series.flatfield_applied)
-            if flatfield is not None and wanted:
-                flatfield = np.asarray(flatfield, dtype=np.float32)
-                if flatfield.shape != tuple(shape):
-                    log.warning("series %s: flatfield %s does not match the frames %s; not applied",
-                                series.series_id, flatfield.shape, tuple(shape))
-                else:
-                    path = str(Path(self._tmp.name) / f"flatfield-{series.token}-{len(self._mask_files)}.npy")
-                    np.save(path, flatfield, allow_pickle=False)
-                    log.info("series %s: applying the stream's flatfield to channel %s (calibration.flatfield = %r)",
-                             series.series_id, channel, mode)
-            self._mask_files[key] = path
-        return self._mask_files[key]
 
     # ---- inference thread
 
@@ -599,14 +514,12 @@ class Pipeline:
     def _add_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
         self._pending(meta, -1)
-        with self._cancel_lock:
-            overloaded = done.future in self._overload_cancelled
-            self._overload_cancelled.discard(done.future)
+        overloaded = self.slots.cancelled_for_newer(done.future)
         if overloaded:  # drop_oldest cancelled it; a newer frame has its slot
             self.metrics.bad_frame("overload", f"image {meta['image_id']} of series {meta['series_id']} dropped "
                                    "for a newer frame (overload = 'drop_oldest')")
             return []
-        self._slots.release()
+        self.slots.release()
         try:
             shaped, seconds, found, evidence_seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
@@ -637,7 +550,7 @@ class Pipeline:
         return requests
 
     def _classify(self, batch: list[Request]) -> None:
-        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model, index=self.index,
+        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model_info, index=self.index,
                                 index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours)
         if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:

@@ -29,7 +29,6 @@ from .common import (
     _short,
     as_seconds,
     bslz4_compress,
-    check_kind,
     decompress_framed,
     deferred,
     dims_2d,
