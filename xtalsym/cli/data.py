@@ -275,11 +275,11 @@ def _cmd_shape(args: argparse.Namespace) -> int:
     )
     if args.overlay:
         from xtalsym.evidence import analyse_frame, report
-        from xtalsym.offline import simulate
 
-        q = args.q_per_pixel if args.q_per_pixel is not None else simulate.Geometry().q_per_pixel
-        frame = analyse_frame(raw if raw.ndim == 2 else raw[..., 0], axis=args.axis, q_per_pixel=q)
-        report.draw_overlay(raw if raw.ndim == 2 else raw[..., 0], frame, args.overlay)
+        grey = raw if raw.ndim == 2 else raw[..., 0]
+        q = args.q_per_pixel if args.q_per_pixel is not None else Geometry().q_per_pixel
+        frame = analyse_frame(grey, axis=args.axis, q_per_pixel=q)
+        report.draw_overlay(grey, frame, args.overlay)
         state = (f"{int(frame.spots_indexed.sum())} indexed spots, 2D symmetry {frame.point_group_2d}"
                  if frame.decided else f"cannot decide: {frame.reason}")
         print(f"overlay: {args.overlay} ({state})")

@@ -126,13 +126,13 @@ def _register_evaluate(commands: argparse._SubParsersAction) -> None:
         "structure", help="structure file (CIF, POSCAR, XSF, CSSR, JSON), a folder of them, or a JSON-lines file"
     )
     _model_source(pr)
-    pr.add_argument("--no-evidence", action="store_true",
-                    help="skip the symmetry evidence (cell, Bravais lattice, absences) measured in the patterns")
     pr.add_argument(
         "--json",
         action="store_true",
         help="print JSON: one object for one structure, one line per structure for several",
     )
+    pr.add_argument("--no-evidence", action="store_true",
+                    help="skip the symmetry evidence (cell, Bravais lattice, absences) measured in the patterns")
     pr.set_defaults(handler=_cmd_predict)
 
 

@@ -89,6 +89,7 @@ class View:
     user_data: Any = None
     series_unique_id: str | None = None
     series_number: int = 0  # the daemon's number of the series (samples never span series)
+    evidence: Any = None  # xtalsym.evidence.FrameEvidence of the calibrated frame, or None
 
     @property
     def key(self) -> tuple[int, str]:

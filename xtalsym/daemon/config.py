@@ -153,6 +153,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         # frames arriving while queue_size are waiting: drop the oldest waiting (fresh frames win),
         # drop the new one, or block the sender (back-pressure up to the detector)
         "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),
+        # measure the symmetry evidence of every frame (workers) and publish it per sample
+        "evidence": (True, _bool),
     },
     "index": {
         "enabled": (True, _bool),

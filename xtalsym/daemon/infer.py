@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from xtalsym.daemon.assemble import Request
-from xtalsym.daemon.publish import open_set_result, prediction_message
+from xtalsym.daemon.publish import evidence_partial, open_set_result, prediction_message
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,29 @@ class BatchResult:
     index_error: Exception | None = None  # the index failed: messages without open_set
     fuse_seconds: float | None = None
     fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
+    combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
+    evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
+
+
+def request_evidence(request: Request, result: BatchResult) -> dict | None:
+    """The message's ``evidence`` object: the zones combined for a final prediction, the per-zone
+    evidence for a partial one (combining costs milliseconds: once per sample). Never raises."""
+    frames = {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+    if not frames:
+        return None
+    try:
+        if not request.final:
+            return evidence_partial(frames)
+        from xtalsym.evidence import combine
+
+        t0 = time.perf_counter()
+        out = combine(frames).to_json()
+        result.combine_seconds.append(time.perf_counter() - t0)
+        return out
+    except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
+        log.exception("evidence of sample %s failed", request.sample_key)
+        result.evidence_errors.append((request.sample_key, exc))
+        return None
 
 
 def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
@@ -78,31 +101,38 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
             result.match_seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             result.index_error = exc
+    evidences = [request_evidence(request, result) for request in batch]
     fused: list[dict | None] = [None] * len(batch)
     if fusion is not None:
         t0 = time.perf_counter()
         try:
-            fused = fuse_batch(fusion, batch, out.logits, present)
+            fused = fuse_batch(fusion, batch, out.logits, present, evidences)
             result.fuse_seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
             result.fusion_error = exc
-    for request, probs, open_set, fused_one in zip(batch, out.probabilities, open_sets, fused):
+    for request, probs, open_set, fused_one, evidence in zip(batch, out.probabilities, open_sets, fused, evidences):
         result.messages.append((request, prediction_message(request, probabilities=probs, classes=backend.classes,
-                                                            model=model, open_set=open_set, fused=fused_one)))
+                                                            model=model, open_set=open_set, fused=fused_one,
+                                                            evidence=evidence)))
     return result
 
 
-def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.ndarray) -> list[dict]:
-    """The fusion's prediction for each request, from the summed logits of its views (and the
-    views' symmetry evidence when the workers measured it)."""
+def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.ndarray,
+               evidences: list[dict | None] | None = None) -> list[dict]:
+    """The fusion's prediction for each request, from the summed logits of its views and, for a
+    final prediction, the combined symmetry evidence of its zones (the message's ``evidence``
+    object, combined once by :func:`request_evidence`); partial ones fuse without evidence."""
     out: list[dict] = []
     for i, request in enumerate(batch):
-        ev = _evidence_loglik(request)
+        ev = (evidences or [None] * len(batch))[i]
+        loglik = None
+        if ev is not None and isinstance(ev.get("group_loglik"), list) and len(ev["group_loglik"]) == 230:
+            loglik = np.asarray(ev["group_loglik"], dtype=np.float64)
         post = fusion.posterior_summed(np.asarray(logits[i], dtype=np.float64)[None], int(present[i].sum()),
-                                       None if ev is None else ev[0][None])[0]
-        prediction = fusion.describe(post, views=request.axes, evidence_used=ev is not None,
-                                     warnings=[] if ev is None else ev[1],
-                                     evidence_decided=True if ev is None else ev[2])
+                                       None if loglik is None else loglik[None])[0]
+        prediction = fusion.describe(post, views=request.axes, evidence_used=loglik is not None,
+                                     warnings=list(ev.get("warnings", [])) if loglik is not None else [],
+                                     evidence_decided=bool(ev.get("decided", True)) if loglik is not None else True)
         out.append(prediction.to_json())
     return out
 
@@ -115,15 +145,3 @@ def load_fusion(bundle):
     log.info("bundle %s: %s", bundle.path, "fusion over 230 groups" if engine is not None
              else "no fusion parameters: predictions are the model's own softmax")
     return engine
-
-
-def _evidence_loglik(request: Request):
-    """(group log-likelihoods (230,), warnings, decided) of a request's views, when every view
-    carries its frame evidence (``View.evidence``, measured by the workers); else None."""
-    frames = {axis: getattr(view, "evidence", None) for axis, view in request.views.items()}
-    if not frames or any(f is None for f in frames.values()):
-        return None
-    from xtalsym.evidence import combine
-
-    sample = combine(frames)
-    return np.asarray(sample.group_loglik, dtype=np.float64), list(sample.warnings), bool(sample.decided)

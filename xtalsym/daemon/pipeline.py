@@ -164,6 +164,12 @@ class Pipeline:
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
         warm_backend(self.backend, self.size, c.pipeline.max_batch)
+        if c.pipeline.evidence:  # the 230 groups' zone tables, once, before the first sample needs them
+            from xtalsym.evidence import sample as evidence_sample
+
+            t0 = time.perf_counter()
+            evidence_sample.group_table()
+            log.info("symmetry-evidence tables ready in %.1f s", time.perf_counter() - t0)
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
@@ -517,7 +523,7 @@ class Pipeline:
             return []
         self.slots.release()
         try:
-            shaped, seconds = done.future.result()
+            shaped, seconds, found, evidence_seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
@@ -532,8 +538,10 @@ class Pipeline:
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
         self.metrics.stage("calibrate_shape", seconds)
+        if found is not None:
+            self.metrics.stage("evidence", evidence_seconds)
         self.metrics.count("views")
-        view = View(shaped=shaped, **meta)
+        view = View(shaped=shaped, evidence=found, **meta)
         duplicates = self.assembler.duplicates
         requests = self.assembler.add(view, time.time())
         if self.assembler.duplicates > duplicates:
@@ -562,6 +570,10 @@ class Pipeline:
         if result.fusion_error is not None:
             exc = result.fusion_error
             self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
+        for seconds in result.combine_seconds:
+            self.metrics.stage("combine", seconds)
+        for key, exc in result.evidence_errors:
+            self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
         for request, message in result.messages:
             if self.publisher.send(message):

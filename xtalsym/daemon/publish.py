@@ -80,8 +80,15 @@ def open_set_result(query) -> dict:
     }
 
 
+def evidence_partial(frames: dict) -> dict:
+    """The ``evidence`` object of a partial (non-final) prediction: per-zone evidence only."""
+    return {"schema": "xtalsym.evidence/1", "partial": True,
+            "zones": {axis: ev.to_json() for axis, ev in sorted(frames.items())}}
+
+
 def prediction_message(request: Request, *, probabilities: np.ndarray, classes: list[int], model: dict,
-                       open_set: dict | None, published: float | None = None, fused: dict | None = None) -> dict:
+                       open_set: dict | None, published: float | None = None, evidence: dict | None = None,
+                       fused: dict | None = None) -> dict:
     views = [request.views[a] for a in request.axes]
     trigger = request.trigger
     return {
@@ -101,6 +108,7 @@ def prediction_message(request: Request, *, probabilities: np.ndarray, classes: 
         "top": top_classes(probabilities, classes),
         "fusion": fused,
         "open_set": open_set,
+        "evidence": jsonable(evidence),
         "model": model,
         "user_data": jsonable(trigger.user_data),
         "timestamps": {

@@ -44,6 +44,8 @@ PARTIAL_LOGLIK = 2 * OCCAM_LENGTH + OCCAM_ANGLE
 # A zone that is not a zone axis of the class is explained by its own 2D lattice (two lengths,
 # an angle and an in-plane orientation): its Occam factor.
 OWN_LATTICE_OCCAM = 2 * OCCAM_LENGTH + 2 * OCCAM_ANGLE
+CENTRING_MULTIPLES = {"monoclinic": (1, 2), "orthorhombic": (1, 2, 4), "tetragonal": (1, 2),
+                      "hexagonal": (1, 3), "cubic": (1, 2, 4)}
 _N = np.array(list(itertools.product(range(-4, 5), repeat=3)))
 _N = _N[np.any(_N != 0, axis=1)]
 
@@ -238,6 +240,12 @@ def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
     chi2_fit = float(((resid / sig) ** 2).sum())
     real = np.linalg.inv(basis).T
     conv = _conventional_vectors(metric, real)
+    if conv is not None:
+        # a conventional cell holds 1, 2, 3 (R) or 4 (F) primitive cells; any other multiple means
+        # the "axis" vectors are long near-rational combinations, not symmetry directions
+        ratio = abs(np.linalg.det(conv)) / abs(np.linalg.det(real))
+        if min(abs(ratio - k) for k in CENTRING_MULTIPLES[metric]) > 0.05:
+            conv = None
     if conv is None:
         return MetricFit(metric, False, f"no {metric} cell with a ∥ x (b, c as the class needs) in the lattice of "
                                         f"zones {', '.join(used)}", zones=used)

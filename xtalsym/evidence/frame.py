@@ -201,15 +201,12 @@ def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis
     del short
 
 
-def _node_llr(ev: FrameEvidence, select: np.ndarray) -> tuple[float, int]:
-    """Σ log p(absent) − log p(allowed) over the selected nodes, and how many there were."""
-    if not select.any():
-        return 0.0, 0
-    scale = ev.scale_at(ev.nodes_q[select])
-    sig = stats.total_sigma(ev.nodes_sigma[select], scale)
-    val = ev.nodes_intensity[select]
-    llr = stats.log_absent(val, sig) - stats.log_allowed(val, sig, scale)
-    return float(llr.sum()), int(select.sum())
+def _node_llrs(ev: FrameEvidence) -> np.ndarray:
+    """Per node: log p(absent) − log p(allowed) of its measured intensity."""
+    scale = ev.scale_at(ev.nodes_q)
+    sig = stats.total_sigma(ev.nodes_sigma, scale)
+    val = ev.nodes_intensity
+    return stats.log_absent(val, sig) - stats.log_allowed(val, sig, scale)
 
 
 def _verdict(llr: float, n: int) -> str:
@@ -236,8 +233,9 @@ def _conditions(ev: FrameEvidence) -> None:
         "half-nodes (v/2) absent": (m2 % 2 == 0) & (n2 % 2 == 1),
         "half-nodes ((u+v)/2) absent": (m2 % 2 == 1) & (n2 % 2 == 1),
     }
+    per_node = _node_llrs(ev) if len(h) else np.zeros(0)
     for name, sel in tests.items():
-        llr, k = _node_llr(ev, sel)
+        llr, k = float(per_node[sel].sum()), int(sel.sum())
         ev.conditions[name] = {"log_likelihood_ratio": round(llr, 3), "nodes": k, "verdict": _verdict(llr, k)}
 
 

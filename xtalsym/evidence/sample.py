@@ -46,6 +46,7 @@ CRYSTAL_SYSTEMS = spacegroups.CRYSTAL_SYSTEMS
 BRAVAIS_LATTICES = symmetry.BRAVAIS_LATTICES
 DECIDE_LOG_ODDS = 5.0  # ≈ 99.3 % posterior under a uniform prior over classes
 NODE_TOLERANCE_PX = 1.5
+SPURIOUS_SPOT = 0.02
 PRUNE_METRIC_NATS = 200.0
 
 
@@ -146,7 +147,13 @@ def _prepare(ev: FrameEvidence) -> _ZoneData:
     q = np.hypot(points[:, 0], points[:, 1]) * ev.q_per_pixel
     scale = ev.scale_at(q)
     sig = stats.total_sigma(ev.spots_sigma, scale)
-    spot_llr = stats.log_allowed(ev.spots_intensity, sig, scale) - stats.log_absent(ev.spots_intensity, sig)
+    allowed = stats.log_allowed(ev.spots_intensity, sig, scale)
+    # the base model ("no reflection here") keeps a share SPURIOUS_SPOT of spots nothing explains
+    # (rods of other layers crossing the plane, pseudo-symmetry): one spot is then worth at most
+    # −log SPURIOUS_SPOT nats, and a lattice that happens to cover one more stray spot gains little
+    base = np.logaddexp(math.log1p(-SPURIOUS_SPOT) + stats.log_absent(ev.spots_intensity, sig),
+                        math.log(SPURIOUS_SPOT) + allowed)
+    spot_llr = allowed - base
     noise = float(np.median(ev.nodes_sigma)) if len(ev.nodes_sigma) else 0.0
     threshold = ev.threshold
 

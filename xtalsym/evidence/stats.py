@@ -20,6 +20,7 @@ from scipy.special import log_ndtr
 
 SYSTEMATIC = 0.03
 SYM_SYSTEMATIC = 0.3  # off-node sampling of a finite block breaks Laue symmetry by up to ~25 % (Ewald excitation)
+PAIR_OUTLIER = 0.05
 _LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
 
 
@@ -64,7 +65,11 @@ def pair_llr(i1: np.ndarray, s1: np.ndarray, i2: np.ndarray, s2: np.ndarray, sca
     s = np.sqrt(np.asarray(s1) ** 2 + np.asarray(s2) ** 2 + (SYM_SYSTEMATIC * mean) ** 2
                 + (SYSTEMATIC * np.asarray(scale)) ** 2) + 1e-300
     b = np.maximum(np.asarray(scale, float), 1e-300)
-    return (-0.5 * (d / s) ** 2 - np.log(s) - _LOG_SQRT_2PI) - (-np.log(2 * b) - np.abs(d) / b)
+    sym = -0.5 * (d / s) ** 2 - np.log(s) - _LOG_SQRT_2PI
+    indep = -np.log(2 * b) - np.abs(d) / b
+    # a share PAIR_OUTLIER of pairs breaks the symmetry for reasons outside the model (a spot on the
+    # edge of the excitation, a neighbour's tail): one pair is then worth a bounded amount either way
+    return np.logaddexp(np.log1p(-PAIR_OUTLIER) + sym, np.log(PAIR_OUTLIER) + indep) - indep
 
 
 def wilson_scale(q: np.ndarray, values: np.ndarray, *, bins: int = 4) -> tuple[np.ndarray, np.ndarray]:

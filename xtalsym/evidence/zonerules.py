@@ -140,7 +140,7 @@ def intensity_ops(group: int, zone: str) -> IntensityOps:
     if plane.rank < 2:
         return IntensityOps(0, ())
     a = np.array(plane.basis_hkl, float)
-    rec = np.linalg.inv(symmetry.vesta_lattice(*symmetry._GENERIC_CELLS[metric])).T
+    rec = np.linalg.inv(symmetry.vesta_lattice(*symmetry.GENERIC_CELLS[metric])).T
     _, ix, iy = (np.array(v) for v in symmetry.zone_image_axes(zone))
     p = a @ rec @ np.stack([ix, iy], 1)  # (2, 2): node index -> image coordinates
     pinv = np.linalg.inv(p)

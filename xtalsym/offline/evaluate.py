@@ -736,11 +736,13 @@ def format_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def structure_evidence(labelled: structures.LabelledStructure, *, config: ds.BuildConfig, axes=None):
-    """Symmetry evidence from the structure's simulated float patterns (the dataset's geometry)."""
+def structure_evidence(labelled: structures.LabelledStructure, *, config: ds.BuildConfig | None = None, axes=None):
+    """Symmetry evidence (:class:`xtalsym.evidence.SampleEvidence`) from the structure's simulated
+    float patterns at the dataset's geometry: what `xtalsym predict` prints beside the model."""
     from xtalsym.evidence import analyse_sample
     from xtalsym.offline import simulate
 
+    config = config or ds.BuildConfig()
     patterns = simulate.simulate_axes(labelled.structure, axes=axes or simulate.AXES, geometry=config.geometry,
                                       scattering=config.scattering, **simulate.DATASET_OPTIONS)
     return analyse_sample(patterns, q_per_pixel=config.geometry.q_per_pixel)

@@ -267,3 +267,31 @@ def test_shape_cli_overlays_the_indexed_lattice(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert overlay.is_file() and overlay.stat().st_size > 1000
     assert "indexed spots" in printed and "4mm" in printed
+
+
+@pytest.mark.slow
+def test_live_path_calibrated_frame_in_the_worker():
+    """The daemon's worker: a detector frame at another geometry, calibrated to the training grid
+    (float counts, not 8 bits), gives the same lattice as the simulated pattern itself."""
+    from xtalsym.daemon import calibrate as cal
+    from xtalsym.daemon.workers import FrameJob, shape_timed
+
+    structure, _ = _conventional(_build("TiO2"))
+    detector = simulate.Geometry(pixels=320, pixel_size_m=60e-6)  # finer pixels, wider frame
+    frame = simulate.simulate_pattern(structure, "z", geometry=detector, realism=simulate.Realism(dose=1e6),
+                                      **simulate.DATASET_OPTIONS).astype(np.uint32)
+    fg = cal.FrameGeometry(beam_center_x_px=159.5, beam_center_y_px=159.5, pixel_size_x_m=60e-6,
+                           pixel_size_y_m=60e-6, wavelength_m=detector.wavelength_m,
+                           detector_distance_m=detector.distance_m, image_size_x_px=320, image_size_y_px=320)
+    training = cal.TrainingGeometry(GEOMETRY.wavelength_m, GEOMETRY.distance_m, GEOMETRY.pixel_size_m, GEOMETRY.pixels)
+    job = FrameJob(frame=frame, frame_geometry=fg, training=training, method="bilinear", mask_path=None,
+                   saturation_value=None, axis="z", shaping_method="fast", size=224)
+    shaped, _, found, _ = shape_timed(job)
+    assert shaped.shape == (224, 224, 3)
+    assert found.decided, found.reason
+    direct = evidence.analyse_frame(simulate.simulate_pattern(structure, "z", **simulate.DATASET_OPTIONS),
+                                    axis="z", q_per_pixel=Q)
+    assert np.allclose(np.sort(np.linalg.norm(found.basis, axis=1)), np.sort(np.linalg.norm(direct.basis, axis=1)),
+                       rtol=0.01)
+    no_evidence = FrameJob(**{**job.__dict__, "evidence": False})
+    assert shape_timed(no_evidence)[2] is None
