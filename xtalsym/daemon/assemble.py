@@ -75,6 +75,9 @@ class View:
     received: float  # wall-clock seconds when the frame arrived
     user_data: Any = None
     series_unique_id: str | None = None
+    # (backend generation, logits (C,), embedding (960,)) once the view went through a per-view
+    # graph: later requests of the same sample reuse it instead of running the view again
+    inferred: tuple | None = field(default=None, repr=False)
 
 
 @dataclass

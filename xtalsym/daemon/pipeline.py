@@ -39,12 +39,13 @@ import zmq
 
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
-from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
+from xtalsym.daemon.assemble import AXES, Assembler, AssemblyError, Request, View, identify
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.protocols import BadMessage, decode
 from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
 from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
+from xtalsym.inference.base import InferenceResult, combine_views, supports_views
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,27 @@ _STOP = object()
 # --------------------------------------------------------------------------- pipeline
 
 
-def warm_backend(backend, size: int, max_batch: int) -> None:
+def warm_backend(backend, size: int, max_batch: int, *, per_view: bool = False) -> None:
     """Run one full micro-batch of blank views before serving. The backend's memory then holds
     its largest batch from the start: ONNX Runtime's CPU arena grows with the batch size and
     never shrinks (measured: +82 MiB from batch 1 to 16 with the shipped model), which a soak
     otherwise shows as RSS growth at the first backlog, and the first large batch does not pay
-    for the allocation. It also proves the backend runs before the daemon says it is ready."""
+    for the allocation. It also proves the backend runs before the daemon says it is ready.
+    ``per_view``: the per-view graph is what will serve, warm it (a batch of max_batch
+    requests holds at most 3 × max_batch new views, usually max_batch)."""
     t0 = time.perf_counter()
-    backend.run(np.zeros((max_batch, 3, 3, size, size), np.uint8), np.ones((max_batch, 3), bool))
-    log.info("backend warmed with a batch of %d in %.2f s", max_batch, time.perf_counter() - t0)
+    if per_view:
+        backend.run_views(np.zeros((max_batch, 3, size, size), np.uint8), np.arange(max_batch) % 3)
+    else:
+        backend.run(np.zeros((max_batch, 3, 3, size, size), np.uint8), np.ones((max_batch, 3), bool))
+    log.info("backend warmed with a batch of %d%s in %.2f s", max_batch, " views" if per_view else "",
+             time.perf_counter() - t0)
+
+
+def uses_per_view(backend, mode: str) -> bool:
+    """Whether the inference thread runs each view once (``pipeline.view_inference``):
+    "auto" when the backend has a per-view graph, "off" never."""
+    return mode == "auto" and supports_views(backend)
 
 
 @dataclass
@@ -119,6 +132,7 @@ class Pipeline:
         self.monitor = None  # the HTTP server of /metrics, /healthz, /readyz (httpd.MonitorServer)
         self._started = threading.Event()
         self._pending_batch = 0
+        self._backend_generation = 0  # which backend computed a View.inferred
         self.metrics.prom.track_model(lambda: self.model)  # read at scrape time: follows swap()
         self.metrics.prom.track_queues(
             {"workers": lambda: len(self._inflight), "results": self._results.qsize,
@@ -145,7 +159,11 @@ class Pipeline:
         self.pool = self._make_pool()
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
-        warm_backend(self.backend, self.size, c.pipeline.max_batch)
+        warm_backend(self.backend, self.size, c.pipeline.max_batch,
+                     per_view=uses_per_view(self.backend, c.pipeline.view_inference))
+        log.info("inference: %s", "each view once (per-view graph; predictions from the sums of its rows)"
+                 if uses_per_view(self.backend, c.pipeline.view_inference)
+                 else "the whole graph over the present views of every request")
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
@@ -223,6 +241,7 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
+            self._backend_generation += 1  # per-view results of the old model are not reused
             self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
                           "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
                           "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
@@ -273,14 +292,14 @@ class Pipeline:
     def _handle(self, frames: list, received: float) -> None:
         m = self.metrics
         m.count("messages")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
         except BadMessage as exc:
             m.bad_frame(exc.reason, str(exc))
             return
         finally:
-            m.stage("decode", time.perf_counter() - t0)
+            m.stage("decode", time.perf_counter() - t0, time.thread_time() - c0)
         m.count("decoded")
         outcome = self.tracker.handle(event)
         if outcome is None:
@@ -495,7 +514,7 @@ class Pipeline:
             return []
         self._slots.release()
         try:
-            shaped, seconds = done.future.result()
+            shaped, seconds, cpu_seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError) as exc:
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
@@ -509,7 +528,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a bug in a worker: count, go on
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
-        self.metrics.stage("calibrate_shape", seconds)
+        self.metrics.stage("calibrate_shape", seconds, cpu_seconds)
         self.metrics.count("views")
         view = View(shaped=shaped, **meta)
         requests = self.assembler.add(view, time.time())
@@ -518,31 +537,61 @@ class Pipeline:
             self.metrics.count("overflowed_samples", overflowed)
         return requests
 
-    def _classify(self, batch: list[Request]) -> None:
+    def _infer_whole(self, batch: list[Request]) -> InferenceResult:
+        """The previous path: the whole graph over each request's present views (a view is
+        recomputed in every request of its sample)."""
         size = self.size
         x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
         present = np.zeros((len(batch), 3), bool)
         for i, request in enumerate(batch):
             x[i], present[i] = request.tensors(size)
-        t0 = time.perf_counter()
+        self.metrics.count("views_inferred", int(present.sum()))
+        return self.backend.run(x, present)
+
+    def _infer_by_views(self, batch: list[Request]) -> InferenceResult:
+        """Each view through the per-view graph once: views this backend has not run yet go in
+        one batch, their rows are kept on the View, and every request's logits are the sum of
+        its views' rows (as the whole graph sums them), its embeddings their rows."""
+        generation = self._backend_generation
+        todo: dict[int, View] = {}
+        for request in batch:
+            for view in request.views.values():
+                if view.inferred is None or view.inferred[0] != generation:
+                    todo[id(view)] = view
+        if todo:
+            views = list(todo.values())
+            out = self.backend.run_views(np.stack([v.shaped.transpose(2, 0, 1) for v in views]),
+                                         np.array([AXES.index(v.axis) for v in views], np.int64))
+            for k, view in enumerate(views):
+                view.inferred = (generation, out.logits[k], out.embeddings[k])
+            self.metrics.count("views_inferred", len(views))
+        terms = [[r.views[a].inferred[1] if a in r.views else None for a in AXES] for r in batch]
+        features = [[r.views[a].inferred[2] if a in r.views else None for a in AXES] for r in batch]
+        return combine_views(terms, features, len(self.backend.classes))
+
+    def _classify(self, batch: list[Request]) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            result = self.backend.run(x, present)
+            if uses_per_view(self.backend, self.config.pipeline.view_inference):
+                result = self._infer_by_views(batch)
+            else:
+                result = self._infer_whole(batch)
         except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
             log.exception("inference failed on a batch of %d", len(batch))
             for request in batch:
                 self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
             return
-        self.metrics.stage("infer", time.perf_counter() - t0)
+        self.metrics.stage("infer", time.perf_counter() - t0, time.thread_time() - c0)
         open_sets: list[Any] = [None] * len(batch)
         if self.index is not None and self.config.index.enabled:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 from xtalsym.index import normalise_views
 
                 queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
                                            classes=self.backend.classes, k=self.config.index.neighbours)
                 open_sets = [open_set_result(q) for q in queries]
-                self.metrics.stage("match", time.perf_counter() - t0)
+                self.metrics.stage("match", time.perf_counter() - t0, time.thread_time() - c0)
             except Exception as exc:  # noqa: BLE001
                 self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))

@@ -57,11 +57,12 @@ def process_frame(job: FrameJob) -> np.ndarray:
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
-def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
-    """:func:`process_frame` and its duration in the worker (the stage latency, without queueing)."""
-    t0 = time.perf_counter()
+def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, float]:
+    """:func:`process_frame`, its duration in the worker (the stage latency, without queueing)
+    and the CPU seconds the worker's thread spent on it (the stage's cost on a shared machine)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     shaped = process_frame(job)
-    return shaped, time.perf_counter() - t0
+    return shaped, time.perf_counter() - t0, time.thread_time() - c0
 
 
 def init_worker() -> None:
