@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATION_SAMPLES = 256
 VIEWS_PER_CALIBRATION_BATCH = 24
+# Every op ONNX Runtime can quantise, heads excepted. Measured on the shipped model (200
+# training samples, percentile ranges): convolutions + ReLU only lost 1.5 points of top-1
+# and ran slower than quantising everything (Concat, pooling too: -1.0 point), because each
+# dense layer then re-quantises the whole concatenation it reads.
+QUANTISED_OPS = None
 
 
 def _require_ort_quantization():
@@ -137,7 +142,7 @@ def quantise_view_graph(
     with tempfile.TemporaryDirectory(prefix="xtalsym-int8-", dir=out.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference + constant folding first, as ONNX Runtime's quantisation guide asks
-        quant_pre_process(str(view_onnx), str(prepared), skip_symbolic_shape=False)
+        quant_pre_process(str(view_onnx), str(prepared), skip_symbolic_shape=True)  # ORT's symbolic pass fails on the pooling gathers
         calibrate = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                      "entropy": q.CalibrationMethod.Entropy}[method]
         extra = {"CalibMovingAverage": False}
@@ -148,7 +153,7 @@ def quantise_view_graph(
             str(prepared), str(staged), _CalibrationReader(calibration_dataset, chosen, image_size),
             quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
             per_channel=True, reduce_range=reduce_range, calibrate_method=calibrate,
-            nodes_to_exclude=_head_nodes(prepared), extra_options=extra,
+            op_types_to_quantize=None if QUANTISED_OPS is None else list(QUANTISED_OPS), nodes_to_exclude=_head_nodes(prepared), extra_options=extra,
         )
         os.chmod(staged, 0o644)
         os.replace(staged, out)
