@@ -32,7 +32,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
 
-# promtool (Debian's prometheus package, unpacked into .tools/): tests/test_metrics.py runs
+# promtool (Debian's prometheus package, unpacked into .tools/): tests/daemon/test_metrics.py runs
 # `promtool check metrics` with it when XTALSYM_PROMTOOL points to it (.ci/run does that).
 promtool:
 	@path=$$(.ci/fetch-promtool); if [ -n "$$path" ]; then echo "export XTALSYM_PROMTOOL=$$path"; fi

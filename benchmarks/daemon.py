@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_bundle(tmp: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_daemon_e2e import tiny_bundle as make
+    from xtalsym.testing import tiny_bundle as make
 
     return make(tmp, index=True)
 
@@ -50,7 +49,7 @@ def stage_costs(pixels: int, n: int = 10) -> dict:
     from xtalsym import shaping
     from xtalsym.daemon import calibrate as cal
     from xtalsym.daemon.protocols import decode
-    from xtalsym.detector_sim import DetectorGeometry, DetectorSim
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim
 
     sim = DetectorSim([ROOT / "xtalsym/data/structures/NaCl.cif"], geometry=DetectorGeometry(pixels, pixels))
     msgs = list(sim.messages())[1:-1]
@@ -148,14 +147,14 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted)."""
     import psutil
 
-    from xtalsym.daemon.cli import listen
-    from xtalsym.daemon.demo import _free_port
-    from xtalsym.detector_sim import push_socket
+    from xtalsym.daemon.client import listen
+    from xtalsym.daemon.demo import free_port
+    from xtalsym.daemon.sim import push_socket
 
     ctx = zmq.Context.instance()
     push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
-    pub_port, metrics_port = _free_port(), _free_port()
+    pub_port, metrics_port = free_port(), free_port()
     config = tmp / f"bench-{view_inference}-{precision}-{rate:g}.toml"
     config.write_text(f'[bundle]\npath = "{bundle}"\nbackend = "{backend}"\ndevice = "{device}"\nprecision = "{precision}"\n'
                       f'[ingest]\naddress = "{frames_ep}"\n'
@@ -249,7 +248,7 @@ def main() -> int:
                     help="1-minute load average above which the wall figures are flagged (default: the core count)")
     args = ap.parse_args()
 
-    from xtalsym.detector_sim import DetectorGeometry, DetectorSim
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim
 
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-bench-"))
     bundle = args.bundle

@@ -15,7 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MP_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mp_structures" / "structures.jsonl.xz"
+from xtalsym.testing import shared_path
+
+MP_FILE = shared_path("data", "mp_structures", "structures.jsonl.xz")
 MP_COUNT = 31170
 
 

@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 
 from xtalsym import shaping as S
+from xtalsym.testing import shared_path
 
-SAMPLES = Path("/work/shared/reference/tiong2020_samples")
+SAMPLES = shared_path("reference", "tiong2020_samples")
 
 
 def synth_frames(n: int, seed: int = 0) -> np.ndarray:

@@ -154,7 +154,7 @@ def main() -> int:
         ap.error("without an overload phase (--overload-seconds 0) the soak rate must be given: --rate")
     import psutil
 
-    from xtalsym.detector_sim import DetectorGeometry, DetectorSim, push_socket
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket
 
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-soak-"))
     bundle = args.bundle
@@ -165,8 +165,7 @@ def main() -> int:
             bundle = str(default_bundle_path())
             load_bundle(bundle)
         except (BundleError, FileNotFoundError):
-            sys.path.insert(0, str(ROOT / "tests"))
-            from test_daemon_e2e import tiny_bundle
+            from xtalsym.testing import tiny_bundle
 
             print("no shipped bundle: a tiny untrained one (the model costs less than the default one)")
             bundle = str(tiny_bundle(tmp))

@@ -173,20 +173,10 @@ def test_build_with_index(built, tmp_path):
 
 
 @pytest.fixture
-def cli_main(monkeypatch):
-    """xtalsym.cli.main with the bundle/export commands (registered here until cli.py does)."""
-    from xtalsym import cli, export_cli, model_cli
+def cli_main():
+    """xtalsym.cli.main: the `bundle` commands are registered by xtalsym.cli.model."""
+    from xtalsym import cli
 
-    parser = cli.build_parser()
-    registered = any("bundle" in (getattr(a, "choices", None) or {}) for a in parser._subparsers._group_actions)
-    if not registered:
-        original = model_cli.register
-
-        def register(commands):
-            original(commands)
-            export_cli.register(commands)
-
-        monkeypatch.setattr(model_cli, "register", register)
     return cli.main
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from xtalsym import shaping as S
+from xtalsym.testing import REPO_ROOT, shared_path
 
-SAMPLES = Path("/work/shared/reference/tiong2020_samples")
+SAMPLES = shared_path("reference", "tiong2020_samples")
 CASES = [(n, a) for n in (1, 2, 3) for a in S.AXES]
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="authors' samples not present")
 METHODS = ["fast", "reference"]
@@ -99,7 +99,7 @@ def test_fast_close_to_reference_on_samples(n, axis):
 def test_fast_close_to_reference_on_synthetic_lattices():
     import importlib.util
 
-    path = Path(__file__).parents[1] / "benchmarks" / "shaping.py"
+    path = REPO_ROOT / "benchmarks" / "shaping.py"
     spec = importlib.util.spec_from_file_location("bench_shaping", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from xtalsym.testing import REPO_ROOT
 
-SHIPPED = Path(__file__).resolve().parents[1] / "reference_index"
+SHIPPED = REPO_ROOT / "reference_index"
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED / "manifest.json").is_file(), reason="this checkout has no shipped bundle in reference_index/"

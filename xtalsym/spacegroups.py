@@ -42,23 +42,29 @@ def crystal_system(number: int) -> str:
 
 
 @lru_cache(maxsize=1)
-def _symbols() -> dict[int, str]:
+def _standard_settings() -> dict[int, tuple[int, str]]:
     # spglib's Hall table lists every setting; the first Hall number of each space
-    # group is its standard setting, whose short symbol is what we report.
-    symbols: dict[int, str] = {}
+    # group is its standard setting (unique axis b, origin choice 1, hexagonal axes
+    # for R groups), whose short symbol is what we report.
+    settings: dict[int, tuple[int, str]] = {}
     for hall in range(1, 531):
         with warnings.catch_warnings():  # spglib's notice about its error-handling mode
             warnings.simplefilter("ignore", DeprecationWarning)
             sg = spglib.get_spacegroup_type(hall)
         number = sg.number if hasattr(sg, "number") else sg["number"]
         short = sg.international_short if hasattr(sg, "international_short") else sg["international_short"]
-        symbols.setdefault(number, short)
-    return symbols
+        settings.setdefault(number, (hall, short))
+    return settings
 
 
 def symbol(number: int) -> str:
     """Short Hermann-Mauguin symbol of space group ``number``, e.g. 225 -> 'Fm-3m'."""
-    return _symbols()[check_number(number)]
+    return _standard_settings()[check_number(number)][1]
+
+
+def standard_hall_number(number: int) -> int:
+    """spglib Hall number of the standard setting of space group ``number`` (14 -> 81)."""
+    return _standard_settings()[check_number(number)][0]
 
 
 def parse_list(text: str) -> list[int]:

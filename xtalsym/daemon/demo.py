@@ -18,7 +18,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -29,14 +29,14 @@ def run_demo(structures: list[str] | None = None, *, bundle: str | None = None, 
     """Stream the structures through a real `xtalsym serve`; returns the listener's summary."""
     import zmq
 
-    from xtalsym.daemon.cli import listen
-    from xtalsym.detector_sim import DetectorSim, push_socket
+    from xtalsym.daemon.client import listen
+    from xtalsym.daemon.sim import DetectorSim, push_socket
     from xtalsym.offline import structures as structure_sources
 
     sources = structures or [str(structure_sources.shipped_structures_dir())]
     sim = DetectorSim(sources, protocol=protocol, repeat=repeat)
-    ingest = f"tcp://127.0.0.1:{_free_port()}"
-    publish = f"tcp://127.0.0.1:{_free_port()}"
+    ingest = f"tcp://127.0.0.1:{free_port()}"
+    publish = f"tcp://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "xtalsym", "serve", "--ingest", ingest, "--publish", publish,
                "--metrics-port", "0"]
     if bundle:

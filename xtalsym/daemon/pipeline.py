@@ -586,7 +586,7 @@ class Pipeline:
         if self.index is not None and self.config.index.enabled:
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
-                from xtalsym.index import normalise_views
+                from xtalsym.index.scoring import normalise_views
 
                 queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
                                            classes=self.backend.classes, k=self.config.index.neighbours)

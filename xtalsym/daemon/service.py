@@ -63,7 +63,7 @@ def load_components(config: DaemonConfig):
                              precision=config.bundle.precision)
     index = None
     if config.index.enabled and bundle.index_dir is not None:
-        from xtalsym.index import ReferenceIndex
+        from xtalsym.index.store import ReferenceIndex
 
         index = ReferenceIndex.load(bundle.index_dir, expected_model_id=bundle.model_id)
         log.info("reference index: %d entries", len(index))

@@ -23,7 +23,6 @@ classified as orthorhombic space groups").
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -564,74 +563,3 @@ def format_summary(metrics: dict) -> str:
     if len(metrics.get("failed", [])) > 10:
         lines.append(f"failed: ... {len(metrics['failed']) - 10} more in {METRICS_FILE}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    ev = commands.add_parser("evaluate", help="top-k accuracy, per space group/crystal system, confusion matrix")
-    ev.add_argument("--checkpoint", required=True, help="model checkpoint written by training")
-    source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
-    source.add_argument("--structures", nargs="+", metavar="SRC", help="CIF files/folders or JSON-lines files")
-    ev.add_argument("--split", default="test", help="dataset split (default %(default)s)")
-    ev.add_argument("--out", help="output folder (default: evaluation-<split|structures> beside the checkpoint)")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
-    ev.add_argument("--axes", help="classify with these zone axes only, e.g. x,z (multi-view models)")
-    ev.set_defaults(handler=_cmd_evaluate)
-
-    pr = commands.add_parser("predict", help="top-5 space groups of one structure, simulated and shaped on the fly")
-    pr.add_argument("structure", help="CIF file, or a JSON file holding a CIF or a pymatgen Structure")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--axes", help="zone axes to use, e.g. x,y (default all three)")
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
-    pr.set_defaults(handler=_cmd_predict)
-
-
-def _axes(text: str | None) -> list[str] | None:
-    return [a.strip() for a in text.split(",") if a.strip()] if text else None
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    model, classes, extra = load_model(args.checkpoint, device=device)
-    present = present_mask(_axes(args.axes), model)
-    if args.dataset:
-        metrics = evaluate_dataset(model, classes, args.dataset, args.split, batch_size=args.batch_size, device=device, present=present)
-        what = args.split
-    else:
-        metrics = evaluate_structures(
-            model, classes, args.structures, config=build_config_from(extra), batch_size=args.batch_size,
-            device=device, present=present,
-        )
-        what = "structures"
-    metrics["checkpoint"] = str(args.checkpoint)
-    metrics["model"] = getattr(model, "name", type(model).__name__)
-    metrics["axes"] = _axes(args.axes) or list(shaping.AXES)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"evaluation-{what}"
-    paths = write_outputs(metrics, out, title=f"{metrics['model']} on {what} ({metrics['samples']} samples)")
-    print(format_summary(metrics))
-    print(f"\nmetrics: {paths['metrics']}\npredictions: {paths['predictions']}\nconfusion matrix: {paths['confusion']}")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    model, classes, extra = load_model(args.checkpoint, device=device)
-    config = build_config_from(extra)
-    labelled = structures.load_structure(args.structure, symprec=config.symprec)
-    top = predict_structure(model, classes, labelled, axes=_axes(args.axes), config=config, device=device)
-    if args.json:
-        print(json.dumps({"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}, indent=1))
-        return 0
-    known = "" if labelled.space_group in classes else " - not one of the model's classes"
-    print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}")
-    print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}")
-    for row in top:
-        print(f"{row['rank']:>4}  {row['space_group']:>3}  {row['symbol']:<10} {row['crystal_system']:<14} {row['probability']:>11.4f}")
-    return 0

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from xtalsym.offline import train_config as tc
-from xtalsym.offline.train_config import ConfigError, TrainConfig, register  # noqa: F401 (register: the CLI)
+from xtalsym.offline.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

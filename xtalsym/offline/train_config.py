@@ -77,10 +77,8 @@ Why these defaults (the paper: Adam, lr 1e-5, "weight decay" 1e-7, momentum 0.9)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,45 +418,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "train",
-        help="train a model on a dataset directory (resumable; CPU, GPU or torchrun multi-GPU)",
-        description="Train per a TOML config (keys: see xtalsym.offline.train_config or configs/*.toml).",
-    )
-    parser.add_argument("--config", metavar="FILE.toml", help="training config (optional with --resume)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set epochs=3 --set model.input_size=112")
-    parser.add_argument("--out", metavar="DIR", help="run directory (default: the config's out_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the config's device")
-    parser.set_defaults(handler=_cmd_train)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.device:
-        overrides.append(f'device="{args.device}"')
-    if args.config is None:
-        if not (args.resume and args.out):
-            raise ConfigError(["--config is required (it may be left out only with --resume --out DIR)"])
-        saved = Path(args.out) / "config.resolved.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume without --config: no config.resolved.json in {args.out}")
-        config = load(None, overrides, base=json.loads(saved.read_text()))
-    else:
-        config = load(args.config, overrides)
-    out = args.out or config.out_dir
-    if not out:
-        raise ConfigError(["no run directory: pass --out DIR or set out_dir in the config"])
-    from xtalsym.offline.train import train  # torch only when the command runs
-
-    metrics = train(config, Path(out), resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"out": str(out), **metrics}, indent=1))
-    return 0

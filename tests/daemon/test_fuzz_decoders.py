@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from pathlib import Path
 
 import cbor2
 import lz4.block
@@ -44,6 +43,7 @@ from xtalsym.daemon.protocols import (
     encode_stream_v2_start,
 )
 from xtalsym.daemon.protocols.common import bslz4_compress, hdf5_lz4_compress
+from xtalsym.testing import shared_path
 
 settings.register_profile("ci", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -52,7 +52,7 @@ settings.register_profile("thorough", max_examples=3000, deadline=None,
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 FUZZ = settings(settings.get_profile(PROFILE if PROFILE in ("ci", "thorough") else "ci"))
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dectris_stream2"
+FIXTURES = shared_path("fixtures", "dectris_stream2")
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("*.cbor")) if FIXTURES.is_dir() else []
 MAX_PIXELS = 1 << 16  # small, so "too_large" paths are reachable with small messages
 

@@ -1,4 +1,4 @@
-"""Offline sub-commands: `simulate pattern|dataset`, `shape`, `dataset show`."""
+"""Data commands: `simulate pattern|dataset`, `shape`, `dataset show`."""
 
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import shutil
 import socket
@@ -20,14 +19,16 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-# the e2e module's fixtures (tiny bundle, components) and helpers drive the daemon here too
-from test_daemon_e2e import GEOMETRY, SHIPPED, Running, bundle_path, components, detector  # noqa: E402,F401
 from xtalsym.daemon.config import ConfigError, defaults, load_config  # noqa: E402
-from xtalsym.detector_sim import DetectorSim  # noqa: E402
+from xtalsym.daemon.sim import DetectorSim  # noqa: E402
 from xtalsym.daemon.httpd import MonitorError, MonitorServer, health  # noqa: E402
 from xtalsym.daemon.metrics import Metrics  # noqa: E402
+from xtalsym.testing import REPO_ROOT, InProcessDaemon, detector_socket, shipped_structures, small_detector  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHIPPED = shipped_structures()
+GEOMETRY = small_detector()
+
+ROOT = REPO_ROOT
 DASHBOARD = ROOT / "systemd" / "grafana-dashboard.json"
 
 
@@ -159,8 +160,8 @@ def live(components):
     once every prediction is out; then the daemon is stopped."""
     sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, bad_every=2)
     n_messages = len(list(sim.messages()))
-    sock, endpoint = detector()
-    run = Running(components, endpoint)
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint)
     pipeline = run.service.pipeline
     out = {"n_messages": n_messages, "model_id": components[0].model_id}
     try:

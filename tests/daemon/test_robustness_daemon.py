@@ -23,27 +23,14 @@ pytest.importorskip("onnx")
 zmq = pytest.importorskip("zmq")
 psutil = pytest.importorskip("psutil")
 
-from test_daemon_e2e import GEOMETRY, SHIPPED, Running, detector, tiny_bundle  # noqa: E402
-from xtalsym.daemon.cli import ListenSummary  # noqa: E402
-
 from xtalsym.daemon import protocols as proto  # noqa: E402
-from xtalsym.daemon.config import load_config  # noqa: E402
-from xtalsym.daemon.service import Service  # noqa: E402
-from xtalsym.detector_sim import DetectorSim, push_socket  # noqa: E402
+from xtalsym.daemon.sim import DetectorSim, push_socket  # noqa: E402
+from xtalsym.testing import InProcessDaemon, detector_socket, shipped_structures, small_detector  # noqa: E402
+
+SHIPPED = shipped_structures()
+GEOMETRY = small_detector()
 
 N_FUZZ = int(os.environ.get("XTALSYM_DAEMON_FUZZ", "600"))
-
-
-@pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    import torch
-
-    from xtalsym.daemon.service import load_components
-
-    torch.set_num_threads(1)
-    bundle = tiny_bundle(tmp_path_factory.mktemp("robust"))
-    cfg = load_config(overrides={"bundle": {"path": str(bundle), "backend": "onnxruntime", "device": "cpu"}})
-    return load_components(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -51,45 +38,6 @@ def sims():
     """Rendered once: NaCl and Si, series 1 and 2 (new series ids and unique ids)."""
     return {sid: DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=sid)
             for sid in (1, 2, 3)}
-
-
-class Daemon(Running):
-    """:class:`Running` whose listener's messages can be read while the daemon runs."""
-
-    def __init__(self, components, frame_endpoint, **sections):
-        overrides = {"ingest": {"address": frame_endpoint},
-                     "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-                     # lossless unless a test sets the policy: a burst on a loaded machine must not
-                     # turn into overload drops where a test counts every frame
-                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
-                     "metrics": {"enabled": False}}
-        for name, values in sections.items():
-            overrides.setdefault(name, {}).update(values)
-        self.config = load_config(overrides=overrides)
-        self.service = Service(self.config, components=components).start()
-        self.live = ListenSummary()
-        self.summary = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"xtalsym.prediction")
-        sub.setsockopt(zmq.RCVHWM, 0)
-        sub.connect(self.service.pipeline.publish_endpoint)
-        self.sub = sub
-        self.thread.start()
-        time.sleep(0.3)  # PUB/SUB join
-
-    def _listen(self):
-        while not self.stop.is_set():
-            if self.sub.poll(50):
-                _, body = self.sub.recv_multipart()
-                self.live.add(json.loads(body), time.time())
-                self.live.messages.append(json.loads(body))
-        self.sub.close(linger=0)
-        self.summary = self.live
-
-    def summary_messages(self) -> list[dict]:
-        return list(self.live.messages)
 
 
 def accounting(pipeline) -> tuple[int, int]:
@@ -179,8 +127,8 @@ def test_fuzz_running_daemon(components, sims):
     sim = sims[1]
     good = list(sim.messages())  # start, 6 images, end
     bad = bad_messages(sim, N_FUZZ)
-    sock, endpoint = detector()
-    run = Daemon(components, endpoint, assembly={"timeout_seconds": 30.0})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 30.0})
     try:
         sent = send_all(sock, good[:1])
         chunks = np.array_split(np.arange(len(bad)), 6)
@@ -224,8 +172,8 @@ def test_overload_bounded_and_recovers(components, sims, policy):
     message accounted for, and a sample sent after the flood is classified."""
     flood_sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=5, repeat=40)
     flood = list(flood_sim.messages())  # 240 images (5.3 MB decoded each side of the pool)
-    sock, endpoint = detector()
-    run = Daemon(components, endpoint, pipeline={"workers": 1, "queue_size": 8, "overload": policy,
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, pipeline={"workers": 1, "queue_size": 8, "overload": policy,
                                                   "latency_budget_seconds": 0.01},
                   assembly={"timeout_seconds": 2.0})
     rss0 = rss_total()
@@ -276,8 +224,8 @@ def test_open_samples_capped(components, sims):
     sim = sims[3]
     start, *_ = list(sim.messages())
     _, array, ud = next(sim.images())
-    sock, endpoint = detector()
-    run = Daemon(components, endpoint, assembly={"max_open_samples": 5, "timeout_seconds": 60.0})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"max_open_samples": 5, "timeout_seconds": 60.0})
     try:
         sock.send_multipart(start)
         for i in range(20):
@@ -302,8 +250,8 @@ def test_detector_restart_and_reconnect(components, sims):
     """The detector's socket closes mid-series and is bound again (a detector restart): the
     daemon's PULL reconnects by itself, the interrupted series is closed by the new start."""
     first, second = list(sims[1].messages()), list(sims[2].messages())
-    sock, endpoint = detector()
-    run = Daemon(components, endpoint, assembly={"timeout_seconds": 1.0})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 1.0})
     try:
         send_all(sock, first[:3])  # start + 2 images of NaCl, then the detector goes away
         wait_accounted(run.service.pipeline, 3)
@@ -329,14 +277,14 @@ def test_daemon_restart_mid_series(components, sims):
     """A new daemon process-equivalent (fresh pipeline) joins mid-series: the images
     without a start are counted no_start, the next series is classified."""
     first, second = list(sims[1].messages()), list(sims[2].messages())
-    sock, endpoint = detector()
-    run = Daemon(components, endpoint)
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False})
     try:
         send_all(sock, first[:3])
         wait_accounted(run.service.pipeline, 3)
     finally:
         run.close()
-    run = Daemon(components, endpoint)  # the detector's PUSH stays bound, as a detector's does
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False})  # the detector's PUSH stays bound, as a detector's does
     try:
         send_all(sock, first[3:])  # 4 images + end of the series the new daemon never saw start
         send_all(sock, second)
@@ -358,9 +306,9 @@ def test_slow_and_vanished_subscribers_never_block(components):
     pad = "p" * 500_000  # echoed in each prediction's user_data: 72 x 500 kB overflow the kernel's buffers
     messages = [sim.start_message(), *(sim.image_message(i, a, {**ud, "pad": pad}) for i, a, ud in sim.images()),
                 sim.end_message()]  # 72 images -> 72 predictions
-    sock, endpoint = detector()
+    sock, endpoint = detector_socket()
     # send_hwm above max_batch (16): a listener that reads keeps up with a whole batch
-    run = Daemon(components, endpoint, publish={"send_hwm": 24})
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, publish={"send_hwm": 24})
     ctx = zmq.Context.instance()
     slow = ctx.socket(zmq.SUB)
     slow.setsockopt(zmq.RCVHWM, 2)
@@ -401,8 +349,8 @@ def test_worker_killed(components, sims):
     lost are counted worker_crashed, later frames are classified, nothing unaccounted."""
     flood_sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=6, repeat=6)
     flood = list(flood_sim.messages())
-    sock, endpoint = detector()
-    run = Daemon(components, endpoint, pipeline={"workers": 1, "overload": "block"},
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, pipeline={"workers": 1, "overload": "block"},
                   assembly={"timeout_seconds": 1.0})
     try:
         pool = run.service.pipeline.pool

@@ -13,7 +13,7 @@ faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed")
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
 from xtalsym import index as ix  # noqa: E402
-from xtalsym import index_cli  # noqa: E402
+from xtalsym.cli import index as index_cli  # noqa: E402
 from xtalsym.offline import dataset as ds  # noqa: E402
 from xtalsym.offline import structures  # noqa: E402
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import ast
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from xtalsym.testing import REPO_ROOT
 
 zmq = pytest.importorskip("zmq")
 
-DAEMON = Path(__file__).resolve().parents[1] / "xtalsym" / "daemon"
+DAEMON = REPO_ROOT / "xtalsym" / "daemon"
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 FORBIDDEN_MODULES = {"pickle", "cPickle", "dill", "marshal", "shelve", "jsonpickle", "yaml"}
 FORBIDDEN_METHODS = {"recv_pyobj", "recv_serialized", "loads_pickle"}
@@ -85,7 +85,7 @@ def certificates(tmp_path):
 
 
 def test_curve_publisher_admits_only_authorised_subscribers(certificates):
-    from xtalsym.daemon.cli import listen
+    from xtalsym.daemon.client import listen
     from xtalsym.daemon.publish import Publisher
 
     ctx = zmq.Context()

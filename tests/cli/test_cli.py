@@ -12,9 +12,10 @@ from PIL import Image
 
 from xtalsym.cli import main
 from xtalsym.offline import structures
+from xtalsym.testing import shared_path
 
 SHIPPED = structures.shipped_structures_dir()
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiong2020_samples"
+SAMPLES = shared_path("reference", "tiong2020_samples")
 
 
 def _a_cif() -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import threading
 import time
 
@@ -14,110 +13,24 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 zmq = pytest.importorskip("zmq")
 
-from xtalsym import bundle as bundles  # noqa: E402
-from xtalsym import model as models  # noqa: E402
-from xtalsym.daemon.cli import listen  # noqa: E402
+from xtalsym.daemon.client import listen  # noqa: E402
 from xtalsym.daemon.config import load_config  # noqa: E402
 from xtalsym.daemon.service import Service  # noqa: E402
-from xtalsym.detector_sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
-from xtalsym.offline import dataset as ds  # noqa: E402
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
 from xtalsym.offline import structures  # noqa: E402
+from xtalsym.testing import (  # noqa: E402
+    REPO_ROOT,
+    TINY_CLASSES,
+    InProcessDaemon,
+    detector_socket,
+    shared_path,
+    shipped_structures,
+    small_detector,
+)
 
-CLASSES = [2, 14, 62, 194, 225, 227]
-SHIPPED = structures.shipped_structures_dir()
-# a small, off-centre detector that still covers the training grid (q/px 0.0048 vs 0.0054)
-GEOMETRY = DetectorGeometry(pixels_x=300, pixels_y=290, pixel_size_m=55e-6, distance_m=0.33,
-                            wavelength_m=3.5e-12, beam_center_x_px=150.5, beam_center_y_px=140.5)
-
-
-def tiny_bundle(tmp, *, index: bool = True):
-    """A bundle of a freshly initialised msdn (input 32, graph 64) with a reference index."""
-    torch.manual_seed(0)
-    release = tmp / "release"
-    release.mkdir(parents=True)
-    model = models.build_model("msdn", len(CLASSES), input_size=32)
-    models.save_checkpoint(release / "model.pt", model, extra={
-        "classes": CLASSES, "dataset_config": ds.BuildConfig().to_json(), "config": {}, "metrics": [],
-        "release": "tiny"})
-    (release / "card.json").write_text(json.dumps({"name": "tiny", "classes": CLASSES}))
-    (release / "MODEL_CARD.md").write_text("# tiny\n")
-    out = bundles.build_bundle(release, tmp / "bundle", image_size=64)
-    if index:
-        from xtalsym.index import ReferenceIndex, normalise_views
-
-        b = bundles.load_bundle(out)
-        rng = np.random.default_rng(0)
-        vecs = normalise_views(rng.normal(size=(4, 3, 960)).astype(np.float32))
-        entries = [{"material_id": f"mp-{i}", "formula": f"X{i}", "space_group": sg}
-                   for i, sg in enumerate([225, 225, 62, 194])]
-        ReferenceIndex.build(vecs, entries, model_id=b.model_id, gpu="off").save(tmp / "index")
-        bundles.add_index(out, tmp / "index")
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory):
-    torch.set_num_threads(1)
-    return tiny_bundle(tmp_path_factory.mktemp("daemon"))
-
-
-@pytest.fixture(scope="module")
-def components(bundle_path):
-    from xtalsym.daemon.service import load_components
-
-    cfg = load_config(overrides={"bundle": {"path": str(bundle_path), "backend": "onnxruntime", "device": "cpu"}})
-    return load_components(cfg)
-
-
-class Running:
-    """A daemon in this process plus a listener thread, wired to a PUSH endpoint."""
-
-    def __init__(self, components, frame_endpoint, **sections):
-        overrides = {"ingest": {"address": frame_endpoint},
-                     "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-                     # lossless (tests count every frame) and any free port, never a real daemon's 9855
-                     "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
-                     "metrics": {"port": 0}}
-        for name, values in sections.items():
-            overrides.setdefault(name, {}).update(values)
-        self.config = load_config(overrides=overrides)
-        self.service = Service(self.config, components=components).start()
-        self.stop = threading.Event()
-        ready = threading.Event()
-        self.summary = None
-
-        def run():
-            self.summary = listen(self.service.pipeline.publish_endpoint, stop=self.stop, ready=ready)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(5)
-        time.sleep(0.3)  # PUB/SUB join
-
-    def wait_final(self, n, timeout=60.0):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self._finals() >= n:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"only {self._finals()} final predictions after {timeout} s: "
-                             f"{self.service.pipeline.metrics.snapshot()}")
-
-    def _finals(self):
-        c = self.service.pipeline.metrics.snapshot()["counts"]
-        return c.get("predictions_complete", 0) + c.get("timed_out_samples", 0)
-
-    def close(self):
-        self.service.pipeline.stop()
-        time.sleep(0.3)
-        self.stop.set()
-        self.thread.join(5)
-        return self.summary
-
-
-def detector():
-    sock = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
-    return sock, sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+CLASSES = TINY_CLASSES
+SHIPPED = shipped_structures()
+GEOMETRY = small_detector()
 
 
 def test_end_to_end(components):
@@ -126,7 +39,7 @@ def test_end_to_end(components):
     ctx = zmq.Context.instance()
     sock = push_socket(ctx, "tcp://127.0.0.1:*")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    run = Running(components, endpoint)
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint)
     try:
         sim.send(sock)
         run.wait_final(2)
@@ -158,8 +71,8 @@ def test_partial_timeout_and_stale_end(components):
     end of an earlier series is ignored; an image before any start is counted and dropped."""
     sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol="native",
                       axis_order="zxy", skip_axes={"NaCl": "y"}, series_id=7)
-    sock, endpoint = detector()
-    run = Running(components, endpoint, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0})
     try:
         from xtalsym.daemon import protocols as proto
 
@@ -190,8 +103,8 @@ def test_image_id_axes_and_restart(components, protocol):
     """Axes from image_id order; a detector restart (new start mid-series) is survived."""
     first = DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY, protocol=protocol, series_id=1)
     second = DetectorSim([SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol=protocol, series_id=2)
-    sock, endpoint = detector()
-    run = Running(components, endpoint, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"})
     try:
         m1 = list(first.messages())
         for m in m1[:2]:  # start + one image, then the detector is re-armed
@@ -215,7 +128,7 @@ def test_other_geometry_classifies_the_same(components):
     as the training-grid render."""
     from xtalsym import shaping
     from xtalsym.daemon import calibrate as cal
-    from xtalsym.detector_sim import render, to_counts
+    from xtalsym.daemon.sim import render, to_counts
     from xtalsym.offline import simulate as sim
 
     bundle, backend, _ = components
@@ -271,7 +184,7 @@ def test_sub_bind_ingest_and_pub_connect(components):
     assert finals[0]["user_data"]["formula"] == "NaCl"
 
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dectris_stream2"
+FIXTURES = shared_path("fixtures", "dectris_stream2")
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"DECTRIS captures not found at {FIXTURES}")
@@ -279,8 +192,8 @@ def test_shipped_config_serves_real_dectris_captures():
     """The real EIGER2 500K messages (no start message is public) replayed over a socket into
     the daemon run from the shipped example config and the shipped bundle: with the
     geometry from the config, every image is calibrated, shaped, classified and published."""
-    sock, endpoint = detector()
-    config = load_config(Path(__file__).resolve().parents[1] / "systemd" / "xtalsym.example.toml", overrides={
+    sock, endpoint = detector_socket()
+    config = load_config(REPO_ROOT / "systemd" / "xtalsym.example.toml", overrides={
         "ingest": {"address": endpoint, "frames_before_start": "config"},
         # EIGER2 500K: 1030 x 514 pixels of 75 um; beam centre, wavelength and distance as a user would set them
         "geometry": {"beam_center_x_px": 515.0, "beam_center_y_px": 257.0, "pixel_size_x_m": 75e-6,
@@ -364,8 +277,8 @@ def test_stream_flatfield_applied_when_the_detector_did_not(components, protocol
 
     flatfield = np.ones((GEOMETRY.pixels_y, GEOMETRY.pixels_x), np.float32)
     flatfield[:, :150] = 4.0
-    sock, endpoint = detector()
-    run = Running(components, endpoint, ingest={"protocol": protocol})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": protocol})
     try:
         for messages in (series(1, lambda a: a), series(2, weak, flatfield, applied=False),
                          series(3, weak, flatfield, applied=True)):
@@ -401,8 +314,8 @@ def test_backend_warmed_with_a_full_batch_before_serving(components):
             return self.inner.run(x, present)
 
     recording = Recording(backend)
-    sock, endpoint = detector()
-    run = Running((bundle, recording, index), endpoint, pipeline={"max_batch": 7})
+    sock, endpoint = detector_socket()
+    run = InProcessDaemon(components=(bundle, recording, index), frame_endpoint=endpoint, pipeline={"max_batch": 7})
     try:
         assert recording.sizes == [7]
         DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY).send(sock)

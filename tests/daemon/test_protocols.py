@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from pathlib import Path
 
 import cbor2
 import lz4.block
@@ -40,8 +39,9 @@ from xtalsym.daemon.protocols.common import (
     bslz4_decompress_numpy,
     hdf5_lz4_decompress_numpy,
 )
+from xtalsym.testing import shared_dir
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = shared_dir()
 FIXTURES = SHARED / "fixtures" / "dectris_stream2"
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"DECTRIS fixtures not found at {FIXTURES}"

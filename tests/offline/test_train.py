@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from xtalsym import model as model_lib
+from xtalsym.cli import train as train_cli
 from xtalsym.offline import dataset as ds
 from xtalsym.offline import structures
 from xtalsym.offline import train as tr
 from xtalsym.offline import train_config as tc
+from xtalsym.testing import REPO_ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO_ROOT / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +232,7 @@ def test_resume_refuses_a_changed_config(tiny, tmp_path):
 def test_cli_via_register(tiny, tmp_path):
     parser = argparse.ArgumentParser(prog="xtalsym")
     commands = parser.add_subparsers(dest="command", required=True)
-    tr.register(commands)
+    train_cli.register(commands)
     config_file = tmp_path / "c.toml"
     config_file.write_text(
         f'dataset = "{tiny}"\nspace_groups = "dataset"\nnum_workers = 0\nprogress = false\n'

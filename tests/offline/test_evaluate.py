@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xtalsym.cli import train as train_cli
 from xtalsym.offline import dataset as ds
 from xtalsym.offline import evaluate as ev
 from xtalsym.offline import structures
+from xtalsym.testing import REPO_ROOT
 
 SHIPPED = structures.shipped_structures_dir()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 # --------------------------------------------------------------------------- pure metrics
 
@@ -116,7 +118,7 @@ CLASSES = [14, 225, 229]  # ZrO2 / NaCl / Fe; Si (227) is outside
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtalsym")
-    ev.register(parser.add_subparsers(dest="command", required=True))
+    train_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -10,9 +10,10 @@ from xtalsym.daemon.assemble import Assembler, AssemblyError, View, identify
 from xtalsym.daemon.config import ConfigError, defaults, load_config, validate
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker
 from xtalsym.daemon.protocols import Image, SeriesEnd, SeriesStart
-from xtalsym.detector_sim import DetectorGeometry, render, to_counts
+from xtalsym.daemon.sim import DetectorGeometry, render, to_counts
 from xtalsym.offline import simulate as sim
 from xtalsym.offline import structures
+from xtalsym.testing import REPO_ROOT
 
 TRAINING = cal.TrainingGeometry(3.5e-12, 0.4, 75e-6, 256)
 
@@ -155,10 +156,9 @@ def test_config_defaults_and_every_error_at_once(tmp_path):
         assert expected in text
     assert len(err.value.errors) == 5
     # the example config documents exactly the defaults
-    import pathlib
     import tomllib
 
-    example = pathlib.Path(__file__).parents[1] / "systemd" / "xtalsym.example.toml"
+    example = REPO_ROOT / "systemd" / "xtalsym.example.toml"
     data = tomllib.loads(example.read_text())
     validate(data)
     d = defaults()

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,49 +17,11 @@ import pytest
 
 from xtalsym import logsetup
 from xtalsym.daemon.notify import Notifier, Watchdog
+from xtalsym.testing import REPO_ROOT, SystemdSide
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 UNIT = ROOT / "systemd" / "xtalsym.service"
 XTALSYM = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "xtalsym"
-
-
-class SystemdSide:
-    """The receiving end of $NOTIFY_SOCKET: one datagram = one dict of KEY=VALUE lines."""
-
-    def __init__(self, address) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.messages: list[tuple[float, dict]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._collect, daemon=True)
-        self._thread.start()
-
-    def _collect(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
-            self.messages.append((time.monotonic(), fields))
-
-    def wait_for(self, key: str, value: str | None = None, *, after: float = 0.0, timeout: float = 60.0) -> dict:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            for t, fields in list(self.messages):
-                if t >= after and key in fields and (value is None or fields[key] == value):
-                    return fields
-            time.sleep(0.02)
-        raise AssertionError(f"no {key}={value} from the daemon in {timeout} s; got {self.messages}")
-
-    def pings(self, start: float, end: float) -> int:
-        return sum(1 for t, f in list(self.messages) if start <= t < end and f.get("WATCHDOG") == "1")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -172,15 +133,17 @@ class StallingBackend:
 
 
 def test_a_stalled_inference_loop_stops_the_watchdog_pings(systemd_side):
-    e2e = pytest.importorskip("test_daemon_e2e")
-    import zmq
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    zmq = pytest.importorskip("zmq")
 
     from xtalsym.daemon.config import load_config
     from xtalsym.daemon.service import Service, load_components
-    from xtalsym.detector_sim import DetectorSim, push_socket
+    from xtalsym.daemon.sim import DetectorSim, push_socket
+    from xtalsym.testing import shipped_structures, small_detector, tiny_bundle
 
     tmp = Path(systemd_side.path).parent
-    bundle_path = e2e.tiny_bundle(tmp / "b", index=False)
+    bundle_path = tiny_bundle(tmp / "b", index=False)
     push = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
     endpoint = push.getsockopt(zmq.LAST_ENDPOINT).decode()
     config = load_config(overrides={
@@ -200,7 +163,7 @@ def test_a_stalled_inference_loop_stops_the_watchdog_pings(systemd_side):
         time.sleep(2.0)
         assert systemd_side.pings(t0, time.monotonic()) >= 2, systemd_side.messages
         stalling.stall.set()
-        DetectorSim([e2e.SHIPPED / "NaCl.cif"], geometry=e2e.GEOMETRY).send(push)
+        DetectorSim([shipped_structures() / "NaCl.cif"], geometry=small_detector()).send(push)
         assert stalling.stalled.wait(60), "the backend never ran"
         time.sleep(1.0)  # the last ping before the stall may still be due
         t1 = time.monotonic()

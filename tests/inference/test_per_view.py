@@ -20,10 +20,10 @@ zmq = pytest.importorskip("zmq")
 from xtalsym import bundle as bundles  # noqa: E402
 from xtalsym import model as models  # noqa: E402
 from xtalsym.daemon.assemble import Request, View  # noqa: E402
-from xtalsym.daemon.cli import listen  # noqa: E402
+from xtalsym.daemon.client import listen  # noqa: E402
 from xtalsym.daemon.config import load_config  # noqa: E402
 from xtalsym.daemon.service import Service, load_components  # noqa: E402
-from xtalsym.detector_sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
 from xtalsym.inference import BackendUnavailable, make_backend, select_backend, supports_views  # noqa: E402
 from xtalsym.inference import export as onnx_export  # noqa: E402
 from xtalsym.inference.base import run_by_views  # noqa: E402

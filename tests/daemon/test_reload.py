@@ -3,7 +3,6 @@ SIGTERM drain, in-process and with a real `xtalsym serve` over loopback sockets.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,95 +17,41 @@ import pytest
 
 torch = pytest.importorskip("torch")
 zmq = pytest.importorskip("zmq")
-e2e = pytest.importorskip("test_daemon_e2e")
-
-from test_systemd import SystemdSide  # noqa: E402
 
 from xtalsym import bundle as bundles  # noqa: E402
-from xtalsym import model as models  # noqa: E402
 from xtalsym.daemon import reload  # noqa: E402
-from xtalsym.daemon.cli import listen  # noqa: E402
+from xtalsym.daemon.client import listen  # noqa: E402
 from xtalsym.daemon.config import ConfigError, load_config  # noqa: E402
-from xtalsym.daemon.service import Service  # noqa: E402
-from xtalsym.detector_sim import DetectorSim, push_socket  # noqa: E402
-from xtalsym.offline import dataset as ds  # noqa: E402
+from xtalsym.daemon.sim import DetectorSim, push_socket  # noqa: E402
+from xtalsym.testing import (  # noqa: E402
+    REPO_ROOT,
+    InProcessDaemon,
+    SystemdSide,
+    daemon_overrides,
+    shipped_structures,
+    small_detector,
+    tiny_bundle,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-STRUCTURES = [e2e.SHIPPED / name for name in ("NaCl.cif", "Si.cif")]
+ROOT = REPO_ROOT
+STRUCTURES = [shipped_structures() / name for name in ("NaCl.cif", "Si.cif")]
+GEOMETRY = small_detector()
 
 
 def other_bundle(tmp: Path, *, seed: int = 1, image_size: int = 64, model_name: str = "msdn") -> Path:
-    """Like the e2e tiny bundle, with other weights (another model_id), no index."""
-    torch.manual_seed(seed)
-    release = tmp / "release"
-    release.mkdir(parents=True)
-    model = models.build_model(model_name, len(e2e.CLASSES), input_size=32)
-    models.save_checkpoint(release / "model.pt", model, extra={
-        "classes": e2e.CLASSES, "dataset_config": ds.BuildConfig().to_json(), "config": {}, "metrics": [],
-        "release": f"tiny-{seed}"})
-    (release / "card.json").write_text(json.dumps({"name": f"tiny-{seed}"}))
-    (release / "MODEL_CARD.md").write_text("# tiny\n")
-    # ONNX export takes the multistream model only: other models ship for the torch backend
-    return bundles.build_bundle(release, tmp / "bundle", image_size=image_size, onnx=model_name == "msdn")
+    """Like the tiny bundle, with other weights (another model_id), no index."""
+    return tiny_bundle(tmp, index=False, seed=seed, image_size=image_size, model_name=model_name)
 
 
 @pytest.fixture(scope="module")
 def bundles_dir(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("reload")
-    return {"a": e2e.tiny_bundle(tmp / "a"), "b": other_bundle(tmp / "b")}
+    return {"a": tiny_bundle(tmp / "a"), "b": other_bundle(tmp / "b")}
 
 
 def _config(bundle, endpoint, **sections):
-    overrides = {"bundle": {"path": str(bundle), "backend": "onnxruntime", "device": "cpu"},
-                 "ingest": {"address": endpoint}, "publish": {"address": "tcp://127.0.0.1:*"},
-                 "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},  # lossless
-                 "metrics": {"port": 0}}  # never the default 9855 of a real daemon
-    for name, values in sections.items():
-        overrides.setdefault(name, {}).update(values)
-    return load_config(overrides=overrides)
-
-
-class InProcess:
-    """A Service in this process, a listener thread and a detector PUSH socket."""
-
-    def __init__(self, bundle, **sections) -> None:
-        self.push = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
-        self.endpoint = self.push.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.config = _config(bundle, self.endpoint, **sections)
-        self.next_config = self.config
-        self.service = Service(self.config, reload_config=lambda: self.next_config).start()
-        self.stop = threading.Event()
-        ready = threading.Event()
-        self.summary = None
-
-        def run():
-            self.summary = listen(self.service.pipeline.publish_endpoint, stop=self.stop, ready=ready)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(5)
-        time.sleep(0.3)
-
-    def send(self, sources, series_id=1):
-        DetectorSim(sources, geometry=e2e.GEOMETRY, series_id=series_id).send(self.push)
-
-    def predictions(self):
-        return self.service.pipeline.metrics.snapshot()["counts"].get("predictions", 0)
-
-    def wait_predictions(self, n, timeout=60):
-        t0 = time.monotonic()
-        while self.predictions() < n:
-            assert time.monotonic() - t0 < timeout, self.service.pipeline.metrics.snapshot()
-            time.sleep(0.05)
-
-    def close(self):
-        self.service.pipeline.stop()
-        time.sleep(0.3)
-        self.stop.set()
-        self.thread.join(5)
-        self.push.close(linger=0)
-        return self.summary
+    return load_config(overrides=daemon_overrides(endpoint, bundle=bundle, **sections))
 
 
 def test_merge_keeps_restart_only_keys():
@@ -137,7 +82,7 @@ def test_a_spot_dp_bundle_is_refused_when_loaded(tmp_path, capsys):
 
 
 def test_reload_swaps_the_bundle_without_losing_frames(bundles_dir, caplog):
-    run = InProcess(bundles_dir["a"])
+    run = InProcessDaemon(bundle=bundles_dir["a"])
     old_id = run.service.pipeline.bundle.model_id
     try:
         run.send(STRUCTURES[:1])
@@ -145,7 +90,7 @@ def test_reload_swaps_the_bundle_without_losing_frames(bundles_dir, caplog):
         run.next_config = _config(bundles_dir["b"], run.endpoint, pipeline={"max_batch": 4},
                                   publish={"topic": "elsewhere"})
         # frames stream while the new bundle is loaded and verified
-        sender = threading.Thread(target=run.send, args=(STRUCTURES, 2))
+        sender = threading.Thread(target=run.send, args=(STRUCTURES,), kwargs={"series_id": 2})
         sender.start()
         with caplog.at_level(logging.INFO, logger="xtalsym.daemon.service"):
             assert run.service.reload() is True
@@ -176,7 +121,7 @@ def test_bad_reloads_are_refused_and_the_old_bundle_keeps_serving(bundles_dir, t
     data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the SHA-256 can tell
     onnx.write_bytes(bytes(data))
     other_size = other_bundle(tmp_path / "size", image_size=96)
-    run = InProcess(bundles_dir["a"])
+    run = InProcessDaemon(bundle=bundles_dir["a"])
     old_id = run.service.pipeline.bundle.model_id
     try:
         with caplog.at_level(logging.ERROR, logger="xtalsym.daemon.service"):
@@ -228,12 +173,12 @@ port = 0
 
 
 def test_serve_process_notifies_reloads_on_sighup_and_drains_on_sigterm(bundles_dir, tmp_path):
-    from xtalsym.daemon.demo import _free_port
+    from xtalsym.daemon.demo import free_port
 
     side = SystemdSide(str(tmp_path / "notify.sock"))
     push = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
     ingest = push.getsockopt(zmq.LAST_ENDPOINT).decode()
-    publish = f"tcp://127.0.0.1:{_free_port()}"
+    publish = f"tcp://127.0.0.1:{free_port()}"
     config = tmp_path / "xtalsym.toml"
     _write_config(config, bundles_dir["a"], ingest, publish)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "4000000",
@@ -264,7 +209,7 @@ def test_serve_process_notifies_reloads_on_sighup_and_drains_on_sigterm(bundles_
         assert "reloaded" in side.wait_for("READY", "1", after=t_hup, timeout=60)["STATUS"]
 
         # frames piling up in the daemon (1 worker), then SIGTERM: every one is published
-        sim = DetectorSim(STRUCTURES * 16, geometry=e2e.GEOMETRY)
+        sim = DetectorSim(STRUCTURES * 16, geometry=GEOMETRY)
         sent = sim.send(push)
         time.sleep(0.5)  # on the daemon's socket, not in this process's send queue
         t_term = time.monotonic()

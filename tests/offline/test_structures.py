@@ -28,9 +28,10 @@ from xtalsym.offline.structures import (
     random_records,
     shipped_structures_dir,
 )
+from xtalsym.testing import shared_dir
 
 # CI clones the repository into a temporary folder with ../shared beside it.
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = shared_dir()
 MP_FILE = SHARED / "data" / "mp_structures" / "structures.jsonl.xz"
 
 SHIPPED = {  # file stem -> (space group, reduced formula)

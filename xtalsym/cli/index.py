@@ -1,4 +1,4 @@
-"""`xtalsym index build|query|evaluate`: the reference index from the command line.
+"""Index commands: `index build|query|evaluate`, the reference index from the command line.
 
 The model comes from a training checkpoint (``--checkpoint``) or a model bundle
 (``--bundle``, when :mod:`xtalsym.bundle` is installed); torch and FAISS are imported

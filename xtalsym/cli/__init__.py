@@ -1,4 +1,14 @@
-"""The `xtalsym` command: one parser, sub-commands registered explicitly per area."""
+"""The `xtalsym` command: one argparse parser, one module per command group.
+
+- :mod:`xtalsym.cli.data`: ``simulate pattern|dataset``, ``shape``, ``dataset show``
+- :mod:`xtalsym.cli.train`: ``train``, ``evaluate``, ``predict``
+- :mod:`xtalsym.cli.model`: ``model info|release``, ``export``, ``bundle build|verify|add-index``
+- :mod:`xtalsym.cli.index`: ``index build|query|evaluate``
+- :mod:`xtalsym.cli.daemon`: ``serve``, ``detector-sim``, ``listen``, ``demo``
+
+Each handler parses its arguments and calls one library function; heavy packages
+(torch, FAISS, ZeroMQ, ...) are imported only when a command runs.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +24,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xtalsym import export_cli, index_cli, model_cli
-    from xtalsym.daemon import cli as daemon_cli
-    from xtalsym.offline import cli as offline_cli
-    from xtalsym.offline import evaluate as evaluate_cli
-    from xtalsym.offline import train_config
+    from xtalsym.cli import daemon, data, index, model, train
 
     parser = argparse.ArgumentParser(
         prog="xtalsym",
@@ -27,15 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xtalsym {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    offline_cli.register(commands)
-    # These import torch only when their command runs, so the offline commands work
-    # without the `ml` extra.
-    model_cli.register(commands)
-    train_config.register(commands)
-    evaluate_cli.register(commands)
-    export_cli.register(commands)
-    index_cli.register(commands)
-    daemon_cli.register(commands)
+    data.register(commands)
+    model.register(commands)
+    train.register(commands)
+    index.register(commands)
+    daemon.register(commands)
     return parser
 
 

@@ -1,0 +1,203 @@
+"""Embeddings of materials for the reference index, through an inference backend.
+
+:class:`Embedder` is ``embed(x uint8 (B,3,3,H,W), present bool (B,3)) -> (embeddings
+(B,3,960) float32, probabilities (B,C))`` plus the identity of the model (``model_id`` =
+sha256 of the weights file), its classes and simulation settings; built from a bundle
+(its fastest :class:`~xtalsym.inference.InferenceBackend`), a training checkpoint or a
+model in memory. ``embed_*`` turn dataset samples or structures into normalised vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xtalsym.checksums import sha256_file
+from xtalsym.index.scoring import DIM, VIEWS, ReferenceIndexError, normalise_views, reference_entry
+
+log = logging.getLogger(__name__)
+
+EmbedFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Embedder:
+    """``embed(x, present) -> (embeddings (B,3,960) float32, probabilities (B,C))`` and
+    what identifies the model: ``model_id`` (sha256 of the weights file), its
+    ``classes`` (space groups of the probability columns), the dataset ``config`` its
+    inputs must be simulated/shaped with, and ``source`` (a path, for messages)."""
+
+    embed: EmbedFn
+    classes: list[int]
+    model_id: str | None
+    source: str
+    config: Any = None  # xtalsym.offline.dataset.BuildConfig
+    batch_size: int = 32
+
+    def __call__(self, x: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(x)
+        if present is None:
+            present = np.ones((x.shape[0], VIEWS), dtype=bool)
+        return self.embed(x, present)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "cpu", batch_size: int = 32) -> Embedder:
+        from xtalsym.offline import evaluate as ev
+
+        model, classes, extra = ev.load_model(path, device=device)
+        return cls.from_model(model, classes, model_id=sha256_file(path), source=str(path),
+                              config=ev.build_config_from(extra), device=device, batch_size=batch_size)
+
+    @classmethod
+    def from_model(cls, model, classes, *, model_id, source, config=None, device="cpu", batch_size=32) -> Embedder:
+        import torch
+
+        if getattr(model, "views", 1) != VIEWS or getattr(model, "representation", "shaped") != "shaped":
+            raise ReferenceIndexError(
+                f"the reference index needs a three-stream shaped-DP model (msdn); {source} is {getattr(model, 'name', '?')}"
+            )
+
+        def embed(x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                out = model(torch.as_tensor(x).to(device), torch.as_tensor(np.asarray(present, bool)).to(device))
+                probs = torch.softmax(out.logits.float(), dim=1)
+            return out.embeddings.float().cpu().numpy(), probs.cpu().numpy()
+
+        return cls(embed, [int(c) for c in classes], model_id, source, config, batch_size)
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32) -> Embedder:
+        """From a model bundle: embeds with the bundle's fastest backend (``auto``, see
+        ``xtalsym.inference.select_backend``) and takes its classes, settings and model_id."""
+        from xtalsym import bundle as bundle_module
+        from xtalsym.inference import select_backend
+        from xtalsym.offline import evaluate as ev
+
+        b = bundle_module.load_bundle(path)  # verifies the manifest (and the index against the model)
+        runner = select_backend(b, backend)
+
+        def embed(x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            result = runner.run(np.ascontiguousarray(x, dtype=np.uint8), np.asarray(present, dtype=bool))
+            return result.embeddings, result.probabilities
+
+        settings = getattr(b, "settings", None) or {}
+        config = ev.build_config_from({"dataset_config": settings.get("dataset_config")})
+        return cls(embed, [int(c) for c in b.classes], b.model_id, str(path), config, batch_size)
+
+
+# --------------------------------------------------------------------------- embedding data
+
+
+@dataclass
+class Embedded:
+    vectors: np.ndarray  # (N, 2880) normalised
+    probabilities: np.ndarray  # (N, C)
+    entries: list[dict]
+    failed: list[dict] = field(default_factory=list)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="material", desc=desc, disable=not enabled)
+
+
+def select_samples(
+    root: str | os.PathLike,
+    *,
+    splits: Sequence[str] | None = None,
+    space_groups: Iterable[int] | None = None,
+    real_only: bool = False,
+) -> list[dict]:
+    """Sample metadata of a dataset, filtered by split(s), space groups and source."""
+    from xtalsym.offline import dataset as ds
+
+    samples = list(ds.iter_sample_metadata(root))
+    if splits:
+        assigned = ds.load_splits(root)
+        samples = [s for s in samples if assigned.get(s["material_id"]) in set(splits)]
+    if space_groups is not None:
+        wanted = set(int(g) for g in space_groups)
+        samples = [s for s in samples if int(s["space_group"]) in wanted]
+    if real_only:
+        samples = [s for s in samples if not str(s.get("source", "")).startswith("pyxtal")]
+    return samples
+
+
+def embed_dataset(embedder: Embedder, root: str | os.PathLike, samples: Sequence[dict], *, progress: bool = False) -> Embedded:
+    """Embed stored shaped DPs of ``samples`` (from :func:`select_samples`), in batches."""
+    from xtalsym.offline import dataset as ds
+
+    reader = ds.ShardReader(root)
+    vecs, probs = [], []
+    bar = _progress(len(samples), "embed", progress)
+    try:
+        for i in range(0, len(samples), embedder.batch_size):
+            chunk = samples[i : i + embedder.batch_size]
+            x = np.stack([reader.read(s["shard"], s["position"], "shaped").transpose(0, 3, 1, 2) for s in chunk])
+            e, p = embedder(np.ascontiguousarray(x))
+            vecs.append(normalise_views(e))
+            probs.append(np.asarray(p, dtype=np.float32))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        reader.close()
+    return Embedded(
+        np.concatenate(vecs) if vecs else np.zeros((0, DIM), np.float32),
+        np.concatenate(probs) if probs else np.zeros((0, len(embedder.classes)), np.float32),
+        [reference_entry(s) for s in samples],
+    )
+
+
+def embed_structures(embedder: Embedder, sources: Sequence[str | os.PathLike], *, progress: bool = False) -> Embedded:
+    """Read, label, simulate and shape structures with the model's settings, then embed them."""
+    from xtalsym.offline import dataset as ds
+    from xtalsym.offline import evaluate as ev
+    from xtalsym.offline import structures
+
+    config = embedder.config or ds.BuildConfig()
+    records: list = []
+    for source in sources:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"structure source not found: {source}")
+        records.extend(structures.iter_records(source))
+    vecs, probs, entries, failed = [], [], [], []
+    bar = _progress(len(records), "simulate+embed", progress)
+    for i in range(0, len(records), embedder.batch_size):
+        chunk = records[i : i + embedder.batch_size]
+        inputs, labelled, bad = ev._simulate_records(chunk, config, "shaped")
+        failed += bad
+        if inputs:
+            e, p = embedder(np.stack(inputs))
+            vecs.append(normalise_views(e))
+            probs.append(np.asarray(p, dtype=np.float32))
+            entries += [reference_entry(vars(item)) for item in labelled]
+        bar.update(len(chunk))
+    bar.close()
+    return Embedded(
+        np.concatenate(vecs) if vecs else np.zeros((0, DIM), np.float32),
+        np.concatenate(probs) if probs else np.zeros((0, len(embedder.classes)), np.float32),
+        entries,
+        failed,
+    )
+
+
+def embed_structure(embedder: Embedder, structure) -> tuple[np.ndarray, np.ndarray, Any]:
+    """One structure (path or LabelledStructure) -> ((1, 2880) vector, (1, C) probabilities, labelled)."""
+    from xtalsym.offline import dataset as ds
+    from xtalsym.offline import evaluate as ev
+    from xtalsym.offline import structures
+
+    config = embedder.config or ds.BuildConfig()
+    labelled = structure if isinstance(structure, structures.LabelledStructure) else structures.load_structure(structure, symprec=config.symprec)
+    raws, shaped = ds.make_sample(labelled, config)
+    e, p = embedder(ev.model_input(raws, shaped, "shaped")[None])
+    return normalise_views(e), np.asarray(p, np.float32), labelled
+
+
