@@ -153,7 +153,7 @@ def _int8_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset (xtalsym simulate dataset) whose train split calibrates an int8 (QDQ) version of "
                         "the per-view graph for the CPU (model_view_int8.onnx)")
     parser.add_argument("--int8-samples", type=int, default=None, metavar="N",
-                        help="training samples (3 views each) to calibrate on (default 256)")
+                        help="training samples (3 views each) to calibrate on (default 128: calibration holds every activation of every view in memory)")
     parser.add_argument("--int8-method", choices=("minmax", "percentile", "entropy"), default="percentile",
                         help="activation ranges from the calibration data (default %(default)s)")
 
