@@ -45,28 +45,31 @@ def tiny_bundle(tmp: Path) -> Path:
 
 
 def stage_costs(pixels: int, n: int = 10) -> dict:
-    """Per-frame seconds of decode, calibrate, shape on this machine (one core)."""
+    """CPU seconds per frame of decode, calibrate, shape in this process, one thread (as a
+    worker runs them: OpenCV and BLAS at one thread), measured with time.thread_time."""
     from xtalsym import shaping
     from xtalsym.daemon import calibrate as cal
     from xtalsym.daemon.protocols import decode
     from xtalsym.daemon.sim import DetectorGeometry, DetectorSim
+    from xtalsym.daemon.workers import init_worker
 
+    init_worker()
     sim = DetectorSim([ROOT / "xtalsym/data/structures/NaCl.cif"], geometry=DetectorGeometry(pixels, pixels))
     msgs = list(sim.messages())[1:-1]
-    t = time.perf_counter()
+    t = time.thread_time()
     for _ in range(n):
         ev = decode("stream_v2", msgs[0])
-    t_dec = (time.perf_counter() - t) / n
+    t_dec = (time.thread_time() - t) / n
     frame = ev.data["threshold_1"]
     sampling = cal.build_map(cal.FrameGeometry(**sim.geometry.stream_geometry()), cal.TrainingGeometry(3.5e-12, 0.4, 75e-6, 256))
-    t = time.perf_counter()
+    t = time.thread_time()
     for _ in range(n):
         raw = cal.calibrate(frame, sampling)
-    t_cal = (time.perf_counter() - t) / n
-    t = time.perf_counter()
+    t_cal = (time.thread_time() - t) / n
+    t = time.thread_time()
     for _ in range(n):
         shaping.shape(raw, "x")
-    t_shape = (time.perf_counter() - t) / n
+    t_shape = (time.thread_time() - t) / n
     return {"decode": t_dec, "calibrate": t_cal, "shape": t_shape}
 
 
@@ -327,6 +330,15 @@ def main() -> int:
             print(f"| inference, {label}, {c['precision']}, batch 16 | {c['cpu_per_frame'] * 1000:.2f} |")
     print(f"\nfloor (decode + calibrate + shape, inference free): {floor * 1000:.2f} CPU-ms per frame "
           f"-> at most {cores / floor:.0f} frames/s on {cores} cores")
+    for r in runs:  # the same from the daemon's own stage CPU, per run
+        st = r["stage_cpu_per_frame"]
+        own = st.get("decode", 0) + st.get("calibrate_shape", 0)
+        total = r["cpu_s"] / r["frames"]
+        if own:
+            print(f"daemon {r['view_inference'] == 'auto' and 'view' or 'whole'} {r['precision']} @ "
+                  f"{'max' if not r['rate'] else int(r['rate'])}: floor {own * 1000:.2f} CPU-ms/frame "
+                  f"(-> {cores / own:.0f} frames/s), all processes {total * 1000:.2f} CPU-ms/frame "
+                  f"(-> {cores / total:.0f} frames/s on {cores} cores)")
     for (path, precision), c in infer.items():
         total = floor + c
         print(f"budget {path} {precision}: {total * 1000:.2f} CPU-ms per frame "
