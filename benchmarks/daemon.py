@@ -129,6 +129,22 @@ def uptime() -> str:
         return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
+def daemon_event(port: int, event: str) -> float:
+    """A counter of the daemon's xtalsym_events_total (e.g. views_inferred), read at the end of a run
+    (the last metrics message a listener saw can be a second old)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "xtalsym_events":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("event") == event:
+                    return sample.value
+    return 0.0
+
+
 def daemon_stage_cpu(port: int) -> dict:
     """CPU seconds per stage so far, from the daemon's xtalsym_stage_cpu_seconds_total."""
     import urllib.request
@@ -179,6 +195,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     procs = [proc] + proc.children(recursive=True)
     cpu_of = lambda: sum(p.cpu_times().user + p.cpu_times().system for p in procs)  # noqa: E731
     cpu0, stage0 = cpu_of(), daemon_stage_cpu(metrics_port)
+    views0 = daemon_event(metrics_port, "views_inferred")  # the warm-up series' views before the clock
     peak_rss = 0
     t0 = time.perf_counter()
     period = 1.0 / rate if rate else 0.0
@@ -196,20 +213,20 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
         peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
     wall = time.perf_counter() - t0
     cpu1, stage1 = cpu_of(), daemon_stage_cpu(metrics_port)
+    views1 = daemon_event(metrics_port, "views_inferred")
     stage_means = daemon_stage_means(metrics_port)
     serve.terminate()
     serve.wait(60)
     push.close(linger=0)
     s = result["s"]
     lat = np.array(s.latencies)
-    counts = (s.metrics or {}).get("counts", {})
     return {
         "view_inference": view_inference, "precision": precision, "rate": rate, "frames": n_images,
         "final": s.final, "bad": (s.metrics or {}).get("bad_frames"), "send_s": t_sent, "wall_s": wall,
         "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
         "cpu_s": cpu1 - cpu0, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
-        "views_inferred": counts.get("views_inferred"), "load_before": load_before, "load_after": uptime(),
+        "views_inferred": views1 - views0, "load_before": load_before, "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
         "device": (s.messages[-1]["model"] if s.messages else {}).get("device", "?"),
     }
