@@ -19,7 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-MP_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mp_structures" / "structures.jsonl.xz"
+from xtalsym.testing import shared_path
+
+MP_FILE = shared_path("data", "mp_structures", "structures.jsonl.xz")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "xtalsym" / "data" / "mp_space_group_counts.json"
 log = logging.getLogger("mp_space_group_counts")
 COMMAND = "nice -n 10 python benchmarks/mp_space_group_counts.py --workers 2"

@@ -33,9 +33,10 @@ import logging
 import os
 import shlex
 import sys
-import tomllib
 from collections import Counter
 from pathlib import Path
+
+import tomllib
 
 from xtalsym import spacegroups
 from xtalsym.offline import dataset as ds

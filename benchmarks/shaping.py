@@ -40,8 +40,8 @@ def synth_frames(n: int, seed: int = 0) -> np.ndarray:
         image = np.zeros((256, 256), dtype=np.float32)
         span = int(256 / min(length)) + 1
         for h in range(-span, span + 1):
-            for l in range(-span, span + 1):
-                cx, cy = 127 + h * a[0] + l * b[0], 127 + h * a[1] + l * b[1]
+            for m in range(-span, span + 1):
+                cx, cy = 127 + h * a[0] + m * b[0], 127 + h * a[1] + m * b[1]
                 radius = np.hypot(cx - 127, cy - 127)
                 if not (-5 < cx < 261 and -5 < cy < 261) or radius > rng.uniform(60, 140):
                     continue

@@ -15,10 +15,10 @@ import time
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np  # noqa: E402
-from pymatgen.core import Lattice, Structure  # noqa: E402
+import numpy as np
+from pymatgen.core import Lattice, Structure
 
-from xtalsym.offline import simulate as sim  # noqa: E402
+from xtalsym.offline import simulate as sim
 
 
 def _rocksalt() -> Structure:

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from xtalsym import bundle as bundles  # noqa: E402
-from xtalsym import model as models  # noqa: E402
-from xtalsym.offline import dataset as ds  # noqa: E402
+from xtalsym import bundle as bundles
+from xtalsym import model as models
+from xtalsym.offline import dataset as ds
 
 CLASSES = [2, 14, 62, 225]
 

@@ -9,10 +9,10 @@ import pickle
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from xtalsym import model as M  # noqa: E402
-from xtalsym.cli import model as model_cli  # noqa: E402
+from xtalsym import model as M
+from xtalsym.cli import model as model_cli
 
 SIZE = 32  # the smallest input the DenseNets take: keeps the file fast on CPU
 RESIZED = 64  # the brief's check: 224-pixel data into an input_size=64 model

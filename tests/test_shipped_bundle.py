@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+
 from xtalsym.testing import REPO_ROOT
 
 SHIPPED = REPO_ROOT / "reference_index"

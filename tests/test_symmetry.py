@@ -223,6 +223,24 @@ def test_mirror_lines_in_image_coordinates():
     assert symmetry.zone_symmetry(175, "z").mirror_lines == ()
 
 
+def test_mirror_angles_depend_only_on_the_metric_class():
+    other_cells = {
+        "monoclinic": (7.9, 4.1, 5.5, 90, 115.3, 90), "orthorhombic": (9.1, 3.3, 6.2, 90, 90, 90),
+        "tetragonal": (3.1, 3.1, 11.7, 90, 90, 90), "hexagonal": (2.5, 2.5, 16.3, 90, 90, 120),
+        "cubic": (11.0, 11.0, 11.0, 90, 90, 90),
+    }  # fmt: skip
+    for group in range(3, 231):
+        lattice = symmetry.vesta_lattice(*other_cells[symmetry.metric_class(group)])
+        for zone in symmetry.ZONES:
+            zs = symmetry.zone_symmetry(group, zone)
+            if not zs.mirror_lines:
+                continue
+            positions = np.array(zs.mirror_lines) @ zs.image_basis_inv_A(lattice)
+            angles = np.degrees(np.arctan2(positions[:, 1], positions[:, 0])) % 180
+            difference = (angles - np.array(zs.mirror_angles_deg) + 90) % 180 - 90
+            assert np.allclose(difference, 0, atol=1e-6), (group, zone)
+
+
 def _general_orbit(group: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Two atoms in general positions (weights 1 and 0.6): one alone can add accidental
     symmetry (P3: all its images share one z, so |F(0kl)| does not depend on the sign of l)."""

@@ -543,6 +543,20 @@ def default_bundle_path() -> Path:
     )
 
 
+def bundle_containing(path: str | os.PathLike) -> Path | None:
+    """The bundle a file lies in (its folder holds a manifest.json), or None."""
+    folder = Path(path).resolve().parent
+    return folder if (folder / MANIFEST).is_file() else None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """A checkpoint inside a bundle (``BUNDLE/model.pt``) is used only if that bundle
+    verifies: a modified or truncated copy is refused with the manifest's reason."""
+    folder = bundle_containing(path) if Path(path).is_file() else None
+    if folder is not None:
+        verify_bundle(folder)
+
+
 __all__ = [
     "BUNDLE_FORMAT",
     "INT8_ONNX_FILE",
@@ -552,9 +566,11 @@ __all__ = [
     "ENV_BUNDLE",
     "add_index",
     "build_bundle",
+    "bundle_containing",
     "default_bundle_path",
     "labels_for",
     "load_bundle",
     "sha256_file",
     "verify_bundle",
+    "verify_checkpoint",
 ]

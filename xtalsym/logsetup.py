@@ -43,11 +43,28 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
-def configure(level: int, *, stream=None, environ=None) -> bool:
+def configure(level: int, *, stream=None, environ=None, record_filter: logging.Filter | None = None) -> bool:
     """Set up the root logger at ``level``; returns True when logging for the journal."""
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
+    if record_filter is not None:
+        handler.addFilter(record_filter)
     journal = journal_stream(stream, environ)
     handler.setFormatter(JournalFormatter() if journal else logging.Formatter(TERMINAL_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
     return journal
+
+
+class _OwnOrWarning(logging.Filter):
+    """Passes xtalsym's records, and other libraries' at WARNING and above."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == "xtalsym" or record.name.startswith("xtalsym.")
+
+
+def configure_cli(verbosity: int, *, stream=None, environ=None) -> bool:
+    """The command line's levels: 0 = xtalsym's INFO (progress, what a command did) and
+    every library's warnings; 1 (``-v``) = xtalsym's DEBUG; 2 (``-vv``) = DEBUG of every
+    library too (FAISS's AVX512 loader, ONNX Runtime, ...)."""
+    return configure(logging.INFO if verbosity <= 0 else logging.DEBUG, stream=stream, environ=environ,
+                     record_filter=_OwnOrWarning() if verbosity < 2 else None)

@@ -85,6 +85,8 @@ _GENERIC_CELLS = {
     "cubic": (5.13, 5.13, 5.13, 90.0, 90.0, 90.0),
 }
 
+GENERIC_CELLS = _GENERIC_CELLS  # public name; mirror angles and zone bases do not depend on the choice
+
 _CENTRING_OF_SYMBOL = {"P": "P", "A": "S", "B": "S", "C": "S", "I": "I", "F": "F", "R": "R"}
 _LETTERS = ("h", "k", "l")
 

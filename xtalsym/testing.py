@@ -22,8 +22,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Space groups of the tiny bundles: a few of every common kind (triclinic to cubic).
 TINY_CLASSES = [2, 14, 62, 194, 225, 227]
 # A small, off-centre detector that still covers the training grid (q/px 0.0048 vs 0.0054).
-SMALL_DETECTOR = {"pixels_x": 300, "pixels_y": 290, "pixel_size_m": 55e-6, "distance_m": 0.33,
-                  "wavelength_m": 3.5e-12, "beam_center_x_px": 150.5, "beam_center_y_px": 140.5}
+SMALL_DETECTOR = {
+    "pixels_x": 300,
+    "pixels_y": 290,
+    "pixel_size_m": 55e-6,
+    "distance_m": 0.33,
+    "wavelength_m": 3.5e-12,
+    "beam_center_x_px": 150.5,
+    "beam_center_y_px": 140.5,
+}
 
 
 def shared_dir() -> Path:
@@ -55,8 +62,15 @@ def small_detector():
 # --------------------------------------------------------------------------- tiny bundles
 
 
-def tiny_bundle(tmp: str | os.PathLike, *, index: bool = True, seed: int = 0, model_name: str = "msdn",
-                image_size: int = 64, classes: Sequence[int] = TINY_CLASSES) -> Path:
+def tiny_bundle(
+    tmp: str | os.PathLike,
+    *,
+    index: bool = True,
+    seed: int = 0,
+    model_name: str = "msdn",
+    image_size: int = 64,
+    classes: Sequence[int] = TINY_CLASSES,
+) -> Path:
     """A bundle in ``tmp/bundle`` of a freshly initialised model (input 32, ONNX graph
     ``image_size``; ONNX only for the multistream msdn), with a reference index of four
     random references when ``index``. Another ``seed`` gives other weights (another model_id)."""
@@ -74,9 +88,17 @@ def tiny_bundle(tmp: str | os.PathLike, *, index: bool = True, seed: int = 0, mo
     release = tmp / "release"
     release.mkdir(parents=True)
     model = models.build_model(model_name, len(classes), input_size=32)
-    models.save_checkpoint(release / "model.pt", model, extra={
-        "classes": classes, "dataset_config": ds.BuildConfig().to_json(), "config": {}, "metrics": [],
-        "release": name})
+    models.save_checkpoint(
+        release / "model.pt",
+        model,
+        extra={
+            "classes": classes,
+            "dataset_config": ds.BuildConfig().to_json(),
+            "config": {},
+            "metrics": [],
+            "release": name,
+        },
+    )
     (release / "card.json").write_text(json.dumps({"name": name, "classes": classes}))
     (release / "MODEL_CARD.md").write_text("# tiny\n")
     out = bundles.build_bundle(release, tmp / "bundle", image_size=image_size, onnx=model_name == "msdn")
@@ -87,8 +109,10 @@ def tiny_bundle(tmp: str | os.PathLike, *, index: bool = True, seed: int = 0, mo
         b = bundles.load_bundle(out)
         rng = np.random.default_rng(0)
         vecs = normalise_views(rng.normal(size=(4, 3, 960)).astype(np.float32))
-        entries = [{"material_id": f"mp-{i}", "formula": f"X{i}", "space_group": sg}
-                   for i, sg in enumerate([225, 225, 62, 194])]
+        entries = [
+            {"material_id": f"mp-{i}", "formula": f"X{i}", "space_group": sg}
+            for i, sg in enumerate([225, 225, 62, 194])
+        ]
         ReferenceIndex.build(vecs, entries, model_id=b.model_id, gpu="off").save(tmp / "index")
         bundles.add_index(out, tmp / "index")
     return out
@@ -111,10 +135,12 @@ def daemon_overrides(frame_endpoint: str, *, bundle: str | os.PathLike | None = 
     """Configuration overrides for a test daemon: lossless (``overload = "block"``, tests
     count every frame), one worker, publish and metrics on free ports (never a real
     daemon's), the bundle on ONNX Runtime on the CPU; ``sections`` are merged on top."""
-    overrides: dict = {"ingest": {"address": frame_endpoint},
-                       "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-                       "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
-                       "metrics": {"port": 0}}
+    overrides: dict = {
+        "ingest": {"address": frame_endpoint},
+        "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
+        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
+        "metrics": {"port": 0},
+    }
     if bundle is not None:
         overrides["bundle"] = {"path": str(bundle), "backend": "onnxruntime", "device": "cpu"}
     for name, values in sections.items():
@@ -131,8 +157,14 @@ class InProcessDaemon:
     loaded; ``next_config`` is what a SIGHUP reload reads.
     """
 
-    def __init__(self, *, components=None, bundle: str | os.PathLike | None = None,
-                 frame_endpoint: str | None = None, **sections: dict) -> None:
+    def __init__(
+        self,
+        *,
+        components=None,
+        bundle: str | os.PathLike | None = None,
+        frame_endpoint: str | None = None,
+        **sections: dict,
+    ) -> None:
         import zmq
 
         from xtalsym.daemon.client import ListenSummary, listen
@@ -152,8 +184,9 @@ class InProcessDaemon:
         ready = threading.Event()
 
         def run() -> None:
-            self.summary = listen(self.service.pipeline.publish_endpoint, stop=self.stop, ready=ready,
-                                  summary=self.live, receive_hwm=0)
+            self.summary = listen(
+                self.service.pipeline.publish_endpoint, stop=self.stop, ready=ready, summary=self.live, receive_hwm=0
+            )
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -177,8 +210,8 @@ class InProcessDaemon:
         return self.pipeline.metrics.snapshot()["counts"].get("predictions", 0)
 
     def finals(self) -> int:
-        c = self.pipeline.metrics.snapshot()["counts"]
-        return c.get("predictions_complete", 0) + c.get("timed_out_samples", 0)
+        """Final predictions published (complete, or closed by end, restart, timeout, ...)."""
+        return self.pipeline.metrics.snapshot()["counts"].get("predictions_final", 0)
 
     def wait_predictions(self, n: int, timeout: float = 60.0) -> None:
         self._wait(lambda: self.predictions() >= n, timeout, f"{n} predictions")
@@ -224,7 +257,7 @@ class SystemdSide:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
             self.messages.append((time.monotonic(), fields))

@@ -171,7 +171,7 @@ def test_config_defaults_and_every_error_at_once(tmp_path):
 
 def _view(key, axis, t=0.0):
     return View(sample_key=key, axis=axis, series_id=1, image_id=0, shaped=np.zeros((4, 4, 3), np.uint8),
-                received=t)
+                received=t, series_number=1)
 
 
 def test_assembler_partial_complete_timeout():
@@ -196,10 +196,31 @@ def test_identify():
         == ("m1", "z")
     assert identify(series_id=3, series_unique_id="u", image_id=4, user_data=None, axis_from="image_id",
                     axis_order=("z", "x", "y")) == ("u:1", "x")
-    with pytest.raises(AssemblyError, match="no_axis"):
-        identify(series_id=3, series_unique_id=None, image_id=0, user_data={})
+    with pytest.raises(AssemblyError, match="no_axis.*assembly.axis_from"):
+        identify(series_id=3, series_unique_id=None, image_id=0, user_data={}, axis_from="user_data")
     with pytest.raises(AssemblyError, match="bad_axis"):
         identify(series_id=3, series_unique_id=None, image_id=0, user_data={"axis": "w"})
+    # auto (the default): user_data when the frame has it, else the image-id order
+    assert identify(series_id=3, series_unique_id=None, image_id=5, user_data=None) == ("3:1", "z")
+    assert identify(series_id=3, series_unique_id=None, image_id=5, user_data={"axis": "x"}) == ("3:1", "x")
+    # keyed by the daemon's series number: a reused series_unique_id cannot join two series
+    assert identify(series_id=1, series_unique_id="same", image_id=1, user_data=None, series_number=7) \
+        == ("same#7:0", "y")
+
+
+def test_assembler_keys_samples_by_series_and_closes_them_at_the_end():
+    a = Assembler(timeout_seconds=2.0)
+    first, second = _view("k", "x"), _view("k", "y")
+    second.series_number = 2  # same sample key, next series: two samples, never one
+    a.add(first, 0.0)
+    a.add(second, 0.1)
+    assert len(a.open) == 2
+    closed = a.close_series(1, "end")
+    assert [(q.sample_key, q.closed_by, q.axes, q.final) for q in closed] == [("k", "end", ["x"], True)]
+    assert list(a.open) == [(2, "k")]
+    # a sample with a view still in the workers is not timed out (its late view would be an orphan)
+    assert a.expire(10.0, busy={(2, "k")}) == [] and a.next_deadline(busy={(2, "k")}) is None
+    assert [q.closed_by for q in a.expire(10.0)] == ["timeout"]
 
 
 def _start(sid, uid=None):
@@ -228,3 +249,72 @@ def test_series_state_machine():
     c = SeriesTracker(geometry_override=full, frames_before_start="config")
     accepted = c.handle(_image(9))
     assert isinstance(accepted, Accepted) and accepted.series.from_config
+
+
+def test_auto_method_and_why_a_frame_calibrates_empty(nacl):
+    """A detector ~4x finer than the training grid: auto picks area (bilinear point-sampling of a
+    frame with one lit pixel between the sample points finds nothing, and the empty_frame
+    message says so and names the fix); the same detector at the grid's q/px stays bilinear."""
+    fine = DetectorGeometry(pixels_x=1024, pixels_y=1024, pixel_size_m=75e-6 / 4, distance_m=0.4)
+    geometry = frame_geometry(fine)
+    assert cal.footprint_px(geometry, TRAINING) == pytest.approx(4.0)
+    assert cal.auto_method(geometry, TRAINING) == "area"
+    coarse = DetectorGeometry(pixels_x=300, pixels_y=300, pixel_size_m=75e-6, distance_m=0.4)
+    assert cal.auto_method(frame_geometry(coarse), TRAINING) == "bilinear"
+    bilinear = cal.build_map(geometry, TRAINING, "bilinear")
+    frame = np.zeros((1024, 1024), np.uint16)
+    near = np.zeros(frame.shape, bool)  # pixels a bilinear sample point touches
+    for dy in (0, 1):
+        for dx in (0, 1):
+            rows = np.clip(np.floor(bilinear.map_y[0]).astype(int) + dy, 0, 1023)
+            cols = np.clip(np.floor(bilinear.map_x[0]).astype(int) + dx, 0, 1023)
+            near[rows, cols] = True
+    row, col = np.argwhere(~near[400:600, 400:600])[0] + 400  # a pixel between the sample points
+    frame[row, col] = 500
+    with pytest.raises(cal.CalibrationError, match="empty_frame"):
+        cal.calibrate(frame, bilinear)
+    why = cal.explain_empty(frame, bilinear, method="bilinear")
+    assert "calibration.method = \"area\"" in why and "spans 4.0 detector pixels" in why, why
+    assert cal.calibrate(frame, cal.build_map(geometry, TRAINING, "area")).max() == 255  # area sees it
+    assert "no counts" in cal.explain_empty(np.zeros_like(frame), bilinear)
+    assert "excluded" in cal.explain_empty(np.full_like(frame, 65535), bilinear)
+
+
+def test_geometry_hint_names_the_stream_field_and_the_config_key():
+    from xtalsym.daemon.ingest import geometry_hint
+    from xtalsym.daemon.protocols import decode, encode_stream_v2_start
+
+    geo = {"beam_center_x_px": 10.0, "beam_center_y_px": 10.0, "pixel_size_x_m": 75e-6, "pixel_size_y_m": 75e-6,
+           "wavelength_m": 1e-10, "image_size_x_px": 20, "image_size_y_px": 20}
+    start = decode("stream_v2", encode_stream_v2_start(series_id=1, geometry=geo, channels=["c"], image_dtype="uint16",
+                                                       number_of_images=1,
+                                                       extra={"detector_translation": [0.0, 0.0, -0.237]}))
+    assert start.geometry["detector_distance_m"] is None  # a negative z is never a distance
+    assert any("detector_translation" in w and "[geometry] detector_distance_m" in w for w in start.warnings)
+    t = SeriesTracker()
+    t.handle(start)
+    with pytest.raises(cal.CalibrationError) as missing:
+        cal.resolve_geometry(t.current.stream_geometry, {})
+    hint = geometry_hint(t.current, {}, missing.value)
+    assert "detector_translation [0.0, 0.0, -0.237] has no z > 0" in hint and "set [geometry] detector_distance_m" in hint
+    negative = decode("stream_v2", encode_stream_v2_start(series_id=2, geometry={**geo, "detector_distance_m": -0.2},
+                                                          channels=["c"], image_dtype="uint16", number_of_images=1))
+    t.handle(negative)
+    with pytest.raises(cal.CalibrationError) as bad:
+        cal.resolve_geometry(t.current.stream_geometry, {})
+    assert geometry_hint(t.current, {}, bad.value) == \
+        "the stream's detector_distance gave it: set [geometry] detector_distance_m"
+
+
+def test_image_id_gaps_counted_once_warned(caplog):
+    counted = {}
+    t = SeriesTracker(count=lambda key, n=1: counted.__setitem__(key, counted.get(key, 0) + n))
+    t.handle(SeriesStart(series_id=1, series_unique_id="u", geometry={}, number_of_images=8))
+    with caplog.at_level("WARNING", logger="xtalsym.daemon.ingest"):
+        for image_id in (0, 2, 4, 5):  # 1 and 3 went to another client; 6, 7 never came
+            assert isinstance(t.handle(_image(1, image_id, uid="u")), Accepted)
+        t.handle(SeriesEnd(1, "u"))
+    assert t.frames_missing == 4 and counted["frames_missing"] == 4
+    assert counted["series_start"] == 1 and counted["series_end"] == 1
+    assert [r.getMessage().count("round-robin") for r in caplog.records] == [1]
+    assert t.take_closed() == [(1, "end")] and t.take_closed() == []

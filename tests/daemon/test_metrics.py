@@ -17,13 +17,13 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from xtalsym.daemon.config import ConfigError, defaults, load_config  # noqa: E402
-from xtalsym.daemon.sim import DetectorSim  # noqa: E402
-from xtalsym.daemon.httpd import MonitorError, MonitorServer, health  # noqa: E402
-from xtalsym.daemon.metrics import Metrics  # noqa: E402
-from xtalsym.testing import REPO_ROOT, InProcessDaemon, detector_socket, shipped_structures, small_detector  # noqa: E402
+from xtalsym.daemon.config import ConfigError, defaults, load_config
+from xtalsym.daemon.httpd import MonitorError, MonitorServer, health
+from xtalsym.daemon.metrics import Metrics
+from xtalsym.daemon.sim import DetectorSim
+from xtalsym.testing import REPO_ROOT, InProcessDaemon, detector_socket, shipped_structures, small_detector
 
 SHIPPED = shipped_structures()
 GEOMETRY = small_detector()

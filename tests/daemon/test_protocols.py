@@ -560,3 +560,52 @@ def test_lz4_block_is_raw_for_v1_and_native():
     data = bytes(range(256)) * 4
     assert lz4.block.decompress(lz4.block.compress(data, store_size=False),
                                 uncompressed_size=len(data)) == data  # fmt: skip
+
+
+# ------------------------------------------------------------------ what real streams were seen to send
+
+
+def test_decode_parts_start_and_image_in_one_message():
+    """A start and image 0 as one ZeroMQ message (V2: two CBOR parts; V1: header parts then
+    image parts): decode_parts gives both; decode stays strict; two images are still bad."""
+    from xtalsym.daemon.protocols import decode_parts
+
+    frame = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    geo = {"beam_center_x_px": 1.5, "beam_center_y_px": 1.0, "pixel_size_x_m": 75e-6, "pixel_size_y_m": 75e-6,
+           "wavelength_m": 1e-10, "detector_distance_m": 0.2, "image_size_x_px": 4, "image_size_y_px": 3}
+    start = encode_stream_v2_start(series_id=3, geometry=geo, channels=["c"], image_dtype="uint16",
+                                   number_of_images=1)
+    image = encode_stream_v2_image(series_id=3, image_id=0, data={"c": frame})
+    events = decode_parts("stream_v2", [*start, *image])
+    assert [type(e).__name__ for e in events] == ["SeriesStart", "Image"]
+    np.testing.assert_array_equal(events[1].data["c"], frame)
+    assert [type(e).__name__ for e in decode_parts("stream_v2", [*start, b"junk"])] == ["SeriesStart", "BadMessage"]
+    with pytest.raises(BadMessage, match="bad_frames"):
+        decode_parts("stream_v2", [*image, *image])
+    with pytest.raises(BadMessage, match="bad_frames"):
+        decode("stream_v2", [*start, *image])
+    header = encode_stream_v1_header(series_id=4, config={"detector_distance": 0.2}, appendix={"user": 1})
+    v1 = decode_parts("stream_v1", [*header, *encode_stream_v1_image(series_id=4, frame=0, array=frame)])
+    assert [type(e).__name__ for e in v1] == ["SeriesStart", "Image"] and v1[0].user_data == {"user": 1}
+    with pytest.raises(BadMessage, match="unknown_type"):
+        decode("stream_v1", [*header, *encode_stream_v1_image(series_id=4, frame=0, array=frame)])
+
+
+def test_odd_start_parts_are_left_out_with_a_warning():
+    """A start's mask/flatfield in an unexpected encoding keeps the start (the series)."""
+    mask = np.zeros((3, 4), np.uint32)
+    start = decode("stream_v2", encode_stream_v2_start(
+        series_id=1, geometry={}, channels=["c"], image_dtype="uint16", number_of_images=1,
+        extra={"pixel_mask": {"c": mask.tobytes()}, "flatfield": b"\0" * 48}))
+    assert start.pixel_mask is None and start.flatfield is None and len(start.warnings) == 2
+    assert "48 raw bytes" in start.warnings[1]
+    parts = encode_stream_v1_header(series_id=1, config={}, header_detail="all", pixel_mask=mask,
+                                    flatfield=np.ones((3, 4), np.float32))
+    parts = [p.replace(b'"dflatfield-1.0"', b'"flatfield-1.0"') for p in parts]
+    v1 = decode("stream_v1", parts)
+    assert v1.flatfield is None and v1.pixel_mask is not None
+    assert len(v1.warnings) == 1 and "flatfield-1.0" in v1.warnings[0]
+    with pytest.raises(BadMessage) as rejected:
+        decode("stream_v2", encode_stream_v2_start(series_id=6, geometry={}, channels=["c"], image_dtype="uint16",
+                                                   number_of_images=1, extra={"incident_wavelength": -1.0}))
+    assert rejected.value.message_type == "start" and rejected.value.series_id == 6

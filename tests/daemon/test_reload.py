@@ -18,12 +18,12 @@ import pytest
 torch = pytest.importorskip("torch")
 zmq = pytest.importorskip("zmq")
 
-from xtalsym import bundle as bundles  # noqa: E402
-from xtalsym.daemon import reload  # noqa: E402
-from xtalsym.daemon.client import listen  # noqa: E402
-from xtalsym.daemon.config import ConfigError, load_config  # noqa: E402
-from xtalsym.daemon.sim import DetectorSim, push_socket  # noqa: E402
-from xtalsym.testing import (  # noqa: E402
+from xtalsym import bundle as bundles
+from xtalsym.daemon import reload
+from xtalsym.daemon.client import listen
+from xtalsym.daemon.config import ConfigError, load_config
+from xtalsym.daemon.sim import DetectorSim, push_socket
+from xtalsym.testing import (
     REPO_ROOT,
     InProcessDaemon,
     SystemdSide,

@@ -23,9 +23,9 @@ pytest.importorskip("onnx")
 zmq = pytest.importorskip("zmq")
 psutil = pytest.importorskip("psutil")
 
-from xtalsym.daemon import protocols as proto  # noqa: E402
-from xtalsym.daemon.sim import DetectorSim, push_socket  # noqa: E402
-from xtalsym.testing import InProcessDaemon, detector_socket, shipped_structures, small_detector  # noqa: E402
+from xtalsym.daemon import protocols as proto
+from xtalsym.daemon.sim import DetectorSim, push_socket
+from xtalsym.testing import InProcessDaemon, detector_socket, shipped_structures, small_detector
 
 SHIPPED = shipped_structures()
 GEOMETRY = small_detector()

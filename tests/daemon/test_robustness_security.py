@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+
 from xtalsym.testing import REPO_ROOT
 
 zmq = pytest.importorskip("zmq")

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from xtalsym.testing import REPO_ROOT, SystemdSide
 
 ROOT = REPO_ROOT
 UNIT = ROOT / "systemd" / "xtalsym.service"
-XTALSYM = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "xtalsym"
+# the console script of the environment running the tests (a worktree has no .venv of its own)
+XTALSYM = Path(sys.executable).parent / "xtalsym"
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import pytest
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed")
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
-from xtalsym import index as ix  # noqa: E402
-from xtalsym.cli import index as index_cli  # noqa: E402
-from xtalsym.offline import dataset as ds  # noqa: E402
-from xtalsym.offline import structures  # noqa: E402
+from xtalsym import index as ix
+from xtalsym.cli import index as index_cli
+from xtalsym.offline import dataset as ds
+from xtalsym.offline import structures
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
@@ -91,7 +91,7 @@ def test_pq_kind_is_compressed_and_ranks_like_the_exact_index(tmp_path):
     pq.save(tmp_path / "pq")
     flat = ix.ReferenceIndex.build(v, _entries(np.arange(2000) % 5 + 1), gpu="off")
     flat.save(tmp_path / "flat")
-    size = lambda d: (d / ix.INDEX_FILE).stat().st_size  # noqa: E731
+    size = lambda d: (d / ix.INDEX_FILE).stat().st_size
     # 96 bytes per vector plus the fixed codebooks (m x 256 centroids x 30 floats = 2.9 MB)
     assert size(tmp_path / "pq") < 2000 * 96 + 256 * 2880 * 4 + 100_000 < size(tmp_path / "flat") / 5
     with pytest.raises(ix.ReferenceIndexError, match="divide"):

@@ -11,16 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
+from test_bundle import make_release
 
-from xtalsym import bundle as bundles  # noqa: E402
-from xtalsym.inference import BackendUnavailable, InferenceBackend, make_backend, select_backend  # noqa: E402
-from xtalsym.inference import export as onnx_export  # noqa: E402
-from xtalsym.inference.base import check_batch  # noqa: E402
-from xtalsym.offline import dataset as ds  # noqa: E402
-from xtalsym.offline import structures  # noqa: E402
-
-from test_bundle import make_release  # noqa: E402
+from xtalsym import bundle as bundles
+from xtalsym.inference import BackendUnavailable, InferenceBackend, make_backend, select_backend
+from xtalsym.inference import export as onnx_export
+from xtalsym.inference.base import check_batch
+from xtalsym.offline import dataset as ds
+from xtalsym.offline import structures
 
 IMAGE = 224  # shaped DPs as the daemon makes them; the tiny model pools them to 32 (ratio 7)
 SAMPLES = 64
@@ -123,7 +122,7 @@ def test_auto_on_this_host_logs_its_choice(bundle, caplog):
 
 def test_missing_tensorrt_is_unavailable_with_hint(bundle):
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 (imported only to see whether TensorRT is installed)
     except ImportError:
         with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
             make_backend(bundle, "tensorrt", device="cuda")

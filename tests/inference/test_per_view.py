@@ -156,25 +156,23 @@ def _requests(x):
     return out
 
 
-def test_pipeline_per_view_equals_whole_and_runs_each_view_once(bundle):
-    from xtalsym.daemon.pipeline import Pipeline
+def test_per_view_batches_equal_whole_and_run_each_view_once(bundle):
+    """The daemon's two paths (xtalsym.daemon.infer): the whole graph over 1, 2, 3 views vs each
+    view once with its row kept on the View; a new backend generation recomputes."""
+    from xtalsym.daemon.infer import infer_by_views, infer_whole
 
     backend = make_backend(bundle, "onnxruntime", device="cpu")
-    cfg = load_config(overrides={"metrics": {"enabled": False}})
-    pipeline = Pipeline(cfg, bundle=bundle, backend=backend)
     x = sparse_views(3, seed=5)[0]
     requests = _requests(np.stack([x[0], x[1], x[2]]))
-    whole = pipeline._infer_whole(requests)
-    assert pipeline.metrics.counts["views_inferred"] == 6  # 1 + 2 + 3
-    per_view = [pipeline._infer_by_views([r]) for r in requests]  # one request at a time, as views arrive
-    assert pipeline.metrics.counts["views_inferred"] == 6 + 3  # each view once
-    for i, result in enumerate(per_view):
+    whole, n_whole = infer_whole(requests, backend, IMAGE)
+    assert n_whole == 6  # 1 + 2 + 3
+    per_view = [infer_by_views([r], backend, 0) for r in requests]  # one request at a time, as views arrive
+    assert [n for _, n in per_view] == [1, 1, 1]  # each view once
+    for i, (result, _) in enumerate(per_view):
         np.testing.assert_allclose(result.probabilities[0], whole.probabilities[i], rtol=0, atol=1e-6)
         np.testing.assert_allclose(result.embeddings[0], whole.embeddings[i], rtol=1e-5, atol=1e-5)
-    # a swapped-in backend does not reuse the old one's rows
-    pipeline._backend_generation += 1
-    pipeline._infer_by_views(requests[2:])
-    assert pipeline.metrics.counts["views_inferred"] == 6 + 3 + 3
+    # a swapped-in backend (next generation) does not reuse the old one's rows
+    assert infer_by_views(requests[2:], backend, 1)[1] == 3
 
 
 # --------------------------------------------------------------------------- through the daemon

@@ -211,7 +211,7 @@ def test_predict_cli_and_axes_subset(checkpoints, capsys):
     assert {r["space_group"] for r in full} == set(CLASSES)
     assert full[0]["crystal_system"] in {"monoclinic", "cubic"}
     # a subset of axes sums fewer view logits: the probabilities change
-    by_sg = lambda rows: {r["space_group"]: r["probability"] for r in rows}  # noqa: E731
+    by_sg = lambda rows: {r["space_group"]: r["probability"] for r in rows}
     assert by_sg(full) != pytest.approx(by_sg(only_x), abs=1e-7)
     assert _run(["predict", nacl, "--checkpoint", str(checkpoints["msdn"]), "--axes", "x,z", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["true_space_group"] == 225

@@ -8,10 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from xtalsym import model as models  # noqa: E402
-from xtalsym.cli import main  # noqa: E402
-from xtalsym.offline import dataset as ds  # noqa: E402
-from xtalsym.offline import structures  # noqa: E402
+from xtalsym import model as models
+from xtalsym.cli import main
+from xtalsym.offline import dataset as ds
+from xtalsym.offline import structures
 
 
 def test_release_from_a_training_checkpoint(tmp_path, capsys):

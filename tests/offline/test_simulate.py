@@ -9,8 +9,16 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from xtalsym.offline import simulate as sim
-from xtalsym.offline.simulate import (AXES, Geometry, Realism, SimulationError, block_size,
-                                      simulate_axes, simulate_pattern, to_raw_uint8)
+from xtalsym.offline.simulate import (
+    AXES,
+    Geometry,
+    Realism,
+    SimulationError,
+    block_size,
+    simulate_axes,
+    simulate_pattern,
+    to_raw_uint8,
+)
 
 SMALL = Geometry(pixels=65)          # odd: pixel (32, 32) sits exactly on the beam
 CENTRE = (SMALL.pixels - 1) // 2

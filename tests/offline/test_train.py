@@ -122,7 +122,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_by_rank():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = lambda s: tr.lr_factor(s, total_steps=100, warmup_steps=10, name="cosine", min_ratio=0.01)  # noqa: E731
+    f = lambda s: tr.lr_factor(s, total_steps=100, warmup_steps=10, name="cosine", min_ratio=0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.505, abs=1e-3) and f(100) == pytest.approx(0.01)
 

@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-from xtalsym import shaping, spacegroups
-from xtalsym.offline import simulate
+SYMPREC_HELP = (
+    "spglib symmetry tolerance in Å (distance within which atoms count as symmetric images; "
+    "default %(default)s, as Materials Project uses)"
+)
+STRUCTURE_HELP = "structure file (CIF, POSCAR/CONTCAR, XSF, CSSR, or JSON with a CIF or a pymatgen Structure)"
+PATTERN_SUFFIXES = (".npy", ".png")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,16 +21,37 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
-    default = simulate.Geometry()
-    group = parser.add_argument_group("detector geometry")
-    group.add_argument("--wavelength-m", type=float, default=default.wavelength_m, help="default %(default)s")
-    group.add_argument("--distance-m", type=float, default=default.distance_m, help="default %(default)s")
-    group.add_argument("--pixel-size-m", type=float, default=default.pixel_size_m, help="default %(default)s")
-    group.add_argument("--pixels", type=int, default=default.pixels, help="default %(default)s")
+    from xtalsym.offline.simulate import Geometry
+
+    default = Geometry()
+    group = parser.add_argument_group("detector geometry (flat detector, beam at its centre)")
+    group.add_argument(
+        "--wavelength-m",
+        type=float,
+        default=default.wavelength_m,
+        help="wavelength in metres (default %(default)s = 3.5 pm, the paper's)",
+    )
+    group.add_argument(
+        "--distance-m",
+        type=float,
+        default=default.distance_m,
+        help="sample-to-detector distance in metres (default %(default)s)",
+    )
+    group.add_argument(
+        "--pixel-size-m", type=float, default=default.pixel_size_m, help="pixel edge in metres (default %(default)s)"
+    )
+    group.add_argument(
+        "--pixels",
+        type=int,
+        default=default.pixels,
+        help="detector side in pixels, N x N (default %(default)s, what the model takes)",
+    )
 
 
-def _geometry(args: argparse.Namespace) -> simulate.Geometry:
-    return simulate.Geometry(
+def _geometry(args: argparse.Namespace):
+    from xtalsym.offline.simulate import Geometry
+
+    return Geometry(
         wavelength_m=args.wavelength_m,
         distance_m=args.distance_m,
         pixel_size_m=args.pixel_size_m,
@@ -43,58 +66,110 @@ def _register_simulate(commands) -> None:
     sim = commands.add_parser("simulate", help="simulate diffraction patterns or whole datasets")
     sub = sim.add_subparsers(dest="simulate_command", metavar="WHAT", required=True)
 
-    pattern = sub.add_parser("pattern", help="one noise-free zone-axis pattern of a structure, as float64 .npy")
-    pattern.add_argument("structure", help="CIF file, or a JSON file holding a CIF or a pymatgen Structure")
-    pattern.add_argument("--axis", choices=simulate.AXES, required=True)
+    pattern = sub.add_parser("pattern", help="one noise-free zone-axis pattern of a structure (.npy or .png)")
+    pattern.add_argument("structure", help=STRUCTURE_HELP)
+    pattern.add_argument(
+        "--axis",
+        choices=("x", "y", "z"),
+        required=True,
+        help="zone axis of the conventional standard cell along the beam (a along x, b in xy)",
+    )
     _add_geometry_arguments(pattern)
-    pattern.add_argument("--supercell", type=int, nargs=3, metavar=("A", "B", "C"), help="cells in the block")
-    pattern.add_argument("--scattering", choices=("xray", "electron"), default="xray")
-    pattern.add_argument("--symprec", type=float, default=0.1)
-    pattern.add_argument("--out", required=True, help="output .npy (float64, N x N, beam at the centre)")
+    pattern.add_argument(
+        "--supercell",
+        type=int,
+        nargs=3,
+        metavar=("A", "B", "C"),
+        help="unit cells along a, b, c in the simulated block (default: about 85 Å per edge)",
+    )
+    pattern.add_argument(
+        "--scattering",
+        choices=("xray", "electron"),
+        default="xray",
+        help="atomic form factors: X-ray (Cromer-Mann, as Condor) or electron (default %(default)s)",
+    )
+    pattern.add_argument("--symprec", type=float, default=0.1, help=SYMPREC_HELP)
+    pattern.add_argument(
+        "--out",
+        required=True,
+        help="output: .npy (float64 N x N photons per pixel, beam at the centre) or .png (a figure with axes in Å⁻¹)",
+    )
     pattern.set_defaults(handler=_cmd_simulate_pattern)
 
     data = sub.add_parser("dataset", help="simulate and shape many structures into a sharded, resumable dataset")
-    data.add_argument("--structures", nargs="*", default=[], metavar="SRC", help="CIF files/folders or JSONL files")
-    data.add_argument("--random-space-groups", metavar="LIST", help="pyxtal random crystals for e.g. '1-230' or '14,62,225'")
-    data.add_argument("--random-per-group", type=int, default=0, metavar="N")
-    data.add_argument("--random-seed", type=int, default=0)
+    data.add_argument(
+        "--structures",
+        nargs="*",
+        default=[],
+        metavar="SRC",
+        help="structure files (CIF, POSCAR, ...), folders of them, or JSON-lines files (.jsonl[.xz])",
+    )
+    data.add_argument(
+        "--random-space-groups",
+        metavar="LIST",
+        help="pyxtal random crystals of these space groups, e.g. '1-230' or '14,62,225'",
+    )
+    data.add_argument("--random-per-group", type=int, default=0, metavar="N", help="random crystals per space group")
+    data.add_argument("--random-seed", type=int, default=0, help="seed of the random crystals (default %(default)s)")
     data.add_argument("--out", required=True, help="dataset directory (resumed if it exists)")
     data.add_argument("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     data.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask distributed cluster, e.g. tcp://host:8786")
-    data.add_argument("--shard-size", type=int, default=64)
-    data.add_argument("--shaping", choices=("fast", "reference"), default="fast")
-    data.add_argument("--scattering", choices=("xray", "electron"), default="xray")
-    data.add_argument("--symprec", type=float, default=0.1)
+    data.add_argument("--shard-size", type=int, default=64, help="structures per shard file (default %(default)s)")
+    data.add_argument(
+        "--shaping",
+        choices=("fast", "reference"),
+        default="fast",
+        help="shaped-DP method: fast (same result, convex hulls) or reference (the authors' line by "
+        "line drawing) (default %(default)s)",
+    )
+    data.add_argument(
+        "--scattering", choices=("xray", "electron"), default="xray", help="atomic form factors (default %(default)s)"
+    )
+    data.add_argument("--symprec", type=float, default=0.1, help=SYMPREC_HELP)
     data.add_argument("--limit", type=int, help="only the first N input structures")
-    data.add_argument("--split-seed", type=int, default=0)
+    data.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the train/val/test split by material (default %(default)s)"
+    )
     data.add_argument("--overwrite", action="store_true", help="discard an existing dataset in --out")
-    data.add_argument("--no-progress", action="store_true")
+    data.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (on a terminal) or progress log lines (otherwise)"
+    )
     _add_geometry_arguments(data)
     data.set_defaults(handler=_cmd_simulate_dataset)
 
 
 def _cmd_simulate_pattern(args: argparse.Namespace) -> int:
-    from xtalsym.offline import structures
+    import numpy as np
 
+    from xtalsym.offline import simulate, structures
+    from xtalsym.offline.images import save_pattern_png
+
+    out = Path(args.out)
+    if out.suffix.lower() not in PATTERN_SUFFIXES:
+        raise ValueError(f"--out {out}: the file name must end in .npy (the float64 array) or .png (a picture)")
+    geometry = _geometry(args)
     labelled = structures.load_structure(args.structure, symprec=args.symprec)
     intensity = simulate.simulate_pattern(
         labelled.structure,
         args.axis,
-        geometry=_geometry(args),
+        geometry=geometry,
         supercell=tuple(args.supercell) if args.supercell else None,
         scattering=args.scattering,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, intensity.astype(np.float64))
-    print(
-        f"{labelled.material_id} {labelled.formula} space group {labelled.space_group} ({labelled.symbol}), "
-        f"axis {args.axis}: {intensity.shape[0]}x{intensity.shape[1]} float64 -> {out}"
-    )
+    what = f"{labelled.material_id} {labelled.formula} space group {labelled.space_group} ({labelled.symbol})"
+    if out.suffix.lower() == ".png":
+        save_pattern_png(intensity, out, q_per_pixel=geometry.q_per_pixel, title=f"{what}, axis {args.axis}")
+        kind = f"PNG, {geometry.q_per_pixel:.5f} Å⁻¹ per pixel"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, intensity.astype(np.float64))
+        kind = "float64"
+    print(f"{what}, axis {args.axis}: {intensity.shape[0]}x{intensity.shape[1]} {kind} -> {out}")
     return 0
 
 
 def _cmd_simulate_dataset(args: argparse.Namespace) -> int:
+    from xtalsym import spacegroups
     from xtalsym.offline import dataset as ds
 
     if not args.structures and not args.random_space_groups:
@@ -147,42 +222,53 @@ def _cmd_simulate_dataset(args: argparse.Namespace) -> int:
 
 def _register_shape(commands) -> None:
     shape = commands.add_parser("shape", help="shape one raw DP (image or .npy) into what the model sees")
-    shape.add_argument("raw", metavar="RAW_IMAGE", help="256x256 raw DP: PNG/TIFF/JPEG (grey) or .npy")
-    shape.add_argument("--axis", choices=shaping.AXES, required=True)
-    shape.add_argument("--method", choices=("reference", "fast"), default="fast")
-    shape.add_argument("--size", type=int, choices=(shaping.MODEL_SIZE, shaping.RAW_SIZE), default=shaping.MODEL_SIZE)
-    shape.add_argument("--out", required=True, help="output PNG")
+    shape.add_argument(
+        "raw", metavar="RAW_IMAGE", help="256x256 raw DP, beam at pixel (127, 127): PNG/TIFF/JPEG (grey) or .npy"
+    )
+    shape.add_argument(
+        "--axis",
+        choices=("x", "y", "z"),
+        required=True,
+        help="zone axis the pattern was taken along: its lines go in the R, G or B channel",
+    )
+    shape.add_argument(
+        "--method",
+        choices=("reference", "fast"),
+        default="fast",
+        help="reference: the authors' algorithm; fast: the same picture, faster (default %(default)s)",
+    )
+    shape.add_argument(
+        "--size",
+        type=int,
+        choices=(224, 256),
+        default=224,
+        help="output side in pixels: 224 (the network input) or 256 (default %(default)s)",
+    )
+    shape.add_argument(
+        "--out", required=True, help="output PNG, the model's pixels exactly; its text field gives the Å⁻¹ per pixel"
+    )
     shape.set_defaults(handler=_cmd_shape)
 
 
-def read_raw_image(path: str | Path) -> np.ndarray:
-    """A raw DP from .npy (any numeric dtype) or an image file (converted to grey)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"raw image not found: {path}")
-    if path.suffix.lower() == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"cannot read {path} as a numeric .npy array: {exc}") from None
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L") if image.mode not in ("L", "I;16", "I", "F") else image)
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image or .npy file: {path}") from None
-
-
 def _cmd_shape(args: argparse.Namespace) -> int:
-    from PIL import Image
+    from xtalsym import shaping
+    from xtalsym.offline.images import read_raw_image, save_shaped_png
+    from xtalsym.offline.simulate import Geometry
 
     raw = read_raw_image(args.raw)
     shaped = shaping.shape(raw, args.axis, method=args.method, size=args.size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(shaped).save(out)
-    print(f"{args.raw} -> {out} ({args.method}, axis {args.axis}, {shaped.shape[0]}x{shaped.shape[1]})")
+    # the raw DP's scale is the training geometry's (256 px); resizing to --size stretches it
+    q_per_pixel = Geometry().q_per_pixel * shaping.RAW_SIZE / args.size
+    out = save_shaped_png(
+        shaped,
+        args.out,
+        q_per_pixel=q_per_pixel,
+        note="if the raw DP was recorded at the training geometry (3.5 pm, 0.4 m, 75 µm pixels)",
+    )
+    print(
+        f"{args.raw} -> {out} ({args.method}, axis {args.axis}, {shaped.shape[0]}x{shaped.shape[1]}, "
+        f"{q_per_pixel:.5f} Å⁻¹ per pixel at the training geometry)"
+    )
     return 0
 
 
@@ -193,10 +279,10 @@ def _register_dataset(commands) -> None:
     data = commands.add_parser("dataset", help="inspect datasets")
     sub = data.add_subparsers(dest="dataset_command", metavar="WHAT", required=True)
     show = sub.add_parser("show", help="counts per space group and crystal system, and a PNG grid of examples")
-    show.add_argument("dataset", metavar="DIR")
-    show.add_argument("--out", help="PNG grid (default DIR/examples.png)")
+    show.add_argument("dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
+    show.add_argument("--out", help="PNG grid with Å⁻¹ scale bars (default DIR/examples.png)")
     show.add_argument("--examples", type=int, default=8, help="rows in the grid (default %(default)s)")
-    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--seed", type=int, default=0, help="seed of the choice of examples (default %(default)s)")
     show.add_argument("--json", action="store_true", help="print the counts as JSON")
     show.set_defaults(handler=_cmd_dataset_show)
 

@@ -12,63 +12,109 @@ import json
 from pathlib import Path
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--checkpoint", help="model checkpoint (training output or released model.pt)")
-    group.add_argument("--bundle", help="model bundle directory (xtalsym.bundle)")
-    parser.add_argument("--device", default="auto", help="torch device for --checkpoint: auto, cpu, cuda (default %(default)s)")
+def _model_args(parser: argparse.ArgumentParser, *, default_bundle: bool = False) -> None:
+    group = parser.add_mutually_exclusive_group(required=not default_bundle)
+    group.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="training checkpoint (RUN/best.pt; a model.pt inside a bundle is verified as that bundle)",
+    )
+    group.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="model bundle, verified against its manifest.json"
+        + (" (default: the shipped bundle, or $XTALSYM_BUNDLE)" if default_bundle else ""),
+    )
+    parser.add_argument(
+        "--device", default="auto", help="torch device for --checkpoint: auto, cpu, cuda (default %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="materials per forward pass (default %(default)s)")
-    parser.add_argument("--gpu", choices=("auto", "on", "off"), default="auto",
-                        help="FAISS on the GPU: auto (when FAISS has GPU support), on (required), off")
+    parser.add_argument(
+        "--gpu",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="FAISS on the GPU: auto (when FAISS has GPU support), on (required), off",
+    )
     parser.add_argument("--threads", type=int, default=0, help="FAISS/torch CPU threads (default: library default)")
 
 
 def _kind_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=("flat", "hnsw", "ivf", "pq"), default="flat",
-                        help="flat: exact inner product (default); hnsw / ivf: approximate, for very large sets; "
-                             "pq: product-quantised (96 bytes per material), for compact shipped indexes")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="index parameter: hnsw m, ef_construction, ef_search; ivf nlist, nprobe; pq m, nbits "
-                             "(repeatable)")
+    parser.add_argument(
+        "--kind",
+        choices=("flat", "hnsw", "ivf", "pq"),
+        default="flat",
+        help="flat: exact inner product (default); hnsw / ivf: approximate, for very large sets; "
+        "pq: product-quantised (96 bytes per material), for compact shipped indexes",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="index parameter: hnsw m, ef_construction, ef_search; ivf nlist, nprobe; pq m, nbits (repeatable)",
+    )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     index = commands.add_parser("index", help="reference index: nearest materials, open-set matching")
     sub = index.add_subparsers(dest="index_command", metavar="WHAT", required=True)
 
-    build = sub.add_parser("build", help="embed references and write an index directory",
-                           description="Embed materials (stored shaped DPs of a dataset, or structures simulated "
-                           "and shaped on the fly with the model's settings) and write a FAISS reference index.")
+    build = sub.add_parser(
+        "build",
+        help="embed references and write an index directory",
+        description="Embed materials (stored shaped DPs of a dataset, or structures simulated "
+        "and shaped on the fly with the model's settings) and write a FAISS reference index.",
+    )
     _model_args(build)
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
-    source.add_argument("--structures", nargs="+", metavar="SRC", help="CIF files/folders or JSON-lines files")
+    source.add_argument(
+        "--structures",
+        nargs="+",
+        metavar="SRC",
+        help="structure files (CIF, POSCAR, ...), folders of them, or JSON-lines files",
+    )
     build.add_argument("--split", default="all", help="dataset split(s), comma-separated, or all (default %(default)s)")
     build.add_argument("--space-groups", help="only these space groups, e.g. 1-230 or 3,69,76")
     build.add_argument("--real-only", action="store_true", help="leave out random (pyxtal) crystals")
     build.add_argument("--out", required=True, help="index directory to write")
     _kind_args(build)
-    build.add_argument("--temperature", type=float, default=None, help="softmax temperature of the per-class gamma (default 0.1)")
-    build.add_argument("--calibration", metavar="METRICS_JSON",
-                       help="take the unknown thresholds from `xtalsym index evaluate`'s metrics.json")
-    build.add_argument("--tau-p", type=float, help="unknown threshold on the classifier's max probability")
-    build.add_argument("--tau-s", type=float, help="unknown threshold on the nearest similarity (sum of 3 cosines)")
+    build.add_argument(
+        "--temperature", type=float, default=None, help="softmax temperature of the per-class gamma (default 0.1)"
+    )
+    build.add_argument(
+        "--calibration",
+        metavar="METRICS_JSON",
+        help="take the unknown thresholds from `xtalsym index evaluate`'s metrics.json",
+    )
+    build.add_argument("--tau-p", type=float, help="unknown threshold on the classifier's max probability, 0-1")
+    build.add_argument(
+        "--tau-s", type=float, help="unknown threshold on the nearest similarity, the sum of 3 cosines, 0-3"
+    )
     build.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(handler=_cmd_build)
 
-    query = sub.add_parser("query", help="nearest references, vote, per-class score and unknown decision of a structure")
-    query.add_argument("structure", help="CIF file, or a JSON file holding a CIF or a pymatgen Structure")
-    _model_args(query)
+    query = sub.add_parser(
+        "query", help="nearest references, vote, per-class score and unknown decision of a structure"
+    )
+    query.add_argument(
+        "structure",
+        help="structure file: CIF, POSCAR/CONTCAR, XSF, CSSR, or JSON holding a CIF or a pymatgen Structure",
+    )
+    _model_args(query, default_bundle=True)
     query.add_argument("--index", help="index directory (default: the bundle's index/)")
     query.add_argument("--k", type=int, default=5, help="neighbours (default %(default)s)")
     query.add_argument("--json", action="store_true", help="print the result as JSON")
     query.set_defaults(handler=_cmd_query)
 
-    ev = sub.add_parser("evaluate", help="open-set matching on the paper's 30 unseen space groups (Fig. 3f)",
-                        description="Split the dataset's materials of the 30 open-set space groups 50/50 by material "
-                        "into reference and test halves, index the references, rank each test material by the "
-                        "neighbour vote and by the per-class score, calibrate the unknown thresholds.")
+    ev = sub.add_parser(
+        "evaluate",
+        help="open-set matching on the paper's 30 unseen space groups (Fig. 3f)",
+        description="Split the dataset's materials of the 30 open-set space groups 50/50 by material "
+        "into reference and test halves, index the references, rank each test material by the "
+        "neighbour vote and by the per-class score, calibrate the unknown thresholds.",
+    )
     _model_args(ev)
     ev.add_argument("--dataset", required=True, metavar="DIR")
     ev.add_argument("--out", required=True, help="output folder: metrics.json and index/")
@@ -78,8 +124,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--real-only", action="store_true", help="leave out random (pyxtal) crystals")
     ev.add_argument("--calibration-split", default="val", help="split of known-class materials (default %(default)s)")
     ev.add_argument("--calibration-limit", type=int, default=2000, help="at most this many known-class materials")
-    ev.add_argument("--max-false-unknown", type=float,
-                    help="calibrate for the best unknown recall with false-unknown rates <= this (default: balanced accuracy)")
+    ev.add_argument(
+        "--max-false-unknown",
+        type=float,
+        help="calibrate for the best unknown recall with false-unknown rates <= this (default: balanced accuracy)",
+    )
     _kind_args(ev)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=_cmd_evaluate)
@@ -102,7 +151,10 @@ def _embedder(args):
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.bundle:
+    if args.bundle or not args.checkpoint:
+        from xtalsym.bundle import default_bundle_path
+
+        args.bundle = args.bundle or str(default_bundle_path())
         return ix.Embedder.from_bundle(args.bundle, batch_size=args.batch_size)
     from xtalsym.offline.evaluate import resolve_device
 
@@ -170,22 +222,34 @@ def _cmd_build(args: argparse.Namespace) -> int:
         groups = spacegroups.parse_list(args.space_groups) if args.space_groups else None
         samples = ix.select_samples(args.dataset, splits=splits, space_groups=groups, real_only=args.real_only)
         embedded = ix.embed_dataset(embedder, args.dataset, samples, progress=progress)
-        built_from = {"dataset": str(args.dataset), "split": args.split, "space_groups": args.space_groups,
-                      "real_only": args.real_only}
+        built_from = {
+            "dataset": str(args.dataset),
+            "split": args.split,
+            "space_groups": args.space_groups,
+            "real_only": args.real_only,
+        }
     else:
         embedded = ix.embed_structures(embedder, args.structures, progress=progress)
         built_from = {"structures": [str(s) for s in args.structures]}
     if not embedded.entries:
         raise ValueError("no references to index (empty selection, or every structure failed)")
     index = ix.ReferenceIndex.build(
-        embedded.vectors, embedded.entries, kind=args.kind, params=_params(args.param), model_id=embedder.model_id,
-        model_source=embedder.source, thresholds=thresholds, gpu=args.gpu,
+        embedded.vectors,
+        embedded.entries,
+        kind=args.kind,
+        params=_params(args.param),
+        model_id=embedder.model_id,
+        model_source=embedder.source,
+        thresholds=thresholds,
+        gpu=args.gpu,
         temperature=ix.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
         extra={"built_from": built_from, "failed": embedded.failed[:1000]},
     )
     index.save(out)
-    print(f"indexed {len(index)} references of {len(index.classes)} space groups ({args.kind}, "
-          f"{'GPU' if index.on_gpu else 'CPU'}) in {index.meta['build_seconds']:.2f} s -> {out}")
+    print(
+        f"indexed {len(index)} references of {len(index.classes)} space groups ({args.kind}, "
+        f"{'GPU' if index.on_gpu else 'CPU'}) in {index.meta['build_seconds']:.2f} s -> {out}"
+    )
     for item in embedded.failed[:10]:
         print(f"failed: {item['source']}: {item['reason']}")
     return 0
@@ -205,14 +269,23 @@ def _cmd_query(args: argparse.Namespace) -> int:
     vec, probs, labelled = ix.embed_structure(embedder, args.structure)
     result = index.query(vec, probabilities=probs, classes=embedder.classes, k=args.k)[0]
     if args.json:
-        print(json.dumps({"material_id": labelled.material_id, "space_group": labelled.space_group, **result.to_json()}, indent=1))
+        print(
+            json.dumps(
+                {"material_id": labelled.material_id, "space_group": labelled.space_group, **result.to_json()}, indent=1
+            )
+        )
         return 0
     print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol})")
     print("\nnearest references (similarity = sum of 3 cosines, max 3):")
     print(f"{'rank':>4} {'similarity':>10}  {'SG':>3} {'symbol':<10} {'material':<22} formula")
     for n in result.neighbours:
-        print(f"{n['rank']:>4} {n['similarity']:>10.4f}  {n['space_group']:>3} {n['symbol']:<10} {n['material_id']:<22} {n['formula']}")
-    print("\nvote (similarity-weighted): " + ", ".join(f"{v['space_group']} ({100 * v['share']:.0f}%)" for v in result.vote))
+        print(
+            f"{n['rank']:>4} {n['similarity']:>10.4f}  {n['space_group']:>3} {n['symbol']:<10} {n['material_id']:<22} {n['formula']}"
+        )
+    print(
+        "\nvote (similarity-weighted): "
+        + ", ".join(f"{v['space_group']} ({100 * v['share']:.0f}%)" for v in result.vote)
+    )
     print("per-class score (3 - sigma_total) and gamma:")
     for c in result.class_scores:
         print(f"  {c['space_group']:>3} {c['symbol']:<10} {c['score']:.4f}  gamma {c['gamma']:.3f}")
@@ -221,8 +294,10 @@ def _cmd_query(args: argparse.Namespace) -> int:
     d = result.decision
     calibrated = "" if d["thresholds"]["calibrated"] else " (thresholds not calibrated)"
     if result.unknown:
-        print(f"\ndecision: UNKNOWN - classifier unsure (p_max {d['p_max']}) and references do not agree "
-              f"(top similarity {d['top_similarity']:.3f}, vote share {d['vote_share']:.2f}){calibrated}")
+        print(
+            f"\ndecision: UNKNOWN - classifier unsure (p_max {d['p_max']}) and references do not agree "
+            f"(top similarity {d['top_similarity']:.3f}, vote share {d['vote_share']:.2f}){calibrated}"
+        )
     else:
         print(f"\ndecision: space group {d['space_group']} by {d['by']}{calibrated}")
     return 0
@@ -236,9 +311,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     groups = spacegroups.parse_list(args.space_groups) if args.space_groups else spacegroups.PAPER_OPEN_SET_30
     metrics, index = ix.evaluate_open_set(
-        embedder, args.dataset, groups=groups, seed=args.seed, k=args.k, kind=args.kind, params=_params(args.param),
-        real_only=args.real_only, calibration_split=args.calibration_split, calibration_limit=args.calibration_limit,
-        max_false_unknown=args.max_false_unknown, progress=not args.no_progress, gpu=args.gpu,
+        embedder,
+        args.dataset,
+        groups=groups,
+        seed=args.seed,
+        k=args.k,
+        kind=args.kind,
+        params=_params(args.param),
+        real_only=args.real_only,
+        calibration_split=args.calibration_split,
+        calibration_limit=args.calibration_limit,
+        max_false_unknown=args.max_false_unknown,
+        progress=not args.no_progress,
+        gpu=args.gpu,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ def _register_model(commands: argparse._SubParsersAction) -> None:
         "MODEL_CARD.md (data, split, config, measured accuracy).",
     )
     release.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. RUN/best.pt")
-    release.add_argument("--evaluation", required=True, help="output folder of `xtalsym evaluate` on the held-out split")
+    release.add_argument(
+        "--evaluation", required=True, help="output folder of `xtalsym evaluate` on the held-out split"
+    )
     release.add_argument("--out", required=True, help="release folder, e.g. models/msdn_paper72")
     release.add_argument("--name", help="release name (default: the --out folder's name)")
     release.set_defaults(handler=_release)
@@ -115,9 +117,12 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
 
     bundle = commands.add_parser("bundle", help="build and verify model bundles (weights, ONNX, labels, index)")
     sub = bundle.add_subparsers(dest="bundle_command", metavar="WHAT", required=True)
-    build = sub.add_parser("build", help="bundle a release folder",
-                           description="Copy a release (`xtalsym model release`), export ONNX, add labels, settings, "
-                           "an optional reference index and a SHA-256 manifest; written atomically.")
+    build = sub.add_parser(
+        "build",
+        help="bundle a release folder",
+        description="Copy a release (`xtalsym model release`), export ONNX, add labels, settings, "
+        "an optional reference index and a SHA-256 manifest; written atomically.",
+    )
     build.add_argument("--release", required=True, help="release folder with model.pt, card.json, MODEL_CARD.md")
     build.add_argument("--out", required=True, help="bundle directory to create")
     build.add_argument("--index", help="reference index directory (xtalsym index build) made with this model")
@@ -134,15 +139,21 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
                        help="at most N test samples (default: all of the model's classes)")
     build.set_defaults(handler=_build)
 
-    verify = sub.add_parser("verify", help="check a bundle against its manifest",
-                            description="Verify every file's size and SHA-256, refuse unlisted files and an index "
-                            "built by another model; prints OK and the model identity.")
+    verify = sub.add_parser(
+        "verify",
+        help="check a bundle against its manifest",
+        description="Verify every file's size and SHA-256, refuse unlisted files and an index "
+        "built by another model; prints OK and the model identity.",
+    )
     verify.add_argument("path", nargs="?", help="bundle directory (default: the shipped/default bundle)")
     verify.set_defaults(handler=_verify)
 
-    add = sub.add_parser("add-index", help="put a reference index into an existing bundle",
-                         description="Copy INDEX_DIR into BUNDLE/index (replacing any index), after checking that "
-                         "its index.json model_id is the bundle's, and rewrite the manifest.")
+    add = sub.add_parser(
+        "add-index",
+        help="put a reference index into an existing bundle",
+        description="Copy INDEX_DIR into BUNDLE/index (replacing any index), after checking that "
+        "its index.json model_id is the bundle's, and rewrite the manifest.",
+    )
     add.add_argument("bundle", help="bundle directory")
     add.add_argument("index", help="reference index directory")
     add.set_defaults(handler=_add_index)
@@ -201,9 +212,11 @@ def _export(args: argparse.Namespace) -> int:
               f"max |Δembeddings| {report['max_abs_embeddings']:.2e}, top-1 agreement {report['top1_agreement']:.3f}")
     elif args.check:
         report = onnx_export.check_onnx(model, out, batch=7)
-        print("check OK: onnx.checker passed; ONNX Runtime vs torch on 7 samples (1-3 views): "
-              f"max |Δp| {report['max_abs_probabilities']:.2e}, max |Δlogits| {report['max_abs_logits']:.2e}, "
-              f"max |Δembeddings| {report['max_abs_embeddings']:.2e}, top-1 agreement {report['top1_agreement']:.3f}")
+        print(
+            "check OK: onnx.checker passed; ONNX Runtime vs torch on 7 samples (1-3 views): "
+            f"max |Δp| {report['max_abs_probabilities']:.2e}, max |Δlogits| {report['max_abs_logits']:.2e}, "
+            f"max |Δembeddings| {report['max_abs_embeddings']:.2e}, top-1 agreement {report['top1_agreement']:.3f}"
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -20,8 +21,14 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
         description="Train per a TOML config (keys: see xtalsym.offline.train_config or configs/*.toml).",
     )
     parser.add_argument("--config", metavar="FILE.toml", help="training config (optional with --resume)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set epochs=3 --set model.input_size=112")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set epochs=3 --set model.input_size=112",
+    )
     parser.add_argument("--out", metavar="DIR", help="run directory (default: the config's out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the config's device")
@@ -54,54 +61,87 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_source(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="model bundle, verified against its manifest.json (default: the shipped bundle, or $XTALSYM_BUNDLE)",
+    )
+    group.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="training checkpoint, e.g. RUN/best.pt (a model.pt inside a bundle is verified as that bundle)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA when available), cpu, cuda, cuda:N (default %(default)s)",
+    )
+    parser.add_argument(
+        "--axes", help="zone axes to classify with, comma-separated, e.g. x,z (multi-view models; default all three)"
+    )
+
+
 def _register_evaluate(commands: argparse._SubParsersAction) -> None:
-    evaluate = commands.add_parser("evaluate", help="top-k accuracy, per space group/crystal system, confusion matrix")
-    evaluate.add_argument("--checkpoint", required=True, help="model checkpoint written by training")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="top-k accuracy, per space group/crystal system, confusion matrix",
+        description="Score a model on a dataset split (its stored DPs) or on structures simulated and shaped on "
+        "the fly; writes metrics.json, predictions.csv and the crystal-system confusion PNG.",
+    )
+    _model_source(evaluate)
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
-    source.add_argument("--structures", nargs="+", metavar="SRC", help="CIF files/folders or JSON-lines files")
+    source.add_argument(
+        "--structures",
+        nargs="+",
+        metavar="SRC",
+        help="structure files (CIF, POSCAR, XSF, ...), folders of them, or JSON-lines files",
+    )
     evaluate.add_argument("--split", default="test", help="dataset split (default %(default)s)")
-    evaluate.add_argument("--out", help="output folder (default: evaluation-<split|structures> beside the checkpoint)")
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
-    evaluate.add_argument("--axes", help="classify with these zone axes only, e.g. x,z (multi-view models)")
+    evaluate.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default: evaluation-<split|structures> in the working directory; never inside a bundle)",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default %(default)s)")
+    evaluate.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (on a terminal) or progress log lines (otherwise)"
+    )
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    pr = commands.add_parser("predict", help="top-5 space groups of one structure, simulated and shaped on the fly")
-    pr.add_argument("structure", help="CIF file, or a JSON file holding a CIF or a pymatgen Structure")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--axes", help="zone axes to use, e.g. x,y (default all three)")
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    pr = commands.add_parser(
+        "predict",
+        help="top-5 space groups of structures, simulated and shaped on the fly",
+        description="Classify every structure of a file (a JSON-lines file: every line), or of a folder.",
+    )
+    pr.add_argument(
+        "structure", help="structure file (CIF, POSCAR, XSF, CSSR, JSON), a folder of them, or a JSON-lines file"
+    )
+    _model_source(pr)
+    pr.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: one object for one structure, one line per structure for several",
+    )
     pr.set_defaults(handler=_cmd_predict)
-
-
-def _axes(text: str | None) -> list[str] | None:
-    return [a.strip() for a in text.split(",") if a.strip()] if text else None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from xtalsym.offline import evaluate as ev
 
-    if args.batch_size < 1:
-        raise ev.EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = ev.resolve_device(args.device)
-    model, classes, extra = ev.load_model(args.checkpoint, device=device)
-    present = ev.present_mask(_axes(args.axes), model)
-    if args.dataset:
-        metrics = ev.evaluate_dataset(model, classes, args.dataset, args.split, batch_size=args.batch_size, device=device, present=present)
-        what = args.split
-    else:
-        metrics = ev.evaluate_structures(
-            model, classes, args.structures, config=ev.build_config_from(extra), batch_size=args.batch_size,
-            device=device, present=present,
-        )
-        what = "structures"
-    metrics["checkpoint"] = str(args.checkpoint)
-    metrics["model"] = getattr(model, "name", type(model).__name__)
-    metrics["axes"] = _axes(args.axes) or list(ev.shaping.AXES)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"evaluation-{what}"
-    paths = ev.write_outputs(metrics, out, title=f"{metrics['model']} on {what} ({metrics['samples']} samples)")
+    loaded = ev.load_for_inference(checkpoint=args.checkpoint, bundle=args.bundle, device=args.device)
+    metrics, paths = ev.run_evaluation(
+        loaded,
+        dataset=args.dataset,
+        split=args.split,
+        sources=args.structures,
+        out=args.out,
+        axes=ev.axes_list(args.axes),
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     print(ev.format_summary(metrics))
     print(f"\nmetrics: {paths['metrics']}\npredictions: {paths['predictions']}\nconfusion matrix: {paths['confusion']}")
     return 0
@@ -110,17 +150,33 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from xtalsym.offline import evaluate as ev
 
-    device = ev.resolve_device(args.device)
-    model, classes, extra = ev.load_model(args.checkpoint, device=device)
-    config = ev.build_config_from(extra)
-    labelled = ev.structures.load_structure(args.structure, symprec=config.symprec)
-    top = ev.predict_structure(model, classes, labelled, axes=_axes(args.axes), config=config, device=device)
-    if args.json:
-        print(json.dumps({"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}, indent=1))
-        return 0
-    known = "" if labelled.space_group in classes else " - not one of the model's classes"
-    print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}")
-    print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}")
-    for row in top:
-        print(f"{row['rank']:>4}  {row['space_group']:>3}  {row['symbol']:<10} {row['crystal_system']:<14} {row['probability']:>11.4f}")
+    loaded = ev.load_for_inference(checkpoint=args.checkpoint, bundle=args.bundle, device=args.device)
+    results = list(ev.predict_sources(loaded, args.structure, axes=ev.axes_list(args.axes)))
+    if not results:
+        raise ValueError(f"no structures found in {args.structure}")
+    failed = 0
+    for n, (labelled, top) in enumerate(results):
+        if top is None:
+            if len(results) == 1:
+                raise labelled  # the one structure: its error is the command's error
+            failed += 1
+            print(f"failed: {labelled.source}: {labelled.reason}", file=sys.stderr)
+            continue
+        if args.json:
+            row = {"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}
+            print(json.dumps(row, indent=1) if len(results) == 1 else json.dumps(row))
+            continue
+        known = "" if labelled.space_group in loaded.classes else " - not one of the model's classes"
+        print(
+            ("\n" if n else "") + f"{labelled.material_id} {labelled.formula}: spglib space group "
+            f"{labelled.space_group} ({labelled.symbol}){known}"
+        )
+        print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}")
+        for row in top:
+            print(
+                f"{row['rank']:>4}  {row['space_group']:>3}  {row['symbol']:<10} {row['crystal_system']:<14} "
+                f"{row['probability']:>11.4f}"
+            )
+    if failed == len(results):
+        raise ValueError(f"no structure of {args.structure} could be classified ({failed} failed)")
     return 0

@@ -3,10 +3,16 @@
 A sample is the frames of its three zone axes (x, y, z). Which axis a frame is, and which
 sample it belongs to, comes from the stream (:func:`identify`):
 
-* ``axis_from = "user_data"``: ``user_data[axis_key]`` is "x", "y" or "z";
-  ``axis_from = "image_id"``: ``axis_order[image_id % 3]``;
+* ``axis_from = "auto"`` (default): ``user_data[axis_key]`` when the frame has it, else
+  ``axis_order[image_id % 3]``; ``"user_data"``: only ``user_data[axis_key]`` ("x", "y" or
+  "z"); ``"image_id"``: only ``axis_order[image_id % 3]``;
 * the sample key is ``user_data[sample_key]`` when present, else
-  ``"<series>:<image_id // 3>"`` (series = series_unique_id, else series_id).
+  ``"<series>#<n>:<image_id // 3>"`` (series = series_unique_id, else series_id; n = the
+  number the daemon gave the series, so a detector that reuses its ids never joins two
+  series in one sample).
+
+Samples never span series: the assembler keys them by (the daemon's series number, sample
+key), and :meth:`Assembler.close_series` closes a series' open samples when it ends.
 
 :class:`Assembler` turns each arriving view into a request: ``partial`` while axes are
 missing (only when ``publish_partial``), ``complete`` (final) when the third axis
@@ -42,15 +48,21 @@ class AssemblyError(ValueError):
         return type(self), (self.reason, self.message)
 
 
+def axis_in_user_data(user_data: Any, axis_key: str = "axis") -> bool:
+    return isinstance(user_data, dict) and user_data.get(axis_key) is not None
+
+
 def identify(*, series_id: int, series_unique_id: str | None, image_id: int, user_data: Any,
-             axis_from: str = "user_data", axis_key: str = "axis", axis_order=AXES,
-             sample_key: str = "sample_id") -> tuple[str, str]:
+             axis_from: str = "auto", axis_key: str = "axis", axis_order=AXES,
+             sample_key: str = "sample_id", series_number: int | None = None) -> tuple[str, str]:
     """(sample key, axis) of one frame per the assembly configuration."""
     ud = user_data if isinstance(user_data, dict) else {}
-    if axis_from == "user_data":
+    if axis_from == "user_data" or (axis_from == "auto" and axis_in_user_data(ud, axis_key)):
         axis = ud.get(axis_key)
         if axis is None:
-            raise AssemblyError("no_axis", f"image {image_id} of series {series_id} has no user_data[{axis_key!r}]")
+            raise AssemblyError("no_axis", f"image {image_id} of series {series_id} has no user_data[{axis_key!r}] "
+                                f"(assembly.axis_from = \"user_data\"; \"auto\" or \"image_id\" take the axis "
+                                "from the image-id order)")
         axis = str(axis).lower()
         if axis not in AXES:
             raise AssemblyError("bad_axis", f"image {image_id}: user_data[{axis_key!r}] = {axis!r}, expected x, y or z")
@@ -59,7 +71,8 @@ def identify(*, series_id: int, series_unique_id: str | None, image_id: int, use
     key = ud.get(sample_key)
     if key is None or isinstance(key, (dict, list)):
         series = series_unique_id if series_unique_id else str(series_id)
-        key = f"{series}:{image_id // 3}"
+        number = "" if series_number is None else f"#{series_number}"
+        key = f"{series}{number}:{image_id // 3}"
     return str(key), axis
 
 
@@ -75,9 +88,14 @@ class View:
     received: float  # wall-clock seconds when the frame arrived
     user_data: Any = None
     series_unique_id: str | None = None
+    series_number: int = 0  # the daemon's number of the series (samples never span series)
     # (backend generation, logits (C,), embedding (960,)) once the view went through a per-view
     # graph: later requests of the same sample reuse it instead of running the view again
     inferred: tuple | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.series_number, self.sample_key)
 
 
 @dataclass
@@ -88,7 +106,7 @@ class Request:
     views: dict[str, View]
     status: str  # "partial" | "complete"
     final: bool  # no further prediction will be published for this sample
-    closed_by: str | None  # None (more may come), "complete", "timeout", "shutdown", "overflow"
+    closed_by: str | None  # None (more may come), "complete", "end", "restart", "timeout", "shutdown", "overflow"
     trigger: View  # the view whose arrival (or the sample's expiry) caused the request
 
     @property
@@ -114,7 +132,11 @@ class _Open:
 
 
 class Assembler:
-    """Collects views per sample; not thread-safe (one owner thread)."""
+    """Collects views per sample, keyed (series number, sample key); not thread-safe (one owner thread).
+
+    ``busy`` (for :meth:`expire` and :meth:`next_deadline`): keys with a view still being
+    shaped. Such a sample is not timed out: its late view would otherwise open an orphan
+    partial sample of its own (views finish out of order when the workers lag)."""
 
     def __init__(self, *, timeout_seconds: float = 5.0, publish_partial: bool = True, max_open: int = 1000) -> None:
         if max_open < 1:
@@ -122,45 +144,51 @@ class Assembler:
         self.timeout_seconds = float(timeout_seconds)
         self.publish_partial = publish_partial
         self.max_open = int(max_open)
-        self.open: dict[str, _Open] = {}  # insertion order = opening order: the first is the oldest
+        self.open: dict[tuple[int, str], _Open] = {}  # insertion order = opening order: the first is the oldest
         self.duplicates = 0
         self.overflowed = 0
 
     def add(self, view: View, now: float) -> list[Request]:
         out: list[Request] = []
-        entry = self.open.get(view.sample_key)
+        key = view.key
+        entry = self.open.get(key)
         if entry is None:
             while len(self.open) >= self.max_open:
                 self.overflowed += 1
                 out.append(self._close(next(iter(self.open)), "overflow"))
-            entry = self.open[view.sample_key] = _Open(opened=now)
+            entry = self.open[key] = _Open(opened=now)
         if view.axis in entry.views:
             self.duplicates += 1
             log.warning("sample %s: axis %s arrived twice (image %d); the newer view replaces the older",
                         view.sample_key, view.axis, view.image_id)
         entry.views[view.axis] = view
         if len(entry.views) == 3:
-            del self.open[view.sample_key]
+            del self.open[key]
             return [*out, Request(view.sample_key, dict(entry.views), "complete", True, "complete", view)]
         if self.publish_partial:
             return [*out, Request(view.sample_key, dict(entry.views), "partial", False, None, view)]
         return out
 
-    def expire(self, now: float) -> list[Request]:
-        """Final partial requests for samples open longer than the timeout."""
-        old = [k for k, e in self.open.items() if now - e.opened >= self.timeout_seconds]
+    def expire(self, now: float, busy=frozenset()) -> list[Request]:
+        """Final partial requests for samples open longer than the timeout (none of ``busy``)."""
+        old = [k for k, e in self.open.items() if now - e.opened >= self.timeout_seconds and k not in busy]
         return [self._close(k, "timeout") for k in old]
+
+    def close_series(self, series_number: int, reason: str = "end") -> list[Request]:
+        """Final partial requests for every open sample of one series (its end, or a restart)."""
+        return [self._close(k, reason) for k in list(self.open) if k[0] == series_number]
 
     def close_all(self, reason: str = "shutdown") -> list[Request]:
         return [self._close(k, reason) for k in list(self.open)]
 
-    def _close(self, key: str, reason: str) -> Request:
+    def _close(self, key: tuple[int, str], reason: str) -> Request:
         entry = self.open.pop(key)
         last = max(entry.views.values(), key=lambda v: v.received)
-        log.info("sample %s closed by %s with axes %s", key, reason, "".join(a for a in AXES if a in entry.views))
-        return Request(key, dict(entry.views), "partial", True, reason, last)
+        log.info("sample %s closed by %s with axes %s", key[1], reason, "".join(a for a in AXES if a in entry.views))
+        return Request(key[1], dict(entry.views), "partial", True, reason, last)
 
-    def next_deadline(self) -> float | None:
-        if not self.open:
+    def next_deadline(self, busy=frozenset()) -> float | None:
+        opened = [e.opened for k, e in self.open.items() if k not in busy]
+        if not opened:
             return None
-        return min(e.opened for e in self.open.values()) + self.timeout_seconds
+        return min(opened) + self.timeout_seconds

@@ -94,20 +94,35 @@ def format_prediction(msg: dict) -> str:
     extra = ""
     if open_set:
         nn = open_set["neighbours"][0] if open_set["neighbours"] else {}
-        extra = f"  nearest {nn.get('formula') or nn.get('material_id')} ({nn.get('similarity')})" + \
-                ("  UNKNOWN" if open_set["unknown"] else "")
+        extra = f"  nearest {nn.get('formula') or nn.get('material_id')} ({nn.get('similarity')})" + (
+            "  UNKNOWN" if open_set["unknown"] else ""
+        )
     latency = (msg["timestamps"]["published"] - msg["timestamps"]["received"]) * 1000
-    return (f"{msg['sample_id']:<16} {''.join(msg['axes']):<3} {msg['status']:<8}"
-            f"{'(' + msg['closed_by'] + ')' if msg['closed_by'] and msg['closed_by'] != 'complete' else '':<11}"
-            f" {top.get('space_group', '?'):>3} {top.get('symbol', ''):<10} p={top.get('probability', 0):.3f}"
-            f"{mark}{extra}  {latency:.0f} ms")
+    return (
+        f"{msg['sample_id']:<16} {''.join(msg['axes']):<3} {msg['status']:<8}"
+        f"{'(' + msg['closed_by'] + ')' if msg['closed_by'] and msg['closed_by'] != 'complete' else '':<11}"
+        f" {top.get('space_group', '?'):>3} {top.get('symbol', ''):<10} p={top.get('probability', 0):.3f}"
+        f"{mark}{extra}  {latency:.0f} ms"
+    )
 
 
-def listen(address: str, *, topic: str = "xtalsym.prediction", count: int | None = None,
-           final_count: int | None = None, duration: float | None = None, idle: float | None = None,
-           echo=None, stop=None, context=None, ready=None, curve_server_key: str | None = None,
-           curve_key: str | None = None, summary: ListenSummary | None = None,
-           receive_hwm: int | None = None) -> ListenSummary:
+def listen(
+    address: str,
+    *,
+    topic: str = "xtalsym.prediction",
+    count: int | None = None,
+    final_count: int | None = None,
+    duration: float | None = None,
+    idle: float | None = None,
+    echo=None,
+    stop=None,
+    context=None,
+    ready=None,
+    curve_server_key: str | None = None,
+    curve_key: str | None = None,
+    summary: ListenSummary | None = None,
+    receive_hwm: int | None = None,
+) -> ListenSummary:
     """Subscribe to predictions (and metrics) until a limit, an idle gap or ``stop`` is set.
 
     ``curve_server_key``: the daemon's public certificate (CURVE); ``curve_key``: this
@@ -134,7 +149,14 @@ def listen(address: str, *, topic: str = "xtalsym.prediction", count: int | None
         except Exception:
             sock.close()
             raise
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise ValueError(
+            f"listen address {address!r}: not a ZeroMQ endpoint it can connect to ({exc.strerror}); "
+            f"give tcp://HOST:PORT, e.g. tcp://127.0.0.1:5556"
+        ) from None
     if ready is not None:
         ready.set()
     summary = ListenSummary() if summary is None else summary

@@ -9,19 +9,22 @@ resolved copy.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from xtalsym.daemon.endpoints import (  # noqa: F401 (re-exported: callers import them from here)
+    DEFAULT_INGEST_ADDRESS,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PUBLISH_ADDRESS,
+    DEFAULT_TOPIC,
+    METRICS_TOPIC,
+)
 from xtalsym.daemon.protocols import GEOMETRY_KEYS, PROTOCOLS
 
-DEFAULT_INGEST_ADDRESS = "tcp://127.0.0.1:31001"  # DECTRIS detectors bind PUSH on 31001
-DEFAULT_PUBLISH_ADDRESS = "tcp://127.0.0.1:5556"
-DEFAULT_TOPIC = "xtalsym.prediction"
-METRICS_TOPIC = "xtalsym.metrics"
-DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # HTTP metrics/health: loopback unless configured
-DEFAULT_METRICS_PORT = 9855
 AXES = ("x", "y", "z")
 
 
@@ -125,7 +128,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     },
     "geometry": {key: (None, _geometry_value(key)) for key in GEOMETRY_KEYS},
     "calibration": {
-        "method": ("bilinear", _choice("bilinear", "area")),
+        # "auto": area when a training-grid pixel spans >= 2 detector pixels, else bilinear
+        "method": ("auto", _choice("auto", "bilinear", "area")),
         "saturation_value": (0, _nonneg_num),  # 0 = none
         "use_stream_mask": (True, _bool),
         # the start message's flatfield: "auto" applies it only when the detector says it did
@@ -133,7 +137,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "flatfield": ("auto", _choice("auto", "apply", "off")),
     },
     "assembly": {
-        "axis_from": ("user_data", _choice("user_data", "image_id")),
+        # "auto": user_data[axis_key] when a frame has it, else the image-id order (warned once per series)
+        "axis_from": ("auto", _choice("auto", "user_data", "image_id")),
         "axis_key": ("axis", _str),
         "axis_order": (list(AXES), _axis_order),
         "sample_key": ("sample_id", _str),

@@ -87,7 +87,7 @@ class MonitorServer:
         if path == "/readyz":
             ready = self.pipeline.ready
             body = {"status": "ready" if ready else "not ready", "state": self.pipeline.state,
-                    "model_id": self.pipeline.model.get("model_id")}
+                    "model_id": self.pipeline.model_info.get("model_id")}
             return _json(start_response, ready, body)
         return _json(start_response, None, {"error": f"no such path {path!r}",
                                             "paths": ["/metrics", "/healthz", "/readyz"]})

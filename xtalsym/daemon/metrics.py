@@ -19,12 +19,10 @@ import threading
 import time
 from collections import Counter as Tally
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
-                               ProcessCollector)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 import xtalsym
@@ -45,7 +43,10 @@ _COUNTED = {
     "images": "images_accepted",
     "views": "views_shaped",
     "timed_out_samples": "samples_timed_out",
+    "frames_missing": "frames_missing",
+    "duplicate_axes": "duplicate_axes",
 }
+SERIES_EVENTS = ("start", "end", "restart")  # Metrics.count("series_<event>") -> xtalsym_series_total{event}
 
 
 class PrometheusMetrics:
@@ -65,7 +66,16 @@ class PrometheusMetrics:
                                        "and sent to the shaping workers", registry=r)
         self.views_shaped = Counter("xtalsym_views_shaped", "Views calibrated and shaped by the workers",
                                     registry=r)
-        self.events = Counter("xtalsym_events", "Other pipeline events (stale_end, ...)", ["event"], registry=r)
+        self.events = Counter("xtalsym_events", "Other pipeline events (stale_end, coalesced_messages, "
+                              "start_rejected, start_part_ignored, ...)", ["event"], registry=r)
+        self.series = Counter("xtalsym_series", "Series events: start (a decoded start message), end (the end of "
+                              "the open series), restart (a start while a series was open; also counted in start)",
+                              ["event"], registry=r)
+        self.frames_missing = Counter("xtalsym_frames_missing", "Image ids a series skipped (and its shortfall "
+                                      "against the start's number_of_images at its end): frames that never "
+                                      "reached the daemon, e.g. taken by a second PULL client", registry=r)
+        self.duplicate_axes = Counter("xtalsym_duplicate_axes", "Views whose sample already had that axis (the "
+                                      "newer replaced the older)", registry=r)
         self.predictions = Counter("xtalsym_predictions_published", "Predictions published, by status "
                                    "(partial: fewer than 3 axes; complete)", ["status"], registry=r)
         self.samples_completed = Counter("xtalsym_samples_completed", "Samples closed with all three axes",
@@ -109,13 +119,18 @@ class PrometheusMetrics:
             self.stage_cpu.labels(stage=stage)
         for status in ("partial", "complete"):
             self.predictions.labels(status=status)
-        for closed_by in ("timeout", "shutdown"):
+        for closed_by in ("end", "restart", "timeout", "shutdown", "overflow"):
             self.samples_partial.labels(closed_by=closed_by)
-        self.events.labels(event="stale_end")
+        for event in ("stale_end", "coalesced_messages", "start_rejected", "start_part_ignored"):
+            self.events.labels(event=event)
+        for event in SERIES_EVENTS:
+            self.series.labels(event=event)
 
     def count(self, key: str, n: int = 1) -> None:
         name = _COUNTED.get(key)
-        if name is None:
+        if key.startswith("series_") and key[7:] in SERIES_EVENTS:
+            self.series.labels(event=key[7:]).inc(n)
+        elif name is None:
             self.events.labels(event=key).inc(n)
         else:
             getattr(self, name).inc(n)
@@ -225,18 +240,21 @@ class Metrics:
             self.latencies.append(latency)
             self.counts["predictions"] += 1
             self.counts[f"predictions_{request.status}"] += 1
+            if request.final:
+                self.counts["predictions_final"] += 1
         top = message["top"][0] if message["top"] else {}
         self.prom.published(status=request.status, final=request.final, closed_by=request.closed_by,
                             latency=latency, space_group=top.get("space_group"),
                             crystal_system=top.get("crystal_system"), open_set=message.get("open_set"))
 
-    def bad_frame(self, reason: str, message: str) -> None:
+    def bad_frame(self, reason: str, message: str, *, quiet: bool = False) -> None:
+        """Count a bad frame; ``quiet``: the caller logs it at WARNING itself (a rejected start)."""
         with self.lock:
             self.bad[reason] += 1
             total = self.bad[reason]
         self.prom.rejected(reason)
         # the first few of each reason at WARNING, then every 100th (a storm must not flood the log)
-        level = logging.WARNING if total <= 5 or total % 100 == 0 else logging.DEBUG
+        level = logging.WARNING if (total <= 5 or total % 100 == 0) and not quiet else logging.DEBUG
         log.log(level, "bad frame (%s, #%d): %s", reason, total, message)
 
     def snapshot(self) -> dict:

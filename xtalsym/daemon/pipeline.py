@@ -23,29 +23,30 @@ counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
 import logging
+import logging.handlers
 import multiprocessing
 import queue
-import tempfile
 import threading
 import time
+from collections import Counter as Tally
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zmq
 
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
-from xtalsym.daemon.assemble import AXES, Assembler, AssemblyError, Request, View, identify
+from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
+from xtalsym.daemon.infer import classify_batch, model_info, uses_per_view
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
-from xtalsym.daemon.protocols import BadMessage, decode
-from xtalsym.daemon.publish import Publisher, open_set_result, prediction_message
-from xtalsym.daemon.workers import FrameJob, init_worker, shape_timed, warm
-from xtalsym.inference.base import InferenceResult, combine_views, supports_views
+from xtalsym.daemon.overload import WorkerSlots
+from xtalsym.daemon.protocols import BadMessage, decode_parts
+from xtalsym.daemon.publish import Publisher
+from xtalsym.daemon.series_files import SeriesSideFiles
+from xtalsym.daemon.workers import frame_job, init_worker, shape_timed, warm
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,29 @@ def warm_backend(backend, size: int, max_batch: int, *, per_view: bool = False) 
              time.perf_counter() - t0)
 
 
-def uses_per_view(backend, mode: str) -> bool:
-    """Whether the inference thread runs each view once (``pipeline.view_inference``):
-    "auto" when the backend has a per-view graph, "off" never."""
-    return mode == "auto" and supports_views(backend)
-
-
 @dataclass
 class _Done:
     view_meta: dict
     future: cf.Future
+
+
+@dataclass(frozen=True)
+class _SeriesClosed:
+    """Queued by the ingest thread when a series ends (or a restart closes it): the inference
+    thread closes the series' open samples once its frames still in the workers are back."""
+
+    number: int
+    reason: str  # "end" | "restart"
+
+
+class _Relay(logging.Handler):
+    """Hands a worker process's log record to the logger of the same name in this process, so
+    worker warnings get this process's handlers (level, timestamp, journal priority)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 class Pipeline:
@@ -97,30 +111,24 @@ class Pipeline:
         self.size = int(bundle.image_size)
         self.metrics = Metrics()
         self.tracker = SeriesTracker(geometry_override=config.geometry_override,
-                                     frames_before_start=config.ingest.frames_before_start)
+                                     frames_before_start=config.ingest.frames_before_start, count=self.metrics.count)
         self.assembler = Assembler(timeout_seconds=config.assembly.timeout_seconds,
                                    publish_partial=config.assembly.publish_partial,
                                    max_open=config.assembly.max_open_samples)
         self._stop_intake = threading.Event()
         self._results: queue.Queue = queue.Queue()
-        self._slots = threading.BoundedSemaphore(config.pipeline.queue_size)
-        # futures in the workers, oldest first (a dict keeps insertion order: drop_oldest cancels from the front)
-        self._inflight: dict[cf.Future, None] = {}
-        self._inflight_lock = threading.Lock()
-        self._overload_cancelled: set[cf.Future] = set()  # their slots went to newer frames
-        self._cancel_lock = threading.Lock()  # a future is in that set only while surely cancelled
-        self._tmp = tempfile.TemporaryDirectory(prefix="xtalsym-daemon-")
-        self._mask_files: dict[tuple[int, str], str | None] = {}
-        self._geometry: dict[tuple[int, tuple], cal.FrameGeometry] = {}
-        self.model = {
-            "model_id": bundle.model_id,
-            "name": (bundle.card or {}).get("name"),
-            "backend": getattr(backend, "name", "?"),
-            "device": getattr(backend, "device", "?"),
-            "precision": getattr(backend, "precision", "?"),
-            "classes": len(bundle.classes),
-            "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
-        }
+        self.slots = WorkerSlots(config.pipeline.queue_size)  # pipeline.overload decides when they are full
+        self.side_files = SeriesSideFiles()  # per-series geometry, mask and flatfield files for the workers
+        # frames handed to the workers whose result the inference thread has not taken yet, per
+        # sample key and per series number (ingest increments, inference decrements)
+        self._pending_lock = threading.Lock()
+        self._pending_samples: Tally = Tally()
+        self._pending_series: Tally = Tally()
+        self._closing: dict[int, str] = {}  # series number -> reason, waiting for its frames (inference thread)
+        # worker processes log through this queue into this process's handlers
+        self._log_queue = multiprocessing.get_context("spawn").Queue()
+        self._log_listener = logging.handlers.QueueListener(self._log_queue, _Relay())
+        self.model_info = model_info(bundle, backend, index)
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -133,9 +141,9 @@ class Pipeline:
         self._started = threading.Event()
         self._pending_batch = 0
         self._backend_generation = 0  # which backend computed a View.inferred
-        self.metrics.prom.track_model(lambda: self.model)  # read at scrape time: follows swap()
+        self.metrics.prom.track_model(lambda: self.model_info)  # read at scrape time: follows swap()
         self.metrics.prom.track_queues(
-            {"workers": lambda: len(self._inflight), "results": self._results.qsize,
+            {"workers": lambda: len(self.slots), "results": self._results.qsize,
              "open_samples": lambda: len(self.assembler.open), "batch": lambda: self._pending_batch},
             {"workers": lambda: config.pipeline.queue_size, "batch": lambda: self.config.pipeline.max_batch})
 
@@ -156,6 +164,8 @@ class Pipeline:
                                    curve_public_keys_dir=c.publish.curve_public_keys_dir)
         self.frame_socket = open_frame_socket(self.context, socket=c.ingest.socket, mode=c.ingest.mode,
                                               address=c.ingest.address, receive_hwm=c.ingest.receive_hwm)
+        self._log_listener.start()
+        self._log_listening = True
         self.pool = self._make_pool()
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
@@ -195,6 +205,7 @@ class Pipeline:
 
     def _make_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.config.pipeline.workers, initializer=init_worker,
+                                      initargs=(self._log_queue, logging.getLogger("xtalsym").getEffectiveLevel()),
                                       mp_context=multiprocessing.get_context("spawn"))
 
     @property
@@ -217,7 +228,10 @@ class Pipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
             self.monitor.close()
-        self._tmp.cleanup()
+        if getattr(self, "_log_listening", False):
+            self._log_listener.stop()
+            self._log_listening = False
+        self.side_files.cleanup()
 
     def wait(self) -> None:
         self.finished.wait()
@@ -242,10 +256,7 @@ class Pipeline:
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
             self._backend_generation += 1  # per-view results of the old model are not reused
-            self.model = {**self.model, "model_id": bundle.model_id, "name": (bundle.card or {}).get("name"),
-                          "backend": getattr(backend, "name", "?"), "device": getattr(backend, "device", "?"),
-                          "precision": getattr(backend, "precision", "?"), "classes": len(bundle.classes),
-                          "index": None if index is None else {"entries": len(index), "model_id": index.model_id}}
+            self.model_info = {**self.model_info, **model_info(bundle, backend, index)}
             self.config = config
             future.set_result(old)
 
@@ -294,24 +305,46 @@ class Pipeline:
         m.count("messages")
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            event = decode(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels)
+            # image payloads stay compressed: the workers decompress them (workers.process_frame)
+            events = decode_parts(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels,
+                                  defer_decompression=True)
         except BadMessage as exc:
-            m.bad_frame(exc.reason, str(exc))
+            self._bad_message(exc)
             return
         finally:
             m.stage("decode", time.perf_counter() - t0, time.thread_time() - c0)
-        m.count("decoded")
-        outcome = self.tracker.handle(event)
-        if outcome is None:
-            return
-        if isinstance(outcome, Dropped):
-            if outcome.reason == "stale_end":
-                m.count("stale_end")
-                log.info("%s", outcome.message)
-            else:
-                m.bad_frame(outcome.reason, outcome.message)
-            return
-        self._submit(outcome, received)
+        if len(events) > 1:  # a start and the image(s) after it in one ZeroMQ message: each is a message
+            m.count("messages", len(events) - 1)
+            m.count("coalesced_messages", len(events) - 1)
+            log.log(logging.WARNING if m.counts["coalesced_messages"] == len(events) - 1 else logging.DEBUG,
+                    "one ZeroMQ message carried %d detector messages (%s): each handled in order (counted "
+                    "coalesced_messages)", len(events), ", ".join(type(e).__name__ for e in events))
+        for event in events:
+            if isinstance(event, BadMessage):
+                self._bad_message(event)
+                continue
+            m.count("decoded")
+            outcome = self.tracker.handle(event)
+            for number, reason in self.tracker.take_closed():
+                self._results.put(_SeriesClosed(number, reason))
+            if outcome is None:
+                continue
+            if isinstance(outcome, Dropped):
+                if outcome.reason == "stale_end":
+                    m.count("stale_end")
+                    log.info("%s", outcome.message)
+                else:
+                    m.bad_frame(outcome.reason, outcome.message)
+                continue
+            self._submit(outcome, received)
+
+    def _bad_message(self, exc: BadMessage) -> None:
+        if exc.message_type == "start":  # its own WARNING: the series' images will follow
+            self.metrics.count("start_rejected")
+            self.metrics.bad_frame(exc.reason, str(exc), quiet=True)
+            self.tracker.rejected_start(exc)
+        else:
+            self.metrics.bad_frame(exc.reason, str(exc))
 
     def _submit(self, accepted: Accepted, received: float) -> None:
         c, m = self.config, self.metrics
@@ -328,49 +361,57 @@ class Pipeline:
             sample_key, axis = identify(
                 series_id=image.series_id, series_unique_id=image.series_unique_id, image_id=image.image_id,
                 user_data=image.user_data, axis_from=c.assembly.axis_from, axis_key=c.assembly.axis_key,
-                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key)
-            geometry = self._frame_geometry(series, frame.shape)
+                axis_order=tuple(c.assembly.axis_order), sample_key=c.assembly.sample_key,
+                series_number=series.number)
+            geometry, method = self.side_files.frame_geometry(series, frame.shape, override=c.geometry_override,
+                                                              training=self.training, method=c.calibration.method)
         except (AssemblyError, cal.CalibrationError) as exc:
             m.bad_frame(exc.reason, str(exc))
             return
-        mask_path = self._mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
-        job = FrameJob(frame=frame, frame_geometry=geometry, training=self.training, method=c.calibration.method,
-                       mask_path=mask_path, saturation_value=c.calibration.saturation_value or None, axis=axis,
-                       shaping_method=c.pipeline.shaping_method, size=self.size,
-                       flatfield_path=self._flatfield_file(series, channel, frame.shape))
+        if (c.assembly.axis_from == "auto" and "axis" not in series.warned
+                and not axis_in_user_data(image.user_data, c.assembly.axis_key)):
+            series.warned.add("axis")
+            log.warning("series %s: image %d has no user_data[%r]: this series' axes come from the image-id order "
+                        "(axis_order[image_id %% 3] = %s; assembly.axis_from = \"auto\": set it to \"image_id\" to "
+                        "say so, or to \"user_data\" to require user_data)", image.series_id, image.image_id,
+                        c.assembly.axis_key, "".join(c.assembly.axis_order))
+        mask_path = self.side_files.mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
+        job = frame_job(c, frame=frame, geometry=geometry, training=self.training, axis=axis, size=self.size,
+                        mask_path=mask_path, method=method,
+                        flatfield_path=self.side_files.flatfield_file(series, channel, frame.shape, c.calibration.flatfield))
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
-                "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received}
-        if not self._take_slot():
+                "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received,
+                "series_number": series.number}
+        if not self.slots.take(c.pipeline.overload):
             m.bad_frame("overload", f"image {image.image_id} of series {image.series_id} dropped: {c.pipeline.queue_size} "
                         f"frames already waiting for the workers (overload = {c.pipeline.overload!r})")
             return
+        self._pending(meta, +1)  # before the worker can finish it: the inference thread decrements
         try:
-            future = self.pool.submit(shape_timed, job)
-        except cf.BrokenExecutor:  # a worker died (its frames are counted worker_crashed in _add_view)
-            self._replace_pool()
-            future = self.pool.submit(shape_timed, job)
-        with self._inflight_lock:
-            self._inflight[future] = None
+            try:
+                future = self.pool.submit(shape_timed, job)
+            except cf.BrokenExecutor:  # a worker died (its frames are counted worker_crashed in _add_view)
+                self._replace_pool()
+                future = self.pool.submit(shape_timed, job)
+        except BaseException:
+            self._pending(meta, -1)
+            self.slots.release()
+            raise
+        self.slots.add(future)
         future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
 
-    def _take_slot(self) -> bool:
-        """A place in the workers for one frame, per ``pipeline.overload``; False = drop the new frame."""
-        policy = self.config.pipeline.overload
-        if policy == "block":  # back-pressure: ZeroMQ buffers receive_hwm messages, then the sender blocks
-            self._slots.acquire()
-            return True
-        if self._slots.acquire(blocking=False):
-            return True
-        if policy == "drop_oldest":
-            with self._inflight_lock:
-                oldest_first = list(self._inflight)
-            for future in oldest_first:
-                with self._cancel_lock:
-                    self._overload_cancelled.add(future)  # before cancel(): its callback may run at once
-                    if future.cancel():  # still queued, not in a worker yet: its slot passes to the new frame
-                        return True
-                    self._overload_cancelled.discard(future)
-        return False
+    def _pending(self, meta: dict, n: int) -> None:
+        with self._pending_lock:
+            self._pending_samples[(meta["series_number"], meta["sample_key"])] += n
+            self._pending_series[meta["series_number"]] += n
+            if self._pending_samples[(meta["series_number"], meta["sample_key"])] <= 0:
+                del self._pending_samples[(meta["series_number"], meta["sample_key"])]
+            if self._pending_series[meta["series_number"]] <= 0:
+                del self._pending_series[meta["series_number"]]
+
+    def _busy_samples(self) -> frozenset:
+        with self._pending_lock:
+            return frozenset(self._pending_samples)
 
     def _replace_pool(self) -> None:
         log.error("a shaping worker died; replacing the worker pool")
@@ -381,65 +422,18 @@ class Pipeline:
     def _done(self, meta: dict, future: cf.Future) -> None:
         # queued before it leaves _inflight: _drain_workers then knows every result is queued
         self._results.put(_Done(meta, future))
-        with self._inflight_lock:
-            self._inflight.pop(future, None)
+        self.slots.left_workers(future)
         # the slot is released when the inference thread takes the result (_add_view): frames in
         # the workers plus results not yet assembled stay within queue_size, even when inference lags
 
     def _drain_workers(self) -> None:
         # cf.wait returns before done-callbacks run, so wait for _inflight to empty instead
         while True:
-            with self._inflight_lock:
-                pending = list(self._inflight)
+            pending = self.slots.pending()
             if not pending:
                 return
             cf.wait(pending, timeout=0.1)
             time.sleep(0.001)
-
-    def _frame_geometry(self, series, frame_shape) -> cal.FrameGeometry:
-        key = (series.token, tuple(frame_shape))
-        g = self._geometry.get(key)
-        if g is None:
-            g = cal.resolve_geometry(series.stream_geometry, self.config.geometry_override, frame_shape=frame_shape)
-            self._geometry[key] = g
-            log.info("series %s calibration geometry: %s", series.series_id, g)
-        return g
-
-    def _mask_file(self, series, channel: str, shape) -> str | None:
-        key = (series.token, channel)
-        if key not in self._mask_files:
-            mask = series.mask_for(channel)
-            path = None
-            if mask is not None:
-                mask = np.asarray(mask)
-                if mask.shape != tuple(shape):
-                    log.warning("series %s: pixel mask %s does not match the frames %s; mask ignored",
-                                series.series_id, mask.shape, tuple(shape))
-                else:
-                    path = str(Path(self._tmp.name) / f"mask-{series.token}-{len(self._mask_files)}.npy")
-                    np.save(path, (mask != 0).astype(np.uint8), allow_pickle=False)
-            self._mask_files[key] = path
-        return self._mask_files[key]
-
-    def _flatfield_file(self, series, channel: str, shape) -> str | None:
-        """The series' flatfield for ``channel`` as a file for the workers, when ``calibration.flatfield``
-        says to apply it (auto: only if the detector says it did not); None otherwise."""
-        key = (series.token, channel, "flatfield")
-        if key not in self._mask_files:
-            mode, flatfield, path = self.config.calibration.flatfield, series.flatfield_for(channel), None
-            wanted = mode == "apply" or (mode == "auto" and series.flatfield_applied is False)
-            if flatfield is not None and wanted:
-                flatfield = np.asarray(flatfield, dtype=np.float32)
-                if flatfield.shape != tuple(shape):
-                    log.warning("series %s: flatfield %s does not match the frames %s; not applied",
-                                series.series_id, flatfield.shape, tuple(shape))
-                else:
-                    path = str(Path(self._tmp.name) / f"flatfield-{series.token}-{len(self._mask_files)}.npy")
-                    np.save(path, flatfield, allow_pickle=False)
-                    log.info("series %s: applying the stream's flatfield to channel %s (calibration.flatfield = %r)",
-                             series.series_id, channel, mode)
-            self._mask_files[key] = path
-        return self._mask_files[key]
 
     # ---- inference thread
 
@@ -457,7 +451,8 @@ class Pipeline:
                 timeout = 0.1
                 if pending:
                     timeout = max(0.0, oldest + c.latency_budget_seconds - now)
-                deadline = self.assembler.next_deadline()
+                busy = self._busy_samples()
+                deadline = self.assembler.next_deadline(busy)
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - time.time()))
                 item = None
@@ -468,12 +463,18 @@ class Pipeline:
                         pass
                 if item is _STOP:
                     stopping = True
+                elif isinstance(item, _SeriesClosed):
+                    self._closing[item.number] = item.reason
                 elif item is not None:
                     for request in self._add_view(item):
                         if not pending:
                             oldest = time.monotonic()
                         pending.append(request)
-                for request in self.assembler.expire(time.time()):
+                for request in self._close_ended_series():
+                    if not pending:
+                        oldest = time.monotonic()
+                    pending.append(request)
+                for request in self.assembler.expire(time.time(), self._busy_samples()):
                     self.metrics.count("timed_out_samples")
                     if not pending:
                         oldest = time.monotonic()
@@ -503,19 +504,31 @@ class Pipeline:
             finally:
                 self.finished.set()
 
+    def _close_ended_series(self) -> list[Request]:
+        """Close the open samples of the series that ended (or were restarted) once none of their
+        frames is left in the workers: a view finishing late still joins its sample."""
+        out: list[Request] = []
+        for number, reason in list(self._closing.items()):
+            with self._pending_lock:
+                waiting = self._pending_series.get(number, 0)
+            if waiting:
+                continue
+            del self._closing[number]
+            out.extend(self.assembler.close_series(number, reason))
+        return out
+
     def _add_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
-        with self._cancel_lock:
-            overloaded = done.future in self._overload_cancelled
-            self._overload_cancelled.discard(done.future)
+        self._pending(meta, -1)
+        overloaded = self.slots.cancelled_for_newer(done.future)
         if overloaded:  # drop_oldest cancelled it; a newer frame has its slot
             self.metrics.bad_frame("overload", f"image {meta['image_id']} of series {meta['series_id']} dropped "
                                    "for a newer frame (overload = 'drop_oldest')")
             return []
-        self._slots.release()
+        self.slots.release()
         try:
             shaped, seconds, cpu_seconds = done.future.result()
-        except (cal.CalibrationError, shaping.ShapingError) as exc:
+        except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
             return []
@@ -531,73 +544,33 @@ class Pipeline:
         self.metrics.stage("calibrate_shape", seconds, cpu_seconds)
         self.metrics.count("views")
         view = View(shaped=shaped, **meta)
+        duplicates = self.assembler.duplicates
         requests = self.assembler.add(view, time.time())
+        if self.assembler.duplicates > duplicates:
+            self.metrics.count("duplicate_axes", self.assembler.duplicates - duplicates)
         overflowed = sum(r.closed_by == "overflow" for r in requests)
         if overflowed:  # max_open_samples reached: the oldest open samples were closed as partial
             self.metrics.count("overflowed_samples", overflowed)
         return requests
 
-    def _infer_whole(self, batch: list[Request]) -> InferenceResult:
-        """The previous path: the whole graph over each request's present views (a view is
-        recomputed in every request of its sample)."""
-        size = self.size
-        x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
-        present = np.zeros((len(batch), 3), bool)
-        for i, request in enumerate(batch):
-            x[i], present[i] = request.tensors(size)
-        self.metrics.count("views_inferred", int(present.sum()))
-        return self.backend.run(x, present)
-
-    def _infer_by_views(self, batch: list[Request]) -> InferenceResult:
-        """Each view through the per-view graph once: views this backend has not run yet go in
-        one batch, their rows are kept on the View, and every request's logits are the sum of
-        its views' rows (as the whole graph sums them), its embeddings their rows."""
-        generation = self._backend_generation
-        todo: dict[int, View] = {}
-        for request in batch:
-            for view in request.views.values():
-                if view.inferred is None or view.inferred[0] != generation:
-                    todo[id(view)] = view
-        if todo:
-            views = list(todo.values())
-            out = self.backend.run_views(np.stack([v.shaped.transpose(2, 0, 1) for v in views]),
-                                         np.array([AXES.index(v.axis) for v in views], np.int64))
-            for k, view in enumerate(views):
-                view.inferred = (generation, out.logits[k], out.embeddings[k])
-            self.metrics.count("views_inferred", len(views))
-        terms = [[r.views[a].inferred[1] if a in r.views else None for a in AXES] for r in batch]
-        features = [[r.views[a].inferred[2] if a in r.views else None for a in AXES] for r in batch]
-        return combine_views(terms, features, len(self.backend.classes))
-
     def _classify(self, batch: list[Request]) -> None:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            if uses_per_view(self.backend, self.config.pipeline.view_inference):
-                result = self._infer_by_views(batch)
-            else:
-                result = self._infer_whole(batch)
-        except Exception as exc:  # noqa: BLE001 - keep serving; every request of the batch is counted
-            log.exception("inference failed on a batch of %d", len(batch))
+        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model_info, index=self.index,
+                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours,
+                                per_view=uses_per_view(self.backend, self.config.pipeline.view_inference),
+                                generation=self._backend_generation)
+        if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:
-                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {exc}")
+                self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {result.inference_error}")
             return
-        self.metrics.stage("infer", time.perf_counter() - t0, time.thread_time() - c0)
-        open_sets: list[Any] = [None] * len(batch)
-        if self.index is not None and self.config.index.enabled:
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                from xtalsym.index.scoring import normalise_views
-
-                queries = self.index.query(normalise_views(result.embeddings), probabilities=result.probabilities,
-                                           classes=self.backend.classes, k=self.config.index.neighbours)
-                open_sets = [open_set_result(q) for q in queries]
-                self.metrics.stage("match", time.perf_counter() - t0, time.thread_time() - c0)
-            except Exception as exc:  # noqa: BLE001
-                self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        self.metrics.count("views_inferred", result.views_inferred)
+        self.metrics.stage("infer", result.infer_seconds, result.infer_cpu_seconds)
+        if result.match_seconds is not None:
+            self.metrics.stage("match", result.match_seconds, result.match_cpu_seconds)
+        if result.index_error is not None:
+            exc = result.index_error
+            self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
-        for request, probs, open_set in zip(batch, result.probabilities, open_sets):
-            message = prediction_message(request, probabilities=probs, classes=self.backend.classes,
-                                         model=self.model, open_set=open_set)
+        for request, message in result.messages:
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
@@ -608,5 +581,6 @@ class Pipeline:
         snap["series"] = dict(self.tracker.events)
         snap["open_samples"] = len(self.assembler.open)
         snap["duplicate_axes"] = self.assembler.duplicates
+        snap["frames_missing"] = self.tracker.frames_missing
         snap["model_id"] = self.bundle.model_id
         return snap

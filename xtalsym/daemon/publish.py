@@ -137,7 +137,7 @@ def load_public_certificate(path: str | Path) -> bytes:
         raise CurveError(f"CURVE public certificate {str(path)!r}: no such file")
     try:
         public, _ = zmq.auth.load_certificate(path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - zmq.auth raises ValueError/OSError on bad files
         raise CurveError(f"CURVE public certificate {str(path)!r}: {exc}") from None
     return public
 

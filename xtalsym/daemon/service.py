@@ -105,7 +105,7 @@ class Service:
                  self.config.ingest.socket.upper(), self.config.ingest.mode, self.pipeline.ingest_endpoint
                  if self.config.ingest.mode == "bind" else self.config.ingest.address, self.config.ingest.protocol,
                  self.config.publish.mode, self.pipeline.publish_endpoint, self.pipeline.bundle.model_id[:12],
-                 self.pipeline.model["backend"])
+                 self.pipeline.model_info["backend"])
         return self
 
     def shutdown(self) -> None:
@@ -205,7 +205,7 @@ class Service:
         self.config, self.backend = config, backend
         self.reloads["done"] += 1
         log.info("reload: done in %.1f s, model %s, backend %s", time.monotonic() - started,
-                 bundle.model_id[:12], self.pipeline.model["backend"])
+                 bundle.model_id[:12], self.pipeline.model_info["backend"])
         self.notifier.ready(self._status("reloaded; serving"))
         return True
 
@@ -213,7 +213,7 @@ class Service:
         return self.pipeline.metrics.snapshot()["counts"].get("images", 0)
 
     def _status(self, state: str) -> str:
-        model = self.pipeline.model
+        model = self.pipeline.model_info
         return (f"{state}; model {model['model_id'][:12]}, backend {model['backend']} {model['device']}, "
                 f"{self._frames()} frames")
 

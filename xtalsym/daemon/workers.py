@@ -1,13 +1,19 @@
-"""The shaping worker processes: one frame in, its shaped DP out (calibrate + shape).
+"""The per-frame path: one frame in, its shaped DP out (decompress + calibrate + shape).
 
-They are spawned processes (:mod:`xtalsym.daemon.pipeline` owns the pool); everything they
-receive is a picklable :class:`FrameJob` built by the daemon itself, never network bytes.
-Each worker builds the sampling map once per series geometry (:func:`calibrate.build_map`
-is cached) and reads the series' pixel mask once, from a file (:func:`_load_mask`).
+:func:`process_frame` is what the daemon's worker processes run on every frame
+(:mod:`xtalsym.daemon.pipeline` owns the pool) and what ``xtalsym classify`` runs on every
+recorded frame (:mod:`xtalsym.daemon.classify`): one implementation for both. A job is a
+picklable :class:`FrameJob` built by the daemon itself; its frame may still be compressed
+(:class:`~xtalsym.daemon.protocols.CompressedFrame`: decompressing in the workers keeps the
+ingest thread and the pipe to the workers free of 36 MB arrays). Each worker builds the
+sampling map once per series geometry (:func:`calibrate.build_map` is cached), reads the
+series' pixel mask and flatfield once, from files (:func:`_load_mask`), and folds them into
+the map once (:func:`_prepared`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,13 +22,14 @@ import numpy as np
 
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
+from xtalsym.daemon.protocols import CompressedFrame, materialise
 
 
 @dataclass(frozen=True)
 class FrameJob:
     """Everything a worker needs for one frame (picklable, no sockets)."""
 
-    frame: np.ndarray
+    frame: np.ndarray | CompressedFrame
     frame_geometry: cal.FrameGeometry
     training: cal.TrainingGeometry
     method: str
@@ -32,6 +39,20 @@ class FrameJob:
     shaping_method: str
     size: int
     flatfield_path: str | None = None
+
+
+def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.TrainingGeometry, axis: str,
+              size: int, mask_path: str | None, flatfield_path: str | None, method: str) -> FrameJob:
+    """The job of one frame under the daemon configuration ``config`` (saturation and shaping settings);
+    ``method`` is the series' resolved sampling method (``calibration.method``, "auto" resolved)."""
+    return FrameJob(frame=frame, frame_geometry=geometry, training=training, method=method,
+                    mask_path=mask_path, saturation_value=config.calibration.saturation_value or None, axis=axis,
+                    shaping_method=config.pipeline.shaping_method, size=size, flatfield_path=flatfield_path)
+
+
+def flatfield_wanted(mode: str, applied: bool | None) -> bool:
+    """``calibration.flatfield``: apply the series' flatfield? (auto: only if the detector says it did not)."""
+    return mode == "apply" or (mode == "auto" and applied is False)
 
 
 _mask_cache: dict[str, np.ndarray] = {}
@@ -47,13 +68,38 @@ def _load_mask(path: str) -> np.ndarray:
     return mask
 
 
+_prepared_cache: dict[tuple, cal.PreparedMap] = {}
+
+
+def _prepared(job: FrameJob) -> cal.PreparedMap:
+    """The series' sampling map with its mask and flatfield folded in; cached, it is the same for every frame."""
+    key = (job.frame_geometry, job.training, job.method, job.mask_path, job.flatfield_path)
+    prepared = _prepared_cache.get(key)
+    if prepared is None:
+        if len(_prepared_cache) >= 4:
+            _prepared_cache.pop(next(iter(_prepared_cache)))
+        sampling = cal.build_map(job.frame_geometry, job.training, job.method)
+        mask = _load_mask(job.mask_path) if job.mask_path else None
+        flatfield = _load_mask(job.flatfield_path) if job.flatfield_path else None
+        prepared = _prepared_cache[key] = cal.prepare(sampling, pixel_mask=mask, flatfield=flatfield)
+    return prepared
+
+
 def process_frame(job: FrameJob) -> np.ndarray:
-    """Calibrate and shape one frame (runs in a worker process): uint8 (size, size, 3)."""
-    sampling = cal.build_map(job.frame_geometry, job.training, job.method)
-    mask = _load_mask(job.mask_path) if job.mask_path else None
-    flatfield = _load_mask(job.flatfield_path) if job.flatfield_path else None
-    raw = cal.calibrate(job.frame, sampling, pixel_mask=mask, saturation_value=job.saturation_value,
-                        flatfield=flatfield)
+    """Decompress, calibrate and shape one frame: uint8 (size, size, 3).
+
+    Raises BadMessage (a corrupt compressed frame), CalibrationError or ShapingError."""
+    frame = materialise(job.frame)
+    prepared = _prepared(job)
+    try:
+        raw = cal.to_uint8(prepared.apply(frame, saturation_value=job.saturation_value))
+    except cal.CalibrationError as exc:
+        if exc.reason != "empty_frame":
+            raise
+        mask = _load_mask(job.mask_path) if job.mask_path else None
+        why = cal.explain_empty(frame, prepared.sampling, pixel_mask=mask, saturation_value=job.saturation_value,
+                                method=job.method)
+        raise cal.CalibrationError("empty_frame", f"nothing on the training grid: {why}") from None
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
@@ -65,11 +111,23 @@ def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, float]:
     return shaped, time.perf_counter() - t0, time.thread_time() - c0
 
 
-def init_worker() -> None:
+def init_worker(log_queue=None, level: int = logging.INFO) -> None:
     """One thread per shaping worker: the pool is the parallelism; OpenCV's and BLAS's own
-    per-core thread pools inside every worker would oversubscribe the cores."""
+    per-core thread pools inside every worker would oversubscribe the cores.
+
+    ``log_queue``: the daemon's queue for this process's log records, so that a worker's
+    warning (e.g. a geometry that covers little of the training grid) reaches the daemon's
+    handlers with level and timestamp instead of a bare line on stderr."""
     import cv2
     from threadpoolctl import threadpool_limits
+
+    if log_queue is not None:
+        import logging.handlers
+
+        root = logging.getLogger()
+        root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+        root.setLevel(level)
+        logging.captureWarnings(True)  # Python warnings (numpy, OpenCV bindings) too, as "py.warnings" records
 
     cv2.setNumThreads(1)
     threadpool_limits(1)

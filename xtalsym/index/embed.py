@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,28 +47,34 @@ class Embedder:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "cpu", batch_size: int = 32) -> Embedder:
+        from xtalsym.bundle import verify_checkpoint
         from xtalsym.offline import evaluate as ev
 
+        verify_checkpoint(path)  # a model.pt inside a bundle only if the bundle verifies
         model, classes, extra = ev.load_model(path, device=device)
-        return cls.from_model(model, classes, model_id=sha256_file(path), source=str(path),
-                              config=ev.build_config_from(extra), device=device, batch_size=batch_size)
+        return cls.from_model(
+            model,
+            classes,
+            model_id=sha256_file(path),
+            source=str(path),
+            config=ev.build_config_from(extra),
+            device=device,
+            batch_size=batch_size,
+        )
 
     @classmethod
     def from_model(cls, model, classes, *, model_id, source, config=None, device="cpu", batch_size=32) -> Embedder:
-        import torch
+        """From a torch model in memory, run by the torch :class:`~xtalsym.inference.InferenceBackend`
+        (the same forward pass and softmax the daemon's torch backend runs)."""
+        from xtalsym import shaping
+        from xtalsym.inference.torch_backend import TorchBackend
 
         if getattr(model, "views", 1) != VIEWS or getattr(model, "representation", "shaped") != "shaped":
             raise ReferenceIndexError(
                 f"the reference index needs a three-stream shaped-DP model (msdn); {source} is {getattr(model, 'name', '?')}"
             )
-
-        def embed(x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            with torch.no_grad():
-                out = model(torch.as_tensor(x).to(device), torch.as_tensor(np.asarray(present, bool)).to(device))
-                probs = torch.softmax(out.logits.float(), dim=1)
-            return out.embeddings.float().cpu().numpy(), probs.cpu().numpy()
-
-        return cls(embed, [int(c) for c in classes], model_id, source, config, batch_size)
+        runner = TorchBackend(model, [int(c) for c in classes], image_size=shaping.MODEL_SIZE, device=device)
+        return cls(_backend_embed(runner), [int(c) for c in classes], model_id, source, config, batch_size)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32) -> Embedder:
@@ -82,13 +87,19 @@ class Embedder:
         b = bundle_module.load_bundle(path)  # verifies the manifest (and the index against the model)
         runner = select_backend(b, backend)
 
-        def embed(x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            result = runner.run(np.ascontiguousarray(x, dtype=np.uint8), np.asarray(present, dtype=bool))
-            return result.embeddings, result.probabilities
-
         settings = getattr(b, "settings", None) or {}
         config = ev.build_config_from({"dataset_config": settings.get("dataset_config")})
-        return cls(embed, [int(c) for c in b.classes], b.model_id, str(path), config, batch_size)
+        return cls(_backend_embed(runner), [int(c) for c in b.classes], b.model_id, str(path), config, batch_size)
+
+
+def _backend_embed(runner) -> EmbedFn:
+    """The embed function of an inference backend: (per-view embeddings, probabilities)."""
+
+    def embed(x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = runner.run(np.ascontiguousarray(x, dtype=np.uint8), np.asarray(present, dtype=bool))
+        return result.embeddings, result.probabilities
+
+    return embed
 
 
 # --------------------------------------------------------------------------- embedding data
@@ -103,9 +114,9 @@ class Embedded:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from xtalsym.progress import progress
 
-    return tqdm(total=total, unit="material", desc=desc, disable=not enabled)
+    return progress(total=total, unit="material", desc=desc, enabled=enabled)
 
 
 def select_samples(
@@ -130,7 +141,9 @@ def select_samples(
     return samples
 
 
-def embed_dataset(embedder: Embedder, root: str | os.PathLike, samples: Sequence[dict], *, progress: bool = False) -> Embedded:
+def embed_dataset(
+    embedder: Embedder, root: str | os.PathLike, samples: Sequence[dict], *, progress: bool = False
+) -> Embedded:
     """Embed stored shaped DPs of ``samples`` (from :func:`select_samples`), in batches."""
     from xtalsym.offline import dataset as ds
 
@@ -158,20 +171,15 @@ def embed_dataset(embedder: Embedder, root: str | os.PathLike, samples: Sequence
 def embed_structures(embedder: Embedder, sources: Sequence[str | os.PathLike], *, progress: bool = False) -> Embedded:
     """Read, label, simulate and shape structures with the model's settings, then embed them."""
     from xtalsym.offline import dataset as ds
-    from xtalsym.offline import evaluate as ev
-    from xtalsym.offline import structures
+    from xtalsym.offline import samples as sm
 
     config = embedder.config or ds.BuildConfig()
-    records: list = []
-    for source in sources:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"structure source not found: {source}")
-        records.extend(structures.iter_records(source))
+    records = sm.read_records(sources)
     vecs, probs, entries, failed = [], [], [], []
     bar = _progress(len(records), "simulate+embed", progress)
     for i in range(0, len(records), embedder.batch_size):
         chunk = records[i : i + embedder.batch_size]
-        inputs, labelled, bad = ev._simulate_records(chunk, config, "shaped")
+        inputs, labelled, bad = sm.model_inputs(chunk, config, "shaped")
         failed += bad
         if inputs:
             e, p = embedder(np.stack(inputs))
@@ -191,13 +199,15 @@ def embed_structures(embedder: Embedder, sources: Sequence[str | os.PathLike], *
 def embed_structure(embedder: Embedder, structure) -> tuple[np.ndarray, np.ndarray, Any]:
     """One structure (path or LabelledStructure) -> ((1, 2880) vector, (1, C) probabilities, labelled)."""
     from xtalsym.offline import dataset as ds
-    from xtalsym.offline import evaluate as ev
+    from xtalsym.offline import samples as sm
     from xtalsym.offline import structures
 
     config = embedder.config or ds.BuildConfig()
-    labelled = structure if isinstance(structure, structures.LabelledStructure) else structures.load_structure(structure, symprec=config.symprec)
-    raws, shaped = ds.make_sample(labelled, config)
-    e, p = embedder(ev.model_input(raws, shaped, "shaped")[None])
+    labelled = (
+        structure
+        if isinstance(structure, structures.LabelledStructure)
+        else structures.load_structure(structure, symprec=config.symprec)
+    )
+    raws, shaped = sm.make_sample(labelled, config)
+    e, p = embedder(sm.model_input(raws, shaped, "shaped")[None])
     return normalise_views(e), np.asarray(p, np.float32), labelled
-
-

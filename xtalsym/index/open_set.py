@@ -51,7 +51,9 @@ def topk_from_rankings(rankings: Sequence[Sequence[int]], truth: Sequence[int], 
     return out
 
 
-def _stats(index: ReferenceIndex, vectors: np.ndarray, probs: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> dict:
+def _stats(
+    index: ReferenceIndex, vectors: np.ndarray, probs: np.ndarray, k: int, *, exclude: np.ndarray | None = None
+) -> dict:
     """p_max, nearest similarity and vote share of each query; with ``exclude`` (a space
     group per query) the references of that group are left out (leave-group-out)."""
     extra = 0 if exclude is None else max(int(n) for n in index.meta["class_counts"].values())
@@ -66,8 +68,11 @@ def _stats(index: ReferenceIndex, vectors: np.ndarray, probs: np.ndarray, k: int
         top_sim[i] = float(s[0]) if len(s) else 0.0
         v = vote(s, g)
         share[i] = v[0]["share"] if v else 0.0
-    return {"p_max": np.asarray(probs, np.float64).max(axis=1) if probs.size else np.full(len(vectors), np.nan),
-            "top_similarity": top_sim, "top_share": share}
+    return {
+        "p_max": np.asarray(probs, np.float64).max(axis=1) if probs.size else np.full(len(vectors), np.nan),
+        "top_similarity": top_sim,
+        "top_share": share,
+    }
 
 
 def _rates(th: Thresholds, stats: dict) -> float | None:
@@ -116,8 +121,14 @@ def evaluate_open_set(
     e_ref = embed_dataset(embedder, root, ref, progress=progress)
     e_test = embed_dataset(embedder, root, test, progress=progress)
     index = ReferenceIndex.build(
-        e_ref.vectors, e_ref.entries, kind=kind, params=params, model_id=embedder.model_id, model_source=embedder.source,
-        gpu=gpu, extra={"built_from": {"dataset": str(root), "open_set_groups": groups, "half": "reference", "seed": seed}},
+        e_ref.vectors,
+        e_ref.entries,
+        kind=kind,
+        params=params,
+        model_id=embedder.model_id,
+        model_source=embedder.source,
+        gpu=gpu,
+        extra={"built_from": {"dataset": str(root), "open_set_groups": groups, "half": "reference", "seed": seed}},
     )
     truth = np.array([e["space_group"] for e in e_test.entries])
     depth = 5
@@ -178,7 +189,9 @@ def evaluate_open_set(
         }
     else:
         metrics["unknown_detection"] = None
-        metrics["unknown_detection_note"] = f"no {calibration_split!r} samples of the model's classes in the dataset: not calibrated"
+        metrics["unknown_detection_note"] = (
+            f"no {calibration_split!r} samples of the model's classes in the dataset: not calibrated"
+        )
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     return metrics, index
 
@@ -192,7 +205,8 @@ def format_open_set(metrics: dict) -> str:
         f"{len(metrics['open_set_groups'])} groups ({metrics['groups_with_references']} with references)",
         f"{'method':<28} " + " ".join(f"{f'top-{j}':>6}" for j in range(1, 6)),
         f"{'nearest-neighbour vote':<28} " + " ".join(f"{pct(metrics['vote'][f'top{j}']):>6}" for j in range(1, 6)),
-        f"{'per-class score (eq. 5-6)':<28} " + " ".join(f"{pct(metrics['class_score'][f'top{j}']):>6}" for j in range(1, 6)),
+        f"{'per-class score (eq. 5-6)':<28} "
+        + " ".join(f"{pct(metrics['class_score'][f'top{j}']):>6}" for j in range(1, 6)),
         f"{'paper (Fig. 3f)':<28} {pct(PAPER_OPEN_SET['top1']):>6} {'':>6} {'':>6} {'':>6} {pct(PAPER_OPEN_SET['top5']):>6}",
     ]
     u = metrics.get("unknown_detection")
@@ -206,4 +220,3 @@ def format_open_set(metrics: dict) -> str:
     else:
         lines.append(metrics.get("unknown_detection_note", "unknown detection: not calibrated"))
     return "\n".join(lines)
-

@@ -129,7 +129,9 @@ class Thresholds:
     def is_unknown(self, p_max, top_similarity, top_share) -> np.ndarray:
         p = np.asarray(p_max, dtype=np.float64)
         unsure = np.where(np.isnan(p), True, p < self.tau_p)
-        weak_index = (np.asarray(top_similarity, np.float64) < self.tau_s) | (np.asarray(top_share, np.float64) < self.min_share)
+        weak_index = (np.asarray(top_similarity, np.float64) < self.tau_s) | (
+            np.asarray(top_share, np.float64) < self.min_share
+        )
         return unsure & weak_index
 
     def to_json(self) -> dict:
@@ -139,7 +141,9 @@ class Thresholds:
     def from_json(cls, data: dict | None) -> Thresholds:
         if not data:
             return cls()
-        return cls(**{k: data[k] for k in ("tau_p", "tau_s", "min_share", "calibrated", "method", "details") if k in data})
+        return cls(
+            **{k: data[k] for k in ("tau_p", "tau_s", "min_share", "calibrated", "method", "details") if k in data}
+        )
 
 
 def calibrate(
@@ -166,7 +170,9 @@ def calibrate(
             values = np.quantile(values, np.linspace(0, 1, 401))
         u = np.unique(values)
         # midpoints between neighbouring observed values: the threshold sits in the gap
-        return np.unique(np.concatenate([[0.0], (u[:-1] + u[1:]) / 2, [np.nextafter(max(top, u.max(initial=0)), np.inf)]]))
+        return np.unique(
+            np.concatenate([[0.0], (u[:-1] + u[1:]) / 2, [np.nextafter(max(top, u.max(initial=0)), np.inf)]])
+        )
 
     p_grid = candidates(np.concatenate([s["p_max"] for s in every]), 1.0)
     s_grid = candidates(np.concatenate([s["top_similarity"] for s in every]), 3.0)
@@ -203,7 +209,8 @@ def calibrate(
     _, th, recall, false, bal = best
     th.calibrated = True
     th.method = (
-        f"max unknown recall with false-unknown <= {max_false_unknown}" if max_false_unknown is not None
+        f"max unknown recall with false-unknown <= {max_false_unknown}"
+        if max_false_unknown is not None
         else "max balanced accuracy (unknown recall, mean specificity)"
     )
     th.details = {
@@ -213,7 +220,6 @@ def calibrate(
         "samples": {"unknown": int(len(unknown["p_max"])), "not_unknown": [int(len(s["p_max"])) for s in not_unknown]},
     }
     return th
-
 
 
 def reference_entry(meta: dict) -> dict:
@@ -226,4 +232,3 @@ def reference_entry(meta: dict) -> dict:
         "crystal_system": meta.get("crystal_system") or spacegroups.crystal_system(sg),
         "source": meta.get("source"),
     }
-

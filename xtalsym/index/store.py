@@ -61,9 +61,10 @@ def _faiss():
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency of the index
-        raise ReferenceIndexError("the reference index needs FAISS: pip install faiss-cpu (or faiss-gpu)") from exc
+        raise ReferenceIndexError(
+            "the reference index needs FAISS: pip install 'xtalsym[daemon]' (or faiss-cpu / faiss-gpu)"
+        ) from exc
     return faiss
-
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -223,7 +224,9 @@ class ReferenceIndex:
 
     def _maybe_gpu(self, gpu: str) -> None:
         if gpu == "on" and not gpu_available():
-            raise ReferenceIndexError("--gpu on, but this FAISS has no GPU support or sees no GPU (pip install faiss-gpu)")
+            raise ReferenceIndexError(
+                "--gpu on, but this FAISS has no GPU support or sees no GPU (pip install faiss-gpu)"
+            )
         if gpu in ("auto", "on"):
             self.faiss_index, self.on_gpu = _to_gpu(self.faiss_index, self.meta["kind"])
 
@@ -253,7 +256,12 @@ class ReferenceIndex:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, *, expected_model_id: str | None = None, gpu: str = "auto", verify: bool = True
+        cls,
+        directory: str | os.PathLike,
+        *,
+        expected_model_id: str | None = None,
+        gpu: str = "auto",
+        verify: bool = True,
     ) -> ReferenceIndex:
         """Read an index directory; refuses a missing/corrupted one and, with
         ``expected_model_id``, one built by another model (:class:`ModelMismatchError`)."""
@@ -271,13 +279,21 @@ class ReferenceIndex:
             if not path.is_file():
                 raise ReferenceIndexError(f"{d}: index file {name} is missing")
             if verify and sha256_file(path) != digest:
-                raise ReferenceIndexError(f"{d}: {name} does not match the sha256 in {META_FILE} (corrupted or modified)")
+                raise ReferenceIndexError(
+                    f"{d}: {name} does not match the sha256 in {META_FILE} (corrupted or modified)"
+                )
         index = faiss.deserialize_index(np.frombuffer((d / INDEX_FILE).read_bytes(), dtype=np.uint8))
         _apply_search_params(index, meta["kind"], meta.get("params") or {})
         entries = [json.loads(line) for line in (d / ENTRIES_FILE).read_text().splitlines() if line.strip()]
         cvecs = np.load(d / CLASS_VECTORS_FILE, allow_pickle=False)
-        if index.ntotal != len(entries) or index.ntotal != meta.get("count") or cvecs.shape != (len(meta["classes"]), DIM):
-            raise ReferenceIndexError(f"{d}: inconsistent index ({index.ntotal} vectors, {len(entries)} entries, count {meta.get('count')})")
+        if (
+            index.ntotal != len(entries)
+            or index.ntotal != meta.get("count")
+            or cvecs.shape != (len(meta["classes"]), DIM)
+        ):
+            raise ReferenceIndexError(
+                f"{d}: inconsistent index ({index.ntotal} vectors, {len(entries)} entries, count {meta.get('count')})"
+            )
         self = cls(index, entries, meta["classes"], cvecs, meta)
         if gpu != "off":
             self._maybe_gpu(gpu)
@@ -331,15 +347,24 @@ class ReferenceIndex:
         results = []
         for i in range(len(sims)):
             neighbours = [
-                {**self.entries[j], "rank": r + 1, "similarity": round(float(s), 6), "sigma_total": round(3.0 - float(s), 6)}
+                {
+                    **self.entries[j],
+                    "rank": r + 1,
+                    "similarity": round(float(s), 6),
+                    "sigma_total": round(3.0 - float(s), 6),
+                }
                 for r, (s, j) in enumerate(zip(sims[i], idx[i]))
                 if j >= 0
             ]
             v = vote(sims[i], self.groups_of(idx[i]))
             order = np.argsort(-scores[i], kind="stable")[:top]
             per_class = [
-                {"space_group": self.classes[c], "symbol": spacegroups.symbol(self.classes[c]),
-                 "score": round(float(scores[i, c]), 6), "gamma": round(float(g[i, c]), 6)}
+                {
+                    "space_group": self.classes[c],
+                    "symbol": spacegroups.symbol(self.classes[c]),
+                    "score": round(float(scores[i, c]), 6),
+                    "gamma": round(float(g[i, c]), 6),
+                }
                 for c in order
             ]
             clf: list[dict] = []
@@ -348,7 +373,11 @@ class ReferenceIndex:
                 p = np.asarray(probabilities[i], dtype=np.float64)
                 p_max = float(p.max())
                 clf = [
-                    {"space_group": int(classes[c]), "symbol": spacegroups.symbol(int(classes[c])), "probability": round(float(p[c]), 6)}
+                    {
+                        "space_group": int(classes[c]),
+                        "symbol": spacegroups.symbol(int(classes[c])),
+                        "probability": round(float(p[c]), 6),
+                    }
                     for c in np.argsort(-p, kind="stable")[:top]
                 ]
             top_sim = float(sims[i, 0]) if len(neighbours) else 0.0
@@ -361,10 +390,17 @@ class ReferenceIndex:
             else:
                 answer, by = v[0]["space_group"], "reference vote"
             decision = {
-                "space_group": answer, "by": by, "p_max": None if np.isnan(p_max) else round(p_max, 6),
-                "top_similarity": round(top_sim, 6), "vote_share": round(float(top_share), 6),
-                "thresholds": {"tau_p": self.thresholds.tau_p, "tau_s": self.thresholds.tau_s,
-                               "min_share": self.thresholds.min_share, "calibrated": self.thresholds.calibrated},
+                "space_group": answer,
+                "by": by,
+                "p_max": None if np.isnan(p_max) else round(p_max, 6),
+                "top_similarity": round(top_sim, 6),
+                "vote_share": round(float(top_share), 6),
+                "thresholds": {
+                    "tau_p": self.thresholds.tau_p,
+                    "tau_s": self.thresholds.tau_s,
+                    "min_share": self.thresholds.min_share,
+                    "calibrated": self.thresholds.calibrated,
+                },
             }
             results.append(QueryResult(neighbours, v, per_class, clf, unknown, decision))
         return results
@@ -380,9 +416,6 @@ def check_model_id(meta: dict, expected: str | None, where: Any = "index") -> No
         )
 
 
-
 def bundle_index_dir(path: str | os.PathLike) -> Path:
     """The reference index inside a bundle (``index/``)."""
     return Path(path) / "index"
-
-

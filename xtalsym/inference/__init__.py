@@ -7,7 +7,10 @@ Backends: ``torch`` (CPU fp32; CUDA fp16 + channels_last + optional CUDA graphs)
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 from typing import Any
 
 from xtalsym.inference.base import (
@@ -56,6 +59,8 @@ def make_backend(bundle, name: str, *, device: str = "cpu", precision: str = "au
     if precision == "int8" and name != "onnxruntime":
         raise BackendUnavailable(f"int8 runs on onnxruntime (CPU) only, not {name}")
     if name == "torch":
+        if importlib.util.find_spec("torch") is None:
+            raise BackendUnavailable("torch is not installed (pip install 'xtalsym[ml]')")
         from xtalsym.inference.torch_backend import TorchBackend
 
         if device.startswith("cuda"):
@@ -119,11 +124,19 @@ def select_backend(
             backend = make_backend(bundle, candidate, device=dev, precision=precision, **extra)
         except BackendUnavailable as exc:
             skipped.append(f"{candidate}/{dev}: {exc}")
-            log.info("backend %s on %s skipped: %s", candidate, dev, exc)
             continue
-        log.info("inference backend: %r (auto; skipped: %s)", backend, "; ".join(skipped) or "none")
+        # The skipped candidates carry install hints (TensorRT, onnxruntime-gpu): worth
+        # reading on a GPU host, noise on a CPU one, where they go to one DEBUG line.
+        log.log(logging.INFO if _gpu_present() else logging.DEBUG, "auto backend: skipped %s",
+                "; ".join(skipped) or "none")
+        log.info("inference backend: %r (auto)", backend)
         return backend
     raise BackendUnavailable("no inference backend works here: " + "; ".join(skipped))
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA GPU on this host (its device node or driver tool), without importing torch."""
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
 
 def _cuda_available() -> bool:

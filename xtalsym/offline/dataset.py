@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from xtalsym import __version__
 from xtalsym.offline import simulate, structures
-from xtalsym import shaping
+from xtalsym.offline.samples import SampleFailure, make_sample, sample_from_record  # noqa: F401 (make_sample: callers use ds.make_sample)
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,6 @@ def _error_entry(source: str, material_id: str | None, reason: str) -> dict:
 # --------------------------------------------------------------------------- samples
 
 
-def make_sample(labelled: structures.LabelledStructure, config: BuildConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Raw DPs (3, 256, 256) and shaped DPs (3, 224, 224, 3) for the x, y, z zone axes."""
-    patterns = simulate.simulate_axes(
-        labelled.structure, geometry=config.geometry, scattering=config.scattering, **simulate.DATASET_OPTIONS
-    )
-    raws = np.stack([simulate.to_raw_uint8(patterns[axis]) for axis in simulate.AXES])
-    shaped = np.stack(
-        [shaping.shape(raw, axis, method=config.shaping_method) for raw, axis in zip(raws, simulate.AXES)]
-    )
-    return raws, shaped
-
-
 def _sample_metadata(labelled: structures.LabelledStructure) -> dict:
     lattice = labelled.structure.lattice
     return {
@@ -196,23 +184,17 @@ def _build_shard(index: int, records: Sequence[structures.StructureRecord], out:
     errors: list[dict] = []
     attempts = requested = 0
     for record in records:
-        try:
-            labelled = structures.label(record, symprec=config.symprec)
-            if record.space_group_request is not None:
-                requested += 1
-                attempts += getattr(labelled, "attempts", 1)
-            raws, shaped = make_sample(labelled, config)
-        except (structures.StructureError, simulate.SimulationError, shaping.ShapingError) as exc:
-            errors.append(_error_entry(record.source, record.material_id, getattr(exc, "reason", str(exc))))
+        sample = sample_from_record(record, config)
+        if isinstance(sample, SampleFailure):
+            errors.append(_error_entry(sample.source, sample.material_id, sample.reason))
             continue
-        except Exception as exc:  # one bad structure must never abort a batch
-            log.exception("unexpected failure on %s", record.source)
-            errors.append(_error_entry(record.source, record.material_id, f"unexpected {type(exc).__name__}: {exc}"))
-            continue
+        if record.space_group_request is not None:
+            requested += 1
+            attempts += getattr(sample.labelled, "attempts", 1)
         i = len(samples)
-        arrays[f"raw-{i}"] = raws
-        arrays[f"shaped-{i}"] = shaped
-        samples.append(_sample_metadata(labelled))
+        arrays[f"raw-{i}"] = sample.raws
+        arrays[f"shaped-{i}"] = sample.shaped
+        samples.append(_sample_metadata(sample.labelled))
     _write_shard(shard_dir, index, arrays, {"samples": samples, "errors": errors})
     return ShardResult(index, len(samples), errors, time.perf_counter() - start, attempts=attempts, requested=requested)
 
@@ -255,6 +237,15 @@ def _chunks(records: Sequence, size: int) -> list[list]:
     return [list(records[i : i + size]) for i in range(0, len(records), size)]
 
 
+def _first_difference(old, new, name: str) -> str:
+    """'config.geometry.pixels is 256 there, 128 now' for the first key where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{name}.{key}")
+    return f"{name} is {old!r} there, {new!r} now"
+
+
 def _check_or_write_metadata(out: Path, config: BuildConfig, inputs: dict, overwrite: bool) -> None:
     meta_path = out / METADATA_FILE
     wanted = {
@@ -268,8 +259,9 @@ def _check_or_write_metadata(out: Path, config: BuildConfig, inputs: dict, overw
         for key in ("format_version", "config", "inputs"):
             if existing.get(key) != wanted[key]:
                 raise DatasetError(
-                    f"{out} holds a dataset built with other {key} "
-                    f"({existing.get(key)!r} != {wanted[key]!r}); choose another --out or pass --overwrite"
+                    f"{out} holds a dataset built with other settings: "
+                    f"{_first_difference(existing.get(key), wanted[key], key)}; choose another --out, rerun "
+                    f"with the same settings to resume, or pass --overwrite"
                 )
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +288,7 @@ def build_dataset(
     ``workers`` local processes (default: all cores) or, with ``scheduler``, the workers
     of a Dask distributed cluster (they must see ``out`` on a shared filesystem).
     """
-    from tqdm import tqdm
+    from xtalsym.progress import progress as progress_bar
 
     out = Path(out)
     if config.shard_size < 1:
@@ -307,7 +299,7 @@ def build_dataset(
     chunks = _chunks(records, config.shard_size)
     start = time.perf_counter()
     results: list[ShardResult] = []
-    bar = tqdm(total=len(records), unit="structure", disable=not progress, desc="simulate+shape")
+    bar = progress_bar(total=len(records), unit="structure", enabled=progress, desc="simulate+shape")
     for result in _run_shards(chunks, str(out), config, workers=workers, scheduler=scheduler):
         results.append(result)
         bar.update(len(chunks[result.index]))
@@ -355,7 +347,8 @@ def _run_shards(chunks: list[list], out: str, config: BuildConfig, *, workers: i
 
 def _run_shards_dask(chunks: list[list], out: str, config: BuildConfig, scheduler: str):
     try:
-        from dask.distributed import Client, as_completed as dask_completed
+        from dask.distributed import Client
+        from dask.distributed import as_completed as dask_completed
     except ImportError:
         raise DatasetError(
             "a Dask scheduler was given but dask.distributed is not installed: pip install 'xtalsym[distributed]'"

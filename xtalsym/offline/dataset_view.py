@@ -11,6 +11,7 @@ import numpy as np
 
 from xtalsym import spacegroups
 from xtalsym.offline import dataset as ds
+from xtalsym.offline.images import add_scale_bar
 
 
 def summarise(root: str | Path) -> dict:
@@ -72,9 +73,22 @@ def _pick_examples(samples: list[dict], rows: int, seed: int) -> list[dict]:
     return picked + rest[: max(0, rows - len(picked))]
 
 
+def _raw_q_per_pixel(root: str | Path) -> float | None:
+    """Å⁻¹ per raw-DP pixel from the dataset's geometry (None if it does not say)."""
+    from xtalsym.offline.simulate import Geometry
+
+    geometry = (ds.load_metadata(root).get("config") or {}).get("geometry") or {}
+    try:
+        return Geometry(**{k: geometry[k] for k in ("wavelength_m", "distance_m", "pixel_size_m", "pixels")
+                           if k in geometry}).q_per_pixel
+    except (TypeError, ValueError):
+        return None
+
+
 def save_example_grid(root: str | Path, out: str | Path, *, rows: int = 8, seed: int = 0) -> Path:
     """PNG grid: per example the raw DPs (x, y, z; shown with a square-root stretch so weak
-    spots are visible) and the shaped DPs (x, y, z) as the model sees them."""
+    spots are visible) and the shaped DPs (x, y, z) as the model sees them, each with a
+    scale bar in Å⁻¹ (from the dataset's geometry)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,6 +98,7 @@ def save_example_grid(root: str | Path, out: str | Path, *, rows: int = 8, seed:
     if not samples:
         raise ds.DatasetError(f"dataset has no samples to show: {root}")
     examples = _pick_examples(samples, rows, seed)
+    q_raw = _raw_q_per_pixel(root)
     reader = ds.ShardReader(root)
     fig, axes = plt.subplots(len(examples), 6, figsize=(12, 2.1 * len(examples)), squeeze=False)
     for row, sample in zip(axes, examples):
@@ -94,6 +109,9 @@ def save_example_grid(root: str | Path, out: str | Path, *, rows: int = 8, seed:
             row[k].set_title(f"raw {axis}", fontsize=7)
             row[3 + k].imshow(shaped[k])
             row[3 + k].set_title(f"shaped {axis}", fontsize=7)
+            if q_raw is not None:
+                add_scale_bar(row[k], q_raw, raws[k].shape[1])
+                add_scale_bar(row[3 + k], q_raw * raws[k].shape[1] / shaped[k].shape[1], shaped[k].shape[1])
         row[0].set_ylabel(
             f"{sample['material_id']}\n{sample['formula']}\nSG {sample['space_group']} {sample['symbol']}", fontsize=7
         )

@@ -37,6 +37,7 @@ import numpy as np
 from xtalsym import shaping, spacegroups
 from xtalsym.offline import dataset as ds
 from xtalsym.offline import simulate, structures
+from xtalsym.offline.samples import model_input, model_inputs, read_records  # noqa: F401 (model_input: part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -229,20 +230,40 @@ def load_model(checkpoint: str | Path, *, device: str = "cpu"):
     return model, classes, extra
 
 
+@dataclass
+class LoadedModel:
+    """A model ready to classify, with what it needs: its classes (space group of each
+    output), the dataset settings its inputs are simulated with, where it came from."""
+
+    model: object
+    classes: list[int]
+    config: ds.BuildConfig
+    source: str
+    device: str
+    extra: dict
+
+
+def load_for_inference(*, checkpoint: str | Path | None = None, bundle: str | Path | None = None,
+                       device: str = "auto") -> LoadedModel:
+    """The model of a bundle (verified against its manifest; default: the shipped bundle)
+    or of a training checkpoint. A checkpoint inside a bundle is verified as that bundle:
+    a modified or truncated ``model.pt`` is refused, never used."""
+    from xtalsym import bundle as bundles
+
+    device = resolve_device(device)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        bundles.verify_checkpoint(path)
+        model, classes, extra = load_model(path, device=device)
+        return LoadedModel(model, classes, build_config_from(extra), str(path), device, extra)
+    b = bundles.load_bundle(bundle if bundle is not None else bundles.default_bundle_path())
+    model = b.load_model(map_location=device).to(device).eval()
+    extra = {"dataset_config": b.settings.get("dataset_config")}
+    return LoadedModel(model, [int(c) for c in b.classes], build_config_from(extra), str(b.path), device, extra)
+
+
 def _representation(model) -> str:
     return getattr(model, "representation", "shaped")
-
-
-def model_input(raws: np.ndarray, shaped: np.ndarray, representation: str) -> np.ndarray:
-    """One sample's network input from make_sample's raw (3,256,256) and shaped
-    (3,224,224,3) arrays, laid out as DiffractionDataset gives it."""
-    if representation == "shaped":
-        return np.ascontiguousarray(shaped.transpose(0, 3, 1, 2))
-    if representation == "spot":
-        return np.ascontiguousarray(shaping.spot_descriptor(dict(zip(shaping.AXES, raws))).transpose(2, 0, 1))
-    if representation == "raw":
-        return np.ascontiguousarray(raws)
-    raise EvaluationError(f"unknown model representation {representation!r}")
 
 
 def present_mask(axes: Sequence[str] | None, model) -> np.ndarray | None:
@@ -322,6 +343,7 @@ def evaluate_dataset(
     device: str = "cpu",
     present: np.ndarray | None = None,
     k: int = TOP_K,
+    progress: bool = False,
 ) -> dict:
     """Metrics of ``model`` on one split of a dataset directory (see :func:`compute_metrics`),
     plus ``predictions`` (per-sample rows) and ``out_of_classes`` (samples not scored)."""
@@ -338,8 +360,20 @@ def evaluate_dataset(
         for s in ds.iter_sample_metadata(root)
         if splits.get(s["material_id"]) == split and s["space_group"] not in inside
     ]
+    from xtalsym.progress import progress as progress_bar
+
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    probs = predict_probs(model, (x for x, _ in loader), device=device, present=present)
+    bar = progress_bar(total=len(data), desc=f"evaluate: {split}", unit="sample", enabled=progress)
+
+    def batches():
+        for x, _ in loader:
+            yield x
+            bar.update(len(x))
+
+    try:
+        probs = predict_probs(model, batches(), device=device, present=present)
+    finally:
+        bar.close()
     targets = data.labels
     metrics = compute_metrics(probs, targets, classes, k=k)
     true_sg = [s["space_group"] for s in data.samples]
@@ -378,29 +412,6 @@ def build_config_from(extra: dict | None) -> ds.BuildConfig:
     )
 
 
-def _simulate_records(records, config: ds.BuildConfig, representation: str):
-    """(inputs, labelled) for the records that simulate, and failures with reasons."""
-    inputs, labelled_ok, failed = [], [], []
-    for item in records:
-        if isinstance(item, structures.StructureError):
-            failed.append({"source": item.source, "material_id": None, "reason": item.reason})
-            continue
-        try:
-            labelled = structures.label(item, symprec=config.symprec)
-            raws, shaped = ds.make_sample(labelled, config)
-            x = model_input(raws, shaped, representation)
-        except (structures.StructureError, simulate.SimulationError, shaping.ShapingError) as exc:
-            failed.append({"source": item.source, "material_id": item.material_id, "reason": getattr(exc, "reason", str(exc))})
-            continue
-        except Exception as exc:  # one bad structure never stops an evaluation
-            log.exception("unexpected failure on %s", item.source)
-            failed.append({"source": item.source, "material_id": item.material_id, "reason": f"unexpected {type(exc).__name__}: {exc}"})
-            continue
-        inputs.append(x)
-        labelled_ok.append(labelled)
-    return inputs, labelled_ok, failed
-
-
 def evaluate_structures(
     model,
     classes: Sequence[int],
@@ -411,18 +422,21 @@ def evaluate_structures(
     device: str = "cpu",
     present: np.ndarray | None = None,
     k: int = TOP_K,
+    progress: bool = False,
 ) -> dict:
     """Metrics of ``model`` on structures (CIF files/folders, JSON lines), simulated and
     shaped on the fly. Unusable structures go to ``failed``; structures of space groups
     the model does not know go to ``out_of_classes`` (with their ids), not into the scores."""
+    from xtalsym.progress import progress as progress_bar
+
     start = time.perf_counter()
     config = config or ds.BuildConfig()
-    records = []
-    for source in sources:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"structure source not found: {source}")
-        records.extend(structures.iter_records(source))
-    inputs, labelled, failed = _simulate_records(records, config, _representation(model))
+    records = read_records(sources)
+    bar = progress_bar(total=len(records), desc="evaluate: simulate+shape", unit="structure", enabled=progress)
+    try:
+        inputs, labelled, failed = model_inputs(records, config, _representation(model), bar=bar)
+    finally:
+        bar.close()
     index = {int(c): i for i, c in enumerate(classes)}
     keep = [i for i, item in enumerate(labelled) if item.space_group in index]
     outside = [item for item in labelled if item.space_group not in index]
@@ -466,6 +480,90 @@ def predict_structure(
     raws, shaped = ds.make_sample(labelled, config)
     x = model_input(raws, shaped, _representation(model))
     probs = predict_probs(model, [x[None]], device=device, present=present)[0]
+    return _top_rows(probs, classes, k)
+
+
+def output_dir(out: str | Path | None, what: str) -> Path:
+    """Where an evaluation writes: ``out``, else ``evaluation-<what>`` in the working
+    directory; never inside a bundle (a bundle holds exactly its manifest's files, and
+    anything more makes `serve` and `bundle verify` refuse it)."""
+    from xtalsym import bundle as bundles
+
+    path = Path(out) if out else Path.cwd() / f"evaluation-{what}"
+    for folder in (path.resolve(), *path.resolve().parents):
+        if (folder / bundles.MANIFEST).is_file():
+            raise EvaluationError(
+                f"output folder {path} is inside the model bundle {folder}: a bundle must hold only the files of "
+                f"its manifest; pass --out with a folder outside it"
+            )
+    return path
+
+
+def axes_list(text: str | None) -> list[str] | None:
+    """'x,z' -> ['x', 'z']; None or '' -> None (all axes)."""
+    return [a.strip() for a in text.split(",") if a.strip()] if text else None
+
+
+def run_evaluation(
+    loaded: LoadedModel,
+    *,
+    dataset: str | Path | None = None,
+    split: str = "test",
+    sources: Sequence[str | Path] | None = None,
+    out: str | Path | None = None,
+    axes: Sequence[str] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[dict, dict[str, Path]]:
+    """`xtalsym evaluate`: metrics of a loaded model on a dataset split or on structures,
+    written to :func:`output_dir` (metrics.json, predictions.csv, the confusion PNG)."""
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size must be >= 1, got {batch_size}")
+    if (dataset is None) == (not sources):
+        raise EvaluationError("evaluate needs a dataset directory or structure sources (one of them)")
+    what = split if dataset is not None else "structures"
+    folder = output_dir(out, what)  # refused before any work is done
+    model = loaded.model
+    present = present_mask(axes, model)
+    if dataset is not None:
+        metrics = evaluate_dataset(model, loaded.classes, dataset, split, batch_size=batch_size, device=loaded.device,
+                                   present=present, progress=progress)
+    else:
+        metrics = evaluate_structures(model, loaded.classes, sources, config=loaded.config, batch_size=batch_size,
+                                      device=loaded.device, present=present, progress=progress)
+    metrics["checkpoint"] = loaded.source
+    metrics["model"] = getattr(model, "name", type(model).__name__)
+    metrics["axes"] = list(axes) if axes else list(shaping.AXES)
+    paths = write_outputs(metrics, folder, title=f"{metrics['model']} on {what} ({metrics['samples']} samples)")
+    return metrics, paths
+
+
+def predict_sources(loaded: LoadedModel, source: str | Path, *, axes: Sequence[str] | None = None, k: int = TOP_K):
+    """`xtalsym predict`: for every structure of ``source`` (a structure file, a folder of
+    them, or a JSON-lines file: all of its lines), ``(labelled, top-k rows)`` or
+    ``(StructureError, None)`` for one that cannot be read, labelled or simulated."""
+    from xtalsym.offline.samples import SampleFailure, sample_from_record
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"structure not found: {path}")
+    if path.is_dir() or structures.is_json_lines(path):
+        records = structures.iter_records(path)
+    else:
+        records = iter([structures.single_record(path)])
+    present = present_mask(axes, loaded.model)
+    representation = _representation(loaded.model)
+    for record in records:
+        sample = sample_from_record(record, loaded.config)
+        if isinstance(sample, SampleFailure):
+            yield structures.StructureError(sample.source, sample.reason), None
+            continue
+        probs = predict_probs(loaded.model, [sample.model_input(representation)[None]], device=loaded.device,
+                              present=present)[0]
+        yield sample.labelled, _top_rows(probs, loaded.classes, k)
+
+
+def _top_rows(probs: np.ndarray, classes: Sequence[int], k: int) -> list[dict]:
     return [
         {
             "rank": rank + 1,

@@ -24,7 +24,7 @@ class UnknownSpeciesError(KeyError):
     """No scattering-factor coefficients for this element symbol."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def coefficients(symbol: str, scattering: str) -> tuple[np.ndarray, np.ndarray, float]:
     """(a, b, c) for an element symbol; raises UnknownSpeciesError."""
     if scattering == "xray":

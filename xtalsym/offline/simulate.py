@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -127,8 +128,33 @@ class _Grid:
     weight: np.ndarray   # (N²,) solid angle × polarisation, 1 at the beam
 
 
+# Peak bytes per detector pixel of one simulation: the pixel grid (H, s², weights) and the
+# complex structure factor with its temporaries, all float64.
+BYTES_PER_PIXEL = 64
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no check
+        return None
+
+
+def check_memory(geometry: Geometry) -> None:
+    """Refuse a grid that cannot fit in this machine's free memory, before allocating it."""
+    need = geometry.pixels**2 * BYTES_PER_PIXEL
+    free = _available_memory_bytes()
+    if free is not None and need > free:
+        raise SimulationError(
+            f"pixels {geometry.pixels}: a {geometry.pixels} x {geometry.pixels} pattern needs about "
+            f"{need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB is free; use fewer pixels "
+            f"(the model's patterns have 256)"
+        )
+
+
 @functools.lru_cache(maxsize=8)
 def _pixel_grid(geometry: Geometry) -> _Grid:
+    check_memory(geometry)
     n = geometry.pixels
     coord = (np.arange(n) - (n - 1) / 2) * geometry.pixel_size_m
     py, px = np.meshgrid(coord, coord, indexing="ij")

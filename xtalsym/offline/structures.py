@@ -1,6 +1,8 @@
 """Sources of crystal structures and their space-group labels.
 
-Three sources feed the dataset builder: CIF files (one file or a folder), JSON lines
+Three sources feed the dataset builder: structure files (one file or a folder: CIF, and
+every other file format pymatgen reads — POSCAR/CONTCAR/``*.vasp``, XSF, CSSR — by name or
+by content), JSON lines
 (the Materials Project dump in ``shared/data/mp_structures``: one object per line with
 ``cif`` or ``structure`` plus optional ``material_id`` / ``formula``; ``.xz``, ``.gz``
 and ``.bz2`` are read transparently) and random crystals from pyxtal.
@@ -40,16 +42,24 @@ import gzip
 import json
 import logging
 import lzma
+import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import spglib
+
+# spglib's C library prints "spglib: ssm_get_exact_positions failed." to the process's
+# stderr for every near-miss of a symmetry search, thousands of lines in one evaluation;
+# the failures that matter reach us as return values. SPGLIB_WARNING=ON brings them back.
+os.environ.setdefault("SPGLIB_WARNING", "OFF")
+
+import spglib  # noqa: E402 (after the environment switch above, which it reads)
 from pymatgen.core import DummySpecies, Lattice, Structure
 
 from xtalsym import spacegroups
@@ -73,7 +83,14 @@ RANDOM_MAX_ATOMS_REQUESTED = 120  # keeps pyxtal fast; conventional cell stays <
 DEFAULT_MAX_ATTEMPTS = 50
 PYXTAL_VOLUME_FACTOR = 1.1  # pyxtal's default: close-packed-ish, plausible densities
 
-CIF_SUFFIXES = (".cif",)
+CIF_SUFFIXES = (".cif", ".mcif")
+# Other structure files pymatgen reads, by file name: (pymatgen's format name, suffixes, name prefixes)
+OTHER_FORMATS = (
+    ("poscar", (".vasp", ".poscar"), ("POSCAR", "CONTCAR")),
+    ("xsf", (".xsf",), ()),
+    ("cssr", (".cssr",), ()),
+)
+FORMAT_NAMES = {"cif": "CIF", "poscar": "POSCAR", "xsf": "XSF", "cssr": "CSSR"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COMPRESSED_OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
@@ -132,14 +149,31 @@ def iter_records(source: str | Path) -> Iterator[StructureRecord | StructureErro
     """
     path = Path(source)
     if path.is_dir():
-        for file in sorted(p for p in path.iterdir() if p.suffix.lower() in CIF_SUFFIXES):
-            yield _cif_file_record(file)
+        for file in sorted(p for p in path.iterdir() if p.is_file() and is_structure_file(p)):
+            yield _file_record(file)
     elif not path.exists():
         raise FileNotFoundError(f"no such structure source: {path}")
     elif _is_jsonl(path):
         yield from _jsonl_records(path)
     else:
-        yield _cif_file_record(path)
+        yield _file_record(path)
+
+
+def is_structure_file(path: Path) -> bool:
+    """A file a folder scan takes: CIF or another format pymatgen reads, by its name."""
+    return path.suffix.lower() in CIF_SUFFIXES or _format_by_name(path) is not None
+
+
+def _format_by_name(path: Path) -> str | None:
+    for fmt, suffixes, prefixes in OTHER_FORMATS:
+        if path.suffix.lower() in suffixes or any(path.name.startswith(p) for p in prefixes):
+            return fmt
+    return None
+
+
+def is_json_lines(path: str | Path) -> bool:
+    """True for ``*.jsonl`` / ``*.ndjson`` files (also compressed: ``.xz``, ``.gz``, ``.bz2``)."""
+    return _is_jsonl(Path(path))
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -156,12 +190,14 @@ def _open_text(path: Path) -> IO[str]:
     return opener(path, "rt", encoding="utf-8", errors="replace")
 
 
-def _cif_file_record(path: Path) -> StructureRecord | StructureError:
+def _file_record(path: Path) -> StructureRecord | StructureError:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         return StructureError(str(path), f"cannot read file: {exc}")
-    return StructureRecord(source=str(path), material_id=path.stem, formula=None, cif=text)
+    if path.suffix.lower() in CIF_SUFFIXES:
+        return StructureRecord(source=str(path), material_id=path.stem, formula=None, cif=text)
+    return _text_record(text, str(path), path.stem, name_format=_format_by_name(path))
 
 
 def _jsonl_records(path: Path) -> Iterator[StructureRecord | StructureError]:
@@ -244,11 +280,12 @@ def conventional_standard(structure: Structure, *, symprec: float = DEFAULT_SYMP
 
 
 def load_structure(path_or_text: str | Path, *, symprec: float = DEFAULT_SYMPREC) -> LabelledStructure:
-    """One labelled structure from a CIF/JSON/JSON-lines file or from CIF/JSON text.
+    """One labelled structure from a structure file (CIF, POSCAR/CONTCAR, XSF, CSSR, ...;
+    JSON or JSON lines) or from such text.
 
     A JSON-lines file gives its first structure. Raises StructureError.
     """
-    record = _single_record(path_or_text)
+    record = single_record(path_or_text)
     if isinstance(record, StructureError):
         raise record
     return label(record, symprec=symprec)
@@ -259,7 +296,8 @@ def shipped_structures_dir() -> Path:
     return Path(str(resources.files("xtalsym") / "data" / "structures"))
 
 
-def _single_record(path_or_text: str | Path) -> StructureRecord | StructureError:
+def single_record(path_or_text: str | Path) -> StructureRecord | StructureError:
+    """The record of one structure file (a JSON-lines file: its first line) or text."""
     if isinstance(path_or_text, str) and ("\n" in path_or_text or path_or_text.lstrip().startswith("{")):
         return _text_record(path_or_text, "<text>", "text")
     path = Path(path_or_text)
@@ -267,17 +305,21 @@ def _single_record(path_or_text: str | Path) -> StructureRecord | StructureError
         return StructureError(str(path), "no such file")
     if _is_jsonl(path):
         return next(iter_records(path), StructureError(str(path), "empty JSON-lines file"))
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        return StructureError(str(path), f"cannot read file: {exc}")
-    return _text_record(text, str(path), path.stem)
+    return _file_record(path)
 
 
-def _text_record(text: str, source: str, material_id: str) -> StructureRecord | StructureError:
-    """CIF text, a JSON object like a JSON-lines entry, or a bare Structure.as_dict()."""
+def _looks_like_cif(text: str) -> bool:
+    return bool(re.search(r"^\s*data_", text, re.MULTILINE)) or "_cell_length_a" in text
+
+
+def _text_record(text: str, source: str, material_id: str, *, name_format: str | None = None
+                 ) -> StructureRecord | StructureError:
+    """CIF text, a JSON object like a JSON-lines entry, a bare Structure.as_dict(), or
+    another format pymatgen reads (``name_format`` from the file name, else by content)."""
     if not text.lstrip().startswith("{"):
-        return StructureRecord(source=source, material_id=material_id, formula=None, cif=text)
+        if name_format is None and (_looks_like_cif(text) or not text.strip()):
+            return StructureRecord(source=source, material_id=material_id, formula=None, cif=text)
+        return _other_format_record(text, source, material_id, name_format)
     try:
         obj = json.loads(text)
     except ValueError as exc:
@@ -285,6 +327,27 @@ def _text_record(text: str, source: str, material_id: str) -> StructureRecord | 
     if isinstance(obj, dict) and "lattice" in obj and "sites" in obj:
         return StructureRecord(source=source, material_id=material_id, formula=None, structure_dict=obj)
     return _object_record(obj, source)
+
+
+def _other_format_record(text: str, source: str, material_id: str, name_format: str | None
+                         ) -> StructureRecord | StructureError:
+    """Parse POSCAR/XSF/CSSR/... text with pymatgen (the format the name says, else each in
+    turn, CIF last); the error names every format tried and why the first one failed."""
+    tried = [name_format] if name_format else [fmt for fmt, _, _ in OTHER_FORMATS] + ["cif"]
+    first_reason = None
+    for fmt in tried:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                structure = Structure.from_str(text, fmt=fmt)
+        except Exception as exc:  # pymatgen raises many types for text of another format
+            first_reason = first_reason or f"{type(exc).__name__}: {_clip(str(exc), 120)}"
+            continue
+        return StructureRecord(source=source, material_id=material_id, formula=None,
+                               structure_dict=structure.as_dict())
+    names = ", ".join(FORMAT_NAMES.get(f, f) for f in tried)
+    what = f"unparsable {names}" if len(tried) == 1 else f"not a structure file pymatgen reads (tried {names})"
+    return StructureError(source, f"{what}: {first_reason}")
 
 
 def _labelled(
@@ -478,7 +541,7 @@ class RandomStats:
 RANDOM_STATS = RandomStats()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _wyckoff(sg: int) -> tuple[Any, tuple[int, ...]]:
     """pyxtal Group (slow to build, so cached) and its Wyckoff multiplicities, smallest first."""
     from pyxtal.symmetry import Group

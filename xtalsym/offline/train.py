@@ -387,6 +387,9 @@ def train(config: dict | TrainConfig, out: str | Path, *, resume: bool = False, 
     config = tc.coerce(config)
     if device is not None:
         config = tc.coerce({**config.to_dict(), "device": device})
+    if not Path(config.dataset).is_dir():
+        raise TrainError(f"dataset folder does not exist: {config.dataset} (make one with `xtalsym simulate dataset "
+                         f"--out {config.dataset}`, or set dataset in the config / --set dataset=DIR)")
     out = Path(out)
     try:
         trainer = Trainer(config, out, resume=resume)
@@ -588,10 +591,10 @@ class Trainer:
         self.model.train()
         bar = None
         if config.progress and self.dist.main:
-            from tqdm import tqdm
+            from xtalsym.progress import progress
 
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="batch", dynamic_ncols=True, leave=False)
+            bar = progress(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                           unit="batch", dynamic_ncols=True, leave=False)
         last_log = time.perf_counter()
         window_n = 0
         start = time.perf_counter()

@@ -46,9 +46,21 @@ class BadMessage(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        # which kind of message failed, when the decoder got that far ("start", "image", "end"),
+        # and its series id: a rejected start is worth a WARNING of its own (the series' images follow)
+        self.message_type: str | None = None
+        self.series_id: int | None = None
 
     def __reduce__(self):  # picklable across processes (two-argument __init__)
         return type(self), (self.reason, self.message)
+
+
+def failed_as(exc: BadMessage, message_type: str, series_id: Any) -> BadMessage:
+    """``exc`` marked as the failure of a ``message_type`` message of ``series_id`` (when an int)."""
+    exc.message_type = message_type
+    if isinstance(series_id, int) and not isinstance(series_id, bool) and series_id >= 0:
+        exc.series_id = series_id
+    return exc
 
 
 GEOMETRY_KEYS = (
@@ -81,6 +93,10 @@ class SeriesStart:
     pixel_mask: Any = None  # ndarray, or dict channel -> ndarray for stream V2
     flatfield: Any = None  # same layout as pixel_mask
     raw: dict = field(default_factory=dict)
+    # parts of the start the decoder could not use and left out (the series is kept), one line each
+    warnings: tuple[str, ...] = ()
+    # geometry key -> the stream field its value came from (``detector_translation[2]``, ...)
+    geometry_fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -305,6 +321,68 @@ def lz4_block_decompress(blob: bytes, expected_nbytes: int, where: str) -> bytes
             "bad_compression", f"{where}: lz4 gave {len(out)} bytes, expected {expected_nbytes}"
         )
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedFrame:
+    """An image's payload checked but not yet decompressed (``decode(..., defer_decompression=True)``).
+
+    The daemon's ingest thread decodes messages; decompressing a 16M frame there (~20 ms) and
+    pickling the 36 MB result to a worker would cap the daemon at one core. Instead the
+    framing, sizes and expansion bound are checked here (a message that fails them is still
+    a bad message at decode time) and :meth:`decompress` runs in the worker; a corrupt
+    compressed stream then raises :class:`BadMessage` (``bad_compression``) there.
+    """
+
+    blob: bytes
+    algorithm: str  # "bslz4" / "lz4" (HDF5-filter framing) or "lz4_block" (raw block)
+    dtype: str  # numpy dtype string of the payload, byte order included
+    shape: tuple[int, int]  # (rows, cols) of the decompressed array
+    order: str = "C"  # "F": column-major payload (stream V2 tag 1040)
+    where: str = "image"
+
+    ndim = 2
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def decompress(self) -> np.ndarray:
+        """The C-contiguous, native-order array (read-only when no copy was needed)."""
+        dtype = np.dtype(self.dtype)
+        if self.algorithm == "lz4_block":
+            raw = lz4_block_decompress(self.blob, self.nbytes, self.where)
+        else:
+            raw = decompress_framed(self.blob, self.algorithm, dtype.itemsize, self.nbytes, self.where)
+        rows, cols = self.shape
+        array = np.frombuffer(raw, dtype=dtype)
+        array = array.reshape((rows, cols)) if self.order == "C" else array.reshape((cols, rows)).T
+        if not dtype.isnative:
+            array = array.astype(dtype.newbyteorder("="))
+        return np.ascontiguousarray(array)
+
+
+def deferred(blob: bytes, algorithm: str, dtype: np.dtype, shape: tuple[int, int], where: str,
+             order: str = "C") -> CompressedFrame:
+    """Check a compressed payload as the eager decoders do, without decompressing it."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if algorithm == "lz4_block":
+        check_expansion(len(blob), nbytes, where, "lz4 block")
+    else:
+        if algorithm not in ("bslz4", "lz4"):
+            raise BadMessage("bad_compression", f"{where}: unknown algorithm {_short(algorithm)}")
+        framed_header(blob, nbytes, where)
+        check_expansion(len(blob), nbytes, where, algorithm)
+    return CompressedFrame(bytes(blob), algorithm, dtype.str, (int(shape[0]), int(shape[1])), order, where)
+
+
+def materialise(frame: Any) -> np.ndarray:
+    """An image array as decoded: a :class:`CompressedFrame` decompressed, an array as is."""
+    return frame.decompress() if isinstance(frame, CompressedFrame) else frame
 
 
 # Pure numpy + lz4.block implementation of the two framings. The encoders use it

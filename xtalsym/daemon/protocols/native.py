@@ -16,12 +16,15 @@ from .common import (
     DEFAULT_MAX_PIXELS,
     GEOMETRY_KEYS,
     BadMessage,
+    CompressedFrame,
     Event,
     Image,
     SeriesEnd,
     SeriesStart,
     _short,
+    deferred,
     dims_2d,
+    failed_as,
     json_object,
     lz4_block_decompress,
     optional,
@@ -34,8 +37,10 @@ DTYPES = ("|u1", "<u2", "<u4", "|i1", "<i2", "<i4", "<f4", "<f8")
 INT_GEOMETRY = ("image_size_x_px", "image_size_y_px")
 
 
-def decode_native(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Event:
-    """Decode a native message: [header] for start/end, [header, payload] for image."""
+def decode_native(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  defer_decompression: bool = False) -> Event:
+    """Decode a native message: [header] for start/end, [header, payload] for image
+    (``defer_decompression``: an lz4 payload becomes a :class:`CompressedFrame`)."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise BadMessage("bad_frames", "native message has no frames")
     head = json_object(frames[0], "native header")
@@ -56,8 +61,11 @@ def decode_native(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) 
     if kind == "end":
         return SeriesEnd(series_id=series_id, series_unique_id=unique)
     if kind == "start":
-        return _start(head, series_id, unique)
-    return _image(head, frames[1], series_id, unique, max_pixels)
+        try:
+            return _start(head, series_id, unique)
+        except BadMessage as exc:
+            raise failed_as(exc, "start", series_id) from None
+    return _image(head, frames[1], series_id, unique, max_pixels, defer_decompression)
 
 
 def _start(head: dict, series_id: int, unique: str | None) -> SeriesStart:
@@ -83,11 +91,13 @@ def _start(head: dict, series_id: int, unique: str | None) -> SeriesStart:
         number_of_images=optional(head, "number_of_images", int, "start"),
         user_data=head.get("user_data"),
         raw=head,
+        geometry_fields={k: (k if head.get(k) is not None else "pixel_size_m") for k in GEOMETRY_KEYS
+                         if geometry[k] is not None},
     )
 
 
 def _image(
-    head: dict, payload: Any, series_id: int, unique: str | None, max_pixels: int
+    head: dict, payload: Any, series_id: int, unique: str | None, max_pixels: int, defer: bool = False
 ) -> Image:
     image_id = require(head, "image_id", int, "image")
     if image_id < 0:
@@ -102,23 +112,26 @@ def _image(
         raise BadMessage("bad_frames", f"image payload is {type(payload).__name__}")
     payload = bytes(payload)
     compression = head.get("compression")
-    if compression == "lz4":
+    lazy: CompressedFrame | None = None
+    if compression == "lz4" and defer:
+        lazy = deferred(payload, "lz4_block", dtype, (rows, cols), "image payload")
+    elif compression == "lz4":
         payload = lz4_block_decompress(payload, nbytes, "image payload")
     elif compression is not None:
         raise BadMessage("bad_compression", f"image compression {_short(compression)}")
-    if len(payload) != nbytes:
+    if lazy is None and len(payload) != nbytes:
         reason = "truncated" if len(payload) < nbytes else "shape_mismatch"
         raise BadMessage(
             reason, f"image payload {len(payload)} bytes, shape {[rows, cols]} x {dtype} = {nbytes}"
         )
-    array = np.frombuffer(payload, dtype=dtype).reshape(rows, cols)
+    array = lazy if lazy is not None else np.frombuffer(payload, dtype=dtype).reshape(rows, cols)
     channel = head.get("channel", "image")
     if not isinstance(channel, str):
         raise BadMessage("bad_field", f"image channel {_short(channel)}")
     return Image(
         series_id=series_id,
         image_id=image_id,
-        data={channel: array.astype(dtype.newbyteorder("="))},
+        data={channel: lazy if lazy is not None else array.astype(dtype.newbyteorder("="))},
         user_data=head.get("user_data"),
         real_time=optional_number(head, "real_time_s", "image"),
         start_time=optional_number(head, "start_time_s", "image"),

@@ -21,6 +21,7 @@ from .common import (
     DEFAULT_MAX_PIXELS,
     HC_EV_ANGSTROM,
     BadMessage,
+    CompressedFrame,
     Event,
     Image,
     SeriesEnd,
@@ -28,7 +29,9 @@ from .common import (
     _short,
     bslz4_compress,
     decompress_framed,
+    deferred,
     dims_2d,
+    failed_as,
     json_object,
     lz4_block_decompress,
     optional,
@@ -46,16 +49,21 @@ ARRAY_PART_HTYPES = {
 }
 
 
-def decode_stream_v1(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Event:
-    """Decode one stream V1 multipart ZeroMQ message into an event."""
+def decode_stream_v1(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     defer_decompression: bool = False) -> Event:
+    """Decode one stream V1 multipart ZeroMQ message into an event (``defer_decompression``:
+    a compressed image blob becomes a :class:`CompressedFrame`)."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise BadMessage("bad_frames", "stream V1 message has no frames")
     head = json_object(frames[0], "part 1")
     htype = head.get("htype")
     if htype == "dimage-1.0":
-        return _image(head, frames, max_pixels)
+        return _image(head, frames, max_pixels, defer_decompression)
     if htype == "dheader-1.0":
-        return _header(head, frames, max_pixels)
+        start, rest = _header_and_rest(head, frames, max_pixels)
+        if rest:
+            raise BadMessage("unknown_type", f"header part htype {_short(json_object(rest[0], 'part').get('htype'))}")
+        return start
     if htype == "dseries_end-1.0":
         if len(frames) != 1:
             raise BadMessage("bad_frames", f"dseries_end-1.0 has 1 part, got {len(frames)}")
@@ -72,7 +80,7 @@ def _series(head: dict, where: str) -> int:
     return value
 
 
-def _array(desc: dict, blob: Any, where: str, max_pixels: int) -> np.ndarray:
+def _array(desc: dict, blob: Any, where: str, max_pixels: int, defer: bool = False) -> np.ndarray | CompressedFrame:
     """A described blob ({shape: [x, y], type, encoding}) -> (y, x) array."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise BadMessage("bad_frames", f"{where} blob is {type(blob).__name__}")
@@ -87,6 +95,10 @@ def _array(desc: dict, blob: Any, where: str, max_pixels: int) -> np.ndarray:
     if encoding not in ENCODINGS:
         raise BadMessage("bad_compression", f"{where} encoding {_short(encoding)}")
     nbytes = x * y * dtype.itemsize
+    if defer and encoding != "<":
+        if encoding in BS_ENCODINGS and BS_ENCODINGS[encoding] != dtype.itemsize:
+            raise BadMessage("bad_dtype", f"{where} encoding {encoding} with type {type_name}")
+        return deferred(blob, "lz4_block" if encoding == "lz4<" else "bslz4", dtype, (y, x), where)
     if encoding == "<":
         data = blob
     elif encoding == "lz4<":
@@ -102,7 +114,7 @@ def _array(desc: dict, blob: Any, where: str, max_pixels: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(y, x).astype(dtype.newbyteorder("="))
 
 
-def _image(head: dict, frames: list, max_pixels: int) -> Image:
+def _image(head: dict, frames: list, max_pixels: int, defer: bool = False) -> Image:
     if len(frames) not in (4, 5):
         raise BadMessage("bad_frames", f"dimage-1.0 message has 4 or 5 parts, got {len(frames)}")
     series = _series(head, "dimage-1.0")
@@ -112,7 +124,7 @@ def _image(head: dict, frames: list, max_pixels: int) -> Image:
     desc = json_object(frames[1], "part 2")
     if desc.get("htype") != "dimage_d-1.0":
         raise BadMessage("unknown_type", f"part 2 htype {_short(desc.get('htype'))}")
-    array = _array(desc, frames[2], "dimage_d-1.0", max_pixels)
+    array = _array(desc, frames[2], "dimage_d-1.0", max_pixels, defer)
     times = json_object(frames[3], "part 4")
     if times.get("htype") != "dconfig-1.0":
         raise BadMessage("unknown_type", f"part 4 htype {_short(times.get('htype'))}")
@@ -131,7 +143,43 @@ def _image(head: dict, frames: list, max_pixels: int) -> Image:
     )
 
 
-def _header(head: dict, frames: list, max_pixels: int) -> SeriesStart:
+def decode_stream_v1_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           defer_decompression: bool = False) -> list[Event | BadMessage]:
+    """One ZeroMQ message -> its events: normally one; a series header followed in the same
+    multipart message by the parts of an image (``dimage-1.0`` ...) gives the start and that
+    image (its BadMessage when the image's parts do not decode)."""
+    if isinstance(frames, (list, tuple)) and frames:
+        head = json_object(frames[0], "part 1")
+        if head.get("htype") == "dheader-1.0":
+            start, rest = _header_and_rest(head, frames, max_pixels)
+            if not rest:
+                return [start]
+            try:
+                return [start, decode_stream_v1(rest, max_pixels=max_pixels, defer_decompression=defer_decompression)]
+            except BadMessage as exc:
+                return [start, exc]
+    return [decode_stream_v1(frames, max_pixels=max_pixels, defer_decompression=defer_decompression)]
+
+
+def _json_or_none(part: Any) -> dict | None:
+    """A part as a JSON object, or None when it is not one (a blob)."""
+    if not isinstance(part, (bytes, bytearray, memoryview)) or not bytes(part[:1]) == b"{":
+        return None
+    try:
+        return json_object(part, "part")
+    except BadMessage:
+        return None
+
+
+def _header_and_rest(head: dict, frames: list, max_pixels: int) -> tuple[SeriesStart, list]:
+    """The series start, and the parts after it when an image follows in the same message."""
+    try:
+        return _header(head, frames, max_pixels)
+    except BadMessage as exc:
+        raise failed_as(exc, "start", head.get("series")) from None
+
+
+def _header(head: dict, frames: list, max_pixels: int) -> tuple[SeriesStart, list]:
     series = _series(head, "dheader-1.0")
     detail = head.get("header_detail", "basic")
     if detail not in ("all", "basic", "none"):
@@ -144,23 +192,39 @@ def _header(head: dict, frames: list, max_pixels: int) -> SeriesStart:
         config = json_object(rest.pop(0), "config part")
     arrays: dict[str, np.ndarray] = {}
     user_data = None
+    warnings: list[str] = []
     while rest:
+        if (_json_or_none(rest[0]) or {}).get("htype") == "dimage-1.0":
+            break  # an image in the same message: the caller decodes it
         part = json_object(rest.pop(0), "header part")
         htype = part.get("htype")
         kind = ARRAY_PART_HTYPES.get(htype) if isinstance(htype, str) else None  # a list is unhashable
         if kind is None:
-            if rest:
-                raise BadMessage("unknown_type", f"header part htype {_short(part.get('htype'))}")
-            user_data = part  # header appendix, always the last part
-            break
+            following = _json_or_none(rest[0]) if rest else None
+            if not rest or (following or {}).get("htype") == "dimage-1.0":
+                user_data = part  # header appendix, always the header's last part
+                break
+            if following is None:
+                # an array part under a name we do not know (seen: "flatfield-1.0" for
+                # "dflatfield-1.0"); its blob follows: leave both out, keep the series
+                rest.pop(0)
+                warnings.append(f"header part htype {_short(htype)} is not one of {sorted(ARRAY_PART_HTYPES)}: "
+                                "ignored with its data part")
+                continue
+            raise BadMessage("unknown_type", f"header part htype {_short(htype)}")
         if not rest:
             raise BadMessage("bad_frames", f"{part['htype']} has no data part")
         used = sum(a.size for a in arrays.values())  # the header's arrays share max_pixels
-        arrays[kind] = _array(part, rest.pop(0), part["htype"], max_pixels - used)
-    return SeriesStart(
+        blob = rest.pop(0)
+        try:
+            arrays[kind] = _array(part, blob, part["htype"], max_pixels - used)
+        except BadMessage as exc:  # one odd mask or flatfield must not lose the series
+            warnings.append(f"{part['htype']} ignored: {exc}")
+    geometry = _geometry(config)
+    start = SeriesStart(
         series_id=series,
         series_unique_id=None,
-        geometry=_geometry(config),
+        geometry=geometry,
         channels=["image"],
         image_dtype=_image_dtype(config),
         number_of_images=_n_images(config),
@@ -170,7 +234,24 @@ def _header(head: dict, frames: list, max_pixels: int) -> SeriesStart:
         raw={"header": head, "config": config,
              **({"countrate_table": arrays["countrate_table"]}
                 if "countrate_table" in arrays else {})},
+        warnings=tuple(warnings),
+        geometry_fields=_geometry_fields(config, geometry),
     )  # fmt: skip
+    return start, rest
+
+
+_CONFIG_FIELDS = {"beam_center_x_px": "beam_center_x", "beam_center_y_px": "beam_center_y",
+                  "pixel_size_x_m": "x_pixel_size", "pixel_size_y_m": "y_pixel_size", "wavelength_m": "wavelength",
+                  "detector_distance_m": "detector_distance", "image_size_x_px": "x_pixels_in_detector",
+                  "image_size_y_px": "y_pixels_in_detector"}
+
+
+def _geometry_fields(config: dict, geometry: dict) -> dict[str, str]:
+    """geometry key -> the config field it came from."""
+    fields = {k: f"config {v}" for k, v in _CONFIG_FIELDS.items() if config.get(v) is not None}
+    if geometry["wavelength_m"] is not None and "wavelength_m" not in fields:
+        fields["wavelength_m"] = "config photon_energy"
+    return fields
 
 
 def _geometry(config: dict) -> dict:

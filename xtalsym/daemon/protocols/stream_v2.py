@@ -21,6 +21,7 @@ from .common import (
     DEFAULT_MAX_PIXELS,
     HC_EV_ANGSTROM,
     BadMessage,
+    CompressedFrame,
     Event,
     Image,
     SeriesEnd,
@@ -28,9 +29,10 @@ from .common import (
     _short,
     as_seconds,
     bslz4_compress,
-    check_kind,
     decompress_framed,
+    deferred,
     dims_2d,
+    failed_as,
     hdf5_lz4_compress,
     optional,
     optional_number,
@@ -63,17 +65,24 @@ MAX_MESSAGE_BYTES = 1 << 31
 # ---------------------------------------------------------------- decoding
 
 
-def decode_stream_v2(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Event:
-    """Decode one stream V2 ZeroMQ message (exactly one frame) into an event."""
+def decode_stream_v2(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     defer_decompression: bool = False) -> Event:
+    """Decode one stream V2 ZeroMQ message (exactly one frame) into an event.
+
+    ``defer_decompression``: compressed image data become :class:`CompressedFrame` (checked,
+    decompressed later by whoever needs the pixels)."""
     if not isinstance(frames, (list, tuple)) or len(frames) != 1:
         n = len(frames) if isinstance(frames, (list, tuple)) else type(frames).__name__
         raise BadMessage("bad_frames", f"stream V2 messages have 1 frame, got {n}")
     msg = _load(frames[0])
     kind = msg.get("type")
     if kind == "image":
-        return _image(msg, max_pixels)
+        return _image(msg, max_pixels, defer_decompression)
     if kind == "start":
-        return _start(msg, max_pixels)
+        try:
+            return _start(msg, max_pixels)
+        except BadMessage as exc:
+            raise failed_as(exc, "start", msg.get("series_id")) from None
     if kind == "end":
         return SeriesEnd(
             series_id=_series_id(msg, "end"),
@@ -82,6 +91,33 @@ def decode_stream_v2(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXEL
     if "type" not in msg:
         raise BadMessage("missing_field", "stream V2 message has no 'type'")
     raise BadMessage("unknown_type", f"stream V2 message type {_short(kind)}")
+
+
+def decode_stream_v2_parts(frames: list[bytes], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           defer_decompression: bool = False) -> list[Event | BadMessage]:
+    """One ZeroMQ message -> the events of the stream V2 messages it carries, in order.
+
+    Normally one. A start that arrived together with the next message(s) as one multipart
+    ZeroMQ message (seen from an EIGER-compatible stream: start and image 0 as two parts)
+    gives the start and then each further part decoded on its own (a part that does not
+    decode is its BadMessage in the list). Anything else with several parts is
+    ``bad_frames``, as :func:`decode_stream_v2` says.
+    """
+    if isinstance(frames, (list, tuple)) and len(frames) > 1:
+        try:
+            first = decode_stream_v2(frames[:1], max_pixels=max_pixels)
+        except BadMessage:
+            first = None
+        if isinstance(first, SeriesStart):
+            out: list[Event | BadMessage] = [first]
+            for part in frames[1:]:
+                try:
+                    out.append(decode_stream_v2([part], max_pixels=max_pixels,
+                                                defer_decompression=defer_decompression))
+                except BadMessage as exc:
+                    out.append(exc)
+            return out
+    return [decode_stream_v2(frames, max_pixels=max_pixels, defer_decompression=defer_decompression)]
 
 
 def _load(frame: Any) -> dict:
@@ -111,7 +147,7 @@ def _series_id(msg: Any, where: str) -> int:
     return value
 
 
-def _image(msg: Any, max_pixels: int) -> Image:
+def _image(msg: Any, max_pixels: int, defer: bool = False) -> Image:
     series_id = _series_id(msg, "image")
     image_id = require(msg, "image_id", int, "image")
     if image_id < 0:
@@ -124,7 +160,8 @@ def _image(msg: Any, max_pixels: int) -> Image:
     for channel, value in data.items():
         if not isinstance(channel, str):
             raise BadMessage("bad_field", f"image channel name {_short(channel)} is not text")
-        arrays[channel] = _spend(decode_multidim(value, f"image data[{channel!r}]", budget[0]), budget)
+        arrays[channel] = _spend(decode_multidim(value, f"image data[{channel!r}]", budget[0], defer=defer),
+                                 budget)
     known = {"type", "series_id", "image_id", "data", "user_data", "series_unique_id",
              "real_time", "start_time", "stop_time"}  # fmt: skip
     extra = {k: plain(v) for k, v in msg.items() if k not in known and isinstance(k, str)}
@@ -141,18 +178,31 @@ def _image(msg: Any, max_pixels: int) -> Image:
     )
 
 
+GEOMETRY_FIELDS = {"beam_center_x_px": "beam_center_x", "beam_center_y_px": "beam_center_y",
+                   "pixel_size_x_m": "pixel_size_x", "pixel_size_y_m": "pixel_size_y",
+                   "image_size_x_px": "image_size_x", "image_size_y_px": "image_size_y"}
+
+
 def _start(msg: Any, max_pixels: int) -> SeriesStart:
     series_id = _series_id(msg, "start")
+    warnings: list[str] = []
     wavelength_a = optional_number(msg, "incident_wavelength", "start")
     energy_ev = optional_number(msg, "incident_energy", "start")
     if wavelength_a is not None and wavelength_a <= 0:
         raise BadMessage("bad_field", f"start incident_wavelength {wavelength_a} <= 0")
-    if wavelength_a is None and energy_ev is not None and energy_ev > 0:
+    fields = {k: v for k, v in GEOMETRY_FIELDS.items() if msg.get(v) is not None}
+    if wavelength_a is not None:
+        fields["wavelength_m"] = "incident_wavelength"
+    elif energy_ev is not None and energy_ev > 0:
         wavelength_a = HC_EV_ANGSTROM / energy_ev
+        fields["wavelength_m"] = "incident_energy"
     distance = optional_number(msg, "detector_distance", "start")
-    translation = msg.get("detector_translation")
-    if distance is None and isinstance(translation, (list, tuple)) and len(translation) == 3:
-        distance = check_kind(translation[2], "detector_translation[2]", (int, float), "start")
+    if distance is not None:
+        fields["detector_distance_m"] = "detector_distance"
+    else:
+        distance = _distance_from_translation(msg.get("detector_translation"), warnings)
+        if distance is not None:
+            fields["detector_distance_m"] = "detector_translation[2]"
     geometry = {
         "beam_center_x_px": optional_number(msg, "beam_center_x", "start"),
         "beam_center_y_px": optional_number(msg, "beam_center_y", "start"),
@@ -169,16 +219,7 @@ def _start(msg: Any, max_pixels: int) -> SeriesStart:
     per_channel = {}
     budget = [max_pixels]
     for key in ("pixel_mask", "flatfield"):
-        value = msg.get(key)
-        if value is None:
-            per_channel[key] = None
-        elif _is_map(value):
-            per_channel[key] = {
-                str(ch): _spend(decode_multidim(arr, f"start {key}[{ch!r}]", budget[0]), budget)
-                for ch, arr in value.items()
-            }
-        else:
-            raise BadMessage("bad_field", f"start {key} must be a map channel -> array")
+        per_channel[key] = _per_channel_arrays(msg.get(key), key, budget, warnings)
     raw = {
         k: v for k, v in msg.items() if isinstance(k, str) and k not in ("pixel_mask", "flatfield")
     }
@@ -193,7 +234,43 @@ def _start(msg: Any, max_pixels: int) -> SeriesStart:
         pixel_mask=per_channel["pixel_mask"],
         flatfield=per_channel["flatfield"],
         raw=_untag(plain(raw), budget),
+        warnings=tuple(warnings),
+        geometry_fields=fields,
     )
+
+
+def _distance_from_translation(translation: Any, warnings: list[str]) -> float | None:
+    """``detector_translation[2]`` (m) as the detector distance, only when it is a number > 0.
+
+    The spec has no distance; some detectors send only their translation stage position,
+    whose z can be negative (seen: -0.237): that is not a sample-detector distance, so it
+    is never taken; the warning names the fix."""
+    if translation is None:
+        return None
+    z = translation[2] if isinstance(translation, (list, tuple)) and len(translation) == 3 else None
+    if isinstance(z, (int, float)) and not isinstance(z, bool) and math.isfinite(z) and z > 0:
+        return float(z)
+    warnings.append(f"detector_translation = {_short(plain(translation))}: its z is not a distance > 0, "
+                    "so it is not used as the detector distance; set [geometry] detector_distance_m")
+    return None
+
+
+def _per_channel_arrays(value: Any, key: str, budget: list[int], warnings: list[str]) -> dict | None:
+    """A start's pixel_mask / flatfield (map channel -> tag 40 array); a part in any other
+    encoding is left out with a warning: one odd part must not lose the whole series."""
+    if value is None:
+        return None
+    if not _is_map(value):
+        kind = f"{len(value)} raw bytes" if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        warnings.append(f"start {key} is {kind}, not a map channel -> tagged array: {key} ignored")
+        return None
+    out = {}
+    for ch, arr in value.items():
+        try:
+            out[str(ch)] = _spend(decode_multidim(arr, f"start {key}[{ch!r}]", budget[0]), budget)
+        except BadMessage as exc:
+            warnings.append(f"start {key}[{_short(ch)}] ignored: {exc}")
+    return out or None
 
 
 def _spend(array: np.ndarray, budget: list[int]) -> np.ndarray:
@@ -223,8 +300,9 @@ def _untag(value: Any, budget: list[int], depth: int = 0) -> Any:
     return value
 
 
-def decode_multidim(value: Any, where: str, max_pixels: int) -> np.ndarray:
-    """Tag 40 / 1040 [dims, typed array] -> C-contiguous 2-D array, native byte order."""
+def decode_multidim(value: Any, where: str, max_pixels: int, *, defer: bool = False) -> np.ndarray | CompressedFrame:
+    """Tag 40 / 1040 [dims, typed array] -> C-contiguous 2-D array, native byte order
+    (``defer``: a compressed typed array becomes a :class:`CompressedFrame`)."""
     if not isinstance(value, cbor2.CBORTag) or value.tag not in (
         TAG_MULTIDIM_ROW,
         TAG_MULTIDIM_COL,
@@ -235,8 +313,12 @@ def decode_multidim(value: Any, where: str, max_pixels: int) -> np.ndarray:
     if not isinstance(body, (list, tuple)) or len(body) != 2:
         raise BadMessage("bad_tag", f"{where}: tag {value.tag} must hold [dims, typed array]")
     dims = dims_2d(body[0], where, max_pixels)
-    flat = decode_typed_array(body[1], dims[0] * dims[1], where, max_pixels)
     order = "F" if value.tag == TAG_MULTIDIM_COL else "C"
+    if defer:
+        lazy = _deferred_typed_array(body[1], dims, order, where)
+        if lazy is not None:
+            return lazy
+    flat = decode_typed_array(body[1], dims[0] * dims[1], where, max_pixels)
     return np.ascontiguousarray(flat.reshape(dims, order=order))
 
 
@@ -272,7 +354,22 @@ def decode_typed_array(
     return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native order
 
 
-def _decompress(tag: cbor2.CBORTag, dtype: np.dtype, nbytes: int, where: str) -> bytes:
+def _deferred_typed_array(value: Any, dims: tuple[int, int], order: str, where: str) -> CompressedFrame | None:
+    """A compressed typed array checked like :func:`decode_typed_array` but left compressed; None
+    when the payload is not compressed (then decoded at once: there is nothing to save)."""
+    if not isinstance(value, cbor2.CBORTag) or value.tag not in TYPED_ARRAY_TAGS:
+        return None
+    payload = value.value
+    if not (isinstance(payload, cbor2.CBORTag) and payload.tag == TAG_COMPRESSION):
+        return None
+    dtype = np.dtype(TYPED_ARRAY_TAGS[value.tag])
+    algorithm, blob = _compression_parts(payload, dtype, where)
+    rows, cols = dims
+    return deferred(blob, algorithm, dtype, (rows, cols), where, order)
+
+
+def _compression_parts(tag: cbor2.CBORTag, dtype: np.dtype, where: str) -> tuple[str, bytes]:
+    """The checked (algorithm, blob) of a tag 56500 [algorithm, elem size, bytes]."""
     body = tag.value
     if not isinstance(body, (list, tuple)) or len(body) != 3:
         raise BadMessage("bad_tag", f"{where}: tag 56500 must hold [algorithm, elem size, bytes]")
@@ -287,7 +384,12 @@ def _decompress(tag: cbor2.CBORTag, dtype: np.dtype, nbytes: int, where: str) ->
         raise BadMessage(
             "bad_dtype", f"{where}: bslz4 element size {elem_size} but typed array is {dtype.str}"
         )
-    return decompress_framed(blob, algorithm, elem_size, nbytes, where)
+    return algorithm, blob
+
+
+def _decompress(tag: cbor2.CBORTag, dtype: np.dtype, nbytes: int, where: str) -> bytes:
+    algorithm, blob = _compression_parts(tag, dtype, where)
+    return decompress_framed(blob, algorithm, dtype.itemsize, nbytes, where)
 
 
 # ---------------------------------------------------------------- encoding

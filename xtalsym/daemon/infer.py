@@ -1,0 +1,126 @@
+"""One micro-batch of assembled samples -> prediction messages: backend, open-set match, schema.
+
+The daemon's inference thread (:meth:`xtalsym.daemon.pipeline.Pipeline._classify`) and
+``xtalsym classify`` (:mod:`xtalsym.daemon.classify`) both call :func:`classify_batch`, so a
+recorded frame and the same frame streamed live meet the same tensors, backend call, index
+query and message producer (:func:`xtalsym.daemon.publish.prediction_message`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xtalsym.daemon.assemble import AXES, Request, View
+from xtalsym.daemon.publish import open_set_result, prediction_message
+from xtalsym.inference.base import InferenceResult, combine_views, supports_views
+
+log = logging.getLogger(__name__)
+
+
+def model_info(bundle, backend, index=None) -> dict:
+    """The ``model`` object of the prediction schema."""
+    return {
+        "model_id": bundle.model_id,
+        "name": (bundle.card or {}).get("name"),
+        "backend": getattr(backend, "name", "?"),
+        "device": getattr(backend, "device", "?"),
+        "precision": getattr(backend, "precision", "?"),
+        "classes": len(bundle.classes),
+        "index": None if index is None else {"entries": len(index), "model_id": index.model_id},
+    }
+
+
+def uses_per_view(backend, mode: str) -> bool:
+    """Whether each view runs through the network once (``pipeline.view_inference``):
+    "auto" when the backend has a per-view graph, "off" never."""
+    return mode == "auto" and supports_views(backend)
+
+
+def infer_whole(batch: list[Request], backend, size: int) -> tuple[InferenceResult, int]:
+    """The previous path: the whole graph over each request's present views (a view is
+    recomputed in every request of its sample). Returns the result and the views run."""
+    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
+    present = np.zeros((len(batch), 3), bool)
+    for i, request in enumerate(batch):
+        x[i], present[i] = request.tensors(size)
+    return backend.run(x, present), int(present.sum())
+
+
+def infer_by_views(batch: list[Request], backend, generation: int = 0) -> tuple[InferenceResult, int]:
+    """Each view through the per-view graph once: the views ``backend`` (``generation``) has
+    not run yet go in one batch, their rows are kept on the View (``View.inferred``), and every
+    request's logits are the sum of its views' rows (as the whole graph sums them), its
+    embeddings their rows. Returns the result and the views run."""
+    todo: dict[int, View] = {}
+    for request in batch:
+        for view in request.views.values():
+            if view.inferred is None or view.inferred[0] != generation:
+                todo[id(view)] = view
+    if todo:
+        views = list(todo.values())
+        out = backend.run_views(np.stack([v.shaped.transpose(2, 0, 1) for v in views]),
+                                np.array([AXES.index(v.axis) for v in views], np.int64))
+        for k, view in enumerate(views):
+            view.inferred = (generation, out.logits[k], out.embeddings[k])
+    terms = [[r.views[a].inferred[1] if a in r.views else None for a in AXES] for r in batch]
+    features = [[r.views[a].inferred[2] if a in r.views else None for a in AXES] for r in batch]
+    return combine_views(terms, features, len(backend.classes)), len(todo)
+
+
+@dataclass
+class BatchResult:
+    """The messages of one batch (in request order), or why there are none."""
+
+    messages: list[tuple[Request, dict]] = field(default_factory=list)
+    infer_seconds: float | None = None
+    match_seconds: float | None = None
+    infer_cpu_seconds: float | None = None  # thread CPU time of the calls (ORT at 1 thread computes here)
+    match_cpu_seconds: float | None = None
+    views_inferred: int = 0  # views run through the network for this batch
+    inference_error: Exception | None = None  # the backend failed: no messages
+    index_error: Exception | None = None  # the index failed: messages without open_set
+
+
+def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
+                   index_enabled: bool = True, neighbours: int = 5, per_view: bool = False,
+                   generation: int = 0) -> BatchResult:
+    """Run ``backend`` on the batch, query ``index`` when given and enabled, and build each
+    request's ``xtalsym.prediction/1`` message (``seq``/``published`` are the publisher's to
+    set). ``per_view``: each view once through the per-view graph (:func:`infer_by_views`,
+    ``generation`` names the backend whose rows may be reused), else the whole graph with the
+    present-axes mask (:func:`infer_whole`); the same probabilities within float rounding."""
+    result = BatchResult()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        if per_view:
+            out, result.views_inferred = infer_by_views(batch, backend, generation)
+        else:
+            out, result.views_inferred = infer_whole(batch, backend, size)
+    except Exception as exc:
+        log.exception("inference failed on a batch of %d", len(batch))
+        result.inference_error = exc
+        return result
+    result.infer_seconds = time.perf_counter() - t0
+    result.infer_cpu_seconds = time.thread_time() - c0
+    open_sets: list[Any] = [None] * len(batch)
+    if index is not None and index_enabled:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            from xtalsym.index.scoring import normalise_views
+
+            queries = index.query(normalise_views(out.embeddings), probabilities=out.probabilities,
+                                  classes=backend.classes, k=neighbours)
+            open_sets = [open_set_result(q) for q in queries]
+            result.match_seconds = time.perf_counter() - t0
+            result.match_cpu_seconds = time.thread_time() - c0
+        except Exception as exc:  # noqa: BLE001
+            result.index_error = exc
+    for request, probs, open_set in zip(batch, out.probabilities, open_sets):
+        result.messages.append((request, prediction_message(request, probabilities=probs, classes=backend.classes,
+                                                            model=model, open_set=open_set)))
+    return result

@@ -1,0 +1,66 @@
+"""The places for frames in the shaping workers and ``pipeline.overload``, the policy for a
+frame that finds them all taken: ``block`` (back-pressure: ZeroMQ buffers ``receive_hwm``
+messages, then the sender blocks), ``drop_newest`` (the new frame is dropped) or
+``drop_oldest`` (the oldest frame still queued for a worker is cancelled and the new one
+takes its place)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+
+
+class WorkerSlots:
+    """``queue_size`` places; the futures in the workers, oldest first."""
+
+    def __init__(self, queue_size: int) -> None:
+        self._slots = threading.BoundedSemaphore(queue_size)
+        # futures in the workers, oldest first (a dict keeps insertion order: drop_oldest cancels from the front)
+        self._inflight: dict[cf.Future, None] = {}
+        self._inflight_lock = threading.Lock()
+        self._overload_cancelled: set[cf.Future] = set()  # their slots went to newer frames
+        self._cancel_lock = threading.Lock()  # a future is in that set only while surely cancelled
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def take(self, policy: str) -> bool:
+        """A place in the workers for one frame, per ``policy``; False = drop the new frame."""
+        if policy == "block":  # back-pressure: ZeroMQ buffers receive_hwm messages, then the sender blocks
+            self._slots.acquire()
+            return True
+        if self._slots.acquire(blocking=False):
+            return True
+        if policy == "drop_oldest":
+            with self._inflight_lock:
+                oldest_first = list(self._inflight)
+            for future in oldest_first:
+                with self._cancel_lock:
+                    self._overload_cancelled.add(future)  # before cancel(): its callback may run at once
+                    if future.cancel():  # still queued, not in a worker yet: its slot passes to the new frame
+                        return True
+                    self._overload_cancelled.discard(future)
+        return False
+
+    def add(self, future: cf.Future) -> None:
+        with self._inflight_lock:
+            self._inflight[future] = None
+
+    def left_workers(self, future: cf.Future) -> None:
+        """The future is done (its result queued): it no longer holds a worker."""
+        with self._inflight_lock:
+            self._inflight.pop(future, None)
+
+    def cancelled_for_newer(self, future: cf.Future) -> bool:
+        """True if drop_oldest cancelled it (its place went to a newer frame: do not release it)."""
+        with self._cancel_lock:
+            overloaded = future in self._overload_cancelled
+            self._overload_cancelled.discard(future)
+        return overloaded
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def pending(self) -> list[cf.Future]:
+        with self._inflight_lock:
+            return list(self._inflight)
