@@ -212,7 +212,7 @@ def run_daemon(components, view_inference, structure_files):
         time.sleep(0.3)
         stop.set()
         thread.join(5)
-    return out["s"].messages, service.pipeline.metrics.snapshot(), service.pipeline.model
+    return out["s"].messages, service.pipeline.metrics.snapshot(), service.pipeline.model_info
 
 
 def test_daemon_per_view_predictions_equal_the_whole_graph(bundle):
