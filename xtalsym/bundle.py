@@ -4,6 +4,8 @@ Layout (every file but ``manifest.json`` and ``.cache/`` is listed in the manife
 
     model.pt          weights-only checkpoint (the release's), identity = its SHA-256
     model.onnx        the exported graph (see xtalsym.inference.export), optional
+    model_view.onnx   the per-view graph (MSDN: one zone-axis view per row), optional
+    model_view_int8.onnx  its int8 (QDQ) version for the CPU, optional (--int8-calibration)
     labels.json       class index -> space group, symbol, crystal system
     settings.json     geometry + shaping the model was trained with, input layout
     card.json, MODEL_CARD.md (+ any other plain file of the release, e.g. a PNG)
@@ -46,6 +48,8 @@ BUNDLE_FORMAT = "xtalsym-bundle/1"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
+VIEW_ONNX_FILE = "model_view.onnx"
+INT8_ONNX_FILE = "model_view_int8.onnx"
 LABELS_FILE = "labels.json"
 SETTINGS_FILE = "settings.json"
 CARD_FILE = "card.json"
@@ -164,6 +168,16 @@ class Bundle:
     @property
     def onnx_path(self) -> Path | None:
         return self.path / ONNX_FILE if ONNX_FILE in self.manifest["files"] else None
+
+    @property
+    def view_onnx_path(self) -> Path | None:
+        """The per-view graph, or None (older bundles, models that are not a sum over views)."""
+        return self.path / VIEW_ONNX_FILE if VIEW_ONNX_FILE in self.manifest["files"] else None
+
+    @property
+    def int8_onnx_path(self) -> Path | None:
+        """The int8 (QDQ) per-view graph for the CPU, or None."""
+        return self.path / INT8_ONNX_FILE if INT8_ONNX_FILE in self.manifest["files"] else None
 
     @property
     def index_dir(self) -> Path | None:
@@ -354,14 +368,27 @@ def build_bundle(
     image_size: int | None = None,
     opset: int | None = None,
     overwrite: bool = False,
+    view_graph: bool = True,
+    int8_calibration: str | os.PathLike | None = None,
+    int8_samples: int | None = None,
+    int8_method: str = "percentile",
+    int8_test: str | os.PathLike | None = None,
+    int8_test_limit: int | None = None,
+    int8_test_split: str = "test",
 ) -> Path:
     """Bundle a release folder (``xtalsym model release``) at ``out``; returns ``out``.
 
     Copies every plain file of the release, writes labels.json and settings.json from the
-    checkpoint, exports model.onnx (``onnx=True``), copies ``index_dir`` (refused when its
-    model_id is not this model's) and writes manifest.json last. Everything is assembled
-    in a temporary sibling directory and renamed into place, so ``out`` is either the old
-    bundle or the complete new one.
+    checkpoint, exports model.onnx (``onnx=True``) and, for a model whose prediction is a
+    sum over views (MSDN), the per-view graph model_view.onnx (``view_graph``). With
+    ``int8_calibration`` (a dataset directory) the per-view graph is also quantised to int8
+    (QDQ, calibrated on ``int8_samples`` samples of its train split,
+    :mod:`xtalsym.inference.quantise`); with ``int8_test`` its accuracy against fp32 on
+    that dataset's test split goes into the model card (card.json ``int8`` and
+    MODEL_CARD.md). Copies ``index_dir`` (refused when its model_id is not this model's)
+    and writes manifest.json last. Everything is assembled in a temporary sibling
+    directory and renamed into place, so ``out`` is either the old bundle or the complete
+    new one.
     """
     from xtalsym import model as models
 
@@ -400,12 +427,25 @@ def build_bundle(
             },
         }
         _write_json(tmp / SETTINGS_FILE, settings)
+        _drop_int8_card(tmp)  # a card re-bundled from an earlier bundle says nothing old about int8
         onnx_info = None
+        if int8_calibration is not None and not (onnx and view_graph and onnx_export.per_view_supported(model)):
+            raise BundleError(f"release {release_dir}: int8 quantises the per-view graph, which needs ONNX export "
+                              f"and a model that sums its views (msdn), not {model.name!r}")
         if onnx:
             onnx_opset = int(opset or onnx_export.DEFAULT_OPSET)
             onnx_export.export_onnx(model, tmp / ONNX_FILE, image_size=image_size, opset=onnx_opset)
             onnx_info = {"file": ONNX_FILE, "opset": onnx_opset, "image_size": image_size,
                          "inputs": list(onnx_export.INPUT_NAMES), "outputs": list(onnx_export.OUTPUT_NAMES)}
+            if view_graph and onnx_export.per_view_supported(model):
+                onnx_export.export_onnx(model, tmp / VIEW_ONNX_FILE, image_size=image_size, opset=onnx_opset,
+                                        graph="view")
+                onnx_info["view"] = {"file": VIEW_ONNX_FILE, "inputs": list(onnx_export.VIEW_INPUT_NAMES),
+                                     "outputs": list(onnx_export.VIEW_OUTPUT_NAMES)}
+            if int8_calibration is not None:
+                onnx_info["int8"] = _build_int8(tmp, classes, calibration=int8_calibration, samples=int8_samples,
+                                                method=int8_method, test=int8_test, test_limit=int8_test_limit,
+                                                test_split=int8_test_split)
         index_info = None
         if index_dir is not None:
             _copy_index(Path(index_dir), tmp / INDEX_DIR, model_id)
@@ -429,6 +469,46 @@ def build_bundle(
         raise
     log.info("bundle %s: model_id %s", out, model_id)
     return out
+
+
+INT8_CARD_HEADING = "\n## int8 (CPU)\n"
+
+
+def _drop_int8_card(tmp: Path) -> None:
+    card_path, md = tmp / CARD_FILE, tmp / CARD_MD_FILE
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"release card {CARD_FILE} is not readable JSON ({exc})") from None
+    if isinstance(card, dict) and "int8" in card:
+        del card["int8"]
+        _write_json(card_path, card)
+    text = md.read_text()
+    cut = text.find(INT8_CARD_HEADING)
+    if cut >= 0:
+        md.write_text(text[: cut + 1])
+
+
+def _build_int8(tmp: Path, classes: list[int], *, calibration, samples, method, test, test_limit, test_split) -> dict:
+    """Quantise tmp/model_view.onnx into tmp/model_view_int8.onnx, measure it, write it into the card."""
+    from xtalsym.inference import quantise
+
+    info = quantise.quantise_view_graph(
+        tmp / VIEW_ONNX_FILE, tmp / INT8_ONNX_FILE, calibration_dataset=calibration,
+        samples=samples or quantise.DEFAULT_CALIBRATION_SAMPLES, method=method)
+    if test is not None:
+        info["accuracy"] = quantise.compare_accuracy(tmp / VIEW_ONNX_FILE, tmp / INT8_ONNX_FILE, test_dataset=test,
+                                                     classes=classes, limit=test_limit, split=test_split)
+    card_path = tmp / CARD_FILE
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"release card {CARD_FILE} is not readable JSON ({exc})") from None
+    card["int8"] = info
+    _write_json(card_path, card)
+    md = tmp / CARD_MD_FILE
+    md.write_text(md.read_text().rstrip("\n") + "\n" + quantise.card_section(info))
+    return info
 
 
 def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
@@ -568,6 +648,8 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "INT8_ONNX_FILE",
+    "VIEW_ONNX_FILE",
     "Bundle",
     "BundleError",
     "ENV_BUNDLE",

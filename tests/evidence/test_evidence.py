@@ -286,7 +286,7 @@ def test_live_path_calibrated_frame_in_the_worker():
     training = cal.TrainingGeometry(GEOMETRY.wavelength_m, GEOMETRY.distance_m, GEOMETRY.pixel_size_m, GEOMETRY.pixels)
     job = FrameJob(frame=frame, frame_geometry=fg, training=training, method="bilinear", mask_path=None,
                    saturation_value=None, axis="z", shaping_method="fast", size=224)
-    shaped, _, found, _ = shape_timed(job)
+    shaped, _, _, found, _, _ = shape_timed(job)
     assert shaped.shape == (224, 224, 3)
     assert found.decided, found.reason
     direct = evidence.analyse_frame(simulate.simulate_pattern(structure, "z", **simulate.DATASET_OPTIONS),
@@ -294,4 +294,4 @@ def test_live_path_calibrated_frame_in_the_worker():
     assert np.allclose(np.sort(np.linalg.norm(found.basis, axis=1)), np.sort(np.linalg.norm(direct.basis, axis=1)),
                        rtol=0.01)
     no_evidence = FrameJob(**{**job.__dict__, "evidence": False})
-    assert shape_timed(no_evidence)[2] is None
+    assert shape_timed(no_evidence)[3] is None

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from xtalsym.daemon.assemble import Request
+from xtalsym.daemon.assemble import AXES, Request, View
 from xtalsym.daemon.publish import evidence_partial, open_set_result, prediction_message
+from xtalsym.inference.base import InferenceResult, combine_views, supports_views
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,43 @@ def model_info(bundle, backend, index=None, fusion=None) -> dict:
     }
 
 
+def uses_per_view(backend, mode: str) -> bool:
+    """Whether each view runs through the network once (``pipeline.view_inference``):
+    "auto" when the backend has a per-view graph, "off" never."""
+    return mode == "auto" and supports_views(backend)
+
+
+def infer_whole(batch: list[Request], backend, size: int) -> tuple[InferenceResult, int]:
+    """The previous path: the whole graph over each request's present views (a view is
+    recomputed in every request of its sample). Returns the result and the views run."""
+    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
+    present = np.zeros((len(batch), 3), bool)
+    for i, request in enumerate(batch):
+        x[i], present[i] = request.tensors(size)
+    return backend.run(x, present), int(present.sum())
+
+
+def infer_by_views(batch: list[Request], backend, generation: int = 0) -> tuple[InferenceResult, int]:
+    """Each view through the per-view graph once: the views ``backend`` (``generation``) has
+    not run yet go in one batch, their rows are kept on the View (``View.inferred``), and every
+    request's logits are the sum of its views' rows (as the whole graph sums them), its
+    embeddings their rows. Returns the result and the views run."""
+    todo: dict[int, View] = {}
+    for request in batch:
+        for view in request.views.values():
+            if view.inferred is None or view.inferred[0] != generation:
+                todo[id(view)] = view
+    if todo:
+        views = list(todo.values())
+        out = backend.run_views(np.stack([v.shaped.transpose(2, 0, 1) for v in views]),
+                                np.array([AXES.index(v.axis) for v in views], np.int64))
+        for k, view in enumerate(views):
+            view.inferred = (generation, out.logits[k], out.embeddings[k])
+    terms = [[r.views[a].inferred[1] if a in r.views else None for a in AXES] for r in batch]
+    features = [[r.views[a].inferred[2] if a in r.views else None for a in AXES] for r in batch]
+    return combine_views(terms, features, len(backend.classes)), len(todo)
+
+
 @dataclass
 class BatchResult:
     """The messages of one batch (in request order), or why there are none."""
@@ -42,6 +80,9 @@ class BatchResult:
     messages: list[tuple[Request, dict]] = field(default_factory=list)
     infer_seconds: float | None = None
     match_seconds: float | None = None
+    infer_cpu_seconds: float | None = None  # thread CPU time of the calls (ORT at 1 thread computes here)
+    match_cpu_seconds: float | None = None
+    views_inferred: int = 0  # views run through the network for this batch
     inference_error: Exception | None = None  # the backend failed: no messages
     index_error: Exception | None = None  # the index failed: messages without open_set
     fuse_seconds: float | None = None
@@ -72,26 +113,30 @@ def request_evidence(request: Request, result: BatchResult) -> dict | None:
 
 
 def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
-                   index_enabled: bool = True, neighbours: int = 5, fusion=None) -> BatchResult:
-    """Run ``backend`` on the batch (present-axes mask), query ``index`` when given and enabled,
-    fuse (``fusion``: the bundle's :class:`xtalsym.fusion.Fusion`, or None) and build each
-    request's ``xtalsym.prediction/2`` message (``seq``/``published`` are the publisher's to set)."""
+                   index_enabled: bool = True, neighbours: int = 5, fusion=None, per_view: bool = False,
+                   generation: int = 0) -> BatchResult:
+    """Run ``backend`` on the batch, query ``index`` when given and enabled, fuse (``fusion``: the
+    bundle's :class:`xtalsym.fusion.Fusion`, or None) and build each request's
+    ``xtalsym.prediction/2`` message (``seq``/``published`` are the publisher's to set).
+    ``per_view``: each view once through the per-view graph (:func:`infer_by_views`,
+    ``generation`` names the backend whose rows may be reused), else the whole graph with the
+    present-axes mask (:func:`infer_whole`); the same probabilities within float rounding."""
     result = BatchResult()
-    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
-    present = np.zeros((len(batch), 3), bool)
-    for i, request in enumerate(batch):
-        x[i], present[i] = request.tensors(size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     try:
-        out = backend.run(x, present)
+        if per_view:
+            out, result.views_inferred = infer_by_views(batch, backend, generation)
+        else:
+            out, result.views_inferred = infer_whole(batch, backend, size)
     except Exception as exc:
         log.exception("inference failed on a batch of %d", len(batch))
         result.inference_error = exc
         return result
     result.infer_seconds = time.perf_counter() - t0
+    result.infer_cpu_seconds = time.thread_time() - c0
     open_sets: list[Any] = [None] * len(batch)
     if index is not None and index_enabled:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             from xtalsym.index.scoring import normalise_views
 
@@ -99,6 +144,7 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
                                   classes=backend.classes, k=neighbours)
             open_sets = [open_set_result(q) for q in queries]
             result.match_seconds = time.perf_counter() - t0
+            result.match_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001
             result.index_error = exc
     evidences = [request_evidence(request, result) for request in batch]
@@ -106,6 +152,7 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
     if fusion is not None:
         t0 = time.perf_counter()
         try:
+            present = np.array([[axis in request.views for axis in AXES] for request in batch], bool)
             fused = fuse_batch(fusion, batch, out.logits, present, evidences)
             result.fuse_seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out

@@ -123,17 +123,18 @@ def frame_evidence(intensity: np.ndarray, job: FrameJob, *, counts: bool):
     return analyse_frame(intensity, axis=job.axis, q_per_pixel=q_per_pixel, counts=counts)
 
 
-def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, object, float]:
+def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, float, object, float, float]:
     """Calibrate, shape and (``job.evidence``) measure the evidence of one frame in a worker:
-    (shaped, calibrate+shape seconds, FrameEvidence or None, evidence seconds)."""
-    t0 = time.perf_counter()
+    (shaped, calibrate+shape seconds, its CPU seconds in the worker's thread (the stage's cost on
+    a shared machine), FrameEvidence or None, evidence seconds, evidence CPU seconds)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     frame, intensity, raw = _calibrate(job)
     shaped = shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.thread_time()
     if not job.evidence:
-        return shaped, t1 - t0, None, 0.0
+        return shaped, t1 - t0, c1 - c0, None, 0.0, 0.0
     found = frame_evidence(intensity, job, counts=bool(np.issubdtype(frame.dtype, np.integer)))
-    return shaped, t1 - t0, found, time.perf_counter() - t1
+    return shaped, t1 - t0, c1 - c0, found, time.perf_counter() - t1, time.thread_time() - c1
 
 
 def init_worker(log_queue=None, level: int = logging.INFO) -> None:
