@@ -33,7 +33,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from xtalsym import spacegroups, symmetry  # noqa: E402
-from xtalsym.evidence import analyse_frame, combine, sample as sample_mod  # noqa: E402
+from xtalsym.evidence import analyse_frame, combine  # noqa: E402
+from xtalsym.evidence import sample as sample_mod
 from xtalsym.offline import dataset, simulate, structures  # noqa: E402
 
 MP_DEFAULT = "../shared/data/mp_structures/structures.jsonl.xz"

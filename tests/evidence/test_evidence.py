@@ -14,7 +14,8 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from xtalsym import evidence, symmetry
-from xtalsym.evidence import sample as sample_mod, zonerules
+from xtalsym.evidence import sample as sample_mod
+from xtalsym.evidence import zonerules
 from xtalsym.offline import simulate, structures
 
 GEOMETRY = simulate.Geometry()
@@ -247,9 +248,9 @@ def test_zone_rules_examples():
     plane = zonerules.zone_plane("monoclinic", "y")
     hkl = {(m, n): tuple(m * np.array(plane.basis_hkl[0]) + n * np.array(plane.basis_hkl[1])) for m in range(-3, 4)
            for n in range(-3, 4)}
-    for (m, n), (h, k, l) in hkl.items():
+    for (m, n), (h, k, ell) in hkl.items():
         if (m, n) != (0, 0):
-            assert bool(y.absent(np.array([m]), np.array([n]))[0]) == (l % 2 == 1), (h, k, l)
+            assert bool(y.absent(np.array([m]), np.array([n]))[0]) == (ell % 2 == 1), (h, k, ell)
     assert zonerules.apparent_divisors(225) == (2, 2, 2)
     assert zonerules.apparent_divisors(229) == (1, 1, 1)
 

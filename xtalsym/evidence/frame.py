@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xtalsym.evidence import lattice2d, spots as spotfind, stats
+from xtalsym.evidence import lattice2d, stats
+from xtalsym.evidence import spots as spotfind
 
 log = logging.getLogger(__name__)
 

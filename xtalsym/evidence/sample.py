@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xtalsym import spacegroups, symmetry
-from xtalsym.evidence import cell as cellfit, stats, zonerules
+from xtalsym.evidence import cell as cellfit
+from xtalsym.evidence import stats, zonerules
 from xtalsym.evidence.frame import FrameEvidence
 
 log = logging.getLogger(__name__)

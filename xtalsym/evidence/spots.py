@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 import cv2
+import numpy as np
 
 BOX = 5  # integration box (px): the main lobe of an 85 Å block is ~2.2 px to its first zero
 RING_INNER, RING_OUTER = 3.5, 4.5  # local-background ring (px)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import spglib
@@ -41,14 +41,14 @@ class ZonePlane:
     basis_hkl: tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
-@lru_cache(maxsize=None)
+@cache
 def zone_plane(metric: str, zone: str) -> ZonePlane:
     """Plane basis of ``zone`` for cells of ``metric`` (the same for every group of the class)."""
     zs = symmetry.zone_symmetry(_REPRESENTATIVE[metric], zone)
     return ZonePlane(metric=metric, zone=zone, rank=zs.rank, basis_hkl=zs.basis_hkl)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _operations(group: int) -> tuple[np.ndarray, np.ndarray]:
     hall = spacegroups.standard_hall_number(group)
     with warnings.catch_warnings():
@@ -88,7 +88,7 @@ def _frac(x: float) -> float:
     return round(x - math.floor(x), 9) % 1.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def absence_rules(group: int, zone: str) -> AbsenceRules:
     """The rules for ``group`` (standard setting) in ``zone``'s plane of its metric class."""
     plane = zone_plane(symmetry.metric_class(group), zone)
@@ -132,7 +132,7 @@ class IntensityOps:
         return any(abs((angle_deg - a + 90) % 180 - 90) <= MIRROR_MATCH_DEG for a in self.mirror_angles_deg)
 
 
-@lru_cache(maxsize=None)
+@cache
 def intensity_ops(group: int, zone: str) -> IntensityOps:
     """The Laue group's operations that map the zone plane onto itself, as image operations."""
     metric = symmetry.metric_class(group)
@@ -167,7 +167,7 @@ def intensity_ops(group: int, zone: str) -> IntensityOps:
     return IntensityOps(order, tuple(sorted(mirrors)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def apparent_divisors(group: int) -> tuple[int, int, int]:
     """(p, q, r): the zones of ``group`` look like a cell (a/p, b/q, c/r) — the gcd of h, k, l over
     the present nodes of its zones (symmetry.apparent_cell_divisors, from these fast rules)."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from xtalsym import spacegroups
-from xtalsym.offline import dataset as ds, simulate
+from xtalsym.offline import dataset as ds
+from xtalsym.offline import simulate
 from xtalsym.offline.images import add_scale_bar
 
 

@@ -231,8 +231,7 @@ def load_features(out: str | Path) -> Features:
             meta = json.loads(bytes(data["meta"]).decode())
             if not meta["rows"]:
                 continue
-            index = int(path.stem.split("-")[1])
-            mids += [r["material_id"] for r in meta["rows"]]
+                    mids += [r["material_id"] for r in meta["rows"]]
             formulas += [r["formula"] for r in meta["rows"]]
             splits += [meta["split"]] * len(meta["rows"])
             groups.append(data["space_group"].astype(np.int64))
