@@ -231,7 +231,8 @@ def load_features(out: str | Path) -> Features:
             meta = json.loads(bytes(data["meta"]).decode())
             if not meta["rows"]:
                 continue
-                    mids += [r["material_id"] for r in meta["rows"]]
+            index = int(path.stem.split("-")[1])
+            mids += [r["material_id"] for r in meta["rows"]]
             formulas += [r["formula"] for r in meta["rows"]]
             splits += [meta["split"]] * len(meta["rows"])
             groups.append(data["space_group"].astype(np.int64))
@@ -297,7 +298,6 @@ def evidence_chunk(path: Path, out_dir: Path, q_per_pixel: float,
     if target.is_file():
         return 0, 0.0
     start = time.process_time()
-    index = int(path.stem.split("-")[1])
     arrays: dict[str, list] = {f"loglik_{mask_key(m)}": [] for m in subsets}
     arrays.update({f"decided_{mask_key(m)}": [] for m in subsets})
     ids: list[str] = []
