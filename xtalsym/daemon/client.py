@@ -125,8 +125,11 @@ def format_prediction(msg: dict) -> str:
         verdict = truth_verdict(msg, truth)
         mark = f"  {_MARKS[verdict]}" + ("" if verdict == "top-1" else f" (truth {truth})")
     if fused:
-        mark = (f"  set {fused['set']['label']} p={fused['set']['probability']:.2f}"
-                + ("" if fused["decided"] else " (cannot decide)") + mark)
+        mark = (
+            f"  set {fused['set']['label']} p={fused['set']['probability']:.2f}"
+            + ("" if fused["decided"] else " (cannot decide)")
+            + mark
+        )
     open_set = msg.get("open_set")
     extra = ""
     if open_set:
