@@ -1,6 +1,7 @@
 """detector-sim -> serve -> listener on loopback: sustained frames/s, latency p50/p99, CPU/memory.
 
-    python benchmarks/daemon.py [--bundle DIR] [--images 60] [--pixels 512] [--rate 0] [--workers 2]
+    python benchmarks/daemon.py [--bundle DIR] [--images 300] [--pixels 512] [--rates 0,150]
+                                [--paths whole,view] [--precision fp32[,int8]] [--workers 2]
     python benchmarks/daemon.py --layout eiger2-16m --images 150 --rate 25 --overload drop_oldest
 
 ``--layout eiger2-4m`` / ``eiger2-16m``: EIGER2 frames (2068 × 2162 / 4148 × 4362, module gaps and
@@ -18,6 +19,14 @@ rendered before the clock starts) and the listener runs in a thread here. Withou
 (the throughput of shaping/calibration is real; the model is then smaller than the
 default one). Prints a table and names the stage that limits throughput, from the
 daemon's own per-stage timings.
+
+Side by side in one run: ``--paths whole,view`` runs the previous path (``pipeline.view_inference
+= "off"``: the whole graph over all present views of every request) and the new one (each view
+through the per-view graph once) on the same frames, at every ``--rates`` value (0 = as fast as
+accepted: capacity; e.g. 150: latency at that offered rate). Per stage it reports the CPU seconds
+per frame the daemon's threads and workers spent (its ``xtalsym_stage_cpu_seconds_total``), which
+stay meaningful on a shared machine where wall-clock figures do not; ``uptime`` is printed with
+each run, and a load above the core count flags the wall figures and prints the rerun command.
 """
 
 from __future__ import annotations
@@ -126,36 +135,196 @@ def daemon_stage_means(port: int) -> dict:
     return {k: v["sum"] / v["count"] for k, v in sums.items() if v.get("count")}
 
 
-def inference_cost(bundle_path: str, batch: int = 16, n: int = 3) -> float:
+def inference_cost(bundle_path: str, *, per_view: bool, precision: str = "fp32", batch: int = 16,
+                   seconds: float = 2.0) -> dict:
+    """CPU seconds (one thread) the backend spends per frame, on one core: the previous path
+    classifies every frame's request with the whole graph over its present views (1 + 2 + 3
+    views per sample: 2 views per frame on average), the new path runs each view once."""
     from xtalsym.bundle import load_bundle
     from xtalsym.inference import select_backend
 
     b = load_bundle(bundle_path)
-    backend = select_backend(b, "auto")
-    x = np.random.default_rng(0).integers(0, 255, (batch, 3, 3, b.image_size, b.image_size), dtype=np.uint8)
-    backend.run(x)
-    t = time.perf_counter()
-    for _ in range(n):
-        backend.run(x)
-    return (time.perf_counter() - t) / n / batch
+    backend = select_backend(b, "onnxruntime", device="cpu", cpu_threads=1, precision=precision)
+    rng = np.random.default_rng(0)
+    size = b.image_size
+    if per_view:
+        x = rng.integers(0, 255, (batch, 3, size, size), dtype=np.uint8)
+        axes = np.arange(batch) % 3
+        run = lambda: backend.run_views(x, axes)  # noqa: E731
+        frames = batch  # one new view per frame
+    else:
+        x = rng.integers(0, 255, (batch, 3, 3, size, size), dtype=np.uint8)
+        present = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]] * (batch // 3 + 1), bool)[:batch]
+        run = lambda: backend.run(x, present)  # noqa: E731
+        frames = batch  # one request per frame
+    run()
+    c0, n = time.process_time(), 0
+    while time.process_time() - c0 < seconds or n < 3:
+        run()
+        n += 1
+    return {"cpu_per_frame": (time.process_time() - c0) / n / frames, "precision": backend.precision}
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def daemon_event(port: int, event: str) -> float:
+    """A counter of the daemon's xtalsym_events_total (e.g. views_inferred), read at the end of a run
+    (the last metrics message a listener saw can be a second old)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "xtalsym_events":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("event") == event:
+                    return sample.value
+    return 0.0
+
+
+def daemon_stage_cpu(port: int) -> dict:
+    """CPU seconds per stage so far, from the daemon's xtalsym_stage_cpu_seconds_total."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "xtalsym_stage_cpu_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["stage"]] = sample.value
+    return out
+
+
+def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, workers: int, view_inference: str,
+               precision: str, tmp: Path, backend: str = "onnxruntime", device: str = "cpu",
+               overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0) -> dict:
+    """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted)."""
+    import psutil
+
+    from xtalsym.daemon.client import listen
+    from xtalsym.daemon.demo import free_port
+    from xtalsym.daemon.sim import push_socket
+
+    ctx = zmq.Context.instance()
+    push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
+    frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
+    pub_port, metrics_port = free_port(), free_port()
+    config = tmp / f"bench-{view_inference}-{precision}-{rate:g}.toml"
+    config.write_text(f'[bundle]\npath = "{bundle}"\nbackend = "{backend}"\ndevice = "{device}"\nprecision = "{precision}"\n'
+                      f'[ingest]\naddress = "{frames_ep}"\n'
+                      f'[pipeline]\nworkers = {workers}\noverload = "{overload}"\n'  # block: lossless
+                      f'view_inference = "{view_inference}"\n'
+                      f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
+                      f'[metrics]\nport = {metrics_port}\n')  # a free port, never the default 9855
+    load_before = uptime()
+    serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = psutil.Process(serve.pid)
+    stop, ready = threading.Event(), threading.Event()
+    result: dict = {}
+    t_listen = threading.Thread(target=lambda: result.update(s=listen(
+        f"tcp://127.0.0.1:{pub_port}", final_count=n_images // 3 + n_warm_finals, stop=stop, ready=ready,
+        duration=900)))
+    t_listen.start()
+    ready.wait()
+    _wait_ready(metrics_port, serve)
+    for m in warm_messages:  # every worker builds the series' sampling map before the clock starts
+        push.send_multipart(m)
+    while warm_messages and t_listen.is_alive() and _finals_seen(metrics_port) < n_warm_finals:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    t0_wall = time.time()
+    procs = [proc] + proc.children(recursive=True)
+    cpu_of = lambda: sum(p.cpu_times().user + p.cpu_times().system for p in procs)  # noqa: E731
+    cpu0, stage0 = cpu_of(), daemon_stage_cpu(metrics_port)
+    views0 = daemon_event(metrics_port, "views_inferred")  # the warm-up series' views before the clock
+    peak_rss = 0
+    t0 = time.perf_counter()
+    period = 1.0 / rate if rate else 0.0
+    for i, m in enumerate(messages):
+        if period:
+            delay = t0 + i * period - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        push.send_multipart(m)
+        if i % 20 == 0:
+            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
+    t_sent = time.perf_counter() - t0
+    while t_listen.is_alive():
+        t_listen.join(0.5)
+        peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
+    wall = time.perf_counter() - t0
+    cpu1, stage1 = cpu_of(), daemon_stage_cpu(metrics_port)
+    views1 = daemon_event(metrics_port, "views_inferred")
+    stage_means = daemon_stage_means(metrics_port)
+    serve.terminate()
+    serve.wait(60)
+    push.close(linger=0)
+    s = result["s"]
+    measured = [m for m in s.messages if m["timestamps"]["received"] >= t0_wall]
+    lat = np.array([m["timestamps"]["published"] - m["timestamps"]["received"] for m in measured] or [np.nan])
+    return {
+        "view_inference": view_inference, "precision": precision, "rate": rate, "frames": n_images,
+        "final": sum(1 for m in measured if m["final"]), "bad": (s.metrics or {}).get("bad_frames"), "send_s": t_sent, "wall_s": wall,
+        "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
+        "cpu_s": cpu1 - cpu0, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
+        "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
+        "views_inferred": views1 - views0, "load_before": load_before, "load_after": uptime(),
+        "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
+        "device": (s.messages[-1]["model"] if s.messages else {}).get("device", "?"),
+    }
+
+
+def _wait_ready(port: int, serve: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Until the daemon's /readyz says 200 (bundle loaded, workers up, backend warmed)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serve.poll() is not None:
+            raise SystemExit(f"serve exited with {serve.returncode}: {serve.stderr.read()[-2000:]}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"serve not ready after {timeout:.0f} s")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle")
-    ap.add_argument("--images", type=int, default=60, help="frames to send (multiple of 3)")
+    ap.add_argument("--images", type=int, default=300, help="frames to send per run (multiple of 3)")
     ap.add_argument("--pixels", type=int, default=512)
-    ap.add_argument("--rate", type=float, default=0.0, help="frames/s offered (0 = as fast as accepted)")
+    ap.add_argument("--rates", default="0,150", help="frames/s offered, one run per rate and path (0 = as fast as accepted)")
+    ap.add_argument("--rate", type=float, default=None, help="a single rate (overrides --rates)")
+    ap.add_argument("--paths", default="whole,view",
+                    help="whole = the previous path (whole graph over each request's views), view = each view once")
+    ap.add_argument("--precision", default="fp32", help="bundle.precision of the runs: fp32, int8, auto; "
+                    "comma-separated for several (each with every path that can run it)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--backend", default="onnxruntime", help="bundle.backend of the runs (default %(default)s)")
+    ap.add_argument("--device", default="cpu", help="bundle.device of the runs: cpu, cuda, auto (default %(default)s)")
     ap.add_argument("--layout", choices=("eiger2-4m", "eiger2-16m"), help="EIGER2 frames (overrides --pixels)")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/xtalsym/detector-sim"))
     ap.add_argument("--warmup", type=int, default=6, help="frames of a warm-up series sent first (0 = none)")
     ap.add_argument("--overload", default="block", choices=("block", "drop_oldest", "drop_new"))
+    ap.add_argument("--load-limit", type=float, default=None,
+                    help="1-minute load average above which the wall figures are flagged (default: the core count)")
     args = ap.parse_args()
-    import psutil
 
-    from xtalsym.daemon.client import listen
-    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout, push_socket
+    from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout
 
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-bench-"))
     bundle = args.bundle
@@ -168,6 +337,9 @@ def main() -> int:
         except (BundleError, FileNotFoundError):
             print("no shipped bundle: building a tiny untrained one (model cost is NOT the default model's)")
             bundle = str(tiny_bundle(tmp))
+    rates = [args.rate] if args.rate is not None else [float(r) for r in args.rates.split(",")]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     cached_encoder()
     structures = sorted((ROOT / "xtalsym/data/structures").glob("*.cif"))
     if args.layout:  # rendering is ~N^2: two structures, cached
@@ -181,107 +353,91 @@ def main() -> int:
     warm = DetectorSim(structures, geometry=geometry, layout=layout,
                        repeat=max(1, round(args.warmup / (3 * len(structures)))), cache_dir=args.cache_dir,
                        series_id=1) if args.warmup else None
-    ctx = zmq.Context.instance()
-    push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
-    frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
-    pub_port = 20000 + os.getpid() % 20000
-    from xtalsym.daemon.demo import free_port
-
-    metrics_port = free_port()
-    config = tmp / "bench.toml"
-    config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
-                      f'[pipeline]\nworkers = {args.workers}\noverload = "{args.overload}"\n'  # block: lossless
-                      f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
-                      f'[metrics]\nport = {metrics_port}\n')  # a free port, never the default 9855
-    serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],
-                             cwd=ROOT)
-    proc = psutil.Process(serve.pid)
-    stop, ready = threading.Event(), threading.Event()
-    result: dict = {}
-    n_images = sim.number_of_images()
-    warm_messages = []
-    if warm is not None:  # a whole series of about args.warmup images
-        warm_messages = list(warm.messages())
+    warm_messages = list(warm.messages()) if warm is not None else []
     n_warm_finals = warm.number_of_images() // 3 if warm is not None else 0
-    t_listen = threading.Thread(target=lambda: result.update(s=listen(
-        f"tcp://127.0.0.1:{pub_port}", final_count=n_images // 3 + n_warm_finals, stop=stop, ready=ready,
-        duration=900)))
-    t_listen.start()
-    ready.wait()
-    messages = list(sim.messages())  # rendered and encoded before the clock starts
-    time.sleep(8.0)  # serve: load bundle and spawn workers
-    for m in warm_messages:  # every worker builds the series' sampling map
-        push.send_multipart(m)
-    while warm_messages and t_listen.is_alive():
-        time.sleep(0.2)
-        snap = result.get("s")
-        if snap is None and _finals_seen(metrics_port) >= n_warm_finals:
-            break
-    time.sleep(0.5)
-    t0_wall = time.time()
-    peak_rss = 0
-    cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in [proc] + proc.children(recursive=True))
-    t0 = time.perf_counter()
-    period = 1.0 / args.rate if args.rate else 0.0
-    for i, m in enumerate(messages):
-        if period:
-            delay = t0 + i * period - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        push.send_multipart(m)
-        if i % 20 == 0:
-            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in [proc] + proc.children(recursive=True)))
-    t_sent = time.perf_counter() - t0
-    while t_listen.is_alive():
-        t_listen.join(0.5)
-        try:
-            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in [proc] + proc.children(recursive=True)))
-        except psutil.NoSuchProcess:
-            break
-    wall = time.perf_counter() - t0
-    cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in [proc] + proc.children(recursive=True))
-    stage_means = daemon_stage_means(metrics_port)
-    serve.terminate()
-    serve.wait(60)
-    push.close(linger=0)
-    s = result["s"]
-    measured = [m for m in s.messages if m["timestamps"]["received"] >= t0_wall]
-    lat = np.array([m["timestamps"]["published"] - m["timestamps"]["received"] for m in measured])
-    finals = sum(1 for m in measured if m["final"])
+    n_images = sim.number_of_images()
+    messages = list(sim.messages())  # rendered and encoded before any clock starts
+    runs = []
+    for rate in rates:
+        for precision in precisions:
+            for path in paths:
+                if path == "whole" and precision == "int8":
+                    continue  # the int8 graph is a per-view graph
+                mode = {"whole": "off", "view": "auto"}[path]
+                print(f"run: {path} path, {precision}, {'max' if not rate else rate} frames/s ... {uptime()}",
+                      flush=True)
+                runs.append(run_daemon(bundle=bundle, messages=messages, n_images=n_images, rate=rate,
+                                       workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
+                                       backend=args.backend, device=args.device, overload=args.overload,
+                                       warm_messages=warm_messages, n_warm_finals=n_warm_finals))
+    cores = os.cpu_count() or 1
     print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
-          f"{' (' + args.layout + ' layout)' if args.layout else ''}, {args.workers} workers, overload "
-          f"{args.overload}, bundle {bundle}; warm-up series of {n_warm_finals * 3} frames first")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine)")
-    print("| metric | value |\n|---|---|")
-    print(f"| frames sent / final predictions received | {n_images} / {finals} (samples of 3) |")
-    print(f"| bad frames | {s.metrics.get('bad_frames') if s.metrics else '?'} |")
-    print(f"| send time (offered {'max' if not args.rate else args.rate} fps) | {t_sent:.2f} s |")
-    print(f"| sustained frames/s (all final predictions out) | {n_images / wall:.1f} |")
-    print(f"| daemon CPU per frame (all processes) | {(cpu1 - cpu0) / n_images * 1000:.0f} ms |")
-    print(f"| predictions (measured series) | {len(measured)} ({sum(m['status'] == 'complete' for m in measured)} "
-          "complete) |")
-    print(f"| latency p50 / p99 (received -> published) | {np.percentile(lat, 50) * 1000:.0f} / "
-          f"{np.percentile(lat, 99) * 1000:.0f} ms |")
-    print(f"| daemon CPU (all processes) | {cpu1 - cpu0:.1f} s = {(cpu1 - cpu0) / wall:.2f} cores |")
-    print(f"| daemon peak RSS (all processes) | {peak_rss / 2**20:.0f} MiB |")
-    if stage_means:
-        print("\n| in the daemon during the run (its /metrics histograms) | mean |\n|---|---|")
-        for k, v in stage_means.items():
-            unit = "" if k == "batch_size" else " ms"
-            print(f"| {k} | {v if k == 'batch_size' else v * 1000:.1f}{unit} |")
+          f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
+          f"{args.backend} on {args.device}, overload = {args.overload}, bundle {bundle}; warm-up series of "
+          f"{n_warm_finals * 3} frames first")
+    head = [f"{r['view_inference'] == 'auto' and 'each view once' or 'whole graph per request'} {r['precision']}"
+            f" @ {'max' if not r['rate'] else int(r['rate'])}" for r in runs]
+    print("| metric | " + " | ".join(head) + " |")
+    print("|---|" + "---|" * len(runs))
+
+    def row(name, fmt):
+        print(f"| {name} | " + " | ".join(fmt(r) for r in runs) + " |")
+
+    row("backend served", lambda r: f"{r['backend']} {r['device']}")
+    row("load before → after (uptime)", lambda r: r["load_before"].split("load average:")[-1].strip() + " → "
+        + r["load_after"].split("load average:")[-1].strip())
+    row("frames sent / final predictions / bad", lambda r: f"{r['frames']} / {r['final']} / {r['bad'] or 0}")
+    row("sustained frames/s (all final out)", lambda r: f"{r['fps']:.1f}")
+    row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
+    row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
+    row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
+    for stage in ("decode", "calibrate_shape", "infer", "match"):
+        row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
+    row("mean batch (requests)", lambda r: f"{r['stage_means'].get('batch_size', 0):.1f}")
+    row("peak RSS (all processes)", lambda r: f"{r['peak_rss_mib']:.0f} MiB")
+
+    if args.device != "cpu":
+        print("\n(per-frame CPU inference costs below are ONNX Runtime on one CPU core, for the CPU budget)")
     costs = stage_costs(sim)
-    costs["inference (per sample-request, batch 16)"] = inference_cost(bundle)
-    print("\n| stage (one core, this machine, CPU time) | ms per frame |\n|---|---|")
+    print("\n| stage (one core, this process, CPU ms per frame) | ms |\n|---|---|")
     for k, v in costs.items():
-        print(f"| {k} | {v * 1000:.1f} |")
-    worker_stage = costs["decompress (worker)"] + costs["calibrate (worker)"] + costs["shape (worker)"]
-    # every frame is inferred once as a partial (2 of 3) or complete (1 of 3) request
-    infer = costs["inference (per sample-request, batch 16)"]
-    bottleneck = max([("calibrate+shape (workers)", worker_stage / args.workers),
-                      ("decode (ingest thread)", costs["decode (ingest thread)"]), ("inference", infer)],
-                     key=lambda kv: kv[1])
-    print(f"\nbottleneck: {bottleneck[0]} ({bottleneck[1] * 1000:.1f} ms per frame of wall time "
-          f"-> at most {1 / bottleneck[1]:.0f} frames/s if it had the cores to itself)")
+        print(f"| {k} | {v * 1000:.2f} |")
+    floor = sum(costs.values())
+    infer = {}
+    for precision in precisions:
+        for path in paths:
+            if path == "whole" and precision == "int8":
+                continue
+            try:
+                c = inference_cost(bundle, per_view=path == "view", precision=precision)
+            except Exception as exc:  # noqa: BLE001 - e.g. a bundle without the int8 graph
+                print(f"| inference {path} {precision} | unavailable: {exc} |")
+                continue
+            infer[(path, c["precision"])] = c["cpu_per_frame"]
+            label = "each view once" if path == "view" else "whole graph per request (2 views/frame avg)"
+            print(f"| inference, {label}, {c['precision']}, batch 16 | {c['cpu_per_frame'] * 1000:.2f} |")
+    print(f"\nfloor (decode + calibrate + shape, inference free): {floor * 1000:.2f} CPU-ms per frame "
+          f"-> at most {cores / floor:.0f} frames/s on {cores} cores")
+    for r in runs:  # the same from the daemon's own stage CPU, per run
+        st = r["stage_cpu_per_frame"]
+        own = st.get("decode", 0) + st.get("calibrate_shape", 0)
+        total = r["cpu_s"] / r["frames"]
+        if own:
+            print(f"daemon {r['view_inference'] == 'auto' and 'view' or 'whole'} {r['precision']} @ "
+                  f"{'max' if not r['rate'] else int(r['rate'])}: floor {own * 1000:.2f} CPU-ms/frame "
+                  f"(-> {cores / own:.0f} frames/s), all processes {total * 1000:.2f} CPU-ms/frame "
+                  f"(-> {cores / total:.0f} frames/s on {cores} cores)")
+    for (path, precision), c in infer.items():
+        total = floor + c
+        print(f"budget {path} {precision}: {total * 1000:.2f} CPU-ms per frame "
+              f"(inference {c / total:.0%}) -> at most {cores / total:.0f} frames/s on {cores} cores")
+    load = max(os.getloadavg()[0], *(float(r["load_before"].split("load average:")[-1].split(",")[0])
+                                    for r in runs if "load average:" in r["load_before"]))
+    limit = args.load_limit if args.load_limit is not None else float(cores)
+    if load > limit:
+        print(f"\nWARNING: load average reached {load:.1f} on {cores} cores (other jobs): the wall-clock figures "
+              "(frames/s, latency) are not this daemon's; compare the CPU-seconds per frame, and rerun on a quiet "
+              "machine:\n  python benchmarks/daemon.py " + " ".join(sys.argv[1:]))
     return 0
 
 

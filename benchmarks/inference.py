@@ -1,13 +1,20 @@
 """Inference throughput and latency per backend and batch size.
 
     python benchmarks/inference.py [--bundle PATH] [--backends torch,onnxruntime] \
-        [--batch-sizes 1,8,32] [--seconds 5] [--device cpu|cuda|auto] [--threads N]
+        [--batch-sizes 1,8,32] [--seconds 5] [--device cpu|cuda|auto] [--threads N] \
+        [--per-view] [--precisions fp32,int8]
 
 Uses the shipped bundle (reference_index/) when present, else builds a freshly
 initialised msdn at input 64 (224×224 shaped DPs in) in a temporary directory and says
 so. Input: random sparse uint8 "shaped DPs" (about 3 % lit pixels), all three views
 present. Prints samples/s and per-batch latency p50/p90/p99 (ms). Timings include the
 host→device copy and the result copy back (what the daemon pays).
+
+``--per-view`` adds, for backends with a per-view graph, rows of ``run_views`` on batches of
+3 × batch single views (the same samples, each view once: what the daemon's per-view path
+runs), counted in samples of 3 views. ``--precisions fp32,int8`` runs ONNX Runtime on the
+CPU at each (int8 = the bundle's model_view_int8.onnx). ``cpu ms/sample`` is the process CPU
+time per sample (all threads): on a shared machine it means more than the wall figures.
 """
 
 from __future__ import annotations
@@ -49,20 +56,27 @@ def _inputs(batch: int, size: int, rng) -> np.ndarray:
     return x
 
 
-def measure(backend, batch: int, size: int, seconds: float, rng) -> dict:
+def measure(backend, batch: int, size: int, seconds: float, rng, *, per_view: bool = False) -> dict:
     x = _inputs(batch, size, rng)
     present = np.ones((batch, 3), dtype=bool)
+    if per_view:
+        views, axes = x.reshape(batch * 3, 3, size, size), np.tile(np.arange(3), batch)
+        run = lambda: backend.run_views(views, axes)  # noqa: E731
+    else:
+        run = lambda: backend.run(x, present)  # noqa: E731
     for _ in range(3):  # warm-up (engine autotuning, allocator, CUDA graphs)
-        backend.run(x, present)
+        run()
     latencies = []
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or len(latencies) < 5:
         t0 = time.perf_counter()
-        backend.run(x, present)
+        run()
         latencies.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
     lat = np.array(latencies) * 1e3
     return {
         "batch": batch,
+        "cpu_ms_per_sample": cpu * 1e3 / (batch * len(lat)),
         "samples_per_s": batch * len(lat) / (lat.sum() / 1e3),
         "p50_ms": float(np.percentile(lat, 50)),
         "p90_ms": float(np.percentile(lat, 90)),
@@ -80,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (0: their default)")
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the fresh model (no bundle)")
+    parser.add_argument("--per-view", action="store_true", help="also run_views rows (each view once) where supported")
+    parser.add_argument("--precisions", default="fp32",
+                        help="onnxruntime on the CPU: fp32, int8 (the bundle's int8 graph) or both, comma-separated")
     args = parser.parse_args(argv)
 
     import torch
 
     from xtalsym import bundle as bundles
-    from xtalsym.inference import BackendUnavailable, make_backend
+    from xtalsym.inference import BackendUnavailable, make_backend, supports_views
 
     device = args.device
     if device == "auto":
@@ -109,23 +126,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads torch={torch.get_num_threads()}"
           + (f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""))
-    print("| backend | device | precision | batch | samples/s | p50 ms | p90 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# {os.popen('uptime').read().strip()}")
+    print("| backend | device | precision | graph | batch (samples) | samples/s | cpu ms/sample | p50 ms | p90 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        options = {}
-        if args.threads and name == "onnxruntime":
-            options["intra_op_threads"] = args.threads
-        try:
-            backend = make_backend(bundle, name, device=device, **options)
-        except BackendUnavailable as exc:
-            print(f"| {name} | {device} | – | – | skipped: {exc} | | | |")
-            continue
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            r = measure(backend, batch, size, args.seconds, rng)
-            print(f"| {name} | {backend.device} | {backend.precision} | {batch} | {r['samples_per_s']:.1f} | "
-                  f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |", flush=True)
-        backend.close()
+        for precision in precisions if name == "onnxruntime" and device == "cpu" else ["auto"]:
+            options = {}
+            if args.threads and name == "onnxruntime":
+                options["intra_op_threads"] = args.threads
+            try:
+                backend = make_backend(bundle, name, device=device, precision=precision, **options)
+            except BackendUnavailable as exc:
+                print(f"| {name} | {device} | {precision} | – | – | skipped: {exc} | | | | |")
+                continue
+            graphs = ["whole"]
+            if backend.precision == "int8":
+                graphs = ["per view"]  # the int8 graph is a per-view graph (run() sums its rows)
+            elif args.per_view and supports_views(backend):
+                graphs.append("per view")
+            for graph in graphs:
+                label = graph
+                for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                    r = measure(backend, batch, size, args.seconds, rng, per_view=graph == "per view")
+                    print(f"| {name} | {backend.device} | {backend.precision} | {label} | {batch} | "
+                          f"{r['samples_per_s']:.1f} | {r['cpu_ms_per_sample']:.2f} | {r['p50_ms']:.1f} | "
+                          f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} |", flush=True)
+            backend.close()
     if tmp is not None:
         tmp.cleanup()
     return 0

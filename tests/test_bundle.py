@@ -61,8 +61,8 @@ def test_roundtrip(built):
     assert b.settings["dataset_config"]["geometry"]["wavelength_m"] == pytest.approx(3.5e-12)
     assert b.image_size == 64 and b.settings["input"]["model_input_size"] == 32
     assert b.card["name"] == "tiny" and b.onnx_path.is_file() and b.index_dir is None
-    assert set(b.manifest["files"]) == {"model.pt", "model.onnx", "labels.json", "settings.json", "card.json",
-                                        "MODEL_CARD.md"}
+    assert set(b.manifest["files"]) == {"model.pt", "model.onnx", "model_view.onnx", "labels.json", "settings.json",
+                                        "card.json", "MODEL_CARD.md"}  # model_view.onnx: msdn's per-view graph
     assert b.manifest["xtalsym_version"] and b.manifest["onnx"]["image_size"] == 64
     x = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():

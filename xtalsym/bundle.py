@@ -4,10 +4,14 @@ Layout (every file but ``manifest.json`` and ``.cache/`` is listed in the manife
 
     model.pt          weights-only checkpoint (the release's), identity = its SHA-256
     model.onnx        the exported graph (see xtalsym.inference.export), optional
+    model_view.onnx   the per-view graph (MSDN: one zone-axis view per row), optional
+    model_view_int8.onnx  its int8 (QDQ) version for the CPU, optional (--int8-calibration)
     labels.json       class index -> space group, symbol, crystal system
     settings.json     geometry + shaping the model was trained with, input layout
     card.json, MODEL_CARD.md (+ any other plain file of the release, e.g. a PNG)
     index/            optional reference index (xtalsym.index); index/index.json has "model_id"
+    fusion.json       optional fusion parameters (xtalsym.fusion): the calibrated 230-group
+                      posterior; a bundle without it predicts with the model alone
     manifest.json     format, xtalsym version, model_id, SHA-256 + size of every file
     .cache/           not part of the bundle: TensorRT engines and timing caches
 
@@ -44,11 +48,14 @@ BUNDLE_FORMAT = "xtalsym-bundle/1"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
+VIEW_ONNX_FILE = "model_view.onnx"
+INT8_ONNX_FILE = "model_view_int8.onnx"
 LABELS_FILE = "labels.json"
 SETTINGS_FILE = "settings.json"
 CARD_FILE = "card.json"
 CARD_MD_FILE = "MODEL_CARD.md"
 INDEX_DIR = "index"
+FUSION_FILE = "fusion.json"  # the same name as xtalsym.fusion.FUSION_FILE
 INDEX_META = "index.json"
 CACHE_DIR = ".cache"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, SETTINGS_FILE, CARD_FILE, CARD_MD_FILE)
@@ -163,8 +170,23 @@ class Bundle:
         return self.path / ONNX_FILE if ONNX_FILE in self.manifest["files"] else None
 
     @property
+    def view_onnx_path(self) -> Path | None:
+        """The per-view graph, or None (older bundles, models that are not a sum over views)."""
+        return self.path / VIEW_ONNX_FILE if VIEW_ONNX_FILE in self.manifest["files"] else None
+
+    @property
+    def int8_onnx_path(self) -> Path | None:
+        """The int8 (QDQ) per-view graph for the CPU, or None."""
+        return self.path / INT8_ONNX_FILE if INT8_ONNX_FILE in self.manifest["files"] else None
+
+    @property
     def index_dir(self) -> Path | None:
         return self.path / INDEX_DIR if self.manifest.get("index") else None
+
+    @property
+    def fusion_path(self) -> Path | None:
+        """The fusion parameters (verified with the rest), or None for a bundle without them."""
+        return self.path / FUSION_FILE if self.manifest.get("fusion") else None
 
     @property
     def cache_dir(self) -> Path:
@@ -254,7 +276,26 @@ def verify_bundle(path: str | os.PathLike) -> dict:
         _check_index_matches(root / INDEX_DIR, manifest["model_id"], f"bundle {root}")
     elif any(name.startswith(INDEX_DIR + "/") for name in manifest["files"]):
         raise _bad_manifest(root, f"files under {INDEX_DIR}/ are listed but \"index\" is not set")
+    if manifest.get("fusion"):
+        if FUSION_FILE not in manifest["files"]:
+            raise _bad_manifest(root, f"\"fusion\" is set but {FUSION_FILE} is not listed")
+        _check_fusion(root / FUSION_FILE, manifest.get("classes"), f"bundle {root}")
+    elif FUSION_FILE in manifest["files"]:
+        raise _bad_manifest(root, f"{FUSION_FILE} is listed but \"fusion\" is not set")
     return manifest
+
+
+def _check_fusion(path: Path, classes: list | None, where: str) -> dict:
+    """Refuse fusion parameters that do not parse or were fitted for other classes."""
+    from xtalsym.fusion import FusionError, FusionParams
+
+    try:
+        params = FusionParams.load(path)
+    except FusionError as exc:
+        raise BundleError(f"{where}: {FUSION_FILE}: {exc}") from None
+    if classes is not None and [int(c) for c in params.classes] != [int(c) for c in classes]:
+        raise BundleError(f"{where}: {FUSION_FILE} was fitted for other classes than the model's")
+    return {"file": FUSION_FILE, "format": params.to_json()["format"], "fitted": params.fitted.get("split", "")}
 
 
 def load_bundle(path: str | os.PathLike | None = None, *, verify: bool = True) -> Bundle:
@@ -327,14 +368,27 @@ def build_bundle(
     image_size: int | None = None,
     opset: int | None = None,
     overwrite: bool = False,
+    view_graph: bool = True,
+    int8_calibration: str | os.PathLike | None = None,
+    int8_samples: int | None = None,
+    int8_method: str = "percentile",
+    int8_test: str | os.PathLike | None = None,
+    int8_test_limit: int | None = None,
+    int8_test_split: str = "test",
 ) -> Path:
     """Bundle a release folder (``xtalsym model release``) at ``out``; returns ``out``.
 
     Copies every plain file of the release, writes labels.json and settings.json from the
-    checkpoint, exports model.onnx (``onnx=True``), copies ``index_dir`` (refused when its
-    model_id is not this model's) and writes manifest.json last. Everything is assembled
-    in a temporary sibling directory and renamed into place, so ``out`` is either the old
-    bundle or the complete new one.
+    checkpoint, exports model.onnx (``onnx=True``) and, for a model whose prediction is a
+    sum over views (MSDN), the per-view graph model_view.onnx (``view_graph``). With
+    ``int8_calibration`` (a dataset directory) the per-view graph is also quantised to int8
+    (QDQ, calibrated on ``int8_samples`` samples of its train split,
+    :mod:`xtalsym.inference.quantise`); with ``int8_test`` its accuracy against fp32 on
+    that dataset's test split goes into the model card (card.json ``int8`` and
+    MODEL_CARD.md). Copies ``index_dir`` (refused when its model_id is not this model's)
+    and writes manifest.json last. Everything is assembled in a temporary sibling
+    directory and renamed into place, so ``out`` is either the old bundle or the complete
+    new one.
     """
     from xtalsym import model as models
 
@@ -373,16 +427,31 @@ def build_bundle(
             },
         }
         _write_json(tmp / SETTINGS_FILE, settings)
+        _drop_int8_card(tmp)  # a card re-bundled from an earlier bundle says nothing old about int8
         onnx_info = None
+        if int8_calibration is not None and not (onnx and view_graph and onnx_export.per_view_supported(model)):
+            raise BundleError(f"release {release_dir}: int8 quantises the per-view graph, which needs ONNX export "
+                              f"and a model that sums its views (msdn), not {model.name!r}")
         if onnx:
             onnx_opset = int(opset or onnx_export.DEFAULT_OPSET)
             onnx_export.export_onnx(model, tmp / ONNX_FILE, image_size=image_size, opset=onnx_opset)
             onnx_info = {"file": ONNX_FILE, "opset": onnx_opset, "image_size": image_size,
                          "inputs": list(onnx_export.INPUT_NAMES), "outputs": list(onnx_export.OUTPUT_NAMES)}
+            if view_graph and onnx_export.per_view_supported(model):
+                onnx_export.export_onnx(model, tmp / VIEW_ONNX_FILE, image_size=image_size, opset=onnx_opset,
+                                        graph="view")
+                onnx_info["view"] = {"file": VIEW_ONNX_FILE, "inputs": list(onnx_export.VIEW_INPUT_NAMES),
+                                     "outputs": list(onnx_export.VIEW_OUTPUT_NAMES)}
+            if int8_calibration is not None:
+                onnx_info["int8"] = _build_int8(tmp, classes, calibration=int8_calibration, samples=int8_samples,
+                                                method=int8_method, test=int8_test, test_limit=int8_test_limit,
+                                                test_split=int8_test_split)
         index_info = None
         if index_dir is not None:
             _copy_index(Path(index_dir), tmp / INDEX_DIR, model_id)
             index_info = {"dir": INDEX_DIR, "model_id": model_id}
+        fusion_info = _check_fusion(tmp / FUSION_FILE, classes, f"release {release_dir}") \
+            if (tmp / FUSION_FILE).is_file() else None
         base = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "release": extra.get("release") or release_dir.name,
@@ -390,6 +459,7 @@ def build_bundle(
             "classes": classes,
             "onnx": onnx_info,
             "index": index_info,
+            "fusion": fusion_info,
         }
         _write_manifest(tmp, base)
         verify_bundle(tmp)
@@ -399,6 +469,46 @@ def build_bundle(
         raise
     log.info("bundle %s: model_id %s", out, model_id)
     return out
+
+
+INT8_CARD_HEADING = "\n## int8 (CPU)\n"
+
+
+def _drop_int8_card(tmp: Path) -> None:
+    card_path, md = tmp / CARD_FILE, tmp / CARD_MD_FILE
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"release card {CARD_FILE} is not readable JSON ({exc})") from None
+    if isinstance(card, dict) and "int8" in card:
+        del card["int8"]
+        _write_json(card_path, card)
+    text = md.read_text()
+    cut = text.find(INT8_CARD_HEADING)
+    if cut >= 0:
+        md.write_text(text[: cut + 1])
+
+
+def _build_int8(tmp: Path, classes: list[int], *, calibration, samples, method, test, test_limit, test_split) -> dict:
+    """Quantise tmp/model_view.onnx into tmp/model_view_int8.onnx, measure it, write it into the card."""
+    from xtalsym.inference import quantise
+
+    info = quantise.quantise_view_graph(
+        tmp / VIEW_ONNX_FILE, tmp / INT8_ONNX_FILE, calibration_dataset=calibration,
+        samples=samples or quantise.DEFAULT_CALIBRATION_SAMPLES, method=method)
+    if test is not None:
+        info["accuracy"] = quantise.compare_accuracy(tmp / VIEW_ONNX_FILE, tmp / INT8_ONNX_FILE, test_dataset=test,
+                                                     classes=classes, limit=test_limit, split=test_split)
+    card_path = tmp / CARD_FILE
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"release card {CARD_FILE} is not readable JSON ({exc})") from None
+    card["int8"] = info
+    _write_json(card_path, card)
+    md = tmp / CARD_MD_FILE
+    md.write_text(md.read_text().rstrip("\n") + "\n" + quantise.card_section(info))
+    return info
 
 
 def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
@@ -426,6 +536,65 @@ def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def add_fusion(bundle: str | os.PathLike, params_file: str | os.PathLike) -> Path:
+    """Put (or replace) the fusion parameters of an existing bundle and re-write its manifest.
+
+    The parameters are refused (BundleError) unless they parse and were fitted for the
+    bundle's classes; the new bundle is assembled beside the old one and swapped in.
+    """
+    root = Path(bundle)
+    manifest = verify_bundle(root)
+    params_file = Path(params_file)
+    if not params_file.is_file():
+        raise BundleError(f"fusion parameters {params_file} do not exist")
+    info = _check_fusion(params_file, manifest.get("classes"), f"fusion parameters {params_file}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.add-fusion-", dir=root.parent))
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(root, tmp, ignore=shutil.ignore_patterns(CACHE_DIR, MANIFEST), symlinks=False)
+        shutil.copyfile(params_file, tmp / FUSION_FILE)
+        _card_fusion_section(tmp, json.loads(params_file.read_text()).get("fitted", {}))
+        base = {k: v for k, v in manifest.items() if k not in ("files", "format", "xtalsym_version", "model_id")}
+        base["fusion"] = info
+        _write_manifest(tmp, base)
+        verify_bundle(tmp)
+        cache = root / CACHE_DIR
+        if cache.is_dir():
+            shutil.copytree(cache, tmp / CACHE_DIR)
+        _swap_in(tmp, root, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+FUSION_CARD_HEADING = "## Fusion over 230 space groups"
+
+
+def _card_fusion_section(root: Path, fitted: dict) -> None:
+    """Record in card.json and MODEL_CARD.md what the fusion was fitted on and what it measured."""
+    card_path, md_path = root / CARD_FILE, root / CARD_MD_FILE
+    card = json.loads(card_path.read_text())
+    card["fusion"] = fitted
+    _write_json(card_path, card)
+    text = md_path.read_text()
+    if FUSION_CARD_HEADING in text:  # replace the section of an earlier add-fusion
+        head, _, rest = text.partition(FUSION_CARD_HEADING)
+        tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
+        text = head.rstrip() + "\n\n" + tail
+    lines = ["", FUSION_CARD_HEADING, "",
+             f"`{FUSION_FILE}`: calibrated posterior over all 230 groups (MSDN + symmetry evidence + prior), "
+             f"fitted on the `{fitted.get('split', '?')}` split ({fitted.get('materials', '?')} materials, evidence: "
+             f"{fitted.get('evidence', '?')}; prior: {fitted.get('prior', 'training frequencies')}). "
+             "Measured on the test split (by material), 3 views; details and the command in docs/RESULTS.md "
+             "\"Fusion (issue 15)\".", "",
+             "| test | n | group top-1 | set top-1 | ECE |", "|---|---|---|---|---|"]
+    for name, row in (fitted.get("test") or {}).items():
+        lines.append(f"| {name.replace(' | ', ', ')} | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
+                     f"{row.get('ece', 0):.3f} |")
+    md_path.write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- default bundle
@@ -479,9 +648,12 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "INT8_ONNX_FILE",
+    "VIEW_ONNX_FILE",
     "Bundle",
     "BundleError",
     "ENV_BUNDLE",
+    "add_fusion",
     "add_index",
     "build_bundle",
     "bundle_containing",

@@ -61,13 +61,23 @@ def test_end_to_end(components):
     partial = [m for m in msgs if m["status"] == "partial"]
     assert len(partial) == 4  # one after each of the first two views of each sample
     m = finals[0]
-    assert m["schema"] == "xtalsym.prediction/1" and len(m["top"]) == 5
+    assert m["schema"] == "xtalsym.prediction/2" and len(m["top"]) == 5
     assert {t["space_group"] for t in m["top"]} <= set(CLASSES)
     assert all(0 <= t["probability"] <= 1 for t in m["top"])
     assert m["open_set"] is not None and len(m["open_set"]["neighbours"]) == 4
     assert m["model"]["model_id"] == components[0].model_id
     assert m["user_data"]["space_group"] in (225, 227)
     assert m["timestamps"]["published"] >= m["timestamps"]["received"]
+    # the symmetry evidence measured by the workers on the calibrated frames, combined per sample
+    for final in finals:
+        e = final["evidence"]
+        assert e["schema"] == "xtalsym.evidence/1" and len(e["group_loglik"]) == 230
+        assert set(e["zones"]) == {"x", "y", "z"} and all(z["decided"] for z in e["zones"].values())
+        assert e["crystal_system"] in (None, "cubic") and e["cell"]["a"] == pytest.approx(
+            e["cell"]["b"], rel=0.01)
+        sg = final["user_data"]["space_group"]
+        assert e["group_loglik"][sg - 1] >= max(e["group_loglik"]) - 5  # the true group is in the top set
+    assert all(p["evidence"]["partial"] and p["evidence"]["zones"] for p in partial)
     metrics = run.service.pipeline.metrics.snapshot()
     # 6 images, a bad message after every second one: 3 bad, all counted, every good frame classified
     assert sum(metrics["bad_frames"].values()) == 3, metrics["bad_frames"]

@@ -217,6 +217,23 @@ def test_predict_cli_and_axes_subset(checkpoints, capsys):
     assert json.loads(capsys.readouterr().out)["true_space_group"] == 225
 
 
+def test_predict_prints_the_symmetry_evidence(checkpoints, capsys):
+    """The measured cell, Bravais lattice, absences per zone and the cell-scale warning."""
+    nacl = str(SHIPPED / "NaCl.cif")
+    assert _run(["predict", nacl, "--checkpoint", str(checkpoints["msdn"]), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "cell (cubic, apparent): a = 2.8" in printed  # rock salt's {200}: half the F edge
+    assert "crystal system: cubic" in printed and "Bravais lattice: not decided" in printed
+    assert "zone x:" in printed and "absences:" in printed
+    assert "cF/cP not separable" in printed or "cP/cF not separable" in printed
+    assert _run(["predict", nacl, "--checkpoint", str(checkpoints["msdn"]), "--json"]) == 0
+    evidence = json.loads(capsys.readouterr().out)["evidence"]
+    assert evidence["schema"] == "xtalsym.evidence/1" and evidence["cell"]["a"] == pytest.approx(2.82, abs=0.03)
+    assert len(evidence["group_loglik"]) == 230
+    assert _run(["predict", nacl, "--checkpoint", str(checkpoints["msdn"]), "--no-evidence"]) == 0
+    assert "symmetry evidence" not in capsys.readouterr().out
+
+
 def test_axes_errors_are_one_line_value_errors(checkpoints):
     model, classes, _ = ev.load_model(checkpoints["ziletti-cnn"])
     with pytest.raises(ev.EvaluationError, match="subset of axes"):

@@ -40,7 +40,7 @@ def register(commands) -> None:
         description="Classify recorded frames through the daemon's own calibration, shaping and inference: "
                     "geometry from the NeXus fields of an HDF5 master file (overridden by the TOML's [geometry]), "
                     "or from the TOML alone for TIFF / CBF / PNG / .npy images. Axes in image-id order "
-                    "(assembly.axis_order). Writes OUTPUT.jsonl (schema xtalsym.prediction/1, docs/DAEMON.md) "
+                    "(assembly.axis_order). Writes OUTPUT.jsonl (schema xtalsym.prediction/2, docs/DAEMON.md) "
                     "and OUTPUT.csv.")
     p.add_argument("inputs", nargs="+", help="HDF5 master files (…_master.h5) and/or image files; images given "
                                              "together form one series in the order given")

@@ -247,6 +247,17 @@ def _register_shape(commands) -> None:
     shape.add_argument(
         "--out", required=True, help="output PNG, the model's pixels exactly; its text field gives the Å⁻¹ per pixel"
     )
+    shape.add_argument(
+        "--overlay",
+        metavar="PNG",
+        help="also write the raw DP with the indexed lattice and its indices (symmetry evidence)",
+    )
+    shape.add_argument(
+        "--q-per-pixel",
+        type=float,
+        default=None,
+        help="reciprocal-space scale of the raw DP in 1/Å per pixel (default: the training grid's)",
+    )
     shape.set_defaults(handler=_cmd_shape)
 
 
@@ -269,6 +280,19 @@ def _cmd_shape(args: argparse.Namespace) -> int:
         f"{args.raw} -> {out} ({args.method}, axis {args.axis}, {shaped.shape[0]}x{shaped.shape[1]}, "
         f"{q_per_pixel:.5f} Å⁻¹ per pixel at the training geometry)"
     )
+    if args.overlay:
+        from xtalsym.evidence import analyse_frame, report
+
+        grey = raw if raw.ndim == 2 else raw[..., 0]
+        q = args.q_per_pixel if args.q_per_pixel is not None else Geometry().q_per_pixel
+        frame = analyse_frame(grey, axis=args.axis, q_per_pixel=q)
+        report.draw_overlay(grey, frame, args.overlay)
+        state = (
+            f"{int(frame.spots_indexed.sum())} indexed spots, 2D symmetry {frame.point_group_2d}"
+            if frame.decided
+            else f"cannot decide: {frame.reason}"
+        )
+        print(f"overlay: {args.overlay} ({state})")
     return 0
 
 
@@ -284,6 +308,11 @@ def _register_dataset(commands) -> None:
     show.add_argument("--examples", type=int, default=8, help="rows in the grid (default %(default)s)")
     show.add_argument("--seed", type=int, default=0, help="seed of the choice of examples (default %(default)s)")
     show.add_argument("--json", action="store_true", help="print the counts as JSON")
+    show.add_argument(
+        "--overlay",
+        metavar="DIR",
+        help="also write, per example and axis, the raw DP with the indexed lattice (symmetry evidence)",
+    )
     show.set_defaults(handler=_cmd_dataset_show)
 
 
@@ -295,4 +324,7 @@ def _cmd_dataset_show(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.dataset) / "examples.png"
     dataset_view.save_example_grid(args.dataset, out, rows=args.examples, seed=args.seed)
     print(f"example grid: {out}")
+    if args.overlay:
+        paths = dataset_view.save_evidence_overlays(args.dataset, args.overlay, rows=args.examples, seed=args.seed)
+        print(f"lattice overlays: {len(paths)} PNGs in {args.overlay}")
     return 0

@@ -1,5 +1,5 @@
 """Model commands: `model info|release` (what a named model is and costs; a release of a
-trained one), `export` (ONNX graph) and `bundle build|verify|add-index`."""
+trained one), `export` (ONNX graph) and `bundle build|verify|add-index|add-fusion`."""
 
 from __future__ import annotations
 
@@ -109,9 +109,21 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
         help="H = W of the shaped DPs the graph takes (default 224; the graph max-pools to the model's input size)",
     )
     export.add_argument(
+        "--graph",
+        choices=("whole", "view"),
+        default="whole",
+        help="whole: x (B, 3, 3, H, W) + present (model.onnx); view: one zone-axis view per row, "
+        "view uint8 (N, 3, H, W) + axis int64 (N,) -> view_logits, view_embeddings (model_view.onnx; "
+        "msdn only)",
+    )
+    export.add_argument(
         "--check",
         action="store_true",
         help="run onnx.checker and compare ONNX Runtime with torch on a mixed 1/2/3-view batch",
+    )
+    _int8_arguments(export)
+    export.add_argument(
+        "--int8-out", help="with --int8-calibration: where the int8 graph goes (default: OUT with _int8 before .onnx)"
     )
     export.set_defaults(handler=_export)
 
@@ -130,6 +142,24 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--image-size", type=int, default=None, help="shaped-DP size the ONNX graph takes (default 224)")
     build.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    build.add_argument(
+        "--no-view-graph",
+        action="store_true",
+        help="skip the per-view graph model_view.onnx (the daemon then runs the whole graph per request)",
+    )
+    _int8_arguments(build)
+    build.add_argument(
+        "--int8-test",
+        metavar="DATASET",
+        help="dataset whose test split measures int8 against fp32; the result goes into the model card",
+    )
+    build.add_argument(
+        "--int8-test-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N test samples (default: all of the model's classes)",
+    )
     build.set_defaults(handler=_build)
 
     verify = sub.add_parser(
@@ -151,6 +181,39 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     add.add_argument("index", help="reference index directory")
     add.set_defaults(handler=_add_index)
 
+    fuse = sub.add_parser(
+        "add-fusion",
+        help="put fusion parameters (fusion.json) into an existing bundle",
+        description="Copy PARAMS into BUNDLE/fusion.json (replacing any), after checking that they "
+        "parse and were fitted for the bundle's classes; record the fit in the model card; rewrite "
+        "the manifest. Fit them with benchmarks/fusion.py --write-params.",
+    )
+    fuse.add_argument("bundle", help="bundle directory")
+    fuse.add_argument("params", help="fusion parameters (JSON, xtalsym-fusion/1)")
+    fuse.set_defaults(handler=_add_fusion)
+
+
+def _int8_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--int8-calibration",
+        metavar="DATASET",
+        help="dataset (xtalsym simulate dataset) whose train split calibrates an int8 (QDQ) version of "
+        "the per-view graph for the CPU (model_view_int8.onnx)",
+    )
+    parser.add_argument(
+        "--int8-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training samples (3 views each) to calibrate on (default 128: calibration holds every activation of every view in memory)",
+    )
+    parser.add_argument(
+        "--int8-method",
+        choices=("minmax", "percentile", "entropy"),
+        default="percentile",
+        help="activation ranges from the calibration data (default %(default)s)",
+    )
+
 
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -167,12 +230,47 @@ def _export(args: argparse.Namespace) -> int:
     else:
         model, _ = models.load_checkpoint(args.checkpoint)
         image_size = args.image_size or onnx_export.DEFAULT_IMAGE_SIZE
-    out = onnx_export.export_onnx(model, args.out, image_size=image_size, opset=args.opset or onnx_export.DEFAULT_OPSET)
+    graph = args.graph
+    if args.int8_calibration and graph != "view":
+        graph = "view"  # int8 is made of the per-view graph only
+        print("--int8-calibration: exporting the per-view graph (--graph view)")
+    if graph == "view" and not onnx_export.per_view_supported(model):
+        raise ValueError(f"--graph view needs a model that sums its views (msdn), not {model.name!r}")
+    out = onnx_export.export_onnx(
+        model, args.out, image_size=image_size, opset=args.opset or onnx_export.DEFAULT_OPSET, graph=graph
+    )
+    layout = (
+        f"x uint8 (B, 3, 3, {image_size}, {image_size})"
+        if graph == "whole"
+        else f"view uint8 (N, 3, {image_size}, {image_size}), axis int64 (N,)"
+    )
     print(
         f"exported {model.name} (input {model.input_size}, {model.num_classes} classes) -> {out} "
-        f"({Path(out).stat().st_size / 1e6:.1f} MB, x uint8 (B, 3, 3, {image_size}, {image_size}))"
+        f"({Path(out).stat().st_size / 1e6:.1f} MB, {layout})"
     )
-    if args.check:
+    if args.int8_calibration:
+        from xtalsym.inference import quantise
+
+        int8_out = Path(args.int8_out) if args.int8_out else Path(out).with_name(Path(out).stem + "_int8.onnx")
+        info = quantise.quantise_view_graph(
+            out,
+            int8_out,
+            calibration_dataset=args.int8_calibration,
+            samples=args.int8_samples or quantise.DEFAULT_CALIBRATION_SAMPLES,
+            method=args.int8_method,
+        )
+        print(
+            f"int8 (QDQ) -> {int8_out} ({int8_out.stat().st_size / 1e6:.1f} MB), calibrated on "
+            f"{info['calibration']['samples']} train samples of {args.int8_calibration} ({args.int8_method})"
+        )
+    if args.check and graph == "view":
+        report = onnx_export.check_view_onnx(model, out, batch=7)
+        print(
+            "check OK: onnx.checker passed; per-view ONNX Runtime vs torch on 7 samples (1-3 views, summed): "
+            f"max |Δp| {report['max_abs_probabilities']:.2e}, max |Δlogits| {report['max_abs_logits']:.2e}, "
+            f"max |Δembeddings| {report['max_abs_embeddings']:.2e}, top-1 agreement {report['top1_agreement']:.3f}"
+        )
+    elif args.check:
         report = onnx_export.check_onnx(model, out, batch=7)
         print(
             "check OK: onnx.checker passed; ONNX Runtime vs torch on 7 samples (1-3 views): "
@@ -193,12 +291,28 @@ def _build(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         opset=args.opset,
         overwrite=args.overwrite,
+        view_graph=not args.no_view_graph,
+        int8_calibration=args.int8_calibration,
+        int8_samples=args.int8_samples,
+        int8_method=args.int8_method,
+        int8_test=args.int8_test,
+        int8_test_limit=args.int8_test_limit,
     )
     bundle = load_bundle(out)
     print(
         f"bundle {out}: model_id {bundle.model_id}, {len(bundle.manifest['files'])} files"
+        + (", per-view graph" if bundle.view_onnx_path else "")
+        + (", int8" if bundle.int8_onnx_path else "")
         + (", with index" if bundle.index_dir else "")
     )
+    accuracy = ((bundle.manifest.get("onnx") or {}).get("int8") or {}).get("accuracy")
+    if accuracy:
+        lo, hi = accuracy["delta_top1_ci95"]
+        print(
+            f"int8 vs fp32 on {accuracy['samples']} test samples: top-1 {accuracy['top1_int8'] * 100:.2f} % vs "
+            f"{accuracy['top1_fp32'] * 100:.2f} % ({accuracy['delta_top1'] * 100:+.2f} points, 95 % CI "
+            f"{lo * 100:+.2f} to {hi * 100:+.2f})"
+        )
     return 0
 
 
@@ -213,7 +327,9 @@ def _verify(args: argparse.Namespace) -> int:
     print(
         f"  model {spec['name']} (input {spec['input_size']}, {spec['num_classes']} classes), "
         f"{len(bundle.manifest['files'])} files, {total / 1e6:.1f} MB, xtalsym {bundle.manifest.get('xtalsym_version')}, "
-        f"onnx {'yes' if bundle.onnx_path else 'no'}, index {'yes' if bundle.index_dir else 'no'}"
+        f"onnx {'yes' if bundle.onnx_path else 'no'}, per-view graph {'yes' if bundle.view_onnx_path else 'no'}, "
+        f"int8 {'yes' if bundle.int8_onnx_path else 'no'}, index {'yes' if bundle.index_dir else 'no'}, "
+        f"fusion {'yes' if bundle.fusion_path else 'no'}"
     )
     return 0
 
@@ -224,4 +340,13 @@ def _add_index(args: argparse.Namespace) -> int:
     add_index(args.bundle, args.index)
     bundle = load_bundle(args.bundle)
     print(f"bundle {bundle.path}: index added, model_id {bundle.model_id}, {len(bundle.manifest['files'])} files")
+    return 0
+
+
+def _add_fusion(args: argparse.Namespace) -> int:
+    from xtalsym.bundle import add_fusion, load_bundle
+
+    add_fusion(args.bundle, args.params)
+    bundle = load_bundle(args.bundle)
+    print(f"bundle {bundle.path}: fusion added, model_id {bundle.model_id}, {len(bundle.manifest['files'])} files")
     return 0

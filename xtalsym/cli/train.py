@@ -79,6 +79,11 @@ def _model_source(parser: argparse.ArgumentParser) -> None:
         help="torch device: auto (CUDA when available), cpu, cuda, cuda:N (default %(default)s)",
     )
     parser.add_argument(
+        "--prior",
+        default=None,
+        help="prior of the bundle's fusion: training (default), flat, or a JSON file {space group: weight}",
+    )
+    parser.add_argument(
         "--axes", help="zone axes to classify with, comma-separated, e.g. x,z (multi-view models; default all three)"
     )
 
@@ -125,13 +130,18 @@ def _register_evaluate(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print JSON: one object for one structure, one line per structure for several",
     )
+    pr.add_argument(
+        "--no-evidence",
+        action="store_true",
+        help="skip the symmetry evidence (cell, Bravais lattice, absences) measured in the patterns",
+    )
     pr.set_defaults(handler=_cmd_predict)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from xtalsym.offline import evaluate as ev
 
-    loaded = ev.load_for_inference(checkpoint=args.checkpoint, bundle=args.bundle, device=args.device)
+    loaded = ev.load_for_inference(checkpoint=args.checkpoint, bundle=args.bundle, device=args.device, prior=args.prior)
     metrics, paths = ev.run_evaluation(
         loaded,
         dataset=args.dataset,
@@ -143,14 +153,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(ev.format_summary(metrics))
-    print(f"\nmetrics: {paths['metrics']}\npredictions: {paths['predictions']}\nconfusion matrix: {paths['confusion']}")
+    print(
+        f"\nmetrics: {paths['metrics']}\npredictions: {paths['predictions']}\nconfusion matrix: {paths['confusion']}"
+        + (f"\nreliability diagram: {paths['reliability']}" if "reliability" in paths else "")
+    )
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from xtalsym.offline import evaluate as ev
 
-    loaded = ev.load_for_inference(checkpoint=args.checkpoint, bundle=args.bundle, device=args.device)
+    loaded = ev.load_for_inference(checkpoint=args.checkpoint, bundle=args.bundle, device=args.device, prior=args.prior)
     results = list(ev.predict_sources(loaded, args.structure, axes=ev.axes_list(args.axes)))
     if not results:
         raise ValueError(f"no structures found in {args.structure}")
@@ -162,8 +175,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             print(f"failed: {labelled.source}: {labelled.reason}", file=sys.stderr)
             continue
+        if loaded.fusion is not None:  # the bundle's fused answer over 230 groups, with the evidence
+            from xtalsym.offline import fused
+
+            result = fused.predict_structure(
+                loaded.model,
+                loaded.fusion,
+                labelled,
+                config=loaded.config,
+                axes=ev.axes_list(args.axes),
+                use_evidence=not args.no_evidence,
+            )
+            if n:
+                print()
+            print_fused(labelled, result, loaded.classes, as_json=args.json)
+            continue
+        found = (
+            None
+            if args.no_evidence
+            else ev.structure_evidence(labelled, config=loaded.config, axes=ev.axes_list(args.axes))
+        )
         if args.json:
             row = {"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}
+            if found is not None:
+                row["evidence"] = found.to_json()
             print(json.dumps(row, indent=1) if len(results) == 1 else json.dumps(row))
             continue
         known = "" if labelled.space_group in loaded.classes else " - not one of the model's classes"
@@ -177,6 +212,68 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 f"{row['rank']:>4}  {row['space_group']:>3}  {row['symbol']:<10} {row['crystal_system']:<14} "
                 f"{row['probability']:>11.4f}"
             )
+        if found is not None:
+            from xtalsym.evidence import report
+
+            print()
+            print(report.format_text(found))
     if failed == len(results):
         raise ValueError(f"no structure of {args.structure} could be classified ({failed} failed)")
     return 0
+
+
+def print_fused(labelled, result, classes, *, as_json: bool) -> None:
+    """What `xtalsym predict` prints for a fused prediction (text or JSON)."""
+    from xtalsym import spacegroups
+
+    prediction = result.prediction
+    verdict = prediction.truth_verdict(labelled.space_group)
+    evidence = result.evidence
+    if as_json:
+        payload = {
+            "material_id": labelled.material_id,
+            "true_space_group": labelled.space_group,
+            "truth": verdict,
+            "prediction": prediction.to_json(),
+            "evidence": evidence.to_json() if evidence is not None else None,
+        }
+        print(json.dumps(payload, indent=1))
+        return
+    known = "" if labelled.space_group in classes else " - not one of the model's classes"
+    print(
+        f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}"
+    )
+    print(f"prediction: {prediction.headline()}")
+    print(f"truth {labelled.symbol}: {_VERDICT_TEXT[verdict]}")
+    print(
+        f"crystal system: {prediction.crystal_system[0]} (p = {prediction.crystal_system[1]:.3f})   "
+        f"Bravais lattice: {prediction.bravais_lattice[0]} (p = {prediction.bravais_lattice[1]:.3f})"
+    )
+    if evidence is not None:
+        from xtalsym.evidence import report
+
+        print()
+        print(report.format_text(evidence))
+        print()
+    print("top sets:")
+    for s in prediction.top_sets:
+        inside = ", ".join(f"{g.symbol} {g.probability:.3f}" for g in s.groups[:6])
+        print(f"  p = {s.probability:.3f}  {s.label}  [{inside}]")
+    print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}  model class")
+    for rank, g in enumerate(prediction.top_groups, 1):
+        print(
+            f"{rank:>4}  {g.space_group:>3}  {g.symbol:<10} {spacegroups.crystal_system(g.space_group):<14} "
+            f"{g.probability:>11.4f}  {'yes' if g.in_model_classes else 'no'}"
+        )
+    print(
+        f"prior: {prediction.prior}; views: {','.join(prediction.views)}; evidence "
+        f"{'used' if prediction.evidence_used else 'not used'}"
+    )
+
+
+_VERDICT_TEXT = {
+    "top-1": "the most probable group",
+    "in set": "in the predicted set (the data cannot separate it from the top group)",
+    "candidate": "among the candidates of an undecided prediction",
+    "wrong": "NOT in the predicted set",
+}

@@ -89,6 +89,10 @@ class View:
     user_data: Any = None
     series_unique_id: str | None = None
     series_number: int = 0  # the daemon's number of the series (samples never span series)
+    evidence: Any = None  # xtalsym.evidence.FrameEvidence of the calibrated frame, or None
+    # (backend generation, logits (C,), embedding (960,)) once the view went through a per-view
+    # graph: later requests of the same sample reuse it instead of running the view again
+    inferred: tuple | None = field(default=None, repr=False)
 
     @property
     def key(self) -> tuple[int, str]:

@@ -19,7 +19,7 @@ daemon's own code, not a copy of it:
   in micro-batches of ``pipeline.max_batch``.
 
 Each final prediction (every prediction with ``--partial``) is one JSON line of schema
-``xtalsym.prediction/1`` (docs/DAEMON.md) with ``user_data = {"source": "<file>[:dataset[i]]"}``
+``xtalsym.prediction/2`` (docs/DAEMON.md) with ``user_data = {"source": "<file>[:dataset[i]]"}``
 of its triggering frame, and one CSV row (:data:`CSV_COLUMNS`). Bad frames are counted by
 reason, logged, and skipped, as in the daemon; the summary lists them.
 """
@@ -44,7 +44,7 @@ import numpy as np
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
-from xtalsym.daemon.infer import classify_batch, model_info
+from xtalsym.daemon.infer import classify_batch, load_fusion, model_info
 from xtalsym.daemon.protocols import BadMessage
 from xtalsym.daemon.recorded import RecordedError, RecordedSeries, open_recorded
 from xtalsym.daemon.workers import flatfield_wanted, frame_job, init_worker, process_frame
@@ -208,7 +208,8 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
     all_series = open_recorded(paths)  # every file checked before anything is classified
     training = cal.TrainingGeometry.from_bundle(bundle)
     size = int(bundle.image_size)
-    model = model_info(bundle, backend, index)
+    fusion = load_fusion(bundle)
+    model = model_info(bundle, backend, index, fusion)
     geometries = [_series_geometry(s, config) for s in all_series]
     summary = ClassifySummary(series=len(all_series))
     c = config
@@ -227,7 +228,7 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
     def run(batch: list[Request]) -> None:
         for lo in range(0, len(batch), c.pipeline.max_batch):
             chunk = batch[lo:lo + c.pipeline.max_batch]
-            result = classify_batch(chunk, backend=backend, size=size, model=model, index=index,
+            result = classify_batch(chunk, backend=backend, size=size, model=model, index=index, fusion=fusion,
                                     index_enabled=c.index.enabled, neighbours=c.index.neighbours)
             if result.inference_error is not None:
                 for request in chunk:
@@ -235,6 +236,8 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
                 continue
             if result.index_error is not None:
                 bad("index_error", f"{type(result.index_error).__name__}: {result.index_error}")
+            if result.fusion_error is not None:
+                bad("fusion_error", f"{type(result.fusion_error).__name__}: {result.fusion_error}")
             for request, message in result.messages:
                 summary.written += writer.write(request, message)
                 if request.final:

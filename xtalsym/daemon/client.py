@@ -30,6 +30,7 @@ class ListenSummary:
     judged_final: int = 0
     correct_complete: int = 0
     judged_complete: int = 0
+    set_final: int = 0  # final predictions whose set (or undecided candidates) holds the truth
     latencies: list = field(default_factory=list)  # published - received (daemon clock), s
     client_latencies: list = field(default_factory=list)  # arrival at the listener - received, s
     first: float | None = None
@@ -52,12 +53,14 @@ class ListenSummary:
         self.latencies.append(ts["published"] - ts["received"])
         self.client_latencies.append(arrived - ts["received"])
         truth = _truth(msg)
-        hit = truth is not None and msg["top"] and msg["top"][0]["space_group"] == truth
+        verdict = truth_verdict(msg, truth) if truth is not None else None
+        hit = verdict == "top-1"
         if msg["final"]:
             self.final += 1
             if truth is not None:
                 self.judged_final += 1
                 self.correct_final += bool(hit)
+                self.set_final += verdict in ("top-1", "in set", "candidate")
         if msg["status"] == "complete":
             self.complete += 1
             if truth is not None:
@@ -76,6 +79,8 @@ class ListenSummary:
             f"predictions          {self.predictions} ({self.complete} complete, {self.final} final)",
             f"accuracy (complete)  {acc(self.correct_complete, self.judged_complete)}",
             f"accuracy (final)     {acc(self.correct_final, self.judged_final)}",
+            f"truth in set (final) {acc(self.set_final, self.judged_final)} (in the predicted set, or a candidate "
+            "of an undecided one)",
             f"predictions/s        {self.predictions / span:.1f}" if span else "predictions/s        -",
             f"latency p50 / p99    {pct(self.latencies, 50)} / {pct(self.latencies, 99)} (frame received -> published)",
             f"client p50 / p99     {pct(self.client_latencies, 50)} / {pct(self.client_latencies, 99)} "
@@ -86,10 +91,45 @@ class ListenSummary:
         return "\n".join(lines)
 
 
+def truth_verdict(msg: dict, truth: int) -> str:
+    """How the true group relates to a prediction message: 'top-1', 'in set' (the data cannot
+    separate it from the top group), 'candidate' (listed by an undecided prediction), 'wrong'.
+    Without a fusion object (a /1 message or a bundle without fusion): 'top-1' or 'wrong'."""
+    fused = msg.get("fusion")
+    if not fused:
+        top = msg["top"][0] if msg.get("top") else {}
+        return "top-1" if top.get("space_group") == truth else "wrong"
+    groups = [g["space_group"] for g in fused["top_groups"]]
+    if groups and groups[0] == truth:
+        return "top-1"
+    if truth in [g["space_group"] for g in fused["set"]["groups"]]:
+        return "in set"
+    undecided = fused.get("cannot_decide") or {}
+    if any(truth in [g["space_group"] for g in c["groups"]] for c in undecided.get("candidates", [])):
+        return "candidate"
+    return "wrong"
+
+
+_MARKS = {"top-1": "OK", "in set": "IN SET", "candidate": "CANDIDATE", "wrong": "WRONG"}
+
+
 def format_prediction(msg: dict) -> str:
     top = msg["top"][0] if msg["top"] else {}
+    fused = msg.get("fusion")
+    if fused:  # the fused answer: the top group over 230, and the set it belongs to
+        best = fused["top_groups"][0]
+        top = {"space_group": best["space_group"], "symbol": best["symbol"], "probability": best["probability"]}
     truth = _truth(msg)
-    mark = "" if truth is None else ("  OK" if top.get("space_group") == truth else f"  WRONG (truth {truth})")
+    mark = ""
+    if truth is not None:
+        verdict = truth_verdict(msg, truth)
+        mark = f"  {_MARKS[verdict]}" + ("" if verdict == "top-1" else f" (truth {truth})")
+    if fused:
+        mark = (
+            f"  set {fused['set']['label']} p={fused['set']['probability']:.2f}"
+            + ("" if fused["decided"] else " (cannot decide)")
+            + mark
+        )
     open_set = msg.get("open_set")
     extra = ""
     if open_set:

@@ -112,6 +112,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "path": ("", _str),  # "" = the shipped default bundle (reference_index/)
         "backend": ("auto", _choice("auto", "torch", "onnxruntime", "tensorrt")),
         "device": ("auto", _str),
+        # CPU precision: auto = int8 when the bundle carries the quantised per-view graph
+        # (model card: its accuracy), fp32 = the fp32 graphs, int8 = refuse a bundle without it
+        "precision": ("auto", _choice("auto", "fp32", "int8")),
     },
     "ingest": {
         "protocol": ("stream_v2", _choice(*PROTOCOLS)),
@@ -150,9 +153,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "latency_budget_seconds": (0.02, _nonneg_num),
         "shaping_method": ("fast", _choice("fast", "reference")),
         "inference_threads": (0, _nonneg_int),  # 0 = the cores the shaping workers leave
+        # auto: each view through the per-view graph once, predictions from the sums (when the
+        # backend has one); off: the whole graph over every request's views (the previous path)
+        "view_inference": ("auto", _choice("auto", "off")),
         # frames arriving while queue_size are waiting: drop the oldest waiting (fresh frames win),
         # drop the new one, or block the sender (back-pressure up to the detector)
         "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),
+        # measure the symmetry evidence of every frame (workers) and publish it per sample
+        "evidence": (True, _bool),
     },
     "index": {
         "enabled": (True, _bool),

@@ -15,15 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from xtalsym.daemon.assemble import Request
-from xtalsym.daemon.publish import open_set_result, prediction_message
+from xtalsym.daemon.assemble import AXES, Request, View
+from xtalsym.daemon.publish import evidence_partial, open_set_result, prediction_message
+from xtalsym.inference.base import InferenceResult, combine_views, supports_views
 
 log = logging.getLogger(__name__)
 
 
-def model_info(bundle, backend, index=None) -> dict:
+def model_info(bundle, backend, index=None, fusion=None) -> dict:
     """The ``model`` object of the prediction schema."""
     return {
+        "fusion": fusion is not None,
         "model_id": bundle.model_id,
         "name": (bundle.card or {}).get("name"),
         "backend": getattr(backend, "name", "?"),
@@ -34,6 +36,43 @@ def model_info(bundle, backend, index=None) -> dict:
     }
 
 
+def uses_per_view(backend, mode: str) -> bool:
+    """Whether each view runs through the network once (``pipeline.view_inference``):
+    "auto" when the backend has a per-view graph, "off" never."""
+    return mode == "auto" and supports_views(backend)
+
+
+def infer_whole(batch: list[Request], backend, size: int) -> tuple[InferenceResult, int]:
+    """The previous path: the whole graph over each request's present views (a view is
+    recomputed in every request of its sample). Returns the result and the views run."""
+    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
+    present = np.zeros((len(batch), 3), bool)
+    for i, request in enumerate(batch):
+        x[i], present[i] = request.tensors(size)
+    return backend.run(x, present), int(present.sum())
+
+
+def infer_by_views(batch: list[Request], backend, generation: int = 0) -> tuple[InferenceResult, int]:
+    """Each view through the per-view graph once: the views ``backend`` (``generation``) has
+    not run yet go in one batch, their rows are kept on the View (``View.inferred``), and every
+    request's logits are the sum of its views' rows (as the whole graph sums them), its
+    embeddings their rows. Returns the result and the views run."""
+    todo: dict[int, View] = {}
+    for request in batch:
+        for view in request.views.values():
+            if view.inferred is None or view.inferred[0] != generation:
+                todo[id(view)] = view
+    if todo:
+        views = list(todo.values())
+        out = backend.run_views(np.stack([v.shaped.transpose(2, 0, 1) for v in views]),
+                                np.array([AXES.index(v.axis) for v in views], np.int64))
+        for k, view in enumerate(views):
+            view.inferred = (generation, out.logits[k], out.embeddings[k])
+    terms = [[r.views[a].inferred[1] if a in r.views else None for a in AXES] for r in batch]
+    features = [[r.views[a].inferred[2] if a in r.views else None for a in AXES] for r in batch]
+    return combine_views(terms, features, len(backend.classes)), len(todo)
+
+
 @dataclass
 class BatchResult:
     """The messages of one batch (in request order), or why there are none."""
@@ -41,31 +80,63 @@ class BatchResult:
     messages: list[tuple[Request, dict]] = field(default_factory=list)
     infer_seconds: float | None = None
     match_seconds: float | None = None
+    infer_cpu_seconds: float | None = None  # thread CPU time of the calls (ORT at 1 thread computes here)
+    match_cpu_seconds: float | None = None
+    views_inferred: int = 0  # views run through the network for this batch
     inference_error: Exception | None = None  # the backend failed: no messages
     index_error: Exception | None = None  # the index failed: messages without open_set
+    fuse_seconds: float | None = None
+    fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
+    combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
+    evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
+
+
+def request_evidence(request: Request, result: BatchResult) -> dict | None:
+    """The message's ``evidence`` object: the zones combined for a final prediction, the per-zone
+    evidence for a partial one (combining costs milliseconds: once per sample). Never raises."""
+    frames = {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+    if not frames:
+        return None
+    try:
+        if not request.final:
+            return evidence_partial(frames)
+        from xtalsym.evidence import combine
+
+        t0 = time.perf_counter()
+        out = combine(frames).to_json()
+        result.combine_seconds.append(time.perf_counter() - t0)
+        return out
+    except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
+        log.exception("evidence of sample %s failed", request.sample_key)
+        result.evidence_errors.append((request.sample_key, exc))
+        return None
 
 
 def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
-                   index_enabled: bool = True, neighbours: int = 5) -> BatchResult:
-    """Run ``backend`` on the batch (present-axes mask), query ``index`` when given and enabled,
-    and build each request's ``xtalsym.prediction/1`` message (``seq``/``published`` are the
-    publisher's to set)."""
+                   index_enabled: bool = True, neighbours: int = 5, fusion=None, per_view: bool = False,
+                   generation: int = 0) -> BatchResult:
+    """Run ``backend`` on the batch, query ``index`` when given and enabled, fuse (``fusion``: the
+    bundle's :class:`xtalsym.fusion.Fusion`, or None) and build each request's
+    ``xtalsym.prediction/2`` message (``seq``/``published`` are the publisher's to set).
+    ``per_view``: each view once through the per-view graph (:func:`infer_by_views`,
+    ``generation`` names the backend whose rows may be reused), else the whole graph with the
+    present-axes mask (:func:`infer_whole`); the same probabilities within float rounding."""
     result = BatchResult()
-    x = np.zeros((len(batch), 3, 3, size, size), np.uint8)
-    present = np.zeros((len(batch), 3), bool)
-    for i, request in enumerate(batch):
-        x[i], present[i] = request.tensors(size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     try:
-        out = backend.run(x, present)
+        if per_view:
+            out, result.views_inferred = infer_by_views(batch, backend, generation)
+        else:
+            out, result.views_inferred = infer_whole(batch, backend, size)
     except Exception as exc:
         log.exception("inference failed on a batch of %d", len(batch))
         result.inference_error = exc
         return result
     result.infer_seconds = time.perf_counter() - t0
+    result.infer_cpu_seconds = time.thread_time() - c0
     open_sets: list[Any] = [None] * len(batch)
     if index is not None and index_enabled:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             from xtalsym.index.scoring import normalise_views
 
@@ -73,9 +144,51 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
                                   classes=backend.classes, k=neighbours)
             open_sets = [open_set_result(q) for q in queries]
             result.match_seconds = time.perf_counter() - t0
+            result.match_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001
             result.index_error = exc
-    for request, probs, open_set in zip(batch, out.probabilities, open_sets):
+    evidences = [request_evidence(request, result) for request in batch]
+    fused: list[dict | None] = [None] * len(batch)
+    if fusion is not None:
+        t0 = time.perf_counter()
+        try:
+            present = np.array([[axis in request.views for axis in AXES] for request in batch], bool)
+            fused = fuse_batch(fusion, batch, out.logits, present, evidences)
+            result.fuse_seconds = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
+            result.fusion_error = exc
+    for request, probs, open_set, fused_one, evidence in zip(batch, out.probabilities, open_sets, fused, evidences):
         result.messages.append((request, prediction_message(request, probabilities=probs, classes=backend.classes,
-                                                            model=model, open_set=open_set)))
+                                                            model=model, open_set=open_set, fused=fused_one,
+                                                            evidence=evidence)))
     return result
+
+
+def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.ndarray,
+               evidences: list[dict | None] | None = None) -> list[dict]:
+    """The fusion's prediction for each request, from the summed logits of its views and, for a
+    final prediction, the combined symmetry evidence of its zones (the message's ``evidence``
+    object, combined once by :func:`request_evidence`); partial ones fuse without evidence."""
+    out: list[dict] = []
+    for i, request in enumerate(batch):
+        ev = (evidences or [None] * len(batch))[i]
+        loglik = None
+        if ev is not None and isinstance(ev.get("group_loglik"), list) and len(ev["group_loglik"]) == 230:
+            loglik = np.asarray(ev["group_loglik"], dtype=np.float64)
+        post = fusion.posterior_summed(np.asarray(logits[i], dtype=np.float64)[None], int(present[i].sum()),
+                                       None if loglik is None else loglik[None])[0]
+        prediction = fusion.describe(post, views=request.axes, evidence_used=loglik is not None,
+                                     warnings=list(ev.get("warnings", [])) if loglik is not None else [],
+                                     evidence_decided=bool(ev.get("decided", True)) if loglik is not None else True)
+        out.append(prediction.to_json())
+    return out
+
+
+def load_fusion(bundle):
+    """The bundle's fusion (None for a bundle without fusion.json: the model's answer only)."""
+    from xtalsym.fusion import load_fusion as load
+
+    engine = load(bundle)
+    log.info("bundle %s: %s", bundle.path, "fusion over 230 groups" if engine is not None
+             else "no fusion parameters: predictions are the model's own softmax")
+    return engine

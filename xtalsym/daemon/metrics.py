@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # predictions within target is exact (le="0.05", le="0.25").
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-STAGES = ("decode", "calibrate_shape", "infer", "match")
+STAGES = ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse")
 QUEUES = ("workers", "results", "open_samples", "batch")
 
 # Metrics.count() keys with a metric of their own; any other key goes to xtalsym_events_total{event}.
@@ -95,6 +95,9 @@ class PrometheusMetrics:
         self.stage_latency = Histogram("xtalsym_stage_latency_seconds", "Seconds per stage: decode (per message), "
                                        "calibrate_shape (per frame, in a worker), infer and match (per batch)",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_cpu = Counter("xtalsym_stage_cpu_seconds", "CPU seconds spent per stage by the thread that ran "
+                                 "it (decode: ingest thread, calibrate_shape: the workers, infer and match: the "
+                                 "inference thread)", ["stage"], registry=r)
         self.end_to_end = Histogram("xtalsym_end_to_end_latency_seconds", "Seconds from the triggering frame off "
                                     "the socket to its prediction published", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("xtalsym_batch_size", "Requests per inference micro-batch",
@@ -113,6 +116,7 @@ class PrometheusMetrics:
         self.uptime.set_function(lambda: time.time() - started)
         for stage in STAGES:  # every stage series exists from the start (rate() has a zero to start from)
             self.stage_latency.labels(stage=stage)
+            self.stage_cpu.labels(stage=stage)
         for status in ("partial", "complete"):
             self.predictions.labels(status=status)
         for closed_by in ("end", "restart", "timeout", "shutdown", "overflow"):
@@ -134,10 +138,12 @@ class PrometheusMetrics:
     def rejected(self, reason: str) -> None:
         self.frames_rejected.labels(reason=reason).inc()
 
-    def stage(self, stage: str, seconds: float) -> None:
+    def stage(self, stage: str, seconds: float, cpu_seconds: float | None = None) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
         self.stage_latency.labels(stage=stage).observe(seconds)
+        if cpu_seconds is not None:
+            self.stage_cpu.labels(stage=stage).inc(max(0.0, cpu_seconds))
 
     def published(self, *, status: str, final: bool, closed_by: str | None, latency: float,
                   space_group: int | None, crystal_system: str | None, open_set: dict | None) -> None:
@@ -206,6 +212,7 @@ class Metrics:
         self.bad: Tally = Tally()
         self.latencies: deque = deque(maxlen=10000)
         self.batch_sizes: deque = deque(maxlen=1000)
+        self.cpu: Tally = Tally()  # CPU seconds per stage (thread time of the thread that ran it)
         self.started = time.time()
         self.prom = PrometheusMetrics()
 
@@ -214,8 +221,11 @@ class Metrics:
             self.counts[key] += n
         self.prom.count(key, n)
 
-    def stage(self, stage: str, seconds: float) -> None:
-        self.prom.stage(stage, seconds)
+    def stage(self, stage: str, seconds: float, cpu_seconds: float | None = None) -> None:
+        if cpu_seconds is not None:
+            with self.lock:
+                self.cpu[stage] += cpu_seconds
+        self.prom.stage(stage, seconds, cpu_seconds)
 
     def batch(self, size: int) -> None:
         with self.lock:
@@ -259,5 +269,6 @@ class Metrics:
                     "p99": round(float(np.percentile(lat, 99)), 6),
                     "max": round(float(lat.max()), 6), "n": int(lat.size)},
                 "mean_batch": round(float(np.mean(self.batch_sizes)), 3) if self.batch_sizes else None,
+                "cpu_seconds": {k: round(v, 6) for k, v in self.cpu.items()},
             }
         return out

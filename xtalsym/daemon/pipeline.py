@@ -39,7 +39,7 @@ import zmq
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
-from xtalsym.daemon.infer import classify_batch, model_info
+from xtalsym.daemon.infer import classify_batch, load_fusion, model_info, uses_per_view
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.overload import WorkerSlots
@@ -56,15 +56,21 @@ _STOP = object()
 # --------------------------------------------------------------------------- pipeline
 
 
-def warm_backend(backend, size: int, max_batch: int) -> None:
+def warm_backend(backend, size: int, max_batch: int, *, per_view: bool = False) -> None:
     """Run one full micro-batch of blank views before serving. The backend's memory then holds
     its largest batch from the start: ONNX Runtime's CPU arena grows with the batch size and
     never shrinks (measured: +82 MiB from batch 1 to 16 with the shipped model), which a soak
     otherwise shows as RSS growth at the first backlog, and the first large batch does not pay
-    for the allocation. It also proves the backend runs before the daemon says it is ready."""
+    for the allocation. It also proves the backend runs before the daemon says it is ready.
+    ``per_view``: the per-view graph is what will serve, warm it (a batch of max_batch
+    requests holds at most 3 × max_batch new views, usually max_batch)."""
     t0 = time.perf_counter()
-    backend.run(np.zeros((max_batch, 3, 3, size, size), np.uint8), np.ones((max_batch, 3), bool))
-    log.info("backend warmed with a batch of %d in %.2f s", max_batch, time.perf_counter() - t0)
+    if per_view:
+        backend.run_views(np.zeros((max_batch, 3, size, size), np.uint8), np.arange(max_batch) % 3)
+    else:
+        backend.run(np.zeros((max_batch, 3, 3, size, size), np.uint8), np.ones((max_batch, 3), bool))
+    log.info("backend warmed with a batch of %d%s in %.2f s", max_batch, " views" if per_view else "",
+             time.perf_counter() - t0)
 
 
 @dataclass
@@ -122,7 +128,8 @@ class Pipeline:
         # worker processes log through this queue into this process's handlers
         self._log_queue = multiprocessing.get_context("spawn").Queue()
         self._log_listener = logging.handlers.QueueListener(self._log_queue, _Relay())
-        self.model_info = model_info(bundle, backend, index)
+        self.fusion = load_fusion(bundle)
+        self.model_info = model_info(bundle, backend, index, self.fusion)
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
@@ -134,6 +141,7 @@ class Pipeline:
         self.monitor = None  # the HTTP server of /metrics, /healthz, /readyz (httpd.MonitorServer)
         self._started = threading.Event()
         self._pending_batch = 0
+        self._backend_generation = 0  # which backend computed a View.inferred
         self.metrics.prom.track_model(lambda: self.model_info)  # read at scrape time: follows swap()
         self.metrics.prom.track_queues(
             {"workers": lambda: len(self.slots), "results": self._results.qsize,
@@ -162,7 +170,17 @@ class Pipeline:
         self.pool = self._make_pool()
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
-        warm_backend(self.backend, self.size, c.pipeline.max_batch)
+        warm_backend(self.backend, self.size, c.pipeline.max_batch,
+                     per_view=uses_per_view(self.backend, c.pipeline.view_inference))
+        log.info("inference: %s", "each view once (per-view graph; predictions from the sums of its rows)"
+                 if uses_per_view(self.backend, c.pipeline.view_inference)
+                 else "the whole graph over the present views of every request")
+        if c.pipeline.evidence:  # the 230 groups' zone tables, once, before the first sample needs them
+            from xtalsym.evidence import sample as evidence_sample
+
+            t0 = time.perf_counter()
+            evidence_sample.group_table()
+            log.info("symmetry-evidence tables ready in %.1f s", time.perf_counter() - t0)
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
@@ -244,7 +262,9 @@ class Pipeline:
                 return
             old = (self.bundle, self.backend, self.index)
             self.bundle, self.backend, self.index = bundle, backend, index
-            self.model_info = {**self.model_info, **model_info(bundle, backend, index)}
+            self._backend_generation += 1  # per-view results of the old model are not reused
+            self.fusion = load_fusion(bundle)
+            self.model_info = {**self.model_info, **model_info(bundle, backend, index, self.fusion)}
             self.config = config
             future.set_result(old)
 
@@ -291,7 +311,7 @@ class Pipeline:
     def _handle(self, frames: list, received: float) -> None:
         m = self.metrics
         m.count("messages")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             # image payloads stay compressed: the workers decompress them (workers.process_frame)
             events = decode_parts(self.config.ingest.protocol, frames, max_pixels=self.config.ingest.max_pixels,
@@ -300,7 +320,7 @@ class Pipeline:
             self._bad_message(exc)
             return
         finally:
-            m.stage("decode", time.perf_counter() - t0)
+            m.stage("decode", time.perf_counter() - t0, time.thread_time() - c0)
         if len(events) > 1:  # a start and the image(s) after it in one ZeroMQ message: each is a message
             m.count("messages", len(events) - 1)
             m.count("coalesced_messages", len(events) - 1)
@@ -515,7 +535,7 @@ class Pipeline:
             return []
         self.slots.release()
         try:
-            shaped, seconds = done.future.result()
+            shaped, seconds, cpu_seconds, found, evidence_seconds, evidence_cpu_seconds = done.future.result()
         except (cal.CalibrationError, shaping.ShapingError, BadMessage) as exc:  # BadMessage: corrupt compressed data
             reason = getattr(exc, "reason", "shaping_error")
             self.metrics.bad_frame(reason, f"image {meta['image_id']} of series {meta['series_id']}: {exc}")
@@ -529,9 +549,11 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a bug in a worker: count, go on
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
-        self.metrics.stage("calibrate_shape", seconds)
+        self.metrics.stage("calibrate_shape", seconds, cpu_seconds)
+        if found is not None:
+            self.metrics.stage("evidence", evidence_seconds, evidence_cpu_seconds)
         self.metrics.count("views")
-        view = View(shaped=shaped, **meta)
+        view = View(shaped=shaped, evidence=found, **meta)
         duplicates = self.assembler.duplicates
         requests = self.assembler.add(view, time.time())
         if self.assembler.duplicates > duplicates:
@@ -543,17 +565,30 @@ class Pipeline:
 
     def _classify(self, batch: list[Request]) -> None:
         result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model_info, index=self.index,
-                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours)
+                                fusion=self.fusion,
+                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours,
+                                per_view=uses_per_view(self.backend, self.config.pipeline.view_inference),
+                                generation=self._backend_generation)
         if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:
                 self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {result.inference_error}")
             return
-        self.metrics.stage("infer", result.infer_seconds)
+        self.metrics.count("views_inferred", result.views_inferred)
+        self.metrics.stage("infer", result.infer_seconds, result.infer_cpu_seconds)
         if result.match_seconds is not None:
-            self.metrics.stage("match", result.match_seconds)
+            self.metrics.stage("match", result.match_seconds, result.match_cpu_seconds)
         if result.index_error is not None:
             exc = result.index_error
             self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+        if result.fuse_seconds is not None:
+            self.metrics.stage("fuse", result.fuse_seconds)
+        if result.fusion_error is not None:
+            exc = result.fusion_error
+            self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
+        for seconds in result.combine_seconds:
+            self.metrics.stage("combine", seconds)
+        for key, exc in result.evidence_errors:
+            self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
         for request, message in result.messages:
             if self.publisher.send(message):

@@ -1,4 +1,4 @@
-"""Publish: predictions (schema ``xtalsym.prediction/1``) and metrics over ZeroMQ PUB.
+"""Publish: predictions (schema ``xtalsym.prediction/2``) and metrics over ZeroMQ PUB.
 
 Each message is two frames: the topic (UTF-8, default ``xtalsym.prediction``; metrics go
 to ``xtalsym.metrics``) and a UTF-8 JSON object. The schema is documented field by field
@@ -28,7 +28,9 @@ from xtalsym.daemon.assemble import Request
 
 log = logging.getLogger(__name__)
 
-PREDICTION_SCHEMA = "xtalsym.prediction/1"
+# /2 (issue 15): adds "fusion", the calibrated 230-group prediction (indistinguishable set,
+# top groups and sets, crystal system, Bravais lattice, cannot decide); "top" is unchanged.
+PREDICTION_SCHEMA = "xtalsym.prediction/2"
 METRICS_SCHEMA = "xtalsym.metrics/1"
 TOP_K = 5
 
@@ -78,8 +80,15 @@ def open_set_result(query) -> dict:
     }
 
 
+def evidence_partial(frames: dict) -> dict:
+    """The ``evidence`` object of a partial (non-final) prediction: per-zone evidence only."""
+    return {"schema": "xtalsym.evidence/1", "partial": True,
+            "zones": {axis: ev.to_json() for axis, ev in sorted(frames.items())}}
+
+
 def prediction_message(request: Request, *, probabilities: np.ndarray, classes: list[int], model: dict,
-                       open_set: dict | None, published: float | None = None) -> dict:
+                       open_set: dict | None, published: float | None = None, evidence: dict | None = None,
+                       fused: dict | None = None) -> dict:
     views = [request.views[a] for a in request.axes]
     trigger = request.trigger
     return {
@@ -97,7 +106,9 @@ def prediction_message(request: Request, *, probabilities: np.ndarray, classes: 
         "series_id": trigger.series_id,
         "image_id": trigger.image_id,
         "top": top_classes(probabilities, classes),
+        "fusion": fused,
         "open_set": open_set,
+        "evidence": jsonable(evidence),
         "model": model,
         "user_data": jsonable(trigger.user_data),
         "timestamps": {

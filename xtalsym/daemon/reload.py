@@ -24,6 +24,7 @@ HOT_KEYS = frozenset({
     ("pipeline", "latency_budget_seconds"),
     ("pipeline", "shaping_method"),
     ("pipeline", "inference_threads"),
+    ("pipeline", "view_inference"),
 })
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from xtalsym.daemon import reload
 from xtalsym.daemon.config import DaemonConfig
 from xtalsym.daemon.notify import Notifier, Watchdog
-from xtalsym.daemon.pipeline import Pipeline, warm_backend
+from xtalsym.daemon.pipeline import Pipeline, uses_per_view, warm_backend
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def load_components(config: DaemonConfig):
     # The main process's own numpy/FAISS work (index queries) is small: one BLAS/OpenMP
     # thread, so those pools do not spin against the backend and the shaping workers.
     limit_native_threads(1)
-    backend = select_backend(bundle, config.bundle.backend, device=config.bundle.device, cpu_threads=threads)
+    backend = select_backend(bundle, config.bundle.backend, device=config.bundle.device, cpu_threads=threads,
+                             precision=config.bundle.precision)
     index = None
     if config.index.enabled and bundle.index_dir is not None:
         from xtalsym.index.store import ReferenceIndex
@@ -180,7 +181,8 @@ class Service:
             bundle, backend, index = self._load(config)  # load_bundle verifies every checksum
             try:
                 reload.check_same_input(running, bundle)
-                warm_backend(backend, bundle.image_size, config.pipeline.max_batch)  # it runs, at full size
+                warm_backend(backend, bundle.image_size, config.pipeline.max_batch,  # it runs, at full size
+                             per_view=uses_per_view(backend, config.pipeline.view_inference))
                 future = self.pipeline.swap(config=config, bundle=bundle, backend=backend, index=index)
                 try:
                     _, old_backend, _ = future.result(timeout=self.SWAP_TIMEOUT)

@@ -1,4 +1,5 @@
-"""The per-frame path: one frame in, its shaped DP out (decompress + calibrate + shape).
+"""The per-frame path: one frame in, its shaped DP out (decompress + calibrate + shape), and
+its symmetry evidence (:func:`xtalsym.evidence.analyse_frame` on the calibrated float frame).
 
 :func:`process_frame` is what the daemon's worker processes run on every frame
 (:mod:`xtalsym.daemon.pipeline` owns the pool) and what ``xtalsym classify`` runs on every
@@ -39,6 +40,7 @@ class FrameJob:
     shaping_method: str
     size: int
     flatfield_path: str | None = None
+    evidence: bool = True  # also measure the symmetry evidence on the calibrated float frame
 
 
 def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.TrainingGeometry, axis: str,
@@ -47,7 +49,8 @@ def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.Train
     ``method`` is the series' resolved sampling method (``calibration.method``, "auto" resolved)."""
     return FrameJob(frame=frame, frame_geometry=geometry, training=training, method=method,
                     mask_path=mask_path, saturation_value=config.calibration.saturation_value or None, axis=axis,
-                    shaping_method=config.pipeline.shaping_method, size=size, flatfield_path=flatfield_path)
+                    shaping_method=config.pipeline.shaping_method, size=size, flatfield_path=flatfield_path,
+                    evidence=config.pipeline.evidence)
 
 
 def flatfield_wanted(mode: str, applied: bool | None) -> bool:
@@ -85,14 +88,13 @@ def _prepared(job: FrameJob) -> cal.PreparedMap:
     return prepared
 
 
-def process_frame(job: FrameJob) -> np.ndarray:
-    """Decompress, calibrate and shape one frame: uint8 (size, size, 3).
-
-    Raises BadMessage (a corrupt compressed frame), CalibrationError or ShapingError."""
+def _calibrate(job: FrameJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frame, calibrated float intensity, 8-bit raw DP) of one job."""
     frame = materialise(job.frame)
     prepared = _prepared(job)
+    intensity = prepared.apply(frame, saturation_value=job.saturation_value)
     try:
-        raw = cal.to_uint8(prepared.apply(frame, saturation_value=job.saturation_value))
+        raw = cal.to_uint8(intensity)
     except cal.CalibrationError as exc:
         if exc.reason != "empty_frame":
             raise
@@ -100,14 +102,39 @@ def process_frame(job: FrameJob) -> np.ndarray:
         why = cal.explain_empty(frame, prepared.sampling, pixel_mask=mask, saturation_value=job.saturation_value,
                                 method=job.method)
         raise cal.CalibrationError("empty_frame", f"nothing on the training grid: {why}") from None
+    return frame, intensity, raw
+
+
+def process_frame(job: FrameJob) -> np.ndarray:
+    """Decompress, calibrate and shape one frame: uint8 (size, size, 3).
+
+    Raises BadMessage (a corrupt compressed frame), CalibrationError or ShapingError."""
+    _, _, raw = _calibrate(job)
     return shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
 
 
-def shape_timed(job: FrameJob) -> tuple[np.ndarray, float]:
-    """:func:`process_frame` and its duration in the worker (the stage latency, without queueing)."""
-    t0 = time.perf_counter()
-    shaped = process_frame(job)
-    return shaped, time.perf_counter() - t0
+def frame_evidence(intensity: np.ndarray, job: FrameJob, *, counts: bool):
+    """Symmetry evidence of the calibrated float frame (counts on the training grid; never raises
+    on bad data: an undecidable frame says why)."""
+    from xtalsym.evidence import analyse_frame
+
+    t = job.training
+    q_per_pixel = t.pixel_size_m / (t.distance_m * t.wavelength_m) * 1e-10
+    return analyse_frame(intensity, axis=job.axis, q_per_pixel=q_per_pixel, counts=counts)
+
+
+def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, float, object, float, float]:
+    """Calibrate, shape and (``job.evidence``) measure the evidence of one frame in a worker:
+    (shaped, calibrate+shape seconds, its CPU seconds in the worker's thread (the stage's cost on
+    a shared machine), FrameEvidence or None, evidence seconds, evidence CPU seconds)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    frame, intensity, raw = _calibrate(job)
+    shaped = shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
+    t1, c1 = time.perf_counter(), time.thread_time()
+    if not job.evidence:
+        return shaped, t1 - t0, c1 - c0, None, 0.0, 0.0
+    found = frame_evidence(intensity, job, counts=bool(np.issubdtype(frame.dtype, np.integer)))
+    return shaped, t1 - t0, c1 - c0, found, time.perf_counter() - t1, time.thread_time() - c1
 
 
 def init_worker(log_queue=None, level: int = logging.INFO) -> None:

@@ -13,11 +13,24 @@ import os
 import shutil
 from typing import Any
 
-from xtalsym.inference.base import BackendUnavailable, InferenceBackend, InferenceResult, check_batch, softmax
+from xtalsym.inference.base import (
+    BackendUnavailable,
+    InferenceBackend,
+    InferenceResult,
+    PerViewBackend,
+    ViewResult,
+    check_batch,
+    combine_views,
+    softmax,
+    supports_views,
+)
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# "auto": int8 on the CPU when the bundle carries the quantised per-view graph (ONNX Runtime),
+# fp16 on GPUs, fp32 otherwise; "fp32" keeps the CPU at full precision; "int8" insists on it.
+PRECISIONS = ("auto", "fp32", "int8")
 
 # (backend, device) in the order `auto` tries them. GPU first: native TensorRT, then the
 # TensorRT/CUDA execution providers of ONNX Runtime, then torch fp16 on CUDA. On CPU,
@@ -33,12 +46,18 @@ AUTO_ORDER = (
 )
 
 
-def make_backend(bundle, name: str, *, device: str = "cpu", **options: Any) -> InferenceBackend:
+def make_backend(bundle, name: str, *, device: str = "cpu", precision: str = "auto", **options: Any) -> InferenceBackend:
     """One named backend for ``bundle`` on ``device``; raises BackendUnavailable when it cannot run here.
 
-    ``options`` go to the backend's constructor (e.g. ``intra_op_threads`` for onnxruntime,
-    ``threads`` / ``cuda_graph_batch_sizes`` for torch, ``max_batch`` for tensorrt).
+    ``precision`` (:data:`PRECISIONS`) concerns the CPU: only onnxruntime runs int8 (the
+    bundle's ``model_view_int8.onnx``). ``options`` go to the backend's constructor (e.g.
+    ``intra_op_threads`` for onnxruntime, ``threads`` / ``cuda_graph_batch_sizes`` for torch,
+    ``max_batch`` for tensorrt).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "int8" and name != "onnxruntime":
+        raise BackendUnavailable(f"int8 runs on onnxruntime (CPU) only, not {name}")
     if name == "torch":
         if importlib.util.find_spec("torch") is None:
             raise BackendUnavailable("torch is not installed (pip install 'xtalsym[ml]')")
@@ -53,7 +72,7 @@ def make_backend(bundle, name: str, *, device: str = "cpu", **options: Any) -> I
     if name == "onnxruntime":
         from xtalsym.inference.onnx_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.from_bundle(bundle, device=device, **options)
+        return OnnxRuntimeBackend.from_bundle(bundle, device=device, precision=precision, **options)
     if name == "tensorrt":
         from xtalsym.inference.tensorrt_backend import TensorRTBackend
 
@@ -73,13 +92,16 @@ def cpu_options(name: str, threads: int) -> dict:
 
 
 def select_backend(
-    bundle, name: str = "auto", *, device: str = "auto", cpu_threads: int | None = None, **options: Any
+    bundle, name: str = "auto", *, device: str = "auto", cpu_threads: int | None = None, precision: str = "auto",
+    **options: Any
 ) -> InferenceBackend:
     """The backend ``name`` on ``device``, or with ``name="auto"`` the first that works of
     :data:`AUTO_ORDER` (restricted to ``device`` unless it is "auto"). Each skipped
     candidate is logged with its reason, the choice at INFO. ``options`` apply only to a
     named backend (``auto`` uses each backend's defaults); ``cpu_threads`` applies to
-    whichever backend runs on the CPU (:func:`cpu_options`).
+    whichever backend runs on the CPU (:func:`cpu_options`); ``precision`` to every
+    candidate (:func:`make_backend`: with "auto", ONNX Runtime on a CPU host runs the
+    bundle's int8 graph when it has one).
     """
     if name != "auto":
         dev = device
@@ -89,7 +111,7 @@ def select_backend(
                 dev = "cuda"
         if cpu_threads and dev == "cpu":
             options = {**cpu_options(name, cpu_threads), **options}
-        backend = make_backend(bundle, name, device=dev, **options)
+        backend = make_backend(bundle, name, device=dev, precision=precision, **options)
         log.info("inference backend: %r (asked for %s on %s)", backend, name, dev)
         return backend
     skipped = []
@@ -99,7 +121,7 @@ def select_backend(
         dev = device if device != "auto" else dev
         try:
             extra = cpu_options(candidate, cpu_threads) if cpu_threads and dev == "cpu" else {}
-            backend = make_backend(bundle, candidate, device=dev, **extra)
+            backend = make_backend(bundle, candidate, device=dev, precision=precision, **extra)
         except BackendUnavailable as exc:
             skipped.append(f"{candidate} on {dev} skipped: {exc}")
             continue
@@ -128,12 +150,17 @@ def _cuda_available() -> bool:
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "PRECISIONS",
     "BackendUnavailable",
     "InferenceBackend",
     "InferenceResult",
+    "PerViewBackend",
+    "ViewResult",
     "check_batch",
+    "combine_views",
     "cpu_options",
     "make_backend",
     "select_backend",
     "softmax",
+    "supports_views",
 ]

@@ -36,6 +36,10 @@ DEFAULT_IMAGE_SIZE = 224
 DEFAULT_OPSET = 18
 INPUT_NAMES = ("x", "present")
 OUTPUT_NAMES = ("logits", "probabilities", "embeddings")
+# the per-view graph (model_view.onnx): one zone-axis view per row, in any order
+VIEW_INPUT_NAMES = ("view", "axis")
+VIEW_OUTPUT_NAMES = ("view_logits", "view_embeddings")
+GRAPHS = ("whole", "view")
 
 
 def _window_indices(size_in: int, size_out: int) -> Tensor:
@@ -93,6 +97,42 @@ class ExportWrapper(nn.Module):
         return out.logits, torch.softmax(out.logits, dim=-1), out.embeddings
 
 
+class ViewExportWrapper(nn.Module):
+    """(view uint8 (N,3,H,W), axis int64 (N,)) -> (view_logits (N,C), view_embeddings (N,960)).
+
+    One row per zone-axis view: the shared trunk on that view and the head of its axis
+    (0 = x, 1 = y, 2 = z). The MSDN's prediction is the softmax of the *sum* of its views'
+    logits, so a sample's partial and complete predictions are sums of these rows
+    (:func:`xtalsym.inference.base.combine_views`) and each view goes through the network
+    once. Same pooling, scaling and layers as :class:`ExportWrapper`, so the rows equal its
+    per-view terms.
+    """
+
+    def __init__(self, model: nn.Module, image_size: int = DEFAULT_IMAGE_SIZE):
+        super().__init__()
+        self.inner = ExportWrapper(model, image_size)
+        self.model = self.inner.model
+
+    def forward(self, view: Tensor, axis: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.model
+        x = view.to(m._dtype())
+        if self.inner.pool is not None:
+            x = self.inner.pool(x)
+        embeddings = m.trunk(m._prepare(x))  # (N, 960)
+        every_head = torch.stack([head(embeddings) for head in m.heads], dim=1)  # (N, 3, C): cheap beside the trunk
+        index = axis.to(torch.long).reshape(-1, 1, 1).expand(-1, 1, every_head.shape[-1])
+        return every_head.gather(1, index).squeeze(1), embeddings
+
+
+def per_view_supported(model: nn.Module) -> bool:
+    """Whether the model's prediction is a sum over independent views (MSDN): only then is
+    there a per-view graph. The stacked DenseNet mixes the views in its first conv."""
+    try:
+        return _unwrap(model).name == "msdn"
+    except TypeError:
+        return False
+
+
 def export_onnx(
     model: nn.Module,
     out: str | os.PathLike,
@@ -100,22 +140,36 @@ def export_onnx(
     image_size: int = DEFAULT_IMAGE_SIZE,
     opset: int = DEFAULT_OPSET,
     max_batch: int = 4096,
+    graph: str = "whole",
 ) -> Path:
     """Export ``model`` (fp32, CPU, eval) to ``out`` atomically; returns the path.
 
+    ``graph="whole"``: inputs ``x`` (B, 3, 3, H, W) and ``present`` (B, 3) (model.onnx);
+    ``graph="view"``: the per-view graph (:class:`ViewExportWrapper`, model_view.onnx).
     Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with the batch as
     the only dynamic dimension; the graph is self-contained (weights inside, no external
     data file: MSDN is ~6 MB).
     """
     import copy
 
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     m = copy.deepcopy(_unwrap(model)).float().cpu().eval()
-    wrapper = ExportWrapper(m, image_size).eval()
-    example = (
-        torch.zeros((2, 3, 3, image_size, image_size), dtype=torch.uint8),
-        torch.ones((2, 3), dtype=torch.bool),
-    )
     batch = torch.export.Dim("batch", min=1, max=max_batch)
+    if graph == "whole":
+        wrapper: nn.Module = ExportWrapper(m, image_size).eval()
+        example = (
+            torch.zeros((2, 3, 3, image_size, image_size), dtype=torch.uint8),
+            torch.ones((2, 3), dtype=torch.bool),
+        )
+        names = (INPUT_NAMES, OUTPUT_NAMES)
+    else:
+        wrapper = ViewExportWrapper(m, image_size).eval()
+        example = (
+            torch.zeros((3, 3, image_size, image_size), dtype=torch.uint8),
+            torch.tensor([0, 1, 2], dtype=torch.int64),
+        )
+        names = (VIEW_INPUT_NAMES, VIEW_OUTPUT_NAMES)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -125,9 +179,9 @@ def export_onnx(
             program = torch.onnx.export(
                 wrapper,
                 example,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"x": {0: batch}, "present": {0: batch}},
+                input_names=list(names[0]),
+                output_names=list(names[1]),
+                dynamic_shapes={names[0][0]: {0: batch}, names[0][1]: {0: batch}},
                 opset_version=opset,
                 dynamo=True,
                 external_data=False,
@@ -139,7 +193,8 @@ def export_onnx(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("exported %s (opset %d, image %d, model input %d) to %s", m.name, opset, image_size, m.input_size, out)
+    log.info("exported %s %s graph (opset %d, image %d, model input %d) to %s", m.name, graph, opset, image_size,
+             m.input_size, out)
     return out
 
 
@@ -181,6 +236,49 @@ def check_onnx(
     return report
 
 
+def check_view_onnx(
+    model: nn.Module, onnx_path: str | os.PathLike, *, batch: int = 4, seed: int = 0, intra_op_threads: int = 1
+) -> dict:
+    """onnx.checker on the per-view graph, then its rows summed per sample (ONNX Runtime,
+    CPU) against torch fp32's whole-model output on a batch mixing one-, two- and three-view
+    samples; raises ValueError when probabilities differ by > 1e-4."""
+    import onnx
+    import onnxruntime as ort
+
+    from xtalsym.inference.base import combine_views
+
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    image_size = image_size_of(onnx_path)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(batch, 3, 3, image_size, image_size), dtype=np.uint8)
+    present = example_masks(batch)
+    rows = np.argwhere(present)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    view_logits, view_embeddings = session.run(
+        list(VIEW_OUTPUT_NAMES), {"view": x[rows[:, 0], rows[:, 1]], "axis": rows[:, 1].astype(np.int64)})
+    terms = [[None] * 3 for _ in range(batch)]
+    features = [[None] * 3 for _ in range(batch)]
+    for k, (i, v) in enumerate(rows):
+        terms[i][v], features[i][v] = view_logits[k], view_embeddings[k]
+    m = _unwrap(model).float().cpu().eval()
+    combined = combine_views(terms, features, m.num_classes)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x), torch.from_numpy(present))
+    ref_prob = torch.softmax(ref.logits, -1).numpy()
+    report = {
+        "batch": batch,
+        "max_abs_logits": float(np.abs(combined.logits - ref.logits.numpy()).max()),
+        "max_abs_probabilities": float(np.abs(combined.probabilities - ref_prob).max()),
+        "max_abs_embeddings": float(np.abs(combined.embeddings - ref.embeddings.numpy()).max()),
+        "top1_agreement": float((combined.probabilities.argmax(1) == ref_prob.argmax(1)).mean()),
+    }
+    if report["max_abs_probabilities"] > 1e-4:
+        raise ValueError(f"{onnx_path}: the per-view graph disagrees with torch: {report}")
+    return report
+
+
 def example_masks(batch: int) -> np.ndarray:
     """(batch, 3) bool cycling through three, one and two present views."""
     patterns = np.array(
@@ -204,8 +302,14 @@ __all__ = [
     "ExportWrapper",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "GRAPHS",
+    "VIEW_INPUT_NAMES",
+    "VIEW_OUTPUT_NAMES",
+    "ViewExportWrapper",
     "check_onnx",
+    "check_view_onnx",
     "example_masks",
     "export_onnx",
     "image_size_of",
+    "per_view_supported",
 ]

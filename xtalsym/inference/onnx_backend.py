@@ -1,5 +1,12 @@
 """ONNX Runtime backend: CPU execution provider; CUDA / TensorRT execution providers when installed.
 
+A bundle with the per-view graph (``model_view.onnx``) gets a second session for it:
+``run_views`` classifies single zone-axis views (``per_view`` is True), which the daemon
+uses to put each view through the network once. With ``precision="int8"`` (CPU only) the
+backend runs the statically quantised per-view graph (``model_view_int8.onnx``) for both
+``run_views`` and ``run`` (the sum of the present views' rows). ``precision="auto"``
+takes int8 on the CPU when the bundle carries it, fp32 otherwise.
+
 Provider choice follows ``onnxruntime.get_available_providers()``: ``device="cpu"`` uses
 the CPU EP; ``device="cuda"`` uses the TensorRT EP (fp16, engine cache in the bundle's
 cache directory) if present, else the CUDA EP, with the CPU EP as ORT's fallback for
@@ -15,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from xtalsym.inference.base import BackendUnavailable, InferenceResult, check_batch, softmax
+from xtalsym.inference.base import (
+    BackendUnavailable,
+    InferenceResult,
+    ViewResult,
+    check_batch,
+    check_views,
+    run_by_views,
+    softmax,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +50,22 @@ class OnnxRuntimeBackend:
         allow_spinning: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         fp16: bool = True,
+        view_onnx_path: str | os.PathLike | None = None,
+        int8: bool = False,
     ):
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
-        if onnx_path is None or not Path(onnx_path).is_file():
+        if int8 and device != "cpu":
+            raise BackendUnavailable("the int8 graph runs on the CPU only (GPUs use fp16)")
+        if int8 and view_onnx_path is None:
+            raise BackendUnavailable("int8 needs the quantised per-view graph (model_view_int8.onnx)")
+        whole = None if int8 else onnx_path  # int8: everything through the quantised per-view graph
+        for path in (whole, view_onnx_path):
+            if path is not None and not Path(path).is_file():
+                raise BackendUnavailable(f"no ONNX graph ({path}); build the bundle with ONNX export")
+        if whole is None and view_onnx_path is None:
             raise BackendUnavailable(f"no ONNX graph ({onnx_path}); build the bundle with ONNX export")
         available = ort.get_available_providers()
         providers = self._providers(device, provider, available, cache_dir, fp16)
@@ -52,17 +77,21 @@ class OnnxRuntimeBackend:
             # ORT's pool threads busy-wait after each run by default: fine on dedicated cores,
             # but beside the daemon's shaping workers it burns the cores they need.
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-        used = self.session.get_providers()
+        self.session = None if whole is None else ort.InferenceSession(str(whole), options, providers=providers)
+        self.view_session = (None if view_onnx_path is None
+                             else ort.InferenceSession(str(view_onnx_path), options, providers=providers))
+        used = (self.session or self.view_session).get_providers()
         self.provider = used[0]
         if device != "cpu" and self.provider == "CPUExecutionProvider":
             raise BackendUnavailable(f"ONNX Runtime fell back to the CPU provider (asked for {providers[0]})")
         self.device = "cpu" if self.provider == "CPUExecutionProvider" else device
-        self.precision = "fp16" if self.provider == "TensorrtExecutionProvider" and fp16 else "fp32"
+        self.precision = "int8" if int8 else "fp16" if self.provider == "TensorrtExecutionProvider" and fp16 else "fp32"
+        self.per_view = self.view_session is not None
         self.classes = list(classes)
         self.image_size = int(image_size)
         self._outputs = ["logits", "embeddings"]
-        log.info("onnxruntime session on %s (%s)", self.provider, self.precision)
+        log.info("onnxruntime session on %s (%s%s)", self.provider, self.precision,
+                 ", per-view graph" if self.per_view else "")
 
     @staticmethod
     def _providers(device: str, provider: str | None, available: list[str], cache_dir, fp16: bool) -> list:
@@ -91,14 +120,38 @@ class OnnxRuntimeBackend:
         return [providers[0], "CPUExecutionProvider"]
 
     @classmethod
-    def from_bundle(cls, bundle, **kwargs) -> OnnxRuntimeBackend:
-        if bundle.onnx_path is None:
+    def from_bundle(cls, bundle, *, precision: str = "auto", **kwargs) -> OnnxRuntimeBackend:
+        """``precision``: "auto" (int8 on the CPU when the bundle carries the quantised graph,
+        else fp32; fp16 with the TensorRT EP), "fp32", or "int8" (CPU; refused without it)."""
+        if precision not in ("auto", "fp32", "int8"):
+            raise ValueError(f"onnxruntime precision must be auto, fp32 or int8, got {precision!r}")
+        device = kwargs.get("device", "cpu")
+        int8_path = getattr(bundle, "int8_onnx_path", None)
+        if precision == "int8" and int8_path is None:
+            raise BackendUnavailable(f"bundle {bundle.path} has no int8 graph (build it with --int8-calibration)")
+        int8 = device == "cpu" and int8_path is not None and precision in ("auto", "int8")
+        if precision == "int8" and device != "cpu":
+            raise BackendUnavailable("the int8 graph runs on the CPU only")
+        if not int8 and bundle.onnx_path is None:
             raise BackendUnavailable(f"bundle {bundle.path} has no {bundle.path.name}/model.onnx")
-        kwargs.setdefault("cache_dir", bundle.cache_dir if kwargs.get("device", "cpu") != "cpu" else None)
-        return cls(bundle.onnx_path, bundle.classes, image_size=bundle.image_size, **kwargs)
+        kwargs.setdefault("cache_dir", bundle.cache_dir if device != "cpu" else None)
+        view_path = int8_path if int8 else getattr(bundle, "view_onnx_path", None)
+        return cls(bundle.onnx_path, bundle.classes, image_size=bundle.image_size, view_onnx_path=view_path,
+                   int8=int8, **kwargs)
+
+    def run_views(self, views: np.ndarray, axes: np.ndarray) -> ViewResult:
+        """Per-view logits and embeddings of single zone-axis views (axis 0 = x, 1 = y, 2 = z)."""
+        if self.view_session is None:
+            raise RuntimeError("this bundle has no per-view graph (model_view.onnx)")
+        views, axes = check_views(views, axes, self.image_size)
+        logits, embeddings = self.view_session.run(["view_logits", "view_embeddings"], {"view": views, "axis": axes})
+        return ViewResult(logits=logits.astype(np.float32, copy=False),
+                          embeddings=embeddings.astype(np.float32, copy=False))
 
     def run(self, x: np.ndarray, present: np.ndarray | None = None) -> InferenceResult:
         x, present = check_batch(x, present, self.image_size)
+        if self.session is None:  # int8: the quantised per-view graph on the present views only
+            return run_by_views(self, x, present)
         logits, embeddings = self.session.run(self._outputs, {"x": x, "present": present})
         logits = logits.astype(np.float32, copy=False)
         return InferenceResult(
@@ -107,6 +160,8 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+        self.view_session = None
 
     def __repr__(self) -> str:
-        return f"OnnxRuntimeBackend(provider={self.provider!r}, precision={self.precision!r})"
+        return (f"OnnxRuntimeBackend(provider={self.provider!r}, precision={self.precision!r}, "
+                f"per_view={self.per_view})")

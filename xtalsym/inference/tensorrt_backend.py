@@ -12,7 +12,10 @@ profile for batch 1..``max_batch`` (optimum ``opt_batch``), and cached in the bu
 cache directory under a name keyed by the GPU name, compute capability, TensorRT version,
 model_id and profile; a different GPU, TensorRT or model therefore finds no engine and
 builds (and caches) a new one. The timing cache is kept beside it (per GPU and TensorRT
-version) so rebuilds are fast.
+version) so rebuilds are fast. With the bundle's per-view graph (``model_view.onnx``) a
+second engine (``…_view`` in its name, profile 1..3 × ``max_batch`` views) serves
+``run_views``, so the daemon runs each view once on the GPU too; a per-view engine that
+fails to build leaves the backend on the whole graph (``per_view`` False, logged).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xtalsym.inference.base import BackendUnavailable, InferenceResult, check_batch
+from xtalsym.inference.base import BackendUnavailable, InferenceResult, ViewResult, check_batch, check_views
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ def engine_key(*, gpu_name: str, capability: tuple[int, int], trt_version: str, 
 
 class TensorRTBackend:
     name = "tensorrt"
+    OUTPUTS = ("logits", "probabilities", "embeddings")
+    VIEW_OUTPUTS = ("view_logits", "view_embeddings")
 
     def __init__(
         self,
@@ -73,6 +78,7 @@ class TensorRTBackend:
         opt_batch: int | None = None,
         fp16: bool = True,
         workspace_bytes: int = 2 << 30,
+        view_onnx_path: str | os.PathLike | None = None,
     ):
         trt = _import_tensorrt()
         try:
@@ -99,33 +105,55 @@ class TensorRTBackend:
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         self.engine_path = cache_dir / f"{key}.engine"
-        timing_path = cache_dir / f"timing_{_slug(props.name)}_sm{props.major}{props.minor}_trt{_slug(trt.__version__)}.cache"
-        runtime = trt.Runtime(self._logger)
-        engine = None
-        if self.engine_path.is_file():
-            engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-            if engine is None:
-                log.warning("cached engine %s does not deserialise; rebuilding", self.engine_path)
-            else:
-                log.info("TensorRT engine loaded from %s", self.engine_path)
-        if engine is None:
-            serialized = self._build(Path(onnx_path), timing_path, fp16=fp16, workspace_bytes=workspace_bytes)
-            tmp = self.engine_path.with_name(self.engine_path.name + f".{os.getpid()}.tmp")
-            tmp.write_bytes(serialized)
-            os.replace(tmp, self.engine_path)
-            self.engine_path.with_suffix(".json").write_text(json.dumps({
-                "gpu": props.name, "compute_capability": [props.major, props.minor], "tensorrt": trt.__version__,
-                "model_id": model_id, "batch": [1, self.opt_batch, self.max_batch], "fp16": fp16,
-                "onnx": str(onnx_path)}, indent=1))
-            engine = runtime.deserialize_cuda_engine(serialized)
-            if engine is None:
-                raise RuntimeError(f"TensorRT could not deserialise the engine it just built ({self.engine_path})")
-        self.engine = engine
-        self.context = engine.create_execution_context()
+        self._timing_path = cache_dir / f"timing_{_slug(props.name)}_sm{props.major}{props.minor}_trt{_slug(trt.__version__)}.cache"
+        self._runtime = trt.Runtime(self._logger)
+        self._fp16, self._workspace = fp16, int(workspace_bytes)
+        self._meta = {"gpu": props.name, "compute_capability": [props.major, props.minor], "tensorrt": trt.__version__,
+                      "model_id": model_id, "fp16": fp16}
+        s, b, o = self.image_size, self.max_batch, self.opt_batch
+        self.engine = self._engine(Path(onnx_path), self.engine_path, {
+            "x": ((1, 3, 3, s, s), (o, 3, 3, s, s), (b, 3, 3, s, s)),
+            "present": ((1, 3), (o, 3), (b, 3))})
+        self.context = self.engine.create_execution_context()
         self._stream = torch.cuda.Stream(device=self._dev)
-        self._out_dtypes = {
-            name: self._torch_dtype(engine.get_tensor_dtype(name)) for name in ("logits", "probabilities", "embeddings")
-        }
+        self._out_dtypes = {name: self._torch_dtype(self.engine.get_tensor_dtype(name)) for name in self.OUTPUTS}
+        self.view_engine = self.view_context = None
+        self.view_engine_path = cache_dir / f"{key}_view.engine"
+        if view_onnx_path is not None and Path(view_onnx_path).is_file():
+            try:  # a sample's three views fit one call at max_batch samples
+                self.view_engine = self._engine(Path(view_onnx_path), self.view_engine_path, {
+                    "view": ((1, 3, s, s), (o, 3, s, s), (3 * b, 3, s, s)), "axis": ((1,), (o,), (3 * b,))})
+                self.view_context = self.view_engine.create_execution_context()
+                self._view_dtypes = {name: self._torch_dtype(self.view_engine.get_tensor_dtype(name))
+                                     for name in self.VIEW_OUTPUTS}
+                self._axis_int32 = self.view_engine.get_tensor_dtype("axis") == trt.int32
+            except Exception as exc:  # noqa: BLE001 - the whole graph still serves
+                log.warning("TensorRT per-view engine from %s not available (%s: %s); running the whole graph",
+                            view_onnx_path, type(exc).__name__, exc)
+                self.view_engine = self.view_context = None
+        self.per_view = self.view_context is not None
+
+    def _engine(self, onnx_path: Path, engine_path: Path, shapes: dict):
+        """The cached engine at ``engine_path``, else one built from ``onnx_path`` (and cached)."""
+        engine = None
+        if engine_path.is_file():
+            engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+            if engine is None:
+                log.warning("cached engine %s does not deserialise; rebuilding", engine_path)
+            else:
+                log.info("TensorRT engine loaded from %s", engine_path)
+        if engine is None:
+            serialized = self._build(onnx_path, shapes)
+            tmp = engine_path.with_name(engine_path.name + f".{os.getpid()}.tmp")
+            tmp.write_bytes(serialized)
+            os.replace(tmp, engine_path)
+            engine_path.with_suffix(".json").write_text(json.dumps({
+                **self._meta, "profile": {k: [list(v) for v in dims] for k, dims in shapes.items()},
+                "onnx": str(onnx_path)}, indent=1))
+            engine = self._runtime.deserialize_cuda_engine(serialized)
+            if engine is None:
+                raise RuntimeError(f"TensorRT could not deserialise the engine it just built ({engine_path})")
+        return engine
 
     def _torch_dtype(self, trt_dtype):
         trt, torch = self._trt, self._torch
@@ -133,7 +161,7 @@ class TensorRTBackend:
                  trt.int64: torch.int64, trt.bool: torch.bool, trt.uint8: torch.uint8}
         return table[trt_dtype]
 
-    def _build(self, onnx_path: Path, timing_path: Path, *, fp16: bool, workspace_bytes: int) -> bytes:
+    def _build(self, onnx_path: Path, shapes: dict) -> bytes:
         trt = self._trt
         started = time.perf_counter()
         builder = trt.Builder(self._logger)
@@ -143,14 +171,14 @@ class TensorRTBackend:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
         config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-        if fp16:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._workspace)
+        if self._fp16:
             config.set_flag(trt.BuilderFlag.FP16)
-        s = self.image_size
         profile = builder.create_optimization_profile()
-        profile.set_shape("x", (1, 3, 3, s, s), (self.opt_batch, 3, 3, s, s), (self.max_batch, 3, 3, s, s))
-        profile.set_shape("present", (1, 3), (self.opt_batch, 3), (self.max_batch, 3))
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(profile)
+        timing_path = self._timing_path
         timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
         config.set_timing_cache(timing, ignore_mismatch=True)
         serialized = builder.build_serialized_network(network, config)
@@ -159,7 +187,7 @@ class TensorRTBackend:
         tmp = timing_path.with_name(timing_path.name + f".{os.getpid()}.tmp")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp, timing_path)
-        log.info("built TensorRT engine (%s, batch 1..%d) in %.0f s", self.precision, self.max_batch,
+        log.info("built TensorRT engine from %s (%s) in %.0f s", onnx_path.name, self.precision,
                  time.perf_counter() - started)
         return bytes(serialized)
 
@@ -168,8 +196,31 @@ class TensorRTBackend:
         _import_tensorrt()
         if bundle.onnx_path is None:
             raise BackendUnavailable(f"bundle {bundle.path} has no model.onnx to build an engine from")
+        kwargs.setdefault("view_onnx_path", getattr(bundle, "view_onnx_path", None))
         return cls(bundle.onnx_path, bundle.classes, image_size=bundle.image_size, model_id=bundle.model_id,
                    cache_dir=bundle.cache_dir / "tensorrt", **kwargs)
+
+    def _execute(self, context, inputs: dict, out_dtypes: dict) -> dict:
+        """Copy ``inputs`` (numpy) to the GPU, run ``context``, return the outputs as float32 torch tensors."""
+        torch = self._torch
+        with torch.cuda.stream(self._stream):
+            outputs = {}
+            held = []
+            for name, array in inputs.items():
+                t = torch.from_numpy(array)
+                t = (t.pin_memory() if t.dtype == torch.uint8 else t).to(self._dev, non_blocking=True)
+                held.append(t)
+                context.set_input_shape(name, tuple(t.shape))
+                context.set_tensor_address(name, t.data_ptr())
+            for name, dtype in out_dtypes.items():
+                out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self._dev)
+                context.set_tensor_address(name, out.data_ptr())
+                outputs[name] = out
+            if not context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            result = {name: out.float() for name, out in outputs.items()}
+        self._stream.synchronize()
+        return result
 
     def run(self, x: np.ndarray, present: np.ndarray | None = None) -> InferenceResult:
         torch = self._torch
@@ -179,34 +230,30 @@ class TensorRTBackend:
                      for i in range(0, x.shape[0], self.max_batch)]
             return InferenceResult(*(np.concatenate(arrays) for arrays in zip(
                 *((p.probabilities, p.logits, p.embeddings) for p in parts))))
-        with torch.cuda.stream(self._stream):
-            tx = torch.from_numpy(x).pin_memory().to(self._dev, non_blocking=True)
-            tp = torch.from_numpy(present).to(self._dev, non_blocking=True)
-            ctx = self.context
-            ctx.set_input_shape("x", tuple(tx.shape))
-            ctx.set_input_shape("present", tuple(tp.shape))
-            ctx.set_tensor_address("x", tx.data_ptr())
-            ctx.set_tensor_address("present", tp.data_ptr())
-            outputs = {}
-            for name, dtype in self._out_dtypes.items():
-                out = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=self._dev)
-                ctx.set_tensor_address(name, out.data_ptr())
-                outputs[name] = out
-            if not ctx.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-            logits = outputs["logits"].float()
-            probabilities = torch.softmax(logits, dim=-1)  # fp32 softmax of the engine's logits
-            result = InferenceResult(
-                probabilities=probabilities.cpu().numpy(),
-                logits=logits.cpu().numpy(),
-                embeddings=outputs["embeddings"].float().cpu().numpy(),
-            )
-        self._stream.synchronize()
-        return result
+        out = self._execute(self.context, {"x": x, "present": present}, self._out_dtypes)
+        logits = out["logits"]
+        probabilities = torch.softmax(logits, dim=-1)  # fp32 softmax of the engine's logits
+        return InferenceResult(probabilities=probabilities.cpu().numpy(), logits=logits.cpu().numpy(),
+                               embeddings=out["embeddings"].cpu().numpy())
+
+    def run_views(self, views: np.ndarray, axes: np.ndarray) -> ViewResult:
+        """Per-view logits and embeddings through the per-view engine."""
+        if self.view_context is None:
+            raise RuntimeError("no per-view TensorRT engine (the bundle has no model_view.onnx)")
+        views, axes = check_views(views, axes, self.image_size)
+        if self._axis_int32:  # the parser may have kept the ONNX int64 input or made it int32
+            axes = axes.astype(np.int32)
+        limit = 3 * self.max_batch
+        if views.shape[0] > limit:
+            parts = [self.run_views(views[i : i + limit], axes[i : i + limit]) for i in range(0, len(views), limit)]
+            return ViewResult(logits=np.concatenate([p.logits for p in parts]),
+                              embeddings=np.concatenate([p.embeddings for p in parts]))
+        out = self._execute(self.view_context, {"view": views, "axis": axes}, self._view_dtypes)
+        return ViewResult(logits=out["view_logits"].cpu().numpy(), embeddings=out["view_embeddings"].cpu().numpy())
 
     def close(self) -> None:
-        self.context = None
-        self.engine = None
+        self.context = self.view_context = None
+        self.engine = self.view_engine = None
 
     def __repr__(self) -> str:
-        return f"TensorRTBackend(engine={self.engine_path.name!r})"
+        return f"TensorRTBackend(engine={self.engine_path.name!r}, per_view={self.per_view})"

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from xtalsym.inference.base import BackendUnavailable, InferenceResult, check_batch
+from xtalsym.inference.base import BackendUnavailable, InferenceResult, ViewResult, check_batch, check_views
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class TorchBackend:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)  # conv weights NHWC: tensor-core friendly
         self.model = model
+        # MSDN's prediction is a sum over views: run_views can classify single views
+        self.per_view = getattr(model, "name", "") == "msdn"
         self._graphs: dict[int, tuple] = {}
         sizes = sorted({int(b) for b in cuda_graph_batch_sizes})
         if sizes and dev.type != "cuda":
@@ -128,6 +130,30 @@ class TorchBackend:
                 logits=logits.cpu().numpy(),
                 embeddings=embeddings.float().cpu().numpy(),
             )
+
+    def run_views(self, views: np.ndarray, axes: np.ndarray) -> ViewResult:
+        """Per-view logits (the view's own head) and trunk embeddings; MSDN only."""
+        if not self.per_view:
+            raise RuntimeError(f"model {getattr(self.model, 'name', '?')!r} does not classify single views")
+        torch = self._torch
+        views, axes = check_views(views, axes, self.image_size)
+        m = self.model
+        with torch.inference_mode():
+            tv = torch.from_numpy(views)
+            if self.device != "cpu":
+                tv = tv.pin_memory().to(self.device, non_blocking=True)
+            flush = self.device == "cpu"
+            if flush:
+                torch.set_flush_denormal(True)  # as in run(): denormals are slow on x86
+            try:
+                embeddings = m.trunk(m._prepare(tv))
+                every_head = torch.stack([head(embeddings) for head in m.heads], dim=1)
+                index = torch.from_numpy(axes).to(every_head.device)
+                logits = every_head[torch.arange(len(index), device=every_head.device), index]
+            finally:
+                if flush:
+                    torch.set_flush_denormal(False)
+            return ViewResult(logits=logits.float().cpu().numpy(), embeddings=embeddings.float().cpu().numpy())
 
     def close(self) -> None:
         self._graphs.clear()

@@ -11,6 +11,7 @@ import numpy as np
 
 from xtalsym import spacegroups
 from xtalsym.offline import dataset as ds
+from xtalsym.offline import simulate
 from xtalsym.offline.images import add_scale_bar
 
 
@@ -125,3 +126,32 @@ def save_example_grid(root: str | Path, out: str | Path, *, rows: int = 8, seed:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def save_evidence_overlays(root: str | Path, out_dir: str | Path, *, rows: int = 8, seed: int = 0) -> list[Path]:
+    """Per example (the grid's) and axis: the raw DP with its indexed lattice and indices.
+
+    Datasets keep the 8-bit raw DPs only, so the analysis here sees 8-bit values (weak
+    reflections below half a grey level are gone); the daemon and `predict` analyse float counts."""
+    from xtalsym.evidence import analyse_frame, report
+
+    meta = ds.load_metadata(root)
+    geometry = meta.get("config", {}).get("geometry") or {}
+    g = simulate.Geometry(**geometry) if geometry else simulate.Geometry()
+    samples = list(ds.iter_sample_metadata(root))
+    if not samples:
+        raise ds.DatasetError(f"dataset has no samples to show: {root}")
+    reader = ds.ShardReader(root)
+    out_dir = Path(out_dir)
+    paths = []
+    try:
+        for sample in _pick_examples(samples, rows, seed):
+            raws = reader.read(sample["shard"], sample["position"], "raw")
+            for k, axis in enumerate("xyz"):
+                frame = analyse_frame(raws[k].astype(np.float64), axis=axis, q_per_pixel=g.q_per_pixel, counts=False)
+                name = f"{sample['material_id']}_{axis}.png".replace("/", "_")
+                title = f"{sample['material_id']} SG {sample['space_group']} {sample['symbol']}, zone {axis}"
+                paths.append(report.draw_overlay(raws[k], frame, out_dir / name, title=title))
+    finally:
+        reader.close()
+    return paths

@@ -45,6 +45,7 @@ TOP_K = 5
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "crystal_system_confusion.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 class EvaluationError(ValueError):
@@ -241,10 +242,11 @@ class LoadedModel:
     source: str
     device: str
     extra: dict
+    fusion: object | None = None  # the bundle's xtalsym.fusion.Fusion (None: a checkpoint, or no fusion.json)
 
 
 def load_for_inference(*, checkpoint: str | Path | None = None, bundle: str | Path | None = None,
-                       device: str = "auto") -> LoadedModel:
+                       device: str = "auto", prior=None) -> LoadedModel:
     """The model of a bundle (verified against its manifest; default: the shipped bundle)
     or of a training checkpoint. A checkpoint inside a bundle is verified as that bundle:
     a modified or truncated ``model.pt`` is refused, never used."""
@@ -259,7 +261,10 @@ def load_for_inference(*, checkpoint: str | Path | None = None, bundle: str | Pa
     b = bundles.load_bundle(bundle if bundle is not None else bundles.default_bundle_path())
     model = b.load_model(map_location=device).to(device).eval()
     extra = {"dataset_config": b.settings.get("dataset_config")}
-    return LoadedModel(model, [int(c) for c in b.classes], build_config_from(extra), str(b.path), device, extra)
+    from xtalsym.fusion import load_fusion
+
+    return LoadedModel(model, [int(c) for c in b.classes], build_config_from(extra), str(b.path), device, extra,
+                       load_fusion(b, prior=prior))
 
 
 def _representation(model) -> str:
@@ -344,6 +349,7 @@ def evaluate_dataset(
     present: np.ndarray | None = None,
     k: int = TOP_K,
     progress: bool = False,
+    engine=None,
 ) -> dict:
     """Metrics of ``model`` on one split of a dataset directory (see :func:`compute_metrics`),
     plus ``predictions`` (per-sample rows) and ``out_of_classes`` (samples not scored)."""
@@ -377,6 +383,8 @@ def evaluate_dataset(
     targets = data.labels
     metrics = compute_metrics(probs, targets, classes, k=k)
     true_sg = [s["space_group"] for s in data.samples]
+    if engine is not None:  # datasets keep 8-bit DPs only: the fusion runs without evidence here
+        metrics["fusion"] = fusion_metrics(engine, probs, _n_views(present), true_sg, classes=classes, evidence=None)
     metrics.update(
         source={"dataset": str(root), "split": split, "representation": data.representation},
         out_of_classes=_excluded_summary(excluded),
@@ -423,6 +431,7 @@ def evaluate_structures(
     present: np.ndarray | None = None,
     k: int = TOP_K,
     progress: bool = False,
+    engine=None,
 ) -> dict:
     """Metrics of ``model`` on structures (CIF files/folders, JSON lines), simulated and
     shaped on the fly. Unusable structures go to ``failed``; structures of space groups
@@ -437,10 +446,16 @@ def evaluate_structures(
         inputs, labelled, failed = model_inputs(records, config, _representation(model), bar=bar)
     finally:
         bar.close()
+    evidence = []
+    if engine is not None:  # the evidence of the float patterns (simulated again: samples keep the 8-bit DPs)
+        axes = _axes_of(present)
+        evidence = [np.asarray(structure_evidence(item, config=config, axes=axes).group_loglik, dtype=np.float64)
+                    for item in labelled]
     index = {int(c): i for i, c in enumerate(classes)}
     keep = [i for i, item in enumerate(labelled) if item.space_group in index]
     outside = [item for item in labelled if item.space_group not in index]
-    probs = predict_probs(model, _batched([inputs[i] for i in keep], batch_size), device=device, present=present)
+    all_probs = predict_probs(model, _batched(inputs, batch_size), device=device, present=present)
+    probs = all_probs[keep] if len(keep) else np.zeros((0, len(classes)))
     kept = [labelled[i] for i in keep]
     targets = np.array([index[item.space_group] for item in kept], dtype=np.int64)
     metrics = compute_metrics(probs, targets, classes, k=k)
@@ -455,7 +470,39 @@ def evaluate_structures(
         predictions=_prediction_rows([i.material_id for i in kept], [i.space_group for i in kept], probs, classes, k),
         seconds=round(time.perf_counter() - start, 3),
     )
+    if engine is not None and labelled:  # every structure counts: the fusion answers over 230 groups
+        metrics["fusion"] = fusion_metrics(engine, all_probs, _n_views(present), [i.space_group for i in labelled],
+                                           classes=classes, evidence=np.stack(evidence))
     return metrics
+
+
+def _n_views(present: np.ndarray | None) -> int:
+    return 3 if present is None else int(np.asarray(present).sum())
+
+
+def _axes_of(present: np.ndarray | None) -> list[str]:
+    return list(shaping.AXES) if present is None else [a for a, p in zip(shaping.AXES, present) if p]
+
+
+def fusion_metrics(engine, probs: np.ndarray, n_views: int, true_groups: Sequence[int], *, classes: Sequence[int],
+                   evidence: np.ndarray | None) -> dict:
+    """The fusion's figures (group top-1/top-5, set top-1, crystal system, Bravais lattice, ECE, per-set
+    confusion) for model probabilities (n, C), beside the symmetry ceiling of the same labels."""
+    from xtalsym.offline import fusion_fit
+
+    logits = np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30))  # log-softmax = logits + const
+    post = engine.posterior_summed(logits, n_views, evidence)
+    labels = np.asarray(true_groups, dtype=np.int64)
+    m = fusion_fit.posterior_metrics(post, labels, tables=engine.tables, decide_at=engine.params.decide_at)
+    inside = np.isin(labels, classes)
+    m["ceiling"] = {
+        "cell_known": fusion_fit.symmetry_ceiling(labels, None, True),
+        "cell_unknown": fusion_fit.symmetry_ceiling(labels, None, False),
+    }
+    m["in_model_classes"] = int(inside.sum())
+    m["evidence"] = evidence is not None
+    m["prior"] = engine.prior_name
+    return m
 
 
 def predict_structure(
@@ -527,10 +574,10 @@ def run_evaluation(
     present = present_mask(axes, model)
     if dataset is not None:
         metrics = evaluate_dataset(model, loaded.classes, dataset, split, batch_size=batch_size, device=loaded.device,
-                                   present=present, progress=progress)
+                                   present=present, progress=progress, engine=loaded.fusion)
     else:
         metrics = evaluate_structures(model, loaded.classes, sources, config=loaded.config, batch_size=batch_size,
-                                      device=loaded.device, present=present, progress=progress)
+                                      device=loaded.device, present=present, progress=progress, engine=loaded.fusion)
     metrics["checkpoint"] = loaded.source
     metrics["model"] = getattr(model, "name", type(model).__name__)
     metrics["axes"] = list(axes) if axes else list(shaping.AXES)
@@ -593,6 +640,12 @@ def write_outputs(metrics: dict, out: str | Path, *, title: str = "") -> dict[st
         writer.writeheader()
         writer.writerows(rows)
     save_confusion_png(metrics["confusion"], paths["confusion"], title=title)
+    if metrics.get("fusion"):
+        from xtalsym.offline import fusion_fit
+
+        paths["reliability"] = fusion_fit.save_reliability_png(
+            {"fusion, group": metrics["fusion"]["reliability"], "fusion, set": metrics["fusion"]["set_reliability"]},
+            out / RELIABILITY_FILE, title=f"{title} - fusion ECE {metrics['fusion']['ece']:.3f}")
     return paths
 
 
@@ -656,8 +709,40 @@ def format_summary(metrics: dict) -> str:
     if outside:
         lines.append("not scored (space group outside the model's classes): "
                      + ", ".join(f"{sg} x{n}" for sg, n in list(outside.items())[:12]) + (" ..." if len(outside) > 12 else ""))
+    fused = metrics.get("fusion")
+    if fused:
+        ceiling = fused["ceiling"]
+        lines += [
+            "",
+            f"fusion over 230 groups ({fused['n']} samples, evidence {'used' if fused['evidence'] else 'not used'}, "
+            f"prior: {fused['prior']}):",
+            f"{'':<16} {'measured':>9} {'ceiling (cell known / unknown)':>32}",
+            f"{'group top-1':<16} {_pct(fused['group_top1']):>9} {_pct(ceiling['cell_known']):>16} / "
+            f"{_pct(ceiling['cell_unknown'])}",
+            f"{'set top-1':<16} {_pct(fused['set_top1']):>9} {'100.0 %':>16}",
+            f"{'crystal system':<16} {_pct(fused['crystal_system']):>9} {'100.0 %':>16}",
+            f"{'Bravais lattice':<16} {_pct(fused['bravais_lattice']):>9} {'100.0 %':>16}",
+            f"{'group top-5':<16} {_pct(fused['group_top5']):>9}",
+            f"ECE {fused['ece']:.3f} (set {fused['set_ece']:.3f}); decided {_pct(fused['decided_share'])}",
+            "per set (true set: count, right, most often taken for):",
+        ]
+        for label, row in list(fused["set_confusion"].items())[:10]:
+            taken = ", ".join(f"{k} x{v}" for k, v in row["taken_for"].items())
+            lines.append(f"  {label:<34} {row['count']:>5} {_pct(row['right']):>7}  {taken}")
     for item in metrics.get("failed", [])[:10]:
         lines.append(f"failed: {item['source']}: {item['reason']}")
     if len(metrics.get("failed", [])) > 10:
         lines.append(f"failed: ... {len(metrics['failed']) - 10} more in {METRICS_FILE}")
     return "\n".join(lines)
+
+
+def structure_evidence(labelled: structures.LabelledStructure, *, config: ds.BuildConfig | None = None, axes=None):
+    """Symmetry evidence (:class:`xtalsym.evidence.SampleEvidence`) from the structure's simulated
+    float patterns at the dataset's geometry: what `xtalsym predict` prints beside the model."""
+    from xtalsym.evidence import analyse_sample
+    from xtalsym.offline import simulate
+
+    config = config or ds.BuildConfig()
+    patterns = simulate.simulate_axes(labelled.structure, axes=axes or simulate.AXES, geometry=config.geometry,
+                                      scattering=config.scattering, **simulate.DATASET_OPTIONS)
+    return analyse_sample(patterns, q_per_pixel=config.geometry.q_per_pixel)

@@ -57,6 +57,7 @@ rounding tie.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -183,6 +184,11 @@ class Realism:
     misorientation_deg: the crystal is turned about a uniformly random axis by an angle
         drawn from N(0, σ) degrees (independently per zone axis).
     thermal_b_angstrom2: Debye–Waller B; f *= exp(−B s²), s = |H|/2.
+    pixel_scale_error: signed fractional error of the detector's pixel scale (distance or
+        pixel size miscalibrated): the pattern is rendered with pixels (1 + error) times the
+        nominal size, so an analysis that assumes the nominal q per pixel measures every
+        reciprocal length (1 + error) too long. One error for all zone axes of a sample (it is
+        the instrument's calibration, not the crystal's).
     """
 
     dose: float | None = None
@@ -190,6 +196,7 @@ class Realism:
     beam_stop_radius_px: float = 0.0
     misorientation_deg: float = 0.0
     thermal_b_angstrom2: float = 0.0
+    pixel_scale_error: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -201,6 +208,9 @@ class Realism:
             if not (isinstance(value, (int, float, np.number)) and math.isfinite(value)
                     and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        e = self.pixel_scale_error
+        if not (isinstance(e, (int, float, np.number)) and math.isfinite(e) and abs(e) < 0.5):
+            raise ValueError(f"pixel_scale_error must be a finite fraction with |error| < 0.5, got {e!r}")
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) \
                 or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
@@ -431,6 +441,8 @@ def simulate_axes(structure, *, axes: Iterable[str] = AXES, geometry: Geometry =
     if precision == "single" and method != "fast":
         raise SimulationError(f"precision 'single' applies to method 'fast' only, got method {method!r}")
     realism = realism or Realism()
+    if realism.pixel_scale_error:
+        geometry = dataclasses.replace(geometry, pixel_size_m=geometry.pixel_size_m * (1 + realism.pixel_scale_error))
     cell = _cell_from_structure(structure, scattering)
     supercell = block_size(cell.lattice, block_edge_angstrom) if supercell is None \
         else _check_supercell(supercell)

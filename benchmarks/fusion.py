@@ -1,0 +1,226 @@
+"""Fusion (issue 15): fit on the validation split, measure on the test split, print the targets table.
+
+Inputs are the per-material features cached by ``python -m xtalsym.offline.fusion_data``
+(MSDN per-view logits, labels, float patterns) and, when present, the evidence
+log-likelihoods cached by ``--evidence`` (computed from those patterns). Every figure is
+on MP materials of the test split (by material), beside the symmetry ceiling of the same
+labels and the paper's figure.
+
+    python benchmarks/fusion.py --features data/fusion --out runs/fusion \
+        [--write-params reference_index/fusion.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xtalsym import fusion  # noqa: E402
+from xtalsym.offline import fusion_data, fusion_fit  # noqa: E402
+
+log = logging.getLogger("benchmarks.fusion")
+PER_GROUP_CAP = 8
+
+
+def load_evidence(folder: Path, material_ids: list[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
+    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows),
+    from the per-chunk evidence files (fusion_data --evidence)."""
+    merged: dict[str, list] = {}
+    for path in sorted(folder.glob("chunk-*.npz")):
+        with np.load(path) as data:
+            for key in data.files:
+                merged.setdefault(key, []).append(data[key])
+    if not merged:
+        return np.zeros(0, dtype=np.int64), {}
+    ids = [str(m) for m in np.concatenate(merged["material_id"])]
+    where = {m: i for i, m in enumerate(ids)}
+    rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
+    src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
+    out = {}
+    for key, parts in merged.items():
+        if key.startswith("loglik_"):
+            out[tuple(c == "1" for c in key.split("_")[1])] = np.concatenate(parts)[src].astype(np.float64)
+    return rows, out
+
+
+def capped(groups: np.ndarray, cap: int) -> np.ndarray:
+    """Indices keeping at most ``cap`` materials per group (first ones in the fixed order)."""
+    seen: dict[int, int] = {}
+    keep = []
+    for i, g in enumerate(groups):
+        if seen.get(int(g), 0) < cap:
+            keep.append(i)
+            seen[int(g)] = seen.get(int(g), 0) + 1
+    return np.array(keep, dtype=np.int64)
+
+
+def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evidence=None, masks=None) -> dict:
+    """{(views): metrics} of one method on materials ``idx`` (3 views, and 1/2-view averages)."""
+    out = {}
+    for views, mask_list in (masks or {"xyz": [np.ones(3, dtype=bool)]}).items():
+        ms = []
+        for mask in mask_list:
+            ev = None
+            if evidence is not None and tuple(bool(v) for v in mask) in evidence:
+                pos = {r: i for i, r in enumerate(evidence_rows)}
+                ev = evidence[tuple(bool(v) for v in mask)][[pos[i] for i in idx]]
+            if params is None:
+                summed = (feats.view_logits[idx] * mask[None, :, None]).sum(axis=1)
+                post = fusion_fit.msdn_posterior(summed, classes)
+            else:
+                post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
+            ms.append(fusion_fit.posterior_metrics(post, feats.space_group[idx], tables=tables,
+                                                   decide_at=params.decide_at if params is not None else 0.5))
+        if len(ms) == 1:
+            out[views] = ms[0]
+        else:
+            keys = ("group_top1", "group_top5", "set_top1", "crystal_system", "bravais_lattice", "nll", "ece")
+            out[views] = {k: float(np.mean([m[k] for m in ms])) for k in keys} | {"n": ms[0]["n"] * len(ms)}
+    return out
+
+
+def _decided(m: dict) -> str:
+    if "decided_share" not in m or m.get("set_top1_when_decided") is None:
+        return "–"
+    return f"{m['decided_share']:.0%} / {m['set_top1_when_decided']:.1%} (truth in the answer {m['truth_in_answer']:.1%})"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", default="data/fusion")
+    parser.add_argument("--evidence", default=None, help="evidence folder (default: <features>/evidence)")
+    parser.add_argument("--bundle", default="reference_index")
+    parser.add_argument("--out", default="runs/fusion")
+    parser.add_argument("--write-params", default=None, help="write the fitted fusion parameters here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from xtalsym.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    classes = bundle.classes
+    feats = fusion_data.load_features(args.features)
+    labels_file = Path(args.features) / "mp_labels.json"
+    if labels_file.is_file():  # every material labelled (fusion_data --labels-only): the training split
+        counts, prior_source = fusion_fit.prior_counts(json.loads(labels_file.read_text()), "train"), "train split"
+    else:  # else the validation materials' own frequencies: the same distribution (split by a hash), no test label
+        counts = np.bincount(feats.space_group[feats.split == "val"] - 1, minlength=fusion.N_GROUPS)
+        prior_source = "validation split (mp_labels.json not built)"
+    ev_rows, evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
+    has_ev = np.zeros(len(feats), dtype=bool)
+    has_ev[ev_rows] = True
+    val = np.flatnonzero(feats.split == "val")
+    test = np.flatnonzero(feats.split == "test")
+    val_ev, test_ev = val[has_ev[val]], test[has_ev[test]]
+    inside = np.isin(feats.space_group, classes)
+    log.info("materials: val %d (%d with evidence), test %d (%d with evidence, %d in the model's %d groups); "
+             "prior from %d materials of the %s", len(val), len(val_ev), len(test), len(test_ev),
+             int(inside[test].sum()), len(classes), int(counts.sum()), prior_source)
+
+    def ev_of(idx):
+        pos = {r: i for i, r in enumerate(ev_rows)}
+        return {k: v[[pos[i] for i in idx]] for k, v in evidence.items()}
+
+    cpu = time.process_time()
+    no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
+                           use=[f for f in fusion.FEATURES if f not in fusion.EVIDENCE_FEATURES],
+                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source})
+    log.info("fitted the no-evidence fusion in %.1f CPU-s", time.process_time() - cpu)
+    fitted = {"msdn": None, "fusion, no evidence": no_ev}
+    if len(val_ev):
+        cpu = time.process_time()
+        with_ev = fusion_fit.fit(feats.view_logits[val_ev], feats.space_group[val_ev], classes=classes, counts=counts,
+                                 evidence=ev_of(val_ev), fit_no_evidence=False,
+                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source})
+        log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
+        # the views without evidence, and the no-evidence fallback, from the larger validation set
+        for k in (1, 2):
+            if not with_ev.fitted["per_views"][str(k)]["evidence"]:
+                with_ev.weights[k], with_ev.temperature[k] = no_ev.weights[k], no_ev.temperature[k]
+        with_ev.weights_no_evidence = dict(no_ev.weights)
+        with_ev.temperature_no_evidence = dict(no_ev.temperature)
+        with_ev.fitted["no_evidence_materials"] = int(len(val))
+        fitted["fusion"] = with_ev
+
+    tables = fusion.symmetry_tables(True)
+    for name, params in fitted.items():  # "cannot decide" below the set probability where val sets are 97 % right
+        if params is None:
+            continue
+        idx = val_ev if name == "fusion" else val
+        post = fusion.Fusion(params).posterior(feats.view_logits[idx], None,
+                                               ev_of(idx)[(True, True, True)] if name == "fusion" else None)
+        params.decide_at = fusion_fit.choose_decide_at(post, feats.space_group[idx], tables)
+        log.info("%s: decide_at %.2f (validation)", name, params.decide_at)
+    masks = {"xyz": [np.ones(3, dtype=bool)], "1 view": fusion_fit.SUBSETS[1], "2 views": fusion_fit.SUBSETS[2]}
+
+    def subsets_of(idx):
+        a = idx[inside[idx]]
+        return {"72 groups, natural": a, f"72 groups, <= {PER_GROUP_CAP} per group": a[capped(feats.space_group[a], PER_GROUP_CAP)],
+                "every group (natural)": idx}
+
+    rows = []
+    results = {}
+    for tier, idx, methods in (("all cached test materials", test, ("msdn", "fusion, no evidence")),
+                               ("test materials with evidence", test_ev, tuple(fitted))):
+        if not len(idx):
+            continue
+        for subset, sub in subsets_of(idx).items():
+            space = classes if subset.startswith("72") else None
+            ceiling = (fusion_fit.symmetry_ceiling(feats.space_group[sub], space, True),
+                       fusion_fit.symmetry_ceiling(feats.space_group[sub], space, False))
+            for name in methods:
+                params = fitted[name]
+                m_masks = masks if subset == "72 groups, natural" else {"xyz": masks["xyz"]}
+                res = evaluate(name, params, sub, feats, classes, tables,
+                               ev_rows if name == "fusion" else None, evidence if name == "fusion" else None, m_masks)
+                for views, m in res.items():
+                    results[(tier, subset, name, views)] = m
+                    rows.append((tier, subset, views, name, m, ceiling))
+
+    print(f"\nFusion on the MP test split (by material). Fitted on val: {len(val)} materials "
+          f"({len(val_ev)} with evidence). Prior: frequencies of {int(counts.sum())} materials of the {prior_source}.\n")
+    print("| materials | test | views | method | n | group top-1 | set top-1 | crystal system | Bravais | group top-5 | NLL | ECE | decided / set right when decided | ceiling (cell known / unknown) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for tier, subset, views, name, m, ceiling in rows:
+        print(f"| {tier} | {subset} | {views} | {name} | {m['n']} | {m['group_top1']:.1%} | {m['set_top1']:.1%} | "
+              f"{m['crystal_system']:.1%} | {m['bravais_lattice']:.1%} | {m['group_top5']:.1%} | {m['nll']:.3f} | "
+              f"{m['ece']:.3f} | {_decided(m)} | {ceiling[0]:.1%} / {ceiling[1]:.1%} |")
+    print("\npaper (Tiong et al. 2020, 72 groups): group top-1 80.2 %, top-5 > 95 %")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for tier, key in (("all cached test materials", "all"), ("test materials with evidence", "evidence")):
+        curves = {name: results[(tier, "every group (natural)", name, "xyz")]["reliability"]
+                  for name in fitted if (tier, "every group (natural)", name, "xyz") in results}
+        if curves:
+            n = results[(tier, "every group (natural)", next(iter(curves)), "xyz")]["n"]
+            fusion_fit.save_reliability_png(curves, out / f"reliability_{key}.png",
+                                            title=f"MP test, every group, 3 views ({tier}, n={n})")
+    serial = {" | ".join(k): {kk: vv for kk, vv in v.items()} for k, v in results.items()}
+    (out / "metrics.json").write_text(json.dumps(serial, indent=1))
+    best = "fusion" if "fusion" in fitted else "fusion, no evidence"
+    tier = "test materials with evidence" if best == "fusion" else "all cached test materials"
+    print(f"\nset confusion ({best}, {tier}, every group, most frequent true sets):")
+    for label, row in results[(tier, "every group (natural)", best, "xyz")]["set_confusion"].items():
+        print(f"  {label:40s} n={row['count']:4d} right {row['right']:.0%}  taken for {row['taken_for']}")
+    if args.write_params:
+        params = fitted[best]
+        params.fitted["test"] = {
+            f"{t} | {sub}": {k: round(results[(t, sub, best, "xyz")][k], 4) for k in ("group_top1", "set_top1", "ece")}
+            | {"n": results[(t, sub, best, "xyz")]["n"]}
+            for (t, sub, name, views) in results if name == best and views == "xyz"}
+        params.save(args.write_params)
+        print(f"\nwrote {args.write_params}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The fusion posterior (xtalsym.fusion) and its fitting (xtalsym.offline.fusion_fit)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from xtalsym import fusion, spacegroups, symmetry
+from xtalsym.offline import fusion_fit
+
+CLASSES = [2, 14, 62, 194, 216, 225]
+# A small partition for the logic tests: {216, 225} cannot be told apart, every other group alone.
+SETS = [[g] for g in range(1, 231) if g not in (216, 225)] + [[216, 225]]
+BRAVAIS = [symmetry.bravais_lattice(g) for g in range(1, 231)]
+
+
+def make_params(**overrides) -> fusion.FusionParams:
+    counts = np.zeros(230)
+    counts[np.array(CLASSES) - 1] = [50, 400, 300, 40, 30, 120]
+    weights = {k: {"msdn": 1.0, "msdn_system": 0.0, "msdn_bravais": 0.0, "outside": -9.0, "outside_entropy": 0.5,
+                   "evidence": 1.0, "evidence_top": 0.0, "prior": 0.0} for k in (1, 2, 3)}
+    base = dict(classes=CLASSES, prior_counts=counts, weights=weights, temperature={1: 1.0, 2: 1.0, 3: 1.0},
+                sets=SETS, bravais=BRAVAIS)
+    base.update(overrides)
+    return fusion.FusionParams(**base)
+
+
+def logits_for(group: int, strength: float = 6.0) -> np.ndarray:
+    """Per-view logits (3, C) pointing at ``group``."""
+    out = np.zeros((3, len(CLASSES)))
+    out[:, CLASSES.index(group)] = strength / 3
+    return out
+
+
+def test_posterior_is_a_distribution_over_230_groups_and_follows_the_model():
+    engine = fusion.Fusion(make_params())
+    post = engine.posterior(np.stack([logits_for(14), logits_for(194)]))
+    assert post.shape == (2, 230)
+    np.testing.assert_allclose(post.sum(axis=1), 1.0)
+    assert post[0].argmax() + 1 == 14 and post[1].argmax() + 1 == 194
+    assert (post > 0).all()  # no group is ever impossible
+
+
+def test_indistinguishable_groups_are_named_as_one_set_with_both_ranked():
+    engine = fusion.Fusion(make_params())
+    prediction = engine.predict(logits_for(225))
+    assert prediction.best_set.members == [225, 216]
+    assert prediction.best_set.label == "Fm-3m or F-43m"
+    assert "cannot separate" in prediction.best_set.statement()
+    assert prediction.crystal_system[0] == "cubic" and prediction.bravais_lattice[0] == "cF"
+    assert len(prediction.top_groups) == 5 and len(prediction.top_sets) == 3
+    assert prediction.truth_verdict(216) == "in set"
+    assert prediction.truth_verdict(225) == "top-1"
+    assert prediction.truth_verdict(14) == "wrong"
+    data = json.loads(json.dumps(prediction.to_json()))
+    assert data["set"]["label"] == "Fm-3m or F-43m" and data["decided"] is True and data["cannot_decide"] is None
+
+
+def test_thin_evidence_says_cannot_decide_and_lists_candidates():
+    engine = fusion.Fusion(make_params())
+    prediction = engine.predict(np.zeros((3, len(CLASSES))))  # an uninformative model
+    assert not prediction.decided
+    assert prediction.reason and prediction.candidates
+    assert sum(c.probability for c in prediction.candidates) >= fusion.CANDIDATE_MASS or \
+        len(prediction.candidates) == fusion.MAX_CANDIDATES
+    assert prediction.headline().startswith("cannot decide")
+    assert prediction.to_json()["cannot_decide"]["candidates"]
+
+
+def test_evidence_moves_mass_to_groups_outside_the_model_classes():
+    engine = fusion.Fusion(make_params())
+    ev = np.full(230, -30.0)
+    ev[167 - 1] = 0.0  # R-3c: not among the classes
+    post = engine.posterior(np.zeros((1, 3, len(CLASSES))), evidence_loglik=ev[None])[0]
+    assert post.argmax() + 1 == 167
+    prediction = engine.describe(post)
+    assert not prediction.top_groups[0].in_model_classes
+
+
+def test_views_absent_are_ignored_and_no_view_gives_the_prior():
+    engine = fusion.Fusion(make_params())
+    logits = logits_for(14)
+    logits[1] = 0.0
+    garbage = logits.copy()
+    garbage[1] = 1e3  # an absent view's content must not count
+    present = np.array([True, False, True])
+    np.testing.assert_allclose(engine.posterior(logits[None], present[None]), engine.posterior(garbage[None], present[None]))
+    none = engine.posterior(logits[None], np.zeros((1, 3), dtype=bool))[0]
+    np.testing.assert_allclose(none, engine.train_prior)
+
+
+def test_prior_swap_is_bayes_rule():
+    params = make_params()
+    trained = fusion.Fusion(params).posterior(logits_for(62)[None])[0]
+    flat = fusion.Fusion(params, prior="flat").posterior(logits_for(62)[None])[0]
+    ratio = trained / fusion.training_prior(params.prior_counts)
+    np.testing.assert_allclose(flat, ratio / ratio.sum(), rtol=1e-9)
+
+
+def test_site_prior_file(tmp_path):
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"14": 10, "62": 1}))
+    engine = fusion.Fusion(make_params(), prior=site)
+    assert engine.prior[13] == pytest.approx(10 * engine.prior[61])
+    assert engine.prior.min() > 0 and engine.prior_name.startswith("site prior")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"999": 1}', "not a space group"),
+        ('{"14": -1}', "finite number >= 0"),
+        ('{"14": 0}', "all weights are zero"),
+        ("[1, 2]", "JSON object"),
+        ("{nope", "not valid JSON"),
+    ],
+)
+def test_bad_site_prior_is_refused_with_one_clear_line(tmp_path, content, message):
+    site = tmp_path / "site.json"
+    site.write_text(content)
+    with pytest.raises(fusion.FusionError, match=message):
+        fusion.Fusion(make_params(), prior=site)
+    with pytest.raises(fusion.FusionError, match="no file"):
+        fusion.Fusion(make_params(), prior=tmp_path / "missing.json")
+
+
+def test_params_round_trip_and_malformed_files(tmp_path):
+    params = make_params()
+    path = params.save(tmp_path / "fusion.json")
+    again = fusion.FusionParams.load(path)
+    logits = logits_for(194)[None]
+    np.testing.assert_allclose(fusion.Fusion(again).posterior(logits), fusion.Fusion(params).posterior(logits))
+    data = json.loads(path.read_text())
+    for broken, message in (
+        ({**data, "format": "other/1"}, "format"),
+        ({k: v for k, v in data.items() if k != "weights"}, "missing or malformed"),
+        ({**data, "temperature": {"1": 1.0, "2": 1.0, "3": -1.0}}, "temperatures"),
+        ({**data, "sets": [[1, 2]]}, "miss groups"),
+        ({**data, "prior_counts": [1, 2]}, "230"),
+    ):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(fusion.FusionError, match=message):
+            fusion.FusionParams.load(path)
+
+
+def test_wrong_shapes_are_refused():
+    engine = fusion.Fusion(make_params())
+    with pytest.raises(fusion.FusionError, match="view logits"):
+        engine.posterior(np.zeros((1, 3, 5)))
+    with pytest.raises(fusion.FusionError, match="evidence"):
+        engine.posterior(np.zeros((1, 3, len(CLASSES))), evidence_loglik=np.zeros((1, 10)))
+
+
+def _synthetic(n: int, rng: np.random.Generator):
+    """Materials whose noisy per-view logits point at the truth, 10 % outside the classes."""
+    groups = rng.choice(CLASSES + [167, 63], size=n, p=[0.1, 0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
+    logits = rng.normal(0, 1.0, size=(n, 3, len(CLASSES)))
+    for i, g in enumerate(groups):
+        if g in CLASSES:
+            logits[i, :, CLASSES.index(g)] += 1.5
+    return logits, groups
+
+
+@pytest.mark.slow
+def test_fit_lowers_the_nll_and_calibrates():
+    rng = np.random.default_rng(0)
+    logits, groups = _synthetic(300, rng)
+    counts = np.bincount(groups - 1, minlength=230) * 10
+    tables = fusion.SymmetryTables.from_lists(SETS, BRAVAIS, cell_known=True)
+    params = fusion_fit.fit(logits, groups, classes=CLASSES, counts=counts, tables=tables)
+    engine = fusion.Fusion(params)
+    test_logits, test_groups = _synthetic(600, np.random.default_rng(1))
+    fused = fusion_fit.posterior_metrics(engine.posterior(test_logits), test_groups, tables=tables)
+    raw = fusion_fit.posterior_metrics(fusion_fit.msdn_posterior(test_logits.sum(axis=1), CLASSES), test_groups,
+                                       tables=tables)
+    assert fused["nll"] < raw["nll"]
+    assert fused["ece"] < 0.06
+    # groups outside the classes now get probability: some are named at top-1
+    assert fused["group_top1"] >= raw["group_top1"] - 0.01
+    assert params.sets and len(params.bravais) == 230
+
+
+def test_ece_of_a_calibrated_forecaster_is_small_and_of_an_overconfident_one_large():
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.2, 1.0, 20000)
+    correct = rng.uniform(size=conf.size) < conf
+    assert fusion_fit.expected_calibration_error(conf, correct)[0] < 0.02
+    assert fusion_fit.expected_calibration_error(np.ones_like(conf), correct)[0] > 0.3
+
+
+@pytest.mark.slow
+def test_real_symmetry_tables_hold_the_known_sets():
+    tables = fusion.symmetry_tables(True)
+    assert len(tables.sets) == 113
+    assert tables.set_of[186 - 1] == tables.set_of[194 - 1]
+    assert tables.set_of[62 - 1] != tables.set_of[33 - 1]
+    assert spacegroups.crystal_system(225) == spacegroups.CRYSTAL_SYSTEMS[tables.system[225 - 1]]
+
+
+def test_bundle_carries_fusion_parameters_checksummed_and_old_bundles_still_load(tmp_path, shipped_bundle_copy):
+    from xtalsym.bundle import BundleError, add_fusion, load_bundle
+
+    root = shipped_bundle_copy
+    bundle = load_bundle(root)
+    classes = bundle.classes
+    params = make_params(classes=classes, weights={k: {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -9.0}
+                                                   for k in (1, 2, 3)})
+    params.prior_counts = np.ones(230)
+    if bundle.fusion_path is None:  # an old bundle: loads, and predicts with the model alone
+        assert fusion.load_fusion(bundle) is None
+    path = params.save(tmp_path / "fusion.json")
+    add_fusion(root, path)
+    bundle = load_bundle(root)
+    assert bundle.fusion_path is not None and bundle.manifest["fusion"]["file"] == "fusion.json"
+    assert fusion.load_fusion(bundle) is not None
+    # a changed byte is refused by the manifest check
+    text = (root / "fusion.json").read_text()
+    (root / "fusion.json").write_text(text.replace('"decide_at": 0.5', '"decide_at": 0.6'))
+    with pytest.raises(BundleError, match="fusion.json is corrupted"):
+        load_bundle(root)
+    (root / "fusion.json").write_text(text)
+    # parameters fitted for other classes are refused
+    other = make_params()
+    with pytest.raises(BundleError, match="other classes"):
+        add_fusion(root, other.save(tmp_path / "other.json"))
+
+
+@pytest.fixture
+def shipped_bundle_copy(tmp_path):
+    import shutil
+
+    from xtalsym.bundle import default_bundle_path
+
+    root = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), root, ignore=shutil.ignore_patterns(".cache"))
+    return root
+
+
+def test_daemon_message_carries_the_fusion_and_listen_judges_by_the_set():
+    from xtalsym.daemon.client import format_prediction, truth_verdict
+    from xtalsym.daemon.publish import PREDICTION_SCHEMA
+
+    assert PREDICTION_SCHEMA == "xtalsym.prediction/2"
+    engine = fusion.Fusion(make_params())
+    fused = engine.predict(logits_for(225)).to_json()
+    msg = {"schema": PREDICTION_SCHEMA, "sample_id": "s:0", "status": "complete", "final": True, "closed_by": "complete",
+           "axes": ["x", "y", "z"], "top": [{"space_group": 225, "symbol": "Fm-3m", "probability": 0.9}],
+           "fusion": fused, "open_set": None, "user_data": {"space_group": 216},
+           "timestamps": {"received": 1.0, "published": 1.01}}
+    assert truth_verdict(msg, 216) == "in set"  # F-43m: the data cannot separate it from Fm-3m
+    assert truth_verdict(msg, 225) == "top-1"
+    assert truth_verdict(msg, 14) == "wrong"
+    line = format_prediction(msg)
+    assert "IN SET" in line and "Fm-3m or F-43m" in line
+    old = {k: v for k, v in msg.items() if k != "fusion"}  # a /1 message or a bundle without fusion
+    assert truth_verdict(old, 216) == "wrong" and truth_verdict(old, 225) == "top-1"

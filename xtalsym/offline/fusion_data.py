@@ -1,0 +1,445 @@
+"""Per-material features of held-out materials, for fitting and measuring the fusion.
+
+For each Materials Project material of the chosen splits (by the dataset's split rule,
+sha256(seed:material_id)), this simulates the three zone-axis patterns exactly as the
+training data were made, shapes them, runs the bundle's model (ONNX Runtime) and keeps
+what the fusion needs:
+
+- ``view_logits`` float32 (n, 3, C): the MSDN's per-view logits (its heads are linear, so
+  they follow from the graph's per-view embeddings; their sum is checked against the
+  graph's logits), which give the model's answer for any subset of views;
+- the label (space group by spglib at the dataset's symprec), the cell, the formula;
+- the float patterns, sparse (pixels above ``SPARSE_FLOOR`` × each view's peak, float16),
+  so the symmetry evidence can be computed later without simulating again.
+
+Work is cut into fixed chunks (val and test interleaved, so a partial run has both); each
+chunk is one ``chunk-NNNNN.npz`` written atomically, so a rerun skips finished chunks.
+Run: ``python -m xtalsym.offline.fusion_data --out data/fusion --val 1500``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xtalsym.offline import dataset as ds
+from xtalsym.offline import simulate, structures
+
+log = logging.getLogger(__name__)
+
+SPARSE_FLOOR = 1e-5  # relative to the view's peak; weaker pixels are dropped from the cache
+CHUNK_SIZE = 32
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mp_structures" / "structures.jsonl.xz"
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    split: str
+    records: tuple[structures.StructureRecord, ...]
+
+
+def _rank(material_id: str) -> str:
+    """A fixed pseudo-random order of materials (independent of the split hash)."""
+    return hashlib.sha256(f"fusion-subset:{material_id}".encode()).hexdigest()
+
+
+def select_records(
+    source: str | Path,
+    *,
+    split_counts: dict[str, int | None],
+    fractions: dict[str, float] | None = None,
+    seed: int = 0,
+) -> dict[str, list[structures.StructureRecord]]:
+    """Records of each wanted split (``None`` = all of it, else the first n in a fixed
+    pseudo-random order), by the dataset's split rule."""
+    fractions = fractions or dict(ds.DEFAULT_SPLIT_FRACTIONS)
+    chosen: dict[str, list[structures.StructureRecord]] = {name: [] for name in split_counts}
+    for item in structures.iter_records(source):
+        if isinstance(item, structures.StructureError):
+            continue
+        name = ds.split_of(item.material_id, fractions, seed)
+        if name in chosen:
+            chosen[name].append(item)
+    for name, count in split_counts.items():
+        chosen[name].sort(key=lambda r: _rank(r.material_id))
+        if count is not None:
+            chosen[name] = chosen[name][:count]
+    return chosen
+
+
+def make_jobs(chosen: dict[str, list[structures.StructureRecord]], chunk_size: int = CHUNK_SIZE) -> list[Job]:
+    """Chunks of every split, interleaved round-robin so any prefix of the work has all splits."""
+    per_split = {
+        name: [tuple(recs[i : i + chunk_size]) for i in range(0, len(recs), chunk_size)] for name, recs in chosen.items()
+    }
+    jobs: list[Job] = []
+    longest = max((len(c) for c in per_split.values()), default=0)
+    for i in range(longest):
+        for name in sorted(per_split):
+            if i < len(per_split[name]):
+                jobs.append(Job(len(jobs), name, per_split[name][i]))
+    return jobs
+
+
+def chunk_path(out: Path, index: int) -> Path:
+    return out / f"chunk-{index:05d}.npz"
+
+
+def sparse_pattern(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(flat indices, uint16 up to 256² pixels, values/peak float16, peak) of one float pattern."""
+    flat = np.asarray(pattern, dtype=np.float64).ravel()
+    peak = float(flat.max())
+    keep = np.flatnonzero(flat > SPARSE_FLOOR * peak)
+    return keep.astype(np.uint16 if flat.size <= 1 << 16 else np.uint32), (flat[keep] / peak).astype(np.float16), peak
+
+
+def dense_pattern(indices: np.ndarray, values: np.ndarray, peak: float, pixels: int) -> np.ndarray:
+    out = np.zeros(pixels * pixels, dtype=np.float64)
+    out[indices] = values.astype(np.float64) * peak
+    return out.reshape(pixels, pixels)
+
+
+class _Model:
+    """The bundle's graph plus its per-view heads (one per worker process)."""
+
+    def __init__(self, bundle_path: str):
+        import torch
+
+        from xtalsym.bundle import load_bundle
+        from xtalsym.inference import make_backend
+
+        torch.set_num_threads(1)
+        self.bundle = load_bundle(bundle_path)
+        self.backend = make_backend(self.bundle, "onnxruntime", intra_op_threads=1)
+        heads = self.bundle.load_model().heads  # the MSDN's linear per-view heads
+        self.weights = np.stack([h.weight.detach().numpy() for h in heads]).astype(np.float32)
+        self.biases = np.stack([h.bias.detach().numpy() for h in heads]).astype(np.float32)
+
+    def view_logits(self, x: np.ndarray) -> np.ndarray:
+        result = self.backend.run(x)
+        view = np.einsum("bvd,vcd->bvc", result.embeddings, self.weights) + self.biases[None]
+        gap = np.abs(view.sum(axis=1) - result.logits).max()
+        if gap > 1e-2 * max(1.0, float(np.abs(result.logits).max())):
+            raise RuntimeError(f"per-view logits do not add up to the graph's logits (gap {gap:.3g})")
+        return view.astype(np.float32)
+
+
+_MODEL: _Model | None = None
+
+
+def _model(bundle_path: str) -> _Model:
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = _Model(bundle_path)
+    return _MODEL
+
+
+def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig) -> tuple[int, int, int, float]:
+    """Simulate, shape and classify one chunk; write its npz. (index, ok, failed, cpu s)."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    from xtalsym import shaping
+
+    path = chunk_path(Path(out), job.index)
+    if path.is_file():
+        return job.index, -1, 0, 0.0
+    start = time.process_time()
+    with threadpool_limits(1):
+        cv2.setNumThreads(1)
+        model = _model(bundle_path)
+        rows, inputs, sparse, errors = [], [], [], []
+        for record in job.records:
+            try:
+                labelled = structures.label(record, symprec=config.symprec)
+                patterns = simulate.simulate_axes(
+                    labelled.structure, geometry=config.geometry, scattering=config.scattering, **simulate.DATASET_OPTIONS
+                )
+                raws = [simulate.to_raw_uint8(patterns[a]) for a in simulate.AXES]
+                shaped = np.stack([shaping.shape(r, a, method=config.shaping_method) for r, a in zip(raws, simulate.AXES)])
+            except (structures.StructureError, simulate.SimulationError, shaping.ShapingError, ValueError) as exc:
+                errors.append({"material_id": record.material_id, "reason": getattr(exc, "reason", str(exc))})
+                continue
+            lattice = labelled.structure.lattice
+            rows.append(
+                {
+                    "material_id": labelled.material_id,
+                    "formula": labelled.formula,
+                    "space_group": labelled.space_group,
+                    "abc": [float(v) for v in lattice.abc],
+                    "angles": [float(v) for v in lattice.angles],
+                    "atoms": len(labelled.structure),
+                }
+            )
+            inputs.append(np.ascontiguousarray(shaped.transpose(0, 3, 1, 2)))
+            sparse.append([sparse_pattern(patterns[a]) for a in simulate.AXES])
+        arrays: dict[str, np.ndarray] = {}
+        if inputs:
+            arrays["view_logits"] = np.concatenate(
+                [model.view_logits(np.stack(inputs[i : i + 16])) for i in range(0, len(inputs), 16)]
+            )
+            arrays["space_group"] = np.array([r["space_group"] for r in rows], dtype=np.int16)
+            arrays["cell"] = np.array([r["abc"] + r["angles"] for r in rows], dtype=np.float32)
+            counts = np.array([[len(s[v][0]) for v in range(3)] for s in sparse], dtype=np.int64)
+            arrays["pattern_counts"] = counts
+            arrays["pattern_peaks"] = np.array([[s[v][2] for v in range(3)] for s in sparse], dtype=np.float64)
+            arrays["pattern_indices"] = np.concatenate([s[v][0] for s in sparse for v in range(3)])
+            arrays["pattern_values"] = np.concatenate([s[v][1] for s in sparse for v in range(3)])
+        meta = {"split": job.split, "rows": rows, "errors": errors}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp, path)
+    return job.index, len(rows), len(errors), time.process_time() - start
+
+
+@dataclass
+class Features:
+    """Everything cached, concatenated over chunks (see :func:`load_features`)."""
+
+    material_id: list[str]
+    split: np.ndarray  # str
+    space_group: np.ndarray  # int
+    view_logits: np.ndarray  # float32 (n, 3, C)
+    cell: np.ndarray  # (n, 6): a, b, c (Å), alpha, beta, gamma (deg)
+    formula: list[str]
+    chunk: np.ndarray  # chunk index of each row
+    position: np.ndarray  # row inside its chunk
+
+    def __len__(self) -> int:
+        return len(self.material_id)
+
+
+def load_features(out: str | Path) -> Features:
+    out = Path(out)
+    mids, splits, groups, logits, cells, formulas, chunks, positions = [], [], [], [], [], [], [], []
+    for path in sorted(out.glob("chunk-*.npz")):
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            if not meta["rows"]:
+                continue
+            index = int(path.stem.split("-")[1])
+            mids += [r["material_id"] for r in meta["rows"]]
+            formulas += [r["formula"] for r in meta["rows"]]
+            splits += [meta["split"]] * len(meta["rows"])
+            groups.append(data["space_group"].astype(np.int64))
+            logits.append(data["view_logits"])
+            cells.append(data["cell"])
+            chunks += [index] * len(meta["rows"])
+            positions += list(range(len(meta["rows"])))
+    if not mids:
+        raise FileNotFoundError(f"no feature chunks under {out}")
+    return Features(
+        material_id=mids,
+        split=np.array(splits),
+        space_group=np.concatenate(groups),
+        view_logits=np.concatenate(logits),
+        cell=np.concatenate(cells),
+        formula=formulas,
+        chunk=np.array(chunks),
+        position=np.array(positions),
+    )
+
+
+def iter_patterns(out: str | Path, pixels: int = 256, *, only: Path | None = None
+                  ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """(chunk, position, {axis: float pattern}) of every cached material (or of chunk ``only``)."""
+    out = Path(out)
+    for path in [only] if only is not None else sorted(out.glob("chunk-*.npz")):
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            if not meta["rows"]:
+                continue
+            index = int(path.stem.split("-")[1])
+            counts = data["pattern_counts"].ravel()
+            peaks = data["pattern_peaks"].ravel()
+            ends = np.cumsum(counts)
+            starts = ends - counts
+            idx, val = data["pattern_indices"], data["pattern_values"]
+            for position in range(len(meta["rows"])):
+                views = {}
+                for v, axis in enumerate(simulate.AXES):
+                    k = position * 3 + v
+                    views[axis] = dense_pattern(idx[starts[k] : ends[k]], val[starts[k] : ends[k]], peaks[k], pixels)
+                yield index, position, views
+
+
+EVIDENCE_DIR = "evidence"
+VIEW_SUBSETS = tuple(m for m in itertools.product((False, True), repeat=3) if any(m))
+
+
+def mask_key(mask: Sequence[bool]) -> str:
+    """'101' for views x and z present."""
+    return "".join("1" if v else "0" for v in mask)
+
+
+def evidence_chunk(path: Path, out_dir: Path, q_per_pixel: float,
+                   subsets: Sequence[tuple[bool, ...]] = ((True, True, True),)) -> tuple[int, float]:
+    """Evidence log-likelihoods of every material of one feature chunk, for every view subset
+    (one frame analysis per view, combined per subset); written as evidence/<chunk>.npz."""
+    from threadpoolctl import threadpool_limits
+
+    from xtalsym.evidence import analyse_frame, combine
+
+    target = out_dir / path.name
+    if target.is_file():
+        return 0, 0.0
+    start = time.process_time()
+    arrays: dict[str, list] = {f"loglik_{mask_key(m)}": [] for m in subsets}
+    arrays.update({f"decided_{mask_key(m)}": [] for m in subsets})
+    ids: list[str] = []
+    with threadpool_limits(1):
+        meta = None
+        for chunk, position, views in iter_patterns(path.parent, only=path):
+            if meta is None:
+                with np.load(path) as data:
+                    meta = json.loads(bytes(data["meta"]).decode())
+            needed = [a for i, a in enumerate(simulate.AXES) if any(m[i] for m in subsets)]
+            frames = {a: analyse_frame(views[a], axis=a, q_per_pixel=q_per_pixel, counts=False) for a in needed}
+            for m in subsets:
+                ev = combine({a: frames[a] for a, keep in zip(simulate.AXES, m) if keep})
+                arrays[f"loglik_{mask_key(m)}"].append(np.asarray(ev.group_loglik, dtype=np.float32))
+                arrays[f"decided_{mask_key(m)}"].append(bool(ev.decided))
+            ids.append(meta["rows"][position]["material_id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, material_id=np.array(ids), **{k: np.array(v) for k, v in arrays.items()})
+    os.replace(tmp, target)
+    return len(ids), time.process_time() - start
+
+
+def build_evidence(out: str | Path, *, q_per_pixel: float, workers: int = 1,
+                   subsets: Sequence[tuple[bool, ...]] = ((True, True, True),)) -> Path:
+    """Evidence for every finished feature chunk (resumable), then all of it in evidence.npz.
+    ``subsets``: the view subsets to combine (each costs ~0.13 CPU-s per material)."""
+    out = Path(out)
+    chunks = sorted(out.glob("chunk-*.npz"))
+    n_chunks = len(chunks)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for path, (n, seconds) in zip(chunks, pool.map(evidence_chunk, chunks, [out / EVIDENCE_DIR] * n_chunks,
+                                                        [q_per_pixel] * n_chunks, [tuple(subsets)] * n_chunks)):
+            if n:
+                log.info("evidence %s: %d materials, %.3f CPU-s per material", path.name, n, seconds / n)
+    merged: dict[str, list] = {}
+    for path in sorted((out / EVIDENCE_DIR).glob("chunk-*.npz")):
+        with np.load(path) as data:
+            for key in data.files:
+                merged.setdefault(key, []).append(data[key])
+    target = out / "evidence.npz"
+    np.savez_compressed(target, **{k: np.concatenate(v) for k, v in merged.items()})
+    return target
+
+
+def label_all(source: str | Path, out: str | Path, *, symprec: float = structures.DEFAULT_SYMPREC,
+              fractions: dict[str, float] | None = None, seed: int = 0) -> dict[str, dict]:
+    """Split and space group of every material of ``source`` (spglib at ``symprec``), cached
+    in ``out`` (JSON): the training frequencies behind the fusion's default prior."""
+    out = Path(out)
+    if out.is_file():
+        return json.loads(out.read_text())
+    fractions = fractions or dict(ds.DEFAULT_SPLIT_FRACTIONS)
+    labels: dict[str, dict] = {}
+    for item in structures.iter_records(source):
+        if isinstance(item, structures.StructureError):
+            continue
+        try:
+            number = structures.label(item, symprec=symprec).space_group
+        except structures.StructureError:
+            continue
+        labels[item.material_id] = {"split": ds.split_of(item.material_id, fractions, seed), "space_group": number}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(labels))
+    os.replace(tmp, out)
+    return labels
+
+
+def build(
+    out: str | Path,
+    *,
+    source: str | Path = DEFAULT_SOURCE,
+    bundle_path: str | Path = "reference_index",
+    val: int | None = 1500,
+    test: int | None = None,
+    workers: int = 2,
+    max_jobs: int | None = None,
+) -> None:
+    from xtalsym.bundle import load_bundle
+    from xtalsym.offline.evaluate import build_config_from
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(bundle_path)
+    config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
+    chosen = select_records(source, split_counts={"val": val, "test": test})
+    jobs = make_jobs(chosen)
+    (out / "plan.json").write_text(
+        json.dumps({"splits": {k: len(v) for k, v in chosen.items()}, "chunks": len(jobs), "bundle": bundle.model_id}, indent=1)
+    )
+    todo = [j for j in jobs if not chunk_path(out, j.index).is_file()][: max_jobs or None]
+    log.info("%d chunks planned, %d to do", len(jobs), len(todo))
+    done = ok = failed = 0
+    cpu = 0.0
+    wall = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for index, n_ok, n_failed, seconds in pool.map(
+            run_job, todo, [str(out)] * len(todo), [str(bundle_path)] * len(todo), [config] * len(todo)
+        ):
+            done += 1
+            ok += max(n_ok, 0)
+            failed += n_failed
+            cpu += seconds
+            log.info(
+                "chunk %d done (%d/%d): %d ok, %d failed, %.2f cpu-s/material, wall %.0f s",
+                index, done, len(todo), n_ok, n_failed, seconds / max(n_ok, 1), time.perf_counter() - wall,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/fusion")
+    parser.add_argument("--source", default=str(DEFAULT_SOURCE))
+    parser.add_argument("--bundle", default="reference_index")
+    parser.add_argument("--val", type=int, default=1500, help="val materials (a fixed pseudo-random subset)")
+    parser.add_argument("--test", type=int, default=None, help="test materials (default: all)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-chunks", type=int, default=None)
+    parser.add_argument("--labels-only", action="store_true", help="only label every material (mp_labels.json)")
+    parser.add_argument("--evidence", action="store_true", help="compute the evidence of the cached patterns")
+    parser.add_argument("--subsets", default="111", help="view subsets for the evidence, e.g. 111,100,010,001")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.evidence:
+        from xtalsym.bundle import load_bundle
+        from xtalsym.offline.evaluate import build_config_from
+
+        bundle = load_bundle(args.bundle)
+        geometry = build_config_from({"dataset_config": bundle.settings["dataset_config"]}).geometry
+        subsets = [tuple(c == "1" for c in key) for key in args.subsets.split(",")]
+        path = build_evidence(args.out, q_per_pixel=geometry.q_per_pixel, workers=args.workers, subsets=subsets)
+        log.info("evidence written to %s", path)
+        return 0
+    if args.labels_only:
+        labels = label_all(args.source, Path(args.out) / "mp_labels.json")
+        log.info("%d materials labelled", len(labels))
+        return 0
+    build(args.out, source=args.source, bundle_path=args.bundle, val=args.val, test=args.test,
+          workers=args.workers, max_jobs=args.max_chunks)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
