@@ -179,7 +179,11 @@ def main() -> None:
     ap.add_argument("--d-min", default="", help="comma list of d_min in Å for the coverage table, e.g. 1.46,1.0,0.7")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show-wrong", action="store_true", help="list the wrong decisions")
+    ap.add_argument("--speed", action="store_true", help="only time analyse_frame on the shipped structures (z, 20x)")
     args = ap.parse_args()
+    if args.speed:
+        speed()
+        return
 
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
     sets = {}
@@ -224,6 +228,26 @@ def main() -> None:
             v = np.array(values) * 1e3
             print(f"\n{key}: median {np.median(v):.2f} ms CPU, p90 {np.percentile(v, 90):.2f} ms "
                   f"({len(v)} calls, one thread; load average {load[0]:.1f} on {os.cpu_count()} cores)")
+
+
+def speed(repeats: int = 20) -> None:
+    """CPU ms per analyse_frame call on each shipped structure's z pattern, and the load."""
+    geometry = simulate.Geometry()
+    ref = np.random.default_rng(0).random((256, 256))
+    t0 = time.process_time()
+    for _ in range(1000):
+        ref.sum()
+    print(f"reference: numpy sum over 256x256 float64 {1e3 * (time.process_time() - t0):.1f} us; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'structure':<10} {'ms/frame':>9} {'spots':>6}")
+    for path in sorted(structures.shipped_structures_dir().glob("*.cif")):
+        lab = structures.load_structure(path)
+        p = simulate.simulate_pattern(lab.structure, "z", geometry=geometry, **simulate.DATASET_OPTIONS)
+        analyse_frame(p, axis="z", q_per_pixel=geometry.q_per_pixel)
+        t0 = time.process_time()
+        for _ in range(repeats):
+            ev = analyse_frame(p, axis="z", q_per_pixel=geometry.q_per_pixel)
+        print(f"{path.stem:<10} {1e3 * (time.process_time() - t0) / repeats:>9.2f} {ev.n_spots:>6}")
 
 
 def _level(options: dict) -> str:
