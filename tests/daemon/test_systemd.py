@@ -127,11 +127,18 @@ class StallingBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def run(self, x, present=None):
+    def _maybe_stall(self) -> None:
         if self.stall.is_set():
             self.stalled.set()
             self.release.wait(60)
+
+    def run(self, x, present=None):
+        self._maybe_stall()
         return self.inner.run(x, present)
+
+    def run_views(self, views, axes):  # the daemon's default path: each view once through the per-view graph
+        self._maybe_stall()
+        return self.inner.run_views(views, axes)
 
 
 def test_a_stalled_inference_loop_stops_the_watchdog_pings(systemd_side):
