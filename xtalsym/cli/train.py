@@ -199,7 +199,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             row = {"material_id": labelled.material_id, "true_space_group": labelled.space_group, "top": top}
             if found is not None:
                 row["evidence"] = found.to_json()
-            print(json.dumps(row, indent=1) if len(results) == 1 else json.dumps(row))
+            print(json.dumps(row))  # JSON lines: one object per structure
             continue
         known = "" if labelled.space_group in loaded.classes else " - not one of the model's classes"
         print(
@@ -237,7 +237,7 @@ def print_fused(labelled, result, classes, *, as_json: bool) -> None:
             "prediction": prediction.to_json(),
             "evidence": evidence.to_json() if evidence is not None else None,
         }
-        print(json.dumps(payload, indent=1))
+        print(json.dumps(payload))  # JSON lines: one object per structure
         return
     known = "" if labelled.space_group in classes else " - not one of the model's classes"
     print(
