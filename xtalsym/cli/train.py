@@ -128,7 +128,7 @@ def _register_evaluate(commands: argparse._SubParsersAction) -> None:
     pr.add_argument(
         "--json",
         action="store_true",
-        help="print JSON: one object for one structure, one line per structure for several",
+        help="print JSON lines: one object per structure, one line each",
     )
     pr.add_argument(
         "--no-evidence",
