@@ -186,7 +186,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 axes=ev.axes_list(args.axes),
                 use_evidence=not args.no_evidence,
             )
-            if n:
+            if n and not args.json:  # JSON lines: no blank line between objects
                 print()
             print_fused(labelled, result, loaded.classes, as_json=args.json)
             continue
