@@ -511,21 +511,16 @@ def _build_int8(tmp: Path, classes: list[int], *, calibration, samples, method, 
     return info
 
 
-def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
-    """Put (or replace) the reference index of an existing bundle and re-write its manifest.
-
-    The bundle is verified first; the new bundle is assembled beside it and swapped in.
-    """
-    root = Path(bundle)
-    manifest = verify_bundle(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.add-index-", dir=root.parent))
+def _rewrite_bundle(root: Path, manifest: dict, *, job: str, change) -> Path:
+    """Copy the bundle beside itself, let ``change(tmp, base)`` edit the copy and the manifest's
+    base (everything but files/format/version/model_id), re-write the manifest, verify the copy,
+    keep the engine cache and swap it in; on any failure the original stays as it was."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{job}-", dir=root.parent))
     try:
         shutil.rmtree(tmp)
         shutil.copytree(root, tmp, ignore=shutil.ignore_patterns(CACHE_DIR, MANIFEST), symlinks=False)
-        shutil.rmtree(tmp / INDEX_DIR, ignore_errors=True)
-        _copy_index(Path(index_dir), tmp / INDEX_DIR, manifest["model_id"])
         base = {k: v for k, v in manifest.items() if k not in ("files", "format", "xtalsym_version", "model_id")}
-        base["index"] = {"dir": INDEX_DIR, "model_id": manifest["model_id"]}
+        change(tmp, base)
         _write_manifest(tmp, base)
         verify_bundle(tmp)
         cache = root / CACHE_DIR
@@ -536,6 +531,22 @@ def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def add_index(bundle: str | os.PathLike, index_dir: str | os.PathLike) -> Path:
+    """Put (or replace) the reference index of an existing bundle and re-write its manifest.
+
+    The bundle is verified first; the new bundle is assembled beside it and swapped in.
+    """
+    root = Path(bundle)
+    manifest = verify_bundle(root)
+
+    def change(tmp: Path, base: dict) -> None:
+        shutil.rmtree(tmp / INDEX_DIR, ignore_errors=True)
+        _copy_index(Path(index_dir), tmp / INDEX_DIR, manifest["model_id"])
+        base["index"] = {"dir": INDEX_DIR, "model_id": manifest["model_id"]}
+
+    return _rewrite_bundle(root, manifest, job="add-index", change=change)
 
 
 def add_fusion(bundle: str | os.PathLike, params_file: str | os.PathLike) -> Path:
@@ -550,24 +561,13 @@ def add_fusion(bundle: str | os.PathLike, params_file: str | os.PathLike) -> Pat
     if not params_file.is_file():
         raise BundleError(f"fusion parameters {params_file} do not exist")
     info = _check_fusion(params_file, manifest.get("classes"), f"fusion parameters {params_file}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.add-fusion-", dir=root.parent))
-    try:
-        shutil.rmtree(tmp)
-        shutil.copytree(root, tmp, ignore=shutil.ignore_patterns(CACHE_DIR, MANIFEST), symlinks=False)
+
+    def change(tmp: Path, base: dict) -> None:
         shutil.copyfile(params_file, tmp / FUSION_FILE)
         _card_fusion_section(tmp, json.loads(params_file.read_text()).get("fitted", {}))
-        base = {k: v for k, v in manifest.items() if k not in ("files", "format", "xtalsym_version", "model_id")}
         base["fusion"] = info
-        _write_manifest(tmp, base)
-        verify_bundle(tmp)
-        cache = root / CACHE_DIR
-        if cache.is_dir():
-            shutil.copytree(cache, tmp / CACHE_DIR)
-        _swap_in(tmp, root, overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return _rewrite_bundle(root, manifest, job="add-fusion", change=change)
 
 
 FUSION_CARD_HEADING = "## Fusion over 230 space groups"
