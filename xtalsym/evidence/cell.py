@@ -217,8 +217,17 @@ def _idealise(metric: str, p: np.ndarray) -> tuple[np.ndarray, float, np.ndarray
     return ideal, 0.0, ideal != p
 
 
-def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
-    """The conventional cell of ``metric`` from the zones that are true zones of that class."""
+def fit_metrics(zones: dict[str, ZoneVectors]) -> dict[str, MetricFit]:
+    """:func:`fit_metric` for every metric class; classes using the same zones share one 3D lattice
+    search (orthorhombic to cubic all use x, y, z)."""
+    shared: dict = {}
+    return {m: fit_metric(m, zones, _lattices=shared) for m in METRIC_CLASSES}
+
+
+def fit_metric(metric: str, zones: dict[str, ZoneVectors], *, _lattices: dict | None = None) -> MetricFit:
+    """The conventional cell of ``metric`` from the zones that are true zones of that class.
+
+    ``_lattices``: a dict shared between calls on the same zones, caching the 3D lattice per zone set."""
     used = tuple(a for a in TRUE_ZONES[metric] if a in zones)
     if metric == "triclinic" or len(used) < 2:
         why = ("a triclinic cell has one zone axis among x, y, z" if metric == "triclinic"
@@ -233,7 +242,12 @@ def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
             tol.append(INDEX_TOLERANCE_PX * zv.q_per_pixel)
             sig.append(max(zv.sigma, POSITION_SIGMA_FLOOR_PX * zv.q_per_pixel))
     vectors, tol, sig = np.array(rows), np.array(tol), np.array(sig)
-    found = _lattice_3d(vectors, tol)
+    if _lattices is None:
+        found = _lattice_3d(vectors, tol)
+    else:
+        if used not in _lattices:
+            _lattices[used] = _lattice_3d(vectors, tol)
+        found = _lattices[used]
     if found is None:
         return MetricFit(metric, False, f"zones {', '.join(used)} share no 3D lattice", zones=used)
     basis, resid = found

@@ -58,6 +58,18 @@ def log_below_absent(threshold: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return log_ndtr(np.asarray(threshold, float) / np.asarray(sigma, float))
 
 
+def log_below_ratio(threshold: np.ndarray, sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """log_below_allowed − log_below_absent (the score of a node without a spot), the shared
+    log Φ(T/σ) computed once: the same numbers as the two calls, in about 2/3 of the time."""
+    t, s, sc = np.broadcast_arrays(np.asarray(threshold, float), np.asarray(sigma, float),
+                                   np.maximum(np.asarray(scale, float), 1e-300))
+    lam = 1.0 / sc
+    a = log_ndtr(t / s)
+    b = 0.5 * (s * lam) ** 2 - t * lam + log_ndtr(t / s - s * lam)
+    diff = np.clip(b - a, None, -1e-12)
+    return (a + np.log1p(-np.exp(diff))) - a
+
+
 def pair_llr(i1: np.ndarray, s1: np.ndarray, i2: np.ndarray, s2: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """log p(pair | equal intensities) − log p(pair | independent), per pair."""
     d = np.asarray(i1) - np.asarray(i2)

@@ -84,6 +84,70 @@ class AbsenceRules:
         return (self.plane, self.line)
 
 
+def _denominator(x: float, limit: int = 48) -> int:
+    """Smallest d <= limit with d·x an integer (phases are multiples of 1/2, 1/3, 1/4, 1/6, 1/8)."""
+    for d in range(1, limit + 1):
+        if abs(x * d - round(x * d)) <= 1e-6:
+            return d
+    raise ValueError(f"phase {x!r} is no fraction with denominator <= {limit}")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Many groups' absence rules in one zone plane, evaluated together (the same masks as each
+    :meth:`AbsenceRules.absent`, in a few vector operations for any number of rules).
+
+    With every phase a multiple of 1/D, a plane rule depends only on (m mod D, n mod D): one
+    lookup row per rule. Line rules are few: one mask per distinct (direction, phase).
+    """
+
+    rules: tuple[AbsenceRules, ...]
+    modulus: int
+    plane_table: np.ndarray  # (R, D·D) bool: absent by the plane rules, index (m mod D)·D + n mod D
+    lines: tuple[tuple[int, int, int], ...]  # (m0, n0, P): phase P/D per step along (m0, n0)
+    line_members: np.ndarray  # (L, R) bool: rule r has line rule l
+
+    @classmethod
+    def build(cls, rules) -> "RuleSet":
+        rules = tuple(rules)
+        phases = [x for r in rules for pu, pv in r.plane for x in (pu, pv)] + [p for r in rules for *_, p in r.line]
+        modulus = math.lcm(1, *(_denominator(x) for x in phases))
+        d = modulus
+        i, j = np.divmod(np.arange(d * d), d)
+        table = np.zeros((len(rules), d * d), bool)
+        lines: dict[tuple[int, int, int], int] = {}
+        members: list[tuple[int, int]] = []
+        for k, r in enumerate(rules):
+            for pu, pv in r.plane:
+                table[k] |= (i * round(pu * d) + j * round(pv * d)) % d != 0
+            for m0, n0, p in r.line:
+                key = (m0, n0, round(p * d) % d)
+                members.append((lines.setdefault(key, len(lines)), k))
+        line_members = np.zeros((len(lines), len(rules)), bool)
+        for l, k in members:
+            line_members[l, k] = True
+        table.setflags(write=False)
+        line_members.setflags(write=False)
+        return cls(rules, modulus, table, tuple(lines), line_members)
+
+    def absent(self, m: np.ndarray, n: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+        """(R, N) masks: rule ``which[r]`` (default: every rule) at nodes (m, n)."""
+        m = np.asarray(m, np.int64)
+        n = np.asarray(n, np.int64)
+        which = np.arange(len(self.rules)) if which is None else np.asarray(which, np.int64)
+        d = self.modulus
+        out = self.plane_table[which][:, (m % d) * d + n % d]
+        for l, (m0, n0, p) in enumerate(self.lines):
+            rows = self.line_members[l, which]
+            if not rows.any():
+                continue
+            k = m // m0 if m0 != 0 else n // n0
+            hit = ((m * n0 - n * m0) == 0) & ((k * p) % d != 0)
+            out[rows] |= hit
+        out &= (m != 0) | (n != 0)
+        return out
+
+
 def _frac(x: float) -> float:
     return round(x - math.floor(x), 9) % 1.0
 
