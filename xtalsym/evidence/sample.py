@@ -170,15 +170,23 @@ MAX_NODE_SPAN = 200  # |m|, |n| bound of the node enumeration (a lattice finer t
 
 
 @dataclass(frozen=True)
-class _NodeSet:
-    """The nodes of one lattice inside a zone's annulus (m-major, n ascending) and their scores."""
+class _NodeSets:
+    """The nodes of several lattices inside a zone's annulus, lattice after lattice (each m-major,
+    n ascending), and their scores; lattice j is ``[bounds[j]:bounds[j + 1]]``."""
 
     m: np.ndarray
     n: np.ndarray
     score: np.ndarray  # if allowed, relative to "nothing there"; an absent node scores 0
+    bounds: np.ndarray  # (k + 1,)
+
+    def allowed_sum(self, lattice: int, allowed: np.ndarray) -> float:
+        """Summed score of lattice ``lattice``'s nodes where ``allowed`` (N,) holds: numpy's own
+        pairwise sum of the compressed scores, so equal node sets give bit-identical sums."""
+        a, b = self.bounds[lattice], self.bounds[lattice + 1]
+        return float(self.score[a:b][allowed[a:b]].sum())
 
 
-def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> list[_NodeSet]:
+def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
     """Score the nodes of several 2D lattices (each (2, 2), rows u, v in px) of one zone together.
 
     Per lattice: the nodes (m, n) with |m|, |n| <= its span and m·u + n·v inside the annulus, each
@@ -187,8 +195,6 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> list[_NodeSet]:
     more than the arithmetic). The nodes of a lattice are those of the square |m|, |n| <= span, so
     the enumeration per row m covers only the disc's chord (plus one node each side)."""
     k = len(bases_px)
-    if k == 0:
-        return []
     bases = np.stack(bases_px)
     binv = np.linalg.inv(bases)
     spans = np.minimum(np.ceil(zd.r_max * np.abs(binv).sum(axis=1).max(axis=1)).astype(np.int64) + 1, MAX_NODE_SPAN)
@@ -235,8 +241,7 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> list[_NodeSet]:
                 best = np.full(len(nodes), -np.inf)
                 np.maximum.at(best, at[hit], zd.spot_llr[spot[hit]])  # the brightest spot of a node
                 score = np.where(np.isfinite(best), best, score)
-    bounds = np.searchsorted(node_set, np.arange(k + 1))
-    return [_NodeSet(nodes[a:b, 0], nodes[a:b, 1], score[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return _NodeSets(nodes[:, 0], nodes[:, 1], score, np.searchsorted(node_set, np.arange(k + 1)))
 
 
 @functools.cache
@@ -369,6 +374,9 @@ class _Batch:
     metric: str
     divisors: tuple[int, int, int]
     index: np.ndarray  # group − 1
+    rule_index: dict  # zone -> (len(index),) index into _Tables.rule_sets[zone].rules
+    ops_index: dict  # zone -> (len(index),) index into _Tables.ops[zone]
+    rules_unique: dict  # zone -> (distinct rule indices, each group's position among them)
 
 
 @dataclass(frozen=True)
@@ -412,7 +420,6 @@ def _build_tables(table: list[_GroupInfo]) -> _Tables:
     keys: dict[tuple[str, tuple], list[int]] = {}
     for info in table:  # batches in order of first appearance, groups ascending within each
         keys.setdefault((info.metric, info.divisors), []).append(info.group - 1)
-    batches = tuple(_Batch(m, d, np.array(ix, np.int64)) for (m, d), ix in keys.items())
     rule_sets, rule_index, ops, ops_index = {}, {}, {}, {}
     for a in symmetry.ZONES:
         distinct = {info.rules[a].key: info.rules[a] for info in table}
@@ -423,6 +430,10 @@ def _build_tables(table: list[_GroupInfo]) -> _Tables:
         where = {o: i for i, o in enumerate(distinct_ops)}
         ops[a] = tuple(distinct_ops)
         ops_index[a] = np.array([where[info.ops[a]] for info in table], np.int64)
+    batches = tuple(_Batch(m, d, np.array(ix, np.int64), rule_index={a: rule_index[a][ix] for a in symmetry.ZONES},
+                           ops_index={a: ops_index[a][ix] for a in symmetry.ZONES},
+                           rules_unique={a: np.unique(rule_index[a][ix], return_inverse=True) for a in symmetry.ZONES})
+                    for (m, d), ix in keys.items())
     systems = np.array(_SYSTEM_LABELS)
     bravais = np.array(_bravais_labels())
     return _Tables(batches=batches, rule_sets=rule_sets, rule_index=rule_index, ops=ops, ops_index=ops_index,
@@ -480,8 +491,9 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             choices.append(slots)
         plan.append((batch, fit, (true_zones, choices)))
     node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
-    own = {a: float(sets[0].score.sum()) for a, sets in node_sets.items()}
-    sym_cache: dict[tuple[str, int], float] = {}
+    own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
+    allowed = {a: ~tables.rule_sets[a].absent(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
+    sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
     for batch, fit, scored in plan:
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice
@@ -489,30 +501,22 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             continue
         true_zones, choices = scored
         other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
-        sym = 0.0
+        sym_term = 0.0
         for a in true_zones:
-            which = tables.ops_index[a][index]
-            values = np.empty(len(tables.ops[a]))
-            for k in np.unique(which):
-                key = (a, int(k))
-                if key not in sym_cache:
-                    sym_cache[key] = _symmetry_term(prepared[a].frame, tables.ops[a][k])
-                values[k] = sym_cache[key]
-            sym = sym + values[which]
+            sym_term = sym_term + sym[a][batch.ops_index[a]]
         best = np.full(len(index), -np.inf)
         for slots in choices:
             total = np.zeros(len(index))
             for a in true_zones:
                 if a not in slots:  # rank < 2: not a zone plane of this class
                     total = total + own[a]
-                    continue
-                ns = node_sets[a][slots[a]]
-                rules, pick = np.unique(tables.rule_index[a][index], return_inverse=True)
-                absent = tables.rule_sets[a].absent(ns.m, ns.n, rules)
-                sums = np.array([float(ns.score[~row].sum()) for row in absent])
-                total = total + sums[pick]
+                else:
+                    rules, pick = batch.rules_unique[a]
+                    ns, ok = node_sets[a], allowed[a]
+                    sums = np.array([ns.allowed_sum(slots[a], ok[r]) for r in rules])
+                    total = total + sums[pick]
             best = np.maximum(best, total)
-        out[index] = fit.loglik + best + other + sym
+        out[index] = fit.loglik + best + other + sym_term
         for i in index:
             scales[i] = batch.divisors
     return out, scales

@@ -95,55 +95,55 @@ def _denominator(x: float, limit: int = 48) -> int:
 @dataclass(frozen=True)
 class RuleSet:
     """Many groups' absence rules in one zone plane, evaluated together (the same masks as each
-    :meth:`AbsenceRules.absent`, in a few vector operations for any number of rules).
+    :meth:`AbsenceRules.absent`, in a few vector operations for any number of rules and nodes).
 
     With every phase a multiple of 1/D, a plane rule depends only on (m mod D, n mod D): one
-    lookup row per rule. Line rules are few: one mask per distinct (direction, phase).
+    lookup row per rule. A line rule concerns the nodes k·(m0, n0) of one line through the origin
+    and depends on k mod D: a second lookup on (line, k mod D); a node off every line uses the
+    extra line slot, which is never absent.
     """
 
     rules: tuple[AbsenceRules, ...]
     modulus: int
-    plane_table: np.ndarray  # (R, D·D) bool: absent by the plane rules, index (m mod D)·D + n mod D
-    lines: tuple[tuple[int, int, int], ...]  # (m0, n0, P): phase P/D per step along (m0, n0)
-    line_members: np.ndarray  # (L, R) bool: rule r has line rule l
+    plane_table: np.ndarray  # (R, D·D) bool: absent by the plane rules at (m mod D)·D + n mod D
+    directions: tuple[tuple[int, int], ...]  # the lines (m0, n0) any rule names
+    line_table: np.ndarray  # (R, (L + 1)·D) bool: absent by the line rules at line·D + k mod D
 
     @classmethod
     def build(cls, rules) -> "RuleSet":
         rules = tuple(rules)
         phases = [x for r in rules for pu, pv in r.plane for x in (pu, pv)] + [p for r in rules for *_, p in r.line]
-        modulus = math.lcm(1, *(_denominator(x) for x in phases))
-        d = modulus
+        d = math.lcm(1, *(_denominator(x) for x in phases))
+        directions = tuple(sorted({(m0, n0) for r in rules for m0, n0, _ in r.line}))
         i, j = np.divmod(np.arange(d * d), d)
-        table = np.zeros((len(rules), d * d), bool)
-        lines: dict[tuple[int, int, int], int] = {}
-        members: list[tuple[int, int]] = []
-        for k, r in enumerate(rules):
+        k = np.arange(d)
+        plane = np.zeros((len(rules), d * d), bool)
+        line = np.zeros((len(rules), len(directions) + 1, d), bool)
+        for row, r in enumerate(rules):
             for pu, pv in r.plane:
-                table[k] |= (i * round(pu * d) + j * round(pv * d)) % d != 0
+                plane[row] |= (i * round(pu * d) + j * round(pv * d)) % d != 0
             for m0, n0, p in r.line:
-                key = (m0, n0, round(p * d) % d)
-                members.append((lines.setdefault(key, len(lines)), k))
-        line_members = np.zeros((len(lines), len(rules)), bool)
-        for l, k in members:
-            line_members[l, k] = True
-        table.setflags(write=False)
-        line_members.setflags(write=False)
-        return cls(rules, modulus, table, tuple(lines), line_members)
+                line[row, directions.index((m0, n0))] |= (k * round(p * d)) % d != 0
+        line = line.reshape(len(rules), -1)
+        plane.setflags(write=False)
+        line.setflags(write=False)
+        return cls(rules, d, plane, directions, line)
 
     def absent(self, m: np.ndarray, n: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
         """(R, N) masks: rule ``which[r]`` (default: every rule) at nodes (m, n)."""
         m = np.asarray(m, np.int64)
         n = np.asarray(n, np.int64)
-        which = np.arange(len(self.rules)) if which is None else np.asarray(which, np.int64)
         d = self.modulus
-        out = self.plane_table[which][:, (m % d) * d + n % d]
-        for l, (m0, n0, p) in enumerate(self.lines):
-            rows = self.line_members[l, which]
-            if not rows.any():
-                continue
-            k = m // m0 if m0 != 0 else n // n0
-            hit = ((m * n0 - n * m0) == 0) & ((k * p) % d != 0)
-            out[rows] |= hit
+        lid = np.full(m.shape, len(self.directions), np.int64)
+        k = np.zeros(m.shape, np.int64)
+        for slot, (m0, n0) in enumerate(self.directions):
+            on = (m * n0 - n * m0) == 0
+            lid[on] = slot
+            k[on] = (m[on] // m0) if m0 != 0 else (n[on] // n0)
+        plane, line = self.plane_table, self.line_table
+        if which is not None:
+            plane, line = plane[which], line[which]
+        out = plane[:, (m % d) * d + n % d] | line[:, lid * d + k % d]
         out &= (m != 0) | (n != 0)
         return out
 
