@@ -222,7 +222,10 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
     r = np.hypot(pos[:, 0], pos[:, 1])
     keep = (r >= zd.r_min) & (r <= zd.r_max)
     node_set, nodes, r = node_set[keep], nodes[keep], r[keep]
-    score = zd.empty_llr_fn(r * zd.frame.q_per_pixel)
+    # the empty-node score depends on |q| alone, and Friedel pairs and the nodes the lattices share
+    # have bit-identical radii: score each distinct radius once
+    radii, back = np.unique(r, return_inverse=True)
+    score = zd.empty_llr_fn(radii * zd.frame.q_per_pixel)[back]
     if len(zd.points) and len(nodes):
         frac = zd.points[None] @ binv  # (k, K, 2)
         idx = np.rint(frac).astype(np.int64)
