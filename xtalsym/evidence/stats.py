@@ -24,6 +24,21 @@ PAIR_OUTLIER = 0.05
 _LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
 
 
+def median(values: np.ndarray) -> float:
+    """The median of finite values, the same number as ``np.median`` (the middle order statistic, or
+    the mean of the two middle ones), by one partition: np.median also partitions for a NaN check
+    and goes through ``mean``, which costs as much again on a frame's 45 000 pixels."""
+    v = np.asarray(values, float).ravel()
+    n = v.size
+    if n == 0:
+        return float("nan")
+    k = n // 2
+    if n % 2:
+        return float(np.partition(v, k)[k])
+    part = np.partition(v, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
+
+
 def total_sigma(sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.sqrt(np.asarray(sigma) ** 2 + (SYSTEMATIC * np.asarray(scale)) ** 2) + 1e-300
 
