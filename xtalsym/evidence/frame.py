@@ -133,11 +133,13 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         return _undecided(axis, q_per_pixel, f"frame has non-numeric dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
+    if not math.isfinite(float(arr.sum())):  # one pass; finite values can still overflow the sum
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
     if counts is None:
-        counts = bool(np.all(arr == np.rint(arr)))
+        sample = arr.ravel()[::97]  # a float frame shows non-integers at once; counts need the full check
+        counts = bool(np.all(sample == np.rint(sample))) and bool(np.all(arr == np.rint(arr)))
     cy, cx = (arr.shape[0] - 1) / 2, (arr.shape[1] - 1) / 2
     r_edge = min(cx, cy) - EDGE_MARGIN_PX
     r_max = r_edge if d_min_angstrom is None else min(r_edge, 1.0 / (d_min_angstrom * q_per_pixel))
