@@ -11,6 +11,7 @@ Units here are pixels; :mod:`xtalsym.evidence.frame` converts to Å⁻¹.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     cand = _candidates(top)
     if len(cand) < 2:
         return None
-    i, j = np.triu_indices(len(cand), 1)
+    i, j = _pairs(len(cand))
     a, b = cand[i], cand[j]
     det = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
     area_ok = np.abs(det) >= MIN_VECTOR_PX**2
@@ -154,6 +155,34 @@ def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattic
     sigma = scatter / math.sqrt(2) * np.sqrt(np.clip(np.diag(cov), 0, None))[:, None] * np.ones((1, 2))
     rms = float(np.sqrt(np.mean(resid[use] ** 2))) if use.any() else float("nan")
     return Lattice2D(basis_px=basis, sigma_px=sigma, indices=idx, indexed=use, residual_px=resid, rms_px=rms)
+
+
+def disc_nodes(basis: np.ndarray, r_max: float, span: int) -> np.ndarray:
+    """(N, 2) nodes (m, n), |m|, |n| <= span, m-major and n ascending, covering every node with
+    |m·u + n·v| <= r_max (plus up to two per row m beyond it: callers filter exactly). The same
+    nodes in the same order as filtering the (2·span + 1)² square, without building it."""
+    u, v = np.asarray(basis, float)
+    uu, vv, uv = float(u @ u), float(v @ v), float(u @ v)
+    det2 = max(uu * vv - uv * uv, 1e-300)
+    m_max = min(span, int(math.floor(r_max * math.sqrt(vv / det2))) + 1)
+    m = np.arange(-m_max, m_max + 1)
+    half = np.sqrt(np.maximum(vv * r_max * r_max - m * m * det2, 0.0)) / vv
+    centre = -m * (uv / vv)
+    lo = np.maximum(np.floor(centre - half).astype(np.int64) - 1, -span)
+    hi = np.minimum(np.ceil(centre + half).astype(np.int64) + 1, span)
+    count = np.maximum(hi - lo + 1, 0)
+    starts = np.cumsum(count) - count
+    mm = np.repeat(m, count)
+    nn = np.arange(int(count.sum())) - np.repeat(starts - lo, count)
+    return np.stack([mm, nn], 1)
+
+
+@functools.lru_cache(maxsize=128)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    i, j = np.triu_indices(n, 1)
+    i.setflags(write=False)
+    j.setflags(write=False)
+    return i, j
 
 
 _ALL = np.array(list(np.ndindex(3, 3, 3, 3))).reshape(-1, 2, 2) - 1
