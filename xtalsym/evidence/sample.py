@@ -179,12 +179,6 @@ class _NodeSets:
     score: np.ndarray  # if allowed, relative to "nothing there"; an absent node scores 0
     bounds: np.ndarray  # (k + 1,)
 
-    def allowed_sum(self, lattice: int, allowed: np.ndarray) -> float:
-        """Summed score of lattice ``lattice``'s nodes where ``allowed`` (N,) holds: numpy's own
-        pairwise sum of the compressed scores, so equal node sets give bit-identical sums."""
-        a, b = self.bounds[lattice], self.bounds[lattice + 1]
-        return float(self.score[a:b][allowed[a:b]].sum())
-
 
 def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
     """Score the nodes of several 2D lattices (each (2, 2), rows u, v in px) of one zone together.
@@ -495,7 +489,7 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         plan.append((batch, fit, (true_zones, choices)))
     node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
-    allowed = {a: ~tables.rule_sets[a].absent(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
+    codes = {a: tables.rule_sets[a].codes(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
     sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
     for batch, fit, scored in plan:
         index = batch.index
@@ -515,8 +509,11 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                     total = total + own[a]
                 else:
                     rules, pick = batch.rules_unique[a]
-                    ns, ok = node_sets[a], allowed[a]
-                    sums = np.array([ns.allowed_sum(slots[a], ok[r]) for r in rules])
+                    ns, j = node_sets[a], slots[a]
+                    lo, hi = ns.bounds[j], ns.bounds[j + 1]
+                    absent = tables.rule_sets[a].absent_at((codes[a][0][lo:hi], codes[a][1][lo:hi]), rules)
+                    score = ns.score[lo:hi]
+                    sums = np.array([float(score[~row].sum()) for row in absent])
                     total = total + sums[pick]
             best = np.maximum(best, total)
         out[index] = fit.loglik + best + other + sym_term

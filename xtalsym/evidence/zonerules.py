@@ -129,8 +129,8 @@ class RuleSet:
         line.setflags(write=False)
         return cls(rules, d, plane, directions, line)
 
-    def absent(self, m: np.ndarray, n: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
-        """(R, N) masks: rule ``which[r]`` (default: every rule) at nodes (m, n)."""
+    def codes(self, m: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per node its column in :attr:`plane_table` and in :attr:`line_table`: all a rule needs."""
         m = np.asarray(m, np.int64)
         n = np.asarray(n, np.int64)
         d = self.modulus
@@ -140,12 +140,20 @@ class RuleSet:
             on = (m * n0 - n * m0) == 0
             lid[on] = slot
             k[on] = (m[on] // m0) if m0 != 0 else (n[on] // n0)
-        plane, line = self.plane_table, self.line_table
-        if which is not None:
-            plane, line = plane[which], line[which]
-        out = plane[:, (m % d) * d + n % d] | line[:, lid * d + k % d]
-        out &= (m != 0) | (n != 0)
-        return out
+        return (m % d) * d + n % d, lid * d + k % d
+
+    def absent_at(self, codes: tuple[np.ndarray, np.ndarray], which: np.ndarray) -> np.ndarray:
+        """(R, N) masks of rules ``which`` at nodes given by :meth:`codes` (the origin, whose codes
+        are 0 and a line's k = 0, is never absent)."""
+        plane_key, line_key = codes
+        return self.plane_table[which][:, plane_key] | self.line_table[which][:, line_key]
+
+    def absent(self, m: np.ndarray, n: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+        """(R, N) masks: rule ``which[r]`` (default: every rule) at nodes (m, n)."""
+        m = np.asarray(m, np.int64)
+        n = np.asarray(n, np.int64)
+        which = np.arange(len(self.rules)) if which is None else np.asarray(which, np.int64)
+        return self.absent_at(self.codes(m, n), which) & ((m != 0) | (n != 0))
 
 
 def _frac(x: float) -> float:
