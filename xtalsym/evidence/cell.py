@@ -14,6 +14,7 @@ likelihoods try the cell multiples each group would show (:mod:`.sample`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xtalsym import symmetry
+from xtalsym.evidence import stats
 
 METRIC_CLASSES = symmetry.METRIC_CLASSES
 TRUE_ZONES = {"triclinic": ("x",), "monoclinic": ("x", "y"), "orthorhombic": ("x", "y", "z"),
@@ -93,15 +95,22 @@ class MetricFit:
         return symmetry.vesta_lattice(a * scale[0], b * scale[1], c * scale[2], al, be, ga)
 
 
+@functools.lru_cache(maxsize=16)
+def _triples(n: int) -> np.ndarray:
+    out = np.array(list(itertools.combinations(range(n), 3)))
+    out.setflags(write=False)
+    return out
+
+
 def _lattice_3d(vectors: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Coarsest reciprocal basis B (rows) with vectors ≈ idx @ B, idx integer; (B, residuals)."""
     n = len(vectors)
     if n < 3:
         return None
-    triples = np.array(list(itertools.combinations(range(n), 3)))
+    triples = _triples(n)
     bases = vectors[triples]  # (T, 3, 3)
     det = np.linalg.det(bases)
-    scale = float(np.median(np.linalg.norm(vectors, axis=1))) ** 3
+    scale = stats.median(np.linalg.norm(vectors, axis=1)) ** 3
     ok = np.abs(det) > 1e-3 * scale
     if not ok.any():
         return None

@@ -156,7 +156,7 @@ def _prepare(ev: FrameEvidence) -> _ZoneData:
     base = np.logaddexp(math.log1p(-SPURIOUS_SPOT) + stats.log_absent(ev.spots_intensity, sig),
                         math.log(SPURIOUS_SPOT) + allowed)
     spot_llr = allowed - base
-    noise = float(np.median(ev.nodes_sigma)) if len(ev.nodes_sigma) else 0.0
+    noise = stats.median(ev.nodes_sigma) if len(ev.nodes_sigma) else 0.0
     threshold = ev.threshold
 
     def empty_llr(q_nodes: np.ndarray) -> np.ndarray:
