@@ -116,6 +116,36 @@ def _finals_seen(port: int) -> float:
     return total
 
 
+def daemon_accounting(port: int) -> dict:
+    """What the daemon has done with the messages so far, from its /metrics: messages received,
+    frames rejected by reason, and what is still inside it (frames in the workers, results not
+    assembled, open samples, requests waiting for a batch). Empty when /metrics does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    out: dict = {"received": 0.0, "rejected": {}, "inside": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "xtalsym_frames_received" and sample.name.endswith("_total"):
+                out["received"] += sample.value
+            elif family.name == "xtalsym_frames_rejected" and sample.name.endswith("_total"):
+                out["rejected"][sample.labels.get("reason", "?")] = sample.value
+            elif family.name == "xtalsym_queue_depth":
+                out["inside"][sample.labels.get("queue", "?")] = sample.value
+    return out
+
+
+def all_accounted(acc: dict, messages_sent: int) -> bool:
+    """Every message sent has been received and nothing is left inside the daemon: each frame
+    was either published (in a sample) or rejected (counted by reason)."""
+    return bool(acc) and acc["received"] >= messages_sent and not any(acc["inside"].values())
+
+
 def daemon_stage_means(port: int) -> dict:
     """Mean seconds per stage and end to end, from the running daemon's own /metrics histograms."""
     import urllib.request
@@ -206,7 +236,8 @@ def daemon_stage_cpu(port: int) -> dict:
 
 def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, workers: int, view_inference: str,
                precision: str, tmp: Path, backend: str = "onnxruntime", device: str = "cpu",
-               overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0) -> dict:
+               overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0,
+               max_wait_s: float = 900.0) -> dict:
     """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted)."""
     import psutil
 
@@ -231,9 +262,10 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     proc = psutil.Process(serve.pid)
     stop, ready = threading.Event(), threading.Event()
     result: dict = {}
+    # the listener runs until stopped: with a dropping overload policy some samples never get a
+    # final prediction, so the run ends when the daemon has accounted for every message (below)
     t_listen = threading.Thread(target=lambda: result.update(s=listen(
-        f"tcp://127.0.0.1:{pub_port}", final_count=n_images // 3 + n_warm_finals, stop=stop, ready=ready,
-        duration=900)))
+        f"tcp://127.0.0.1:{pub_port}", stop=stop, ready=ready, duration=max_wait_s + 600)))
     t_listen.start()
     ready.wait()
     _wait_ready(metrics_port, serve)
@@ -241,7 +273,10 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
         push.send_multipart(m)
     while warm_messages and t_listen.is_alive() and _finals_seen(metrics_port) < n_warm_finals:
         time.sleep(0.2)
+    while warm_messages and not all_accounted(daemon_accounting(metrics_port), len(warm_messages)):
+        time.sleep(0.5)  # the warm-up series' last partial samples too
     time.sleep(0.5)
+    rejected0 = daemon_accounting(metrics_port).get("rejected", {})
     t0_wall = time.time()
     procs = [proc] + proc.children(recursive=True)
     cpu_of = lambda: sum(p.cpu_times().user + p.cpu_times().system for p in procs)  # noqa: E731
@@ -259,10 +294,21 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
         if i % 20 == 0:
             peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
     t_sent = time.perf_counter() - t0
-    while t_listen.is_alive():
-        t_listen.join(0.5)
+    expected = len(warm_messages) + len(messages)
+    deadline = time.perf_counter() + max_wait_s
+    acc = daemon_accounting(metrics_port)
+    while not all_accounted(acc, expected) and time.perf_counter() < deadline and serve.poll() is None:
+        time.sleep(0.5)  # a scrape costs the daemon CPU: not too often
         peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
+        acc = daemon_accounting(metrics_port)
     wall = time.perf_counter() - t0
+    accounted = all_accounted(acc, expected)
+    if not accounted:
+        print(f"WARNING: after {max_wait_s:.0f} s the daemon had received {acc.get('received', 0):.0f} of "
+              f"{expected} messages and still held {acc.get('inside')}", flush=True)
+    time.sleep(1.5)  # the last predictions and a metrics message reach the listener
+    stop.set()
+    t_listen.join(30)
     cpu1, stage1 = cpu_of(), daemon_stage_cpu(metrics_port)
     views1 = daemon_event(metrics_port, "views_inferred")
     stage_means = daemon_stage_means(metrics_port)
@@ -274,7 +320,10 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     lat = np.array([m["timestamps"]["published"] - m["timestamps"]["received"] for m in measured] or [np.nan])
     return {
         "view_inference": view_inference, "precision": precision, "rate": rate, "frames": n_images,
-        "final": sum(1 for m in measured if m["final"]), "bad": (s.metrics or {}).get("bad_frames"), "send_s": t_sent, "wall_s": wall,
+        "final": sum(1 for m in measured if m["final"]), "send_s": t_sent, "wall_s": wall,
+        "rejected": {k: v - rejected0.get(k, 0.0) for k, v in acc.get("rejected", {}).items()
+                     if v - rejected0.get(k, 0.0) > 0},
+        "accounted": accounted, "complete": sum(1 for m in measured if m["final"] and m.get("status") == "complete"),
         "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
         "cpu_s": cpu1 - cpu0, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
@@ -320,6 +369,8 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/xtalsym/detector-sim"))
     ap.add_argument("--warmup", type=int, default=6, help="frames of a warm-up series sent first (0 = none)")
     ap.add_argument("--overload", default="block", choices=("block", "drop_oldest", "drop_new"))
+    ap.add_argument("--max-wait", type=float, default=900.0,
+                    help="seconds after the last message to wait for the daemon to account for every message")
     ap.add_argument("--load-limit", type=float, default=None,
                     help="1-minute load average above which the wall figures are flagged (default: the core count)")
     args = ap.parse_args()
@@ -369,7 +420,8 @@ def main() -> int:
                 runs.append(run_daemon(bundle=bundle, messages=messages, n_images=n_images, rate=rate,
                                        workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
                                        backend=args.backend, device=args.device, overload=args.overload,
-                                       warm_messages=warm_messages, n_warm_finals=n_warm_finals))
+                                       warm_messages=warm_messages, n_warm_finals=n_warm_finals,
+                                       max_wait_s=args.max_wait))
     cores = os.cpu_count() or 1
     print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
           f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
@@ -386,8 +438,12 @@ def main() -> int:
     row("backend served", lambda r: f"{r['backend']} {r['device']}")
     row("load before → after (uptime)", lambda r: r["load_before"].split("load average:")[-1].strip() + " → "
         + r["load_after"].split("load average:")[-1].strip())
-    row("frames sent / final predictions / bad", lambda r: f"{r['frames']} / {r['final']} / {r['bad'] or 0}")
-    row("sustained frames/s (all final out)", lambda r: f"{r['fps']:.1f}")
+    row("frames sent / final predictions (complete) / rejected", lambda r: f"{r['frames']} / {r['final']} "
+        f"({r['complete']}) / {sum(r['rejected'].values()):.0f}")
+    row("rejected by reason (overload = lost to load)", lambda r: ", ".join(
+        f"{k} {v:.0f}" for k, v in sorted(r["rejected"].items())) or "none")
+    row("every message accounted for", lambda r: "yes" if r["accounted"] else "NO (timed out)")
+    row("frames/s (all accounted for)", lambda r: f"{r['fps']:.1f}")
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
