@@ -279,8 +279,9 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     rejected0 = daemon_accounting(metrics_port).get("rejected", {})
     t0_wall = time.time()
     procs = [proc] + proc.children(recursive=True)
-    cpu_of = lambda: sum(p.cpu_times().user + p.cpu_times().system for p in procs)  # noqa: E731
+    cpu_of = lambda ps=procs: sum(p.cpu_times().user + p.cpu_times().system for p in ps)  # noqa: E731
     cpu0, stage0 = cpu_of(), daemon_stage_cpu(metrics_port)
+    main_cpu0 = cpu_of([proc])  # the serve process (ingest, inference, publish); the rest are the workers
     views0 = daemon_event(metrics_port, "views_inferred")  # the warm-up series' views before the clock
     peak_rss = 0
     t0 = time.perf_counter()
@@ -310,6 +311,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     stop.set()
     t_listen.join(30)
     cpu1, stage1 = cpu_of(), daemon_stage_cpu(metrics_port)
+    main_cpu = cpu_of([proc]) - main_cpu0
     views1 = daemon_event(metrics_port, "views_inferred")
     stage_means = daemon_stage_means(metrics_port)
     serve.terminate()
@@ -325,7 +327,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
                      if v - rejected0.get(k, 0.0) > 0},
         "accounted": accounted, "complete": sum(1 for m in measured if m["final"] and m.get("status") == "complete"),
         "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
-        "cpu_s": cpu1 - cpu0, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
+        "cpu_s": cpu1 - cpu0, "main_cpu_s": main_cpu, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
         "views_inferred": views1 - views0, "load_before": load_before, "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
@@ -447,6 +449,8 @@ def main() -> int:
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
+    row("... of which the serve process / the workers", lambda r: f"{r['main_cpu_s'] / r['frames'] * 1000:.1f} / "
+        f"{(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms")
     for stage in ("decode", "calibrate_shape", "evidence", "infer", "match"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
     row("wall ms per call: stage means", lambda r: str({k: round(v*1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}))
