@@ -55,8 +55,8 @@ def tiny_bundle(tmp: Path) -> Path:
 
 def stage_costs(sim, n: int = 5) -> dict:
     """Per-frame CPU seconds of decode, calibrate, shape on this machine (one core), as the daemon
-    runs them: the ingest thread's decode (payload left compressed), the worker's decompression,
-    calibration (the series' prepared map) and shaping."""
+    runs them: the ingest thread's decode (payload left compressed), the worker's decompression
+    (straight to the non-zero pixels where it applies), calibration (the series' prepared map) and shaping."""
     from xtalsym import shaping
     from xtalsym.daemon import calibrate as cal
     from xtalsym.daemon.protocols import decode, materialise
@@ -75,8 +75,14 @@ def stage_costs(sim, n: int = 5) -> dict:
         return (time.process_time() - t) / n, out
 
     t_dec, ev = per(lambda: decode("stream_v2", msg, defer_decompression=True))
-    t_unz, frame = per(lambda: materialise(ev.data["threshold_1"]))
-    t_cal, raw = per(lambda: cal.to_uint8(prepared.apply(frame)))
+    lazy = ev.data["threshold_1"]
+    pixels = lazy.nonzero(prepared.usable) if prepared.takes_nonzero else None
+    if pixels is not None:  # as the worker does: a bslz4 frame under an area map, straight to its non-zero pixels
+        t_unz, pixels = per(lambda: lazy.nonzero(prepared.usable))
+        t_cal, raw = per(lambda: cal.to_uint8(prepared.apply_nonzero(*pixels)))
+    else:
+        t_unz, frame = per(lambda: materialise(lazy))
+        t_cal, raw = per(lambda: cal.to_uint8(prepared.apply(frame)))
     t_shape, _ = per(lambda: shaping.shape(raw, "x"))
     return {"decode (ingest thread)": t_dec, "decompress (worker)": t_unz, "calibrate (worker)": t_cal,
             "shape (worker)": t_shape}
@@ -237,7 +243,7 @@ def daemon_stage_cpu(port: int) -> dict:
 def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, workers: int, view_inference: str,
                precision: str, tmp: Path, backend: str = "onnxruntime", device: str = "cpu",
                overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0,
-               max_wait_s: float = 900.0) -> dict:
+               max_wait_s: float = 900.0, evidence: bool = True) -> dict:
     """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted)."""
     import psutil
 
@@ -253,7 +259,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     config.write_text(f'[bundle]\npath = "{bundle}"\nbackend = "{backend}"\ndevice = "{device}"\nprecision = "{precision}"\n'
                       f'[ingest]\naddress = "{frames_ep}"\n'
                       f'[pipeline]\nworkers = {workers}\noverload = "{overload}"\n'  # block: lossless
-                      f'view_inference = "{view_inference}"\n'
+                      f'view_inference = "{view_inference}"\nevidence = {str(evidence).lower()}\n'
                       f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
                       f'[metrics]\nport = {metrics_port}\n')  # a free port, never the default 9855
     load_before = uptime()
@@ -371,6 +377,9 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/xtalsym/detector-sim"))
     ap.add_argument("--warmup", type=int, default=6, help="frames of a warm-up series sent first (0 = none)")
     ap.add_argument("--overload", default="block", choices=("block", "drop_oldest", "drop_new"))
+    ap.add_argument("--evidence", default="on", choices=("on", "off"),
+                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the inference "
+                    "thread combines it); off shows what it costs")
     ap.add_argument("--max-wait", type=float, default=900.0,
                     help="seconds after the last message to wait for the daemon to account for every message")
     ap.add_argument("--load-limit", type=float, default=None,
@@ -423,11 +432,12 @@ def main() -> int:
                                        workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
                                        backend=args.backend, device=args.device, overload=args.overload,
                                        warm_messages=warm_messages, n_warm_finals=n_warm_finals,
-                                       max_wait_s=args.max_wait))
+                                       max_wait_s=args.max_wait, evidence=args.evidence == "on"))
     cores = os.cpu_count() or 1
     print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
           f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
-          f"{args.backend} on {args.device}, overload = {args.overload}, bundle {bundle}; warm-up series of "
+          f"{args.backend} on {args.device}, overload = {args.overload}, evidence {args.evidence}, bundle {bundle}; "
+          "warm-up series of "
           f"{n_warm_finals * 3} frames first")
     head = [f"{r['view_inference'] == 'auto' and 'each view once' or 'whole graph per request'} {r['precision']}"
             f" @ {'max' if not r['rate'] else int(r['rate'])}" for r in runs]
