@@ -23,7 +23,8 @@ pinned to 1), the median over the frames × repeats:
   or ``PreparedMap.apply`` + ``to_uint8`` (checked equal to the dense result);
 * shape: ``shaping.shape`` (the same code in both columns);
 * map: building the sampling map, once per series geometry in each worker.
-Prints a markdown table and the machine load (the CPU-time figures are what a quiet core
+The dense and the new decode and calibrate columns are timed alternating call by call (a load
+swing on a shared machine falls on both). Prints a markdown table and the machine load (the CPU-time figures are what a quiet core
 would take only approximately: a loaded machine also slows a process's own CPU time through
 shared caches and memory bandwidth).
 """
@@ -63,6 +64,19 @@ def cpu(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def cpu_alternating(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
+    """:func:`cpu` of several functions, their calls alternating, so that a load swing on a shared
+    machine falls on all of them alike (the dense vs the new path)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    outs: dict[str, object] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            outs[name] = fn()
+            times[name].append(time.process_time() - t0)
+    return {k: (statistics.median(v), outs[k]) for k, v in times.items()}
+
+
 def measure(size: str, repeats: int, cache_dir: str | None) -> dict:
     import numpy as np
 
@@ -98,16 +112,20 @@ def measure(size: str, repeats: int, cache_dir: str | None) -> dict:
         nonzero.append(float(np.count_nonzero((frame > 0) & (frame < 65535))) / frame.size)
         t, old = cpu(lambda: cal.to_uint8(cal.apply_map_remap(frame, sampling, pixel_mask=mask)), repeats)
         rows["cal_old"].append(t)
-        t, dense = cpu(lambda: cal.to_uint8(prepared.apply(frame)), repeats)
-        rows["cal_dense"].append(t)
         pixels = lazy.nonzero(prepared.usable) if sparse else None
-        if pixels is not None:  # the worker's path for a bslz4 frame under an area map
-            t, pixels = cpu(lambda: lazy.nonzero(prepared.usable), repeats)
-            rows["decompress_new"].append(t)
-            t, new = cpu(lambda: cal.to_uint8(prepared.apply_nonzero(*pixels)), repeats)
-            rows["cal_new"].append(t)
+        if pixels is not None:  # the worker's path for a bslz4 frame under an area map, alternating with the dense
+            got = cpu_alternating({"decompress_dense": lambda: materialise(lazy),
+                                   "decompress_new": lambda: lazy.nonzero(prepared.usable),
+                                   "cal_dense": lambda: cal.to_uint8(prepared.apply(frame)),
+                                   "cal_new": lambda: cal.to_uint8(prepared.apply_nonzero(*pixels))}, repeats)
+            rows["decompress_dense"][-1] = got["decompress_dense"][0]
+            for key in ("decompress_new", "cal_dense", "cal_new"):
+                rows[key].append(got[key][0])
+            dense, new = got["cal_dense"][1], got["cal_new"][1]
             assert np.array_equal(new, dense), "the non-zero binning differs from the dense calibration"
         else:
+            t, dense = cpu(lambda: cal.to_uint8(prepared.apply(frame)), repeats)
+            rows["cal_dense"].append(t)
             rows["decompress_new"].append(rows["decompress_dense"][-1])
             rows["cal_new"].append(rows["cal_dense"][-1])
             new = dense
