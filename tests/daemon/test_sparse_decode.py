@@ -158,3 +158,24 @@ def test_the_worker_bins_a_compressed_frame_without_decompressing_it(nacl_frame,
     np.testing.assert_array_equal(workers.process_frame(job), want)
     shaped, *_ = workers.shape_timed(job)
     np.testing.assert_array_equal(shaped, want)
+
+
+def test_threads_decoding_at_once_get_their_own_pixels():
+    """The C decoder releases the GIL and writes into reused buffers: one set per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    frames = []
+    for k in range(4):
+        frame = np.zeros((300, 400), np.uint16)
+        frame.flat[rng.choice(frame.size, 2000 + 500 * k, replace=False)] = k + 1
+        frames.append(frame)
+    lazies = [compressed(f) for f in frames]
+
+    def check(k: int) -> bool:
+        indices, values = lazies[k % 4].nonzero()
+        want = np.flatnonzero(frames[k % 4])
+        return np.array_equal(indices, want) and bool((values == k % 4 + 1).all())
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(200)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -324,8 +325,7 @@ def lz4_block_decompress(blob: bytes, expected_nbytes: int, where: str) -> bytes
 
 
 SPARSE_BLOCK_BYTES = 8192  # bslz4_to_sparse decodes only bitshuffle's default block size (DECTRIS writes it)
-_sparse_buffers: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-_all_usable: dict[int, np.ndarray] = {}
+_sparse_local = threading.local()  # per thread: the decoder releases the GIL and writes into these buffers
 
 
 def _bslz4_to_sparse():
@@ -378,19 +378,17 @@ def bslz4_nonzero(blob: bytes, *, dtype: np.dtype, expected_nbytes: int, usable:
     if not bslz4_chain_ok(blob, dtype.itemsize, expected_nbytes):
         return None
     if usable is None:
-        usable = _all_usable.get(n)
-        if usable is None:
-            _all_usable.clear()
-            usable = _all_usable[n] = np.ones(n, np.uint8)
+        usable = getattr(_sparse_local, "all_usable", None)
+        if usable is None or usable.size != n:
+            usable = _sparse_local.all_usable = np.ones(n, np.uint8)
     elif usable.dtype == np.bool_:
         usable = usable.view(np.uint8)
     if usable.shape != (n,):
         raise ValueError(f"usable has shape {usable.shape}, the frame {n} pixels")
-    key = (n, dtype.str)
-    buffers = _sparse_buffers.get(key)
-    if buffers is None:  # reused frame after frame (a 16M frame: 108 MB, only the touched pages are used)
-        _sparse_buffers.clear()
-        buffers = _sparse_buffers[key] = (np.empty(n, dtype), np.empty(n, np.uint32))
+    buffers = getattr(_sparse_local, "buffers", None)
+    if buffers is None or buffers[0].size != n or buffers[0].dtype != dtype:
+        # reused frame after frame (a 16M frame: 108 MB reserved, only the pages written are used)
+        buffers = _sparse_local.buffers = (np.empty(n, dtype), np.empty(n, np.uint32))
     values, indices = buffers
     found = decode(np.frombuffer(blob, np.uint8), usable, values, indices, 0)
     if found < 0:  # a corrupt LZ4 block: the dense decoder says what is wrong with it
