@@ -1,8 +1,9 @@
 """The evidence's outputs are the same as before the speed work (issue 14): analyse_frame and
 combine on stored frames against outputs recorded from the code before it (main e75451e).
 
-The frames (tests/evidence/fixtures/reference_frames.npz: 8 samples x 3 zones, every crystal
-system but cubic, noise-free and under Poisson dose, background, beam stop and misorientation)
+The frames (tests/evidence/fixtures/reference_frames.npz: 8 samples x 3 zones; hexagonal,
+trigonal, tetragonal, orthorhombic and monoclinic; noise-free and under Poisson dose,
+background, beam stop and misorientation)
 and the recorded outputs come from tests/evidence/fixtures/make_reference.py. On the machine
 that recorded them the outputs are bit-identical; across machines a BLAS or libm may round
 differently, so floats are compared to 1e-9 (relative), everything discrete exactly. The fusion
