@@ -110,7 +110,7 @@ class RuleSet:
     line_table: np.ndarray  # (R, (L + 1)·D) bool: absent by the line rules at line·D + k mod D
 
     @classmethod
-    def build(cls, rules) -> "RuleSet":
+    def build(cls, rules) -> RuleSet:
         rules = tuple(rules)
         phases = [x for r in rules for pu, pv in r.plane for x in (pu, pv)] + [p for r in rules for *_, p in r.line]
         d = math.lcm(1, *(_denominator(x) for x in phases))
