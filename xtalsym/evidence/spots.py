@@ -143,18 +143,20 @@ def integrate(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, pad: in
 def _subpixel(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Peak positions from a parabola through the logs of the 3 pixels along x and y (Gaussian-like
     peaks); a plain 3×3 centroid where a log is undefined."""
-    r, c = rows + pad, cols + pad
-    centre = padded[r, c]
-    offsets = []
-    for dr, dc in ((0, 1), (1, 0)):
-        lo, hi = padded[r - dr, c - dc], padded[r + dr, c + dc]
-        ok = (lo > 0) & (hi > 0) & (centre > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            llo, lc, lhi = np.log(np.where(ok, lo, 1)), np.log(np.where(ok, centre, 1)), np.log(np.where(ok, hi, 1))
-            den = llo - 2 * lc + lhi
-            para = np.where(ok & (den < 0), 0.5 * (llo - lhi) / np.where(den < 0, den, -1), np.nan)
-            lin = (hi - lo) / np.where(lo + centre + hi > 0, lo + centre + hi, 1)
-        offsets.append(np.clip(np.where(np.isfinite(para), para, lin), -0.5, 0.5))
+    # both directions at once, (2, K): the same elementwise arithmetic as one direction at a time
+    width = padded.shape[1]
+    at = (rows + pad) * width + (cols + pad)
+    flat = padded.ravel()
+    step = np.array([1, width])[:, None]  # along x (columns), along y (rows)
+    lo, hi = flat[at[None] - step], flat[at[None] + step]
+    centre = np.broadcast_to(flat[at], lo.shape)
+    ok = (lo > 0) & (hi > 0) & (centre > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        llo, lc, lhi = np.log(np.where(ok, lo, 1)), np.log(np.where(ok, centre, 1)), np.log(np.where(ok, hi, 1))
+        den = llo - 2 * lc + lhi
+        para = np.where(ok & (den < 0), 0.5 * (llo - lhi) / np.where(den < 0, den, -1), np.nan)
+        lin = (hi - lo) / np.where(lo + centre + hi > 0, lo + centre + hi, 1)
+    offsets = np.clip(np.where(np.isfinite(para), para, lin), -0.5, 0.5)
     return cols + offsets[0], rows + offsets[1]
 
 
