@@ -136,9 +136,10 @@ def wilson_scale(q: np.ndarray, values: np.ndarray, *, bins: int = 4) -> tuple[n
     centres, means = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = (q >= lo) & (q <= hi)
-        if sel.any():
-            centres.append(float(q[sel].mean()))
-            means.append(float(v[sel].mean()))
+        count = int(np.count_nonzero(sel))
+        if count:  # sum / count: what ndarray.mean computes, without its wrapper
+            centres.append(float(q[sel].sum() / count))
+            means.append(float(v[sel].sum() / count))
     means_arr = np.maximum(np.array(means), max(float(v.mean()), 1e-300) * 1e-3)
     return np.array(centres), means_arr
 
