@@ -22,6 +22,7 @@ analyse_frame and per sample of combine (time.process_time, one thread), with th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
@@ -33,7 +34,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from xtalsym import spacegroups, symmetry  # noqa: E402
-from xtalsym.evidence import analyse_frame, combine  # noqa: E402
+from xtalsym.evidence import analyse_frame, combine, decision  # noqa: E402
 from xtalsym.evidence import sample as sample_mod
 from xtalsym.offline import dataset, simulate, structures  # noqa: E402
 
@@ -47,10 +48,10 @@ REALISM = {  # name -> (realistic, harsh)
 }
 
 
-def mp_test_sample(path: str, per_system: int, seed: int) -> list[structures.LabelledStructure]:
-    """Class-balanced (crystal system) labelled test-split materials."""
+def mp_test_sample(path: str, per_system: int, seed: int, split: str = "test") -> list[structures.LabelledStructure]:
+    """Class-balanced (crystal system) labelled materials of one split (test unless calibrating)."""
     records = [r for r in structures.iter_records(path) if not isinstance(r, structures.StructureError)
-               and dataset.split_of(r.material_id, dataset.DEFAULT_SPLIT_FRACTIONS) == "test"]
+               and dataset.split_of(r.material_id, dataset.DEFAULT_SPLIT_FRACTIONS) == split]
     random.Random(seed).shuffle(records)
     counts: Counter = Counter()
     chosen = []
@@ -102,6 +103,7 @@ def evaluate(materials, *, geometry, realism, d_min, timings) -> list[dict]:
         best = float(ev.group_loglik.max())
         top_set = np.flatnonzero(ev.group_loglik >= best - sample_mod.DECIDE_LOG_ODDS) + 1
         forced_b = max(ev.bravais_loglik, key=ev.bravais_loglik.get)
+        feats = decision.features(system_ll=ev.crystal_system_loglik, bravais_ll=ev.bravais_loglik, frames=frames)
         rows.append({
             "id": lab.material_id, "sg": sg, "warnings": ev.warnings,
             "system": spacegroups.crystal_system(sg), "bravais": symmetry.bravais_lattice(sg),
@@ -110,6 +112,9 @@ def evaluate(materials, *, geometry, realism, d_min, timings) -> list[dict]:
             "forced_bravais": forced_b,
             "forced_lattice_system": _lattice_system_of_bravais(forced_b),
             "in_top_set": sg in top_set, "top_set_size": len(top_set),
+            "forced_system": max(ev.crystal_system_loglik, key=ev.crystal_system_loglik.get),
+            "system_margin": feats.system_margin, "bravais_margin": feats.bravais_margin,
+            "friedel_asymmetry": feats.friedel_asymmetry, "untested_zones": list(feats.untested_zones),
         })
     return rows
 
@@ -178,6 +183,9 @@ def main() -> None:
     ap.add_argument("--realism", default="", help="comma list of " + ", ".join(REALISM) + ", or 'all'")
     ap.add_argument("--d-min", default="", help="comma list of d_min in Å for the coverage table, e.g. 1.46,1.0,0.7")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="MP split (val: only to calibrate the decision rule, benchmarks/evidence_calibration.py)")
+    ap.add_argument("--dump", default="", help="write every row (with the decision features) to this JSONL file")
     ap.add_argument("--show-wrong", action="store_true", help="list the wrong decisions")
     ap.add_argument("--speed", action="store_true",
                     help="only time analyse_frame (x, y, z) and combine on the shipped structures (min of 20)")
@@ -189,7 +197,7 @@ def main() -> None:
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
     sets = {}
     if args.mp:
-        sets["MP test"] = mp_test_sample(args.mp_path, max(1, args.mp // 7), args.seed)
+        sets[f"MP {args.split}"] = mp_test_sample(args.mp_path, max(1, args.mp // 7), args.seed, args.split)
     if args.pyxtal:
         sets["pyxtal 230"] = pyxtal_sample(args.pyxtal, seed=1)
     geometry = simulate.Geometry()
@@ -206,6 +214,10 @@ def main() -> None:
         for cond, realism in conditions:
             rows = evaluate(materials, geometry=geometry, realism=realism, d_min=None, timings=timings)
             all_rows[(set_name, cond)] = rows
+            if args.dump:
+                with open(args.dump, "a") as fh:
+                    for r in rows:
+                        fh.write(json.dumps({"set": set_name, "condition": cond, **r}, default=_jsonable) + "\n")
             print(fmt(f"{set_name[:9]} {cond}", summarise(rows)), flush=True)
             if args.show_wrong:
                 for r in rows:
@@ -267,6 +279,14 @@ def speed(repeats: int = 20) -> None:
               f"{combine_ms:>11.2f} {frames['z'].n_spots:>8}")
     print(f"median: analyse_frame {np.median(per_frame):.2f} ms per frame, combine {np.median(per_combine):.2f} ms "
           f"per sample; load average {os.getloadavg()[0]:.1f}")
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"not JSON: {type(value)}")
 
 
 def _level(options: dict) -> str:

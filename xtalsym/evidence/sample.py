@@ -21,8 +21,9 @@ Zone-symmetry term: Σ over the frame's lattice operations of its log-likelihood
 independent intensities) where the group's zone pattern has that operation.
 
 Bravais lattice and crystal system: log of the mean likelihood of their groups (a uniform prior
-over groups within a class). A class is *decided* when its log-odds against all others together
-reach ``DECIDE_LOG_ODDS``; otherwise the classes within reach are named in a warning.
+over groups within a class). Whether a class is *decided* is :mod:`.decision`'s rule (log-odds
+thresholds and an on-axis check calibrated on the validation split); otherwise the classes within
+``DECIDE_LOG_ODDS`` of the best are named in a warning.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 
 from xtalsym import spacegroups, symmetry
 from xtalsym.evidence import cell as cellfit
+from xtalsym.evidence import decision
 from xtalsym.evidence import stats, zonerules
 from xtalsym.evidence.frame import FrameEvidence
 
@@ -283,8 +285,10 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     tables = _tables()
     system_ll = _class_logliks(group_ll, tables.system_members)
     bravais_ll = _class_logliks(group_ll, tables.bravais_members)
-    system, system_ok = _decide(system_ll)
-    bravais, bravais_ok = _decide(bravais_ll)
+    verdict = decision.decide(system_ll=system_ll, bravais_ll=bravais_ll, frames=usable)
+    system, system_ok = verdict.system, verdict.system_ok
+    bravais, bravais_ok = verdict.bravais, verdict.bravais_ok
+    warnings_.extend(verdict.warnings)
     tested = {m: f for m, f in feasible.items() if not f.partial}
     best_metric = max(tested or feasible, key=lambda m: (tested or feasible)[m].loglik)
     best_fit = feasible[best_metric]
@@ -340,14 +344,6 @@ def _class_logliks(group_ll: np.ndarray, members: dict[str, np.ndarray]) -> dict
         out[name] = float(logsumexp(sel) - math.log(len(index))) if len(sel) else -1e4
     best = max(out.values())
     return {k: v - best for k, v in out.items()}
-
-
-def _decide(table: dict[str, float]) -> tuple[str, bool]:
-    keys = list(table)
-    values = np.array([table[k] for k in keys])
-    i = int(np.argmax(values))
-    rest = logsumexp(np.delete(values, i))
-    return keys[i], bool(values[i] - rest >= DECIDE_LOG_ODDS)
 
 
 def _within_reach(table: dict[str, float]) -> list[str]:
