@@ -11,7 +11,8 @@
 The fit: for each Friedel bound on a grid, each class (crystal system, Bravais lattice) gets the
 smallest log-odds threshold above every wrong decision of that class on validation (pooled over
 all conditions: the rule must hold under each), + ``SAFETY_NATS``; a class whose wrong decisions
-reach ``NEVER_NATS`` is never named. The bound that lets the most validation rows be decided wins.
+reach ``NEVER_NATS``, or that keeps fewer than ``MIN_SUPPORT`` right validation decisions above
+its threshold (its reliability is then not shown), is never named. The bound that lets the most validation rows be decided wins.
 `check` applies decision.rule (the code combine runs) to the dumped features, so it is the frozen
 rule, not the fit, that is scored.
 """
@@ -27,6 +28,7 @@ from xtalsym.evidence import decision
 
 SAFETY_NATS = 1.0
 NEVER_NATS = 500.0
+MIN_SUPPORT = 5  # right decisions on validation a class's threshold must keep, else it is never named
 FRIEDEL_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, math.inf)
 
 
@@ -53,7 +55,8 @@ def fit_thresholds(rows: list[dict], kind: str, friedel_max: float) -> dict[str,
     out = {}
     for c in sorted(classes):
         t = max(decision.MIN_LOG_ODDS_FLOOR, worst[c] + SAFETY_NATS)
-        if t < NEVER_NATS:
+        support = sum(1 for r in rows if r[forced] == c == r[truth] and r[marg] >= t and not _friedel(r) > friedel_max)
+        if t < NEVER_NATS and support >= MIN_SUPPORT:
             out[c] = round(t, 1)
     return out
 
@@ -63,8 +66,11 @@ def fit(rows: list[dict]) -> None:
     print(f"{'Friedel max':>11} {'sys decided':>11} {'brv decided':>11}")
     for fmax in FRIEDEL_GRID:
         ts, tb = fit_thresholds(rows, "system", fmax), fit_thresholds(rows, "bravais", fmax)
-        ds = sum(1 for r in rows if not _friedel(r) > fmax and r["system_margin"] >= ts.get(r["forced_system"], math.inf))
-        db = sum(1 for r in rows if not _friedel(r) > fmax and r["bravais_margin"] >= tb.get(r["forced_bravais"], math.inf))
+        verdicts = [decision.thresholded(system=r["forced_system"], system_margin=r["system_margin"],
+                                         bravais=r["forced_bravais"], bravais_margin=r["bravais_margin"],
+                                         friedel=_friedel(r), system_min=ts, bravais_min=tb, friedel_max=fmax)
+                    for r in rows]
+        ds, db = sum(v[0] for v in verdicts), sum(v[1] for v in verdicts)
         print(f"{fmax:>11g} {ds / len(rows):>10.1%} {db / len(rows):>10.1%}")
         if best is None or ds + db > best[0]:
             best = (ds + db, fmax, ts, tb)

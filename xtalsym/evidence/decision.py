@@ -25,9 +25,9 @@ from xtalsym.evidence.frame import FrameEvidence
 
 # Frozen from benchmarks/evidence_calibration.py on the MP *validation* split (see docs/EVIDENCE.md,
 # "Decision rule", for the command, the sample and the resulting wrong rate on validation).
-SYSTEM_MIN_LOG_ODDS: dict[str, float] = {}
-BRAVAIS_MIN_LOG_ODDS: dict[str, float] = {}
-MAX_FRIEDEL_ASYMMETRY = 1.0
+SYSTEM_MIN_LOG_ODDS: dict[str, float] = {'cubic': 56.8, 'hexagonal': 5.0, 'monoclinic': 121.7, 'orthorhombic': 301.9, 'tetragonal': 49.4, 'trigonal': 11.8}
+BRAVAIS_MIN_LOG_ODDS: dict[str, float] = {'hP': 5.0, 'oI': 10.3, 'oP': 49.0, 'tI': 24.6, 'tP': 5.0}
+MAX_FRIEDEL_ASYMMETRY = 0.7
 MIN_LOG_ODDS_FLOOR = 5.0  # no class is named below this (≈ 99.3 % posterior under a uniform prior)
 MIN_FRIEDEL_PAIRS = 2  # fewer significant pairs than this: the zone's tilt is not measured
 
@@ -117,9 +117,27 @@ def rule(*, system: str, system_margin: float, bravais: str, bravais_margin: flo
          friedel: float) -> tuple[bool, bool]:
     """(crystal system decided, Bravais lattice decided) under the frozen thresholds; a class
     without a threshold (inf) is never named: on validation its decisions were wrong too often."""
-    ok_axis = on_axis(friedel)
-    return (ok_axis and system_margin >= SYSTEM_MIN_LOG_ODDS.get(system, math.inf),
-            ok_axis and bravais_margin >= BRAVAIS_MIN_LOG_ODDS.get(bravais, math.inf))
+    return thresholded(system=system, system_margin=system_margin, bravais=bravais, bravais_margin=bravais_margin,
+                       friedel=friedel, system_min=SYSTEM_MIN_LOG_ODDS, bravais_min=BRAVAIS_MIN_LOG_ODDS,
+                       friedel_max=MAX_FRIEDEL_ASYMMETRY)
+
+
+def thresholded(*, system: str, system_margin: float, bravais: str, bravais_margin: float, friedel: float,
+                system_min: dict[str, float], bravais_min: dict[str, float], friedel_max: float) -> tuple[bool, bool]:
+    """The rule for given thresholds (the calibration tries many). A Bravais lattice is named only
+    with a decided crystal system it belongs to (hP: hexagonal or trigonal), so that the two
+    answers never contradict each other."""
+    ok_axis = not (friedel > friedel_max)
+    system_ok = ok_axis and system_margin >= system_min.get(system, math.inf)
+    bravais_ok = (system_ok and system in BRAVAIS_SYSTEMS.get(bravais, ())
+                  and bravais_margin >= bravais_min.get(bravais, math.inf))
+    return system_ok, bravais_ok
+
+
+BRAVAIS_SYSTEMS = {"aP": ("triclinic",), "mP": ("monoclinic",), "mS": ("monoclinic",),
+                   **{b: ("orthorhombic",) for b in ("oP", "oS", "oI", "oF")},
+                   "tP": ("tetragonal",), "tI": ("tetragonal",), "hR": ("trigonal",), "hP": ("hexagonal", "trigonal"),
+                   **{b: ("cubic",) for b in ("cP", "cI", "cF")}}
 
 
 def decide(*, system_ll: dict[str, float], bravais_ll: dict[str, float],
