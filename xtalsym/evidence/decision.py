@@ -25,9 +25,9 @@ from xtalsym.evidence.frame import FrameEvidence
 
 # Frozen from benchmarks/evidence_calibration.py on the MP *validation* split (see docs/EVIDENCE.md,
 # "Decision rule", for the command, the sample and the resulting wrong rate on validation).
-SYSTEM_MIN_LOG_ODDS: dict[str, float] = {'cubic': 56.8, 'hexagonal': 5.0, 'monoclinic': 121.7, 'orthorhombic': 301.9, 'tetragonal': 49.4, 'trigonal': 11.8}
-BRAVAIS_MIN_LOG_ODDS: dict[str, float] = {'hP': 5.0, 'oI': 10.3, 'oP': 49.0, 'tI': 24.6, 'tP': 5.0}
-MAX_FRIEDEL_ASYMMETRY = 0.7
+SYSTEM_MIN_LOG_ODDS: dict[str, float] = {'cubic': 56.8, 'hexagonal': 5.0, 'monoclinic': 127.1, 'orthorhombic': 301.9, 'tetragonal': 49.6, 'trigonal': 11.8}
+BRAVAIS_MIN_LOG_ODDS: dict[str, float] = {'hP': 5.0, 'oI': 10.3, 'oP': 49.0, 'tI': 24.6, 'tP': 8.3}
+MAX_FRIEDEL_ASYMMETRY = 0.5
 MIN_LOG_ODDS_FLOOR = 5.0  # no class is named below this (≈ 99.3 % posterior under a uniform prior)
 MIN_FRIEDEL_PAIRS = 2  # fewer significant pairs than this: the zone's tilt is not measured
 
