@@ -7,7 +7,9 @@ background, beam stop and misorientation)
 and the recorded outputs come from tests/evidence/fixtures/make_reference.py. On the machine
 that recorded them the outputs are bit-identical; across machines a BLAS or libm may round
 differently, so floats are compared to 1e-9 (relative), everything discrete exactly. The fusion
-consumes group_loglik: this test is what keeps it unchanged by speed work.
+consumes group_loglik: this test is what keeps it unchanged by speed work. The decision fields
+(crystal_system, bravais, decided, warnings) were re-recorded when the calibrated decision rule
+(xtalsym/evidence/decision.py) replaced the log-odds-5 rule; every other field was checked unchanged.
 """
 
 from __future__ import annotations
