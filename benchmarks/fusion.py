@@ -30,27 +30,6 @@ log = logging.getLogger("benchmarks.fusion")
 PER_GROUP_CAP = 8
 
 
-def load_evidence(folder: Path, material_ids: list[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
-    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows),
-    from the per-chunk evidence files (fusion_data --evidence)."""
-    merged: dict[str, list] = {}
-    for path in sorted(folder.glob("chunk-*.npz")):
-        with np.load(path) as data:
-            for key in data.files:
-                merged.setdefault(key, []).append(data[key])
-    if not merged:
-        return np.zeros(0, dtype=np.int64), {}
-    ids = [str(m) for m in np.concatenate(merged["material_id"])]
-    where = {m: i for i, m in enumerate(ids)}
-    rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
-    src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
-    out = {}
-    for key, parts in merged.items():
-        if key.startswith("loglik_"):
-            out[tuple(c == "1" for c in key.split("_")[1])] = np.concatenate(parts)[src].astype(np.float64)
-    return rows, out
-
-
 def capped(groups: np.ndarray, cap: int) -> np.ndarray:
     """Indices keeping at most ``cap`` materials per group (first ones in the fixed order)."""
     seen: dict[int, int] = {}
@@ -108,13 +87,8 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.bundle)
     classes = bundle.classes
     feats = fusion_data.load_features(args.features)
-    labels_file = Path(args.features) / "mp_labels.json"
-    if labels_file.is_file():  # every material labelled (fusion_data --labels-only): the training split
-        counts, prior_source = fusion_fit.prior_counts(json.loads(labels_file.read_text()), "train"), "train split"
-    else:  # else the validation materials' own frequencies: the same distribution (split by a hash), no test label
-        counts = np.bincount(feats.space_group[feats.split == "val"] - 1, minlength=fusion.N_GROUPS)
-        prior_source = "validation split (mp_labels.json not built)"
-    ev_rows, evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
+    counts, prior_source = fusion_data.prior_counts_of(args.features, feats)
+    ev_rows, evidence = fusion_data.load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
     has_ev = np.zeros(len(feats), dtype=bool)
     has_ev[ev_rows] = True
     val = np.flatnonzero(feats.split == "val")
