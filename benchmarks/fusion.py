@@ -28,6 +28,7 @@ from xtalsym.offline import fusion_data, fusion_fit  # noqa: E402
 
 log = logging.getLogger("benchmarks.fusion")
 PER_GROUP_CAP = 8
+MODELS = {"stacked": fusion.FEATURES, "product": fusion.PRODUCT_FEATURES}
 
 
 def capped(groups: np.ndarray, cap: int) -> np.ndarray:
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--out", default="runs/fusion")
     parser.add_argument("--write-params", default=None, help="write the fitted fusion parameters here")
+    parser.add_argument("--model", choices=sorted(MODELS), default="stacked",
+                        help="features of the conditional logit: stacked (the default, chosen by cross-validation in "
+                        "benchmarks/fusion_compare.py) or product (the product of experts alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -105,15 +109,18 @@ def main(argv=None) -> int:
 
     cpu = time.process_time()
     no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
-                           use=[f for f in fusion.FEATURES if f not in fusion.EVIDENCE_FEATURES],
-                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source})
+                           use=[f for f in MODELS[args.model] if f not in fusion.EVIDENCE_FEATURES],
+                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source,
+                                   "model": args.model})
     log.info("fitted the no-evidence fusion in %.1f CPU-s", time.process_time() - cpu)
     fitted = {"msdn": None, "fusion, no evidence": no_ev}
     if len(val_ev):
         cpu = time.process_time()
         with_ev = fusion_fit.fit(feats.view_logits[val_ev], feats.space_group[val_ev], classes=classes, counts=counts,
+                                 use=MODELS[args.model],
                                  evidence=ev_of(val_ev), fit_no_evidence=False,
-                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source})
+                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source,
+                                         "model": args.model})
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
         # the views without evidence, and the no-evidence fallback, from the larger validation set
         for k in (1, 2):
