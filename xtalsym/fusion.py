@@ -10,8 +10,12 @@ The model is a conditional-logit product of experts: for each candidate group g,
          + w_ev · max(ev(g) − max ev, −clip)  the evidence log-likelihood of g's signature
          + w_top · [ev(g) within 0.5 of max ev] the groups the evidence points to
          + w_prior · log π_train(g)
+         + the stacked features (STACKED_FEATURES): the evidence gap clipped at 2, 8 and 32 nats,
+           the evidence's own mass on g's indistinguishable set, Bravais lattice and crystal
+           system, the MSDN's mass on g's set, and the evidence gap scaled by the MSDN's entropy
 
-and p(g | data) = softmax over the 230 groups of s. One parameter set per number of views
+and p(g | data) = softmax over the 230 groups of s. A file fitted without the stacked features
+(the product of experts alone) gives them weight 0. One parameter set per number of views
 (1, 2, 3), fitted on the validation split by maximum likelihood (offline.fusion_fit); the
 parameters live in the bundle as ``fusion.json``. The fitted posterior is calibrated for
 materials drawn at the training frequencies; another prior π' (flat, or a site's own) is
