@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--known", default="data/fusion")
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--params", default=None, help="fusion.json to measure (default: the bundle's)")
+    parser.add_argument("--record", default=None, metavar="FUSION_JSON",
+                        help="also write these figures into this fusion.json's 'fitted' record (for the model card "
+                        "via `xtalsym bundle add-fusion`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from xtalsym.bundle import load_bundle
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
     lg = feats.view_logits[rows]
     posts = {"fusion with evidence": engine.posterior(lg, None, ev), "fusion without evidence": engine.posterior(lg)}
     n = len(rows)
+    record = {"materials": int(n), "groups": len(groups), "paper_top1": PAPER["top1"], "paper_top5": PAPER["top5"]}
     print(f"\nopen set: {n} test-half materials of the paper's 30 groups with evidence "
           f"({len(feats)} cached), {len(set(labels.tolist()))} groups present\n")
     print("| method | top-1 (30) | top-2 | top-3 | top-4 | top-5 (30) | top-1 (230) | top-5 (230) | set top-1 (230) | "
@@ -81,6 +85,9 @@ def main(argv=None) -> int:
         m = fusion_fit.posterior_metrics(post, labels, tables=tables, decide_at=engine.params.decide_at)
         within = [topk_within(post, labels, groups, k) for k in range(1, 6)]
         outside = post[:, outside_cols].sum(axis=1)
+        if name == "fusion with evidence":
+            record |= {"top1_within_30": round(within[0], 6), "top5_within_30": round(within[4], 6),
+                       "top1_230": round(m["group_top1"], 6), "set_top1_230": round(m["set_top1"], 6)}
         print(f"| {name} | " + " | ".join(f"{v:.1%}" for v in within) +
               f" | {m['group_top1']:.1%} | {m['group_top5']:.1%} | {m['set_top1']:.1%} | {np.median(outside):.2f} |")
     print(f"| index vote, k = 5 (RESULTS, 458 materials) | {INDEX_VOTE['top1']:.1%} | | | | {INDEX_VOTE['top5']:.1%} | | | | |")
@@ -100,13 +107,22 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     choices = [("fixed 0.5", 0.5)] + [(f"false alarms <= {int(100 * a)} % on val", float(np.quantile(out_val, 1 - a)))
                                       for a in FALSE_ALARM_TARGETS]
+    record["outside_flag"] = []
     for label, tau in choices:
+        record["outside_flag"].append({"threshold": round(tau, 4), "chosen_as": label,
+                                       "false_alarms_known_test": round(float((out_test >= tau).mean()), 4),
+                                       "recall_open_set": round(float((out_open >= tau).mean()), 4)})
         print(f"| {label} | {tau:.3f} | {(out_val >= tau).mean():.1%} | {(out_test >= tau).mean():.1%} | "
               f"{(out_open >= tau).mean():.1%} |")
     p_known = fusion_fit.msdn_posterior(kfeats.view_logits[ktest][known_test].sum(axis=1), classes).max(axis=1)
     p_open = fusion_fit.msdn_posterior(lg.sum(axis=1), classes).max(axis=1)
     print(f"| (shipped index: MSDN p_max < {OLD_TAU_P}, its classifier condition alone) | {OLD_TAU_P} | | "
           f"{(p_known < OLD_TAU_P).mean():.1%} | {(p_open < OLD_TAU_P).mean():.1%} |")
+    if args.record:
+        params = fusion.FusionParams.load(args.record)
+        params.fitted["open_set"] = record
+        params.save(args.record)
+        print(f"\nrecorded in {args.record}")
     return 0
 
 
