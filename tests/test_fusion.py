@@ -304,3 +304,17 @@ def test_stacked_features_follow_the_evidence_and_the_msdn():
                                  evidence_clip=20.0, log_prior_train=np.log(np.full(230, 1 / 230)), tables=tables)[0]
     assert not bare[:, [col[f] for f in fusion.EVIDENCE_FEATURES]].any()
     assert bare[:, col["msdn_set"]].min() < 0
+
+
+def test_open_set_selection_is_the_index_evaluate_test_half_outside_validation():
+    from xtalsym.index.open_set import reference_half
+    from xtalsym.offline import fusion_data
+
+    labels = {f"mp-{i}": {"split": ("train", "val", "test")[i % 3], "space_group": (3, 69, 14)[i % 5 % 3]}
+              for i in range(300)}
+    chosen = fusion_data.open_set_ids(labels, groups=spacegroups.PAPER_OPEN_SET_30)
+    assert chosen  # some of the 300 qualify
+    for mid, entry in labels.items():
+        expected = (entry["space_group"] in (3, 69) and entry["split"] != "val" and not reference_half(mid))
+        assert (mid in chosen) == expected, mid
+    assert fusion_data.open_set_ids(labels, groups=[3, 69], exclude_splits=()) > chosen

@@ -424,6 +424,16 @@ def build(
               model_id=bundle.model_id, config=config, workers=workers, max_jobs=max_jobs)
 
 
+def open_set_ids(labels: dict[str, dict], *, groups, seed: int = 0, exclude_splits: Sequence[str] = ("val",)) -> set[str]:
+    """Material ids of the open-set test half: labelled in ``groups``, not a reference by
+    ``xtalsym.index.open_set.reference_half``, not in the dataset splits ``exclude_splits``."""
+    from xtalsym.index.open_set import reference_half
+
+    wanted, excluded = {int(g) for g in groups}, set(exclude_splits)
+    return {mid for mid, entry in labels.items() if int(entry["space_group"]) in wanted
+            and entry["split"] not in excluded and not reference_half(mid, seed=seed)}
+
+
 def build_open_set(
     out: str | Path,
     *,
@@ -441,7 +451,6 @@ def build_open_set(
     the dataset splits in ``exclude_splits`` (default the validation split, on which the
     fusion is fitted). ``labels``: :func:`label_all`'s {material_id: {split, space_group}}."""
     from xtalsym.bundle import load_bundle
-    from xtalsym.index.open_set import reference_half
     from xtalsym.offline.evaluate import build_config_from
 
     out = Path(out)
@@ -449,8 +458,7 @@ def build_open_set(
     bundle = load_bundle(bundle_path)
     config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
     wanted_groups = {int(g) for g in groups}
-    wanted = {mid for mid, entry in labels.items() if int(entry["space_group"]) in wanted_groups
-              and entry["split"] not in set(exclude_splits) and not reference_half(mid, seed=seed)}
+    wanted = open_set_ids(labels, groups=wanted_groups, seed=seed, exclude_splits=exclude_splits)
     records = [r for r in structures.iter_records(source)
                if not isinstance(r, structures.StructureError) and r.material_id in wanted]
     records.sort(key=lambda r: _rank(r.material_id))
