@@ -91,10 +91,34 @@ class BatchResult:
     evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
 
 
+def evidence_frames(request: Request) -> dict:
+    """The zones' FrameEvidence of a request (axis -> evidence), the views without it left out."""
+    return {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+
+
+def combine_timed(frames: dict) -> tuple[dict, float, float]:
+    """The combined evidence of one final sample as the message's JSON, its wall and thread CPU
+    seconds. The daemon runs it on its own thread (:meth:`Pipeline._combine_aside`): it costs
+    tens of milliseconds per sample, which on the inference thread delayed every request of
+    the batch behind it."""
+    from xtalsym.evidence import combine
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    out = combine(frames).to_json()
+    return out, time.perf_counter() - t0, time.thread_time() - c0
+
+
 def request_evidence(request: Request, result: BatchResult) -> dict | None:
     """The message's ``evidence`` object: the zones combined for a final prediction, the per-zone
-    evidence for a partial one (combining costs milliseconds: once per sample). Never raises."""
-    frames = {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+    evidence for a partial one (combining costs milliseconds: once per sample). A final request
+    combined before the batch (``request.combined``, the daemon does it in a worker) is used as
+    it is. Never raises."""
+    if request.final and request.combined is not None:
+        evidence, exc = request.combined
+        if exc is not None:
+            result.evidence_errors.append((request.sample_key, exc))
+        return evidence
+    frames = evidence_frames(request)
     if not frames:
         return None
     try:
