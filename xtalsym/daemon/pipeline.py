@@ -621,6 +621,7 @@ class Pipeline:
         result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model_info, index=self.index,
                                 fusion=self.fusion,
                                 index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours,
+                                index_query=self.config.index.query,
                                 per_view=uses_per_view(self.backend, self.config.pipeline.view_inference),
                                 generation=self._backend_generation)
         if result.inference_error is not None:  # keep serving; every request of the batch is counted
