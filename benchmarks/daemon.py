@@ -439,7 +439,7 @@ def main() -> int:
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
-    for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match"):
+    for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
     row("wall ms per call: stage means", lambda r: str({k: round(v*1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}))
     row("mean batch (requests)", lambda r: f"{r['stage_means'].get('batch_size', 0):.1f}")

@@ -88,6 +88,7 @@ class BatchResult:
     inference_error: Exception | None = None  # the backend failed: no messages
     index_error: Exception | None = None  # the index failed: messages without open_set
     fuse_seconds: float | None = None
+    fuse_cpu_seconds: float | None = None
     fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
     combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
     evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
@@ -183,11 +184,12 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
     evidences = [request_evidence(request, result) for request in batch]
     fused: list[dict | None] = [None] * len(batch)
     if fusion is not None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             present = np.array([[axis in request.views for axis in AXES] for request in batch], bool)
             fused = fuse_batch(fusion, batch, out.logits, present, evidences)
             result.fuse_seconds = time.perf_counter() - t0
+            result.fuse_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
             result.fusion_error = exc
     for request, probs, open_set, fused_one, evidence in zip(batch, out.probabilities, open_sets, fused, evidences):

@@ -636,7 +636,7 @@ class Pipeline:
             exc = result.index_error
             self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
         if result.fuse_seconds is not None:
-            self.metrics.stage("fuse", result.fuse_seconds)
+            self.metrics.stage("fuse", result.fuse_seconds, result.fuse_cpu_seconds)
         if result.fusion_error is not None:
             exc = result.fusion_error
             self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
