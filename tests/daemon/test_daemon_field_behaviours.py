@@ -115,7 +115,7 @@ def test_distance_from_the_stream_or_a_message_naming_the_fix(components, warn_l
     """A V2 start whose only distance is a detector_translation with z < 0: never taken; each
     image is a bad frame whose message names detector_translation and [geometry]
     detector_distance_m. A positive translation z is taken; a V1 start without
-    detector_distance names the key too. With [geometry] detector_distance_m given, the
+    detector_distance names the key too, and so does a V2 start with no distance field at all. With [geometry] detector_distance_m given, the
     negative-translation series classifies."""
     negative = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=1, distance_field="negative_translation")
     positive = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=2, distance_field="translation")
@@ -136,17 +136,19 @@ def test_distance_from_the_stream_or_a_message_naming_the_fix(components, warn_l
     finals = final_predictions(summary)
     assert [(m["series_id"], m["status"]) for m in finals] == [(2, "complete")]
 
-    v1 = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=3, protocol="stream_v1", distance_field="none")
-    sock, endpoint = detector()
-    run = Running(components, endpoint, ingest={"protocol": "stream_v1"})
-    try:
-        settle(run, send(sock, list(v1.messages())))
-    finally:
-        sock.close(linger=0)
-        run.close()
-    assert run.service.pipeline.metrics.snapshot()["bad_frames"] == {"missing_geometry": 3}
-    assert any("the start message does not give it: set [geometry] detector_distance_m" in r.getMessage()
-               for r in warn_log.records)
+    for protocol in ("stream_v1", "stream_v2"):  # no distance field at all, in either protocol
+        warn_log.clear()
+        bare = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=3, protocol=protocol, distance_field="none")
+        sock, endpoint = detector()
+        run = Running(components, endpoint, ingest={"protocol": protocol})
+        try:
+            settle(run, send(sock, list(bare.messages())))
+        finally:
+            sock.close(linger=0)
+            run.close()
+        assert run.service.pipeline.metrics.snapshot()["bad_frames"] == {"missing_geometry": 3}, protocol
+        assert any("the start message does not give it: set [geometry] detector_distance_m" in r.getMessage()
+                   for r in warn_log.records), protocol
 
     sock, endpoint = detector()
     run = Running(components, endpoint, geometry={"detector_distance_m": GEOMETRY.distance_m})

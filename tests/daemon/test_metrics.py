@@ -286,7 +286,8 @@ def test_dashboard_uses_exactly_exported_names(live):
                      "xtalsym_stage_latency_seconds_bucket", "xtalsym_queue_depth", "xtalsym_batch_size_sum",
                      "xtalsym_open_set_unknown_total", "xtalsym_predicted_space_group_total",
                      "xtalsym_predicted_crystal_system_total", "xtalsym_model_info", "process_cpu_seconds_total",
-                     "process_resident_memory_bytes"):
+                     "process_resident_memory_bytes", "xtalsym_series_total", "xtalsym_frames_missing_total",
+                     "xtalsym_duplicate_axes_total", "xtalsym_stage_cpu_seconds_total"):
         assert required in used, required
 
 
