@@ -60,8 +60,8 @@ def tiny_bundle(tmp: Path) -> Path:
 
 def stage_costs(sim, n: int = 5) -> dict:
     """Per-frame CPU seconds of decode, calibrate, shape on this machine (one core), as the daemon
-    runs them: the ingest thread's decode (payload left compressed), the worker's decompression,
-    calibration (the series' prepared map) and shaping."""
+    runs them: the ingest thread's decode (payload left compressed), the worker's decompression
+    (straight to the non-zero pixels where it applies), calibration (the series' prepared map) and shaping."""
     from xtalsym import shaping
     from xtalsym.daemon import calibrate as cal
     from xtalsym.daemon.protocols import decode, materialise
@@ -80,8 +80,14 @@ def stage_costs(sim, n: int = 5) -> dict:
         return (time.process_time() - t) / n, out
 
     t_dec, ev = per(lambda: decode("stream_v2", msg, defer_decompression=True))
-    t_unz, frame = per(lambda: materialise(ev.data["threshold_1"]))
-    t_cal, raw = per(lambda: cal.to_uint8(prepared.apply(frame)))
+    lazy = ev.data["threshold_1"]
+    pixels = lazy.nonzero(prepared.usable) if prepared.takes_nonzero else None
+    if pixels is not None:  # as the worker does: a bslz4 frame under an area map, straight to its non-zero pixels
+        t_unz, pixels = per(lambda: lazy.nonzero(prepared.usable))
+        t_cal, raw = per(lambda: cal.to_uint8(prepared.apply_nonzero(*pixels)))
+    else:
+        t_unz, frame = per(lambda: materialise(lazy))
+        t_cal, raw = per(lambda: cal.to_uint8(prepared.apply(frame)))
     t_shape, _ = per(lambda: shaping.shape(raw, "x"))
     return {"decode (ingest thread)": t_dec, "decompress (worker)": t_unz, "calibrate (worker)": t_cal,
             "shape (worker)": t_shape}
@@ -119,6 +125,36 @@ def _finals_seen(port: int) -> float:
         if family.name in ("xtalsym_samples_completed", "xtalsym_samples_partial"):
             total += sum(x.value for x in family.samples if x.name.endswith("_total"))
     return total
+
+
+def daemon_accounting(port: int) -> dict:
+    """What the daemon has done with the messages so far, from its /metrics: messages received,
+    frames rejected by reason, and what is still inside it (frames in the workers, results not
+    assembled, open samples, requests waiting for a batch). Empty when /metrics does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    out: dict = {"received": 0.0, "rejected": {}, "inside": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "xtalsym_frames_received" and sample.name.endswith("_total"):
+                out["received"] += sample.value
+            elif family.name == "xtalsym_frames_rejected" and sample.name.endswith("_total"):
+                out["rejected"][sample.labels.get("reason", "?")] = sample.value
+            elif family.name == "xtalsym_queue_depth":
+                out["inside"][sample.labels.get("queue", "?")] = sample.value
+    return out
+
+
+def all_accounted(acc: dict, messages_sent: int) -> bool:
+    """Every message sent has been received and nothing is left inside the daemon: each frame
+    was either published (in a sample) or rejected (counted by reason)."""
+    return bool(acc) and acc["received"] >= messages_sent and not any(acc["inside"].values())
 
 
 def daemon_stage_means(port: int) -> dict:
@@ -242,9 +278,10 @@ def _toml_value(value) -> str:
 def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, workers: int, view_inference: str,
                precision: str, tmp: Path, backend: str = "onnxruntime", device: str = "cpu",
                overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0,
+               max_wait_s: float = 900.0, evidence: bool = True,
                variant: tuple[str, dict] = ("default", {})) -> dict:
     """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted);
-    ``variant``: (label, extra config settings by section)."""
+    ``variant``: (label, extra config settings by section, applied over ``evidence``)."""
     import psutil
 
     from xtalsym.daemon.client import listen
@@ -259,7 +296,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     sections = {"bundle": {"path": bundle, "backend": backend, "device": device, "precision": precision},
                 "ingest": {"address": frames_ep},
                 "pipeline": {"workers": workers, "overload": overload,  # block: lossless
-                             "view_inference": view_inference},
+                             "view_inference": view_inference, "evidence": evidence},
                 "publish": {"address": f"tcp://127.0.0.1:{pub_port}", "metrics_interval_seconds": 1.0},
                 "metrics": {"port": metrics_port}}  # a free port, never the default 9855
     for section, settings in variant[1].items():
@@ -272,9 +309,10 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     proc = psutil.Process(serve.pid)
     stop, ready = threading.Event(), threading.Event()
     result: dict = {}
+    # the listener runs until stopped: with a dropping overload policy some samples never get a
+    # final prediction, so the run ends when the daemon has accounted for every message (below)
     t_listen = threading.Thread(target=lambda: result.update(s=listen(
-        f"tcp://127.0.0.1:{pub_port}", final_count=n_images // 3 + n_warm_finals, stop=stop, ready=ready,
-        duration=900)))
+        f"tcp://127.0.0.1:{pub_port}", stop=stop, ready=ready, duration=max_wait_s + 600)))
     t_listen.start()
     ready.wait()
     _wait_ready(metrics_port, serve)
@@ -282,11 +320,15 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
         push.send_multipart(m)
     while warm_messages and t_listen.is_alive() and _finals_seen(metrics_port) < n_warm_finals:
         time.sleep(0.2)
+    while warm_messages and not all_accounted(daemon_accounting(metrics_port), len(warm_messages)):
+        time.sleep(0.5)  # the warm-up series' last partial samples too
     time.sleep(0.5)
+    rejected0 = daemon_accounting(metrics_port).get("rejected", {})
     t0_wall = time.time()
     procs = [proc] + proc.children(recursive=True)
-    cpu_of = lambda: sum(p.cpu_times().user + p.cpu_times().system for p in procs)  # noqa: E731
+    cpu_of = lambda ps=procs: sum(p.cpu_times().user + p.cpu_times().system for p in ps)  # noqa: E731
     cpu0, stage0 = cpu_of(), daemon_stage_cpu(metrics_port)
+    main_cpu0 = cpu_of([proc])  # the serve process (ingest, inference, publish); the rest are the workers
     views0 = daemon_event(metrics_port, "views_inferred")  # the warm-up series' views before the clock
     peak_rss = 0
     t0 = time.perf_counter()
@@ -300,11 +342,23 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
         if i % 20 == 0:
             peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
     t_sent = time.perf_counter() - t0
-    while t_listen.is_alive():
-        t_listen.join(0.5)
+    expected = len(warm_messages) + len(messages)
+    deadline = time.perf_counter() + max_wait_s
+    acc = daemon_accounting(metrics_port)
+    while not all_accounted(acc, expected) and time.perf_counter() < deadline and serve.poll() is None:
+        time.sleep(0.5)  # a scrape costs the daemon CPU: not too often
         peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs))
+        acc = daemon_accounting(metrics_port)
     wall = time.perf_counter() - t0
+    accounted = all_accounted(acc, expected)
+    if not accounted:
+        print(f"WARNING: after {max_wait_s:.0f} s the daemon had received {acc.get('received', 0):.0f} of "
+              f"{expected} messages and still held {acc.get('inside')}", flush=True)
+    time.sleep(1.5)  # the last predictions and a metrics message reach the listener
+    stop.set()
+    t_listen.join(30)
     cpu1, stage1 = cpu_of(), daemon_stage_cpu(metrics_port)
+    main_cpu = cpu_of([proc]) - main_cpu0
     views1 = daemon_event(metrics_port, "views_inferred")
     stage_means = daemon_stage_means(metrics_port)
     serve.terminate()
@@ -316,9 +370,12 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     return {
         "variant": variant[0],
         "view_inference": view_inference, "precision": precision, "rate": rate, "frames": n_images,
-        "final": sum(1 for m in measured if m["final"]), "bad": (s.metrics or {}).get("bad_frames"), "send_s": t_sent, "wall_s": wall,
+        "final": sum(1 for m in measured if m["final"]), "send_s": t_sent, "wall_s": wall,
+        "rejected": {k: v - rejected0.get(k, 0.0) for k, v in acc.get("rejected", {}).items()
+                     if v - rejected0.get(k, 0.0) > 0},
+        "accounted": accounted, "complete": sum(1 for m in measured if m["final"] and m.get("status") == "complete"),
         "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
-        "cpu_s": cpu1 - cpu0, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
+        "cpu_s": cpu1 - cpu0, "main_cpu_s": main_cpu, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
         "views_inferred": views1 - views0, "load_before": load_before, "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
@@ -365,6 +422,11 @@ def main() -> int:
     ap.add_argument("--variants", default="default",
                     help="';'-separated daemon settings to run side by side, each ','-separated section.key=value "
                          "or 'default', e.g. \"default;pipeline.evidence=false;index.query=every\"")
+    ap.add_argument("--evidence", default="on", choices=("on", "off"),
+                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the inference "
+                    "thread combines it); off shows what it costs")
+    ap.add_argument("--max-wait", type=float, default=900.0,
+                    help="seconds after the last message to wait for the daemon to account for every message")
     ap.add_argument("--load-limit", type=float, default=None,
                     help="1-minute load average above which the wall figures are flagged (default: the core count)")
     args = ap.parse_args()
@@ -416,11 +478,14 @@ def main() -> int:
                     runs.append(run_daemon(bundle=bundle, messages=messages, n_images=n_images, rate=rate,
                                            workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
                                            backend=args.backend, device=args.device, overload=args.overload,
-                                           warm_messages=warm_messages, n_warm_finals=n_warm_finals, variant=variant))
+                                           warm_messages=warm_messages, n_warm_finals=n_warm_finals,
+                                           max_wait_s=args.max_wait, evidence=args.evidence == "on",
+                                           variant=variant))
     cores = os.cpu_count() or 1
     print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
           f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
-          f"{args.backend} on {args.device}, overload = {args.overload}, bundle {bundle}; warm-up series of "
+          f"{args.backend} on {args.device}, overload = {args.overload}, evidence {args.evidence}, bundle {bundle}; "
+          "warm-up series of "
           f"{n_warm_finals * 3} frames first")
     head = [f"{r['view_inference'] == 'auto' and 'each view once' or 'whole graph per request'} {r['precision']}"
             + ("" if r["variant"] == "default" else f" {r['variant']}")
@@ -434,11 +499,17 @@ def main() -> int:
     row("backend served", lambda r: f"{r['backend']} {r['device']}")
     row("load before → after (uptime)", lambda r: r["load_before"].split("load average:")[-1].strip() + " → "
         + r["load_after"].split("load average:")[-1].strip())
-    row("frames sent / final predictions / bad", lambda r: f"{r['frames']} / {r['final']} / {r['bad'] or 0}")
-    row("sustained frames/s (all final out)", lambda r: f"{r['fps']:.1f}")
+    row("frames sent / final predictions (complete) / rejected", lambda r: f"{r['frames']} / {r['final']} "
+        f"({r['complete']}) / {sum(r['rejected'].values()):.0f}")
+    row("rejected by reason (overload = lost to load)", lambda r: ", ".join(
+        f"{k} {v:.0f}" for k, v in sorted(r["rejected"].items())) or "none")
+    row("every message accounted for", lambda r: "yes" if r["accounted"] else "NO (timed out)")
+    row("frames/s (all accounted for)", lambda r: f"{r['fps']:.1f}")
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
+    row("... of which the serve process / the workers", lambda r: f"{r['main_cpu_s'] / r['frames'] * 1000:.1f} / "
+        f"{(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms")
     for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
     row("wall ms per call: stage means", lambda r: str({k: round(v*1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}))

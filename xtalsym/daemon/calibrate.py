@@ -43,7 +43,9 @@ pixels for ``area`` (a diffraction frame is mostly zeros):
   grid covers); a frame costs one scan for its non-zero pixels and a weighted bincount of
   those. The denominator (valid pixels per target) is the per-series count less the
   frame's own invalid pixels, so zeros never need to be visited. Targets whose footprint
-  holds no valid pixel centre fall back to the bilinear sample.
+  holds no valid pixel centre fall back to the bilinear sample. A bslz4 frame can skip the
+  dense frame and the scan altogether: :meth:`PreparedMap.apply_nonzero` bins the non-zero
+  usable pixels as the decoder finds them (``CompressedFrame.nonzero``, bslz4-to-sparse).
 
 :func:`apply_map_remap` is the earlier dense implementation (``cv2.remap`` of the whole
 frame, ``area`` as s×s bilinear sub-samples); tests and ``benchmarks/calibration.py`` compare
@@ -383,6 +385,21 @@ class PreparedMap:
         """Calibrated float32 (N, N) intensity of one frame (see :func:`apply_map`)."""
         return _apply_prepared(self, frame, saturation_value)
 
+    @property
+    def takes_nonzero(self) -> bool:
+        """Whether :meth:`apply_nonzero` applies (area binning): a frame given as its non-zero pixels."""
+        return self.sampling.bins is not None
+
+    def apply_nonzero(self, indices: np.ndarray, values: np.ndarray, *,
+                      saturation_value: float | None = None) -> np.ndarray:
+        """:meth:`apply` of a frame given as its non-zero pixels where ``usable`` (flat C-order
+        ``indices``, ascending, and their ``values``; every other pixel 0 or masked), as
+        :meth:`CompressedFrame.nonzero <xtalsym.daemon.protocols.CompressedFrame.nonzero>` decodes
+        a bslz4 frame; the same result, without a dense frame. Area binning only (:attr:`takes_nonzero`)."""
+        if not self.takes_nonzero:
+            raise ValueError("apply_nonzero needs an area map with binning (calibration.method = 'area')")
+        return _bin_nonzero(self, indices, values, saturation_value)
+
 
 def prepare(sampling: SamplingMap, *, pixel_mask: np.ndarray | None = None,
             flatfield: np.ndarray | None = None) -> PreparedMap:
@@ -435,14 +452,15 @@ def _invalid_values(values: np.ndarray, saturation_value: float | None) -> np.nd
     return bad
 
 
-def _apply_gather(frame: np.ndarray, prepared: PreparedMap, saturation_value: float | None,
-                  targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised bilinear sample (Σ w·I, Σ w) at each target (or at ``targets`` only)."""
+def _apply_gather(frame: np.ndarray | None, prepared: PreparedMap, saturation_value: float | None,
+                  targets: np.ndarray | None = None, *, values_at=None) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised bilinear sample (Σ w·I, Σ w) at each target (or at ``targets`` only);
+    ``values_at(flat indices)``: the frame's values there, when there is no dense ``frame``."""
     index, weight, ff = prepared.gather_index, prepared.gather_weight, prepared.gather_flatfield
     if targets is not None:
         index, weight = index[:, targets], weight[:, targets]
         ff = None if ff is None else ff[:, targets]
-    values = np.take(frame.ravel(), index)
+    values = np.take(frame.ravel(), index) if values_at is None else values_at(index)
     bad = _invalid_values(values, saturation_value)
     if bad is not None and bad.any():
         weight = weight * ~bad
@@ -456,20 +474,49 @@ def _apply_gather(frame: np.ndarray, prepared: PreparedMap, saturation_value: fl
 
 def _apply_bins(frame: np.ndarray, prepared: PreparedMap, saturation_value: float | None) -> np.ndarray:
     """Mean of the valid frame pixels in each target pixel's footprint, visiting only non-zero pixels."""
-    bins = prepared.sampling.bins
-    n_targets = bins.count.size  # bins.target holds n_targets for "off the grid": a bin that is dropped
     flat = frame.ravel()
     nonzero = flat != 0  # NaN counts as non-zero; a bool array's nonzero() is numpy's fast one
-    dense = np.count_nonzero(nonzero) > DENSE_FRACTION * flat.size
+    if np.count_nonzero(nonzero) > DENSE_FRACTION * flat.size:  # whole-array operations beat gathering most
+        return _bin_pixels(prepared, None, flat, saturation_value, frame=frame)
+    # a diffraction frame: a few % of the pixels are non-zero
+    if prepared.usable is not None:  # masked pixels (EIGER gaps: 2^n - 1, non-zero) never visited
+        nonzero &= prepared.usable
+    nz = np.flatnonzero(nonzero)
+    return _bin_pixels(prepared, nz, flat[nz], saturation_value, frame=frame)
+
+
+def _bin_nonzero(prepared: PreparedMap, indices: np.ndarray, values: np.ndarray,
+                 saturation_value: float | None) -> np.ndarray:
+    """:func:`_apply_bins` of a frame given as its non-zero usable pixels (ascending flat indices)."""
+    size = prepared.sampling.frame_shape[0] * prepared.sampling.frame_shape[1]
+    indices = np.asarray(indices)
+    if indices.size and (int(indices[0]) < 0 or int(indices[-1]) >= size):
+        raise CalibrationError("bad_frame", f"non-zero pixel index {int(indices[-1])} outside the "
+                               f"{size}-pixel frame")
+    index_of = indices.astype(np.intp, copy=False)
+
+    def values_at(flat_index: np.ndarray) -> np.ndarray:  # the frame's value at any pixel: 0 unless listed
+        if not index_of.size:
+            return np.zeros(flat_index.shape, values.dtype)
+        pos = np.minimum(np.searchsorted(index_of, flat_index), index_of.size - 1)
+        return np.where(index_of[pos] == flat_index, values[pos], 0).astype(values.dtype)
+
+    return _bin_pixels(prepared, index_of, values, saturation_value, values_at=values_at)
+
+
+def _bin_pixels(prepared: PreparedMap, nz: np.ndarray | None, values: np.ndarray, saturation_value: float | None,
+                *, frame: np.ndarray | None = None, values_at=None) -> np.ndarray:
+    """The binning itself: ``nz`` the flat indices of ``values`` (None: ``values`` is every pixel;
+    else they are the non-zero usable pixels); ``frame`` or ``values_at`` for the bilinear fallback."""
+    bins = prepared.sampling.bins
+    n_targets = bins.count.size  # bins.target holds n_targets for "off the grid": a bin that is dropped
+    dense = nz is None
     static = None
-    if dense:  # every pixel: whole-array operations beat gathering most of them
-        nz, target, values = None, bins.target, flat
+    if dense:
+        target = bins.target
         static = prepared.excluded  # masked pixels: already out of bin_valid
-    else:  # a diffraction frame: a few % of the pixels are non-zero
-        if prepared.usable is not None:  # masked pixels (EIGER gaps: 2^n - 1, non-zero) never visited
-            nonzero &= prepared.usable
-        nz = np.flatnonzero(nonzero)
-        target, values = bins.target[nz], flat[nz]
+    else:
+        target = bins.target[nz]
     bad = _invalid_values(values, saturation_value)
     newly_bad = bad if static is None or bad is None else bad & ~static
     drop = static if bad is None else (bad if static is None else bad | static)
@@ -487,7 +534,7 @@ def _apply_bins(frame: np.ndarray, prepared: PreparedMap, saturation_value: floa
     out[filled] = num[filled] / den[filled]
     empty = np.flatnonzero(~filled & (bins.gain > 0))
     if empty.size:  # no valid pixel centre in the footprint: the bilinear sample there
-        gnum, gden = _apply_gather(frame, prepared, saturation_value, empty)
+        gnum, gden = _apply_gather(frame, prepared, saturation_value, empty, values_at=values_at)
         ok = gden > 1e-3
         out[empty[ok]] = gnum[ok] / gden[ok]
     return (out * bins.gain).reshape(prepared.sampling.gain.shape)

@@ -6,7 +6,9 @@ its symmetry evidence (:func:`xtalsym.evidence.analyse_frame` on the calibrated 
 recorded frame (:mod:`xtalsym.daemon.classify`): one implementation for both. A job is a
 picklable :class:`FrameJob` built by the daemon itself; its frame may still be compressed
 (:class:`~xtalsym.daemon.protocols.CompressedFrame`: decompressing in the workers keeps the
-ingest thread and the pipe to the workers free of 36 MB arrays). Each worker builds the
+ingest thread and the pipe to the workers free of 36 MB arrays; a bslz4 frame under an area map
+is not even decompressed densely: :meth:`CompressedFrame.nonzero` decodes it straight to its
+non-zero usable pixels, which the binning needs, :meth:`calibrate.PreparedMap.apply_nonzero`). Each worker builds the
 sampling map once per series geometry (:func:`calibrate.build_map` is cached), reads the
 series' pixel mask and flatfield once, from files (:func:`_load_mask`), and folds them into
 the map once (:func:`_prepared`).
@@ -88,21 +90,35 @@ def _prepared(job: FrameJob) -> cal.PreparedMap:
     return prepared
 
 
-def _calibrate(job: FrameJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(frame, calibrated float intensity, 8-bit raw DP) of one job."""
-    frame = materialise(job.frame)
+def _intensity(job: FrameJob, prepared: cal.PreparedMap) -> tuple[np.dtype, np.ndarray]:
+    """(the frame's element type, its calibrated float intensity). A bslz4 frame under an area map
+    is decoded straight to its non-zero usable pixels and binned from those (no dense frame: a 16M
+    frame's decompression and a scan of its 18 M pixels for the non-zero ones become one pass in
+    cache); any other frame is decompressed and calibrated densely."""
+    frame = job.frame
+    if isinstance(frame, CompressedFrame) and prepared.takes_nonzero:
+        sparse = frame.nonzero(prepared.usable)
+        if sparse is not None:
+            indices, values = sparse
+            return values.dtype, prepared.apply_nonzero(indices, values, saturation_value=job.saturation_value)
+    frame = materialise(frame)
+    return frame.dtype, prepared.apply(frame, saturation_value=job.saturation_value)
+
+
+def _calibrate(job: FrameJob) -> tuple[np.dtype, np.ndarray, np.ndarray]:
+    """(the frame's element type, calibrated float intensity, 8-bit raw DP) of one job."""
     prepared = _prepared(job)
-    intensity = prepared.apply(frame, saturation_value=job.saturation_value)
+    dtype, intensity = _intensity(job, prepared)
     try:
         raw = cal.to_uint8(intensity)
     except cal.CalibrationError as exc:
         if exc.reason != "empty_frame":
             raise
         mask = _load_mask(job.mask_path) if job.mask_path else None
-        why = cal.explain_empty(frame, prepared.sampling, pixel_mask=mask, saturation_value=job.saturation_value,
-                                method=job.method)
+        why = cal.explain_empty(materialise(job.frame), prepared.sampling, pixel_mask=mask,
+                                saturation_value=job.saturation_value, method=job.method)
         raise cal.CalibrationError("empty_frame", f"nothing on the training grid: {why}") from None
-    return frame, intensity, raw
+    return dtype, intensity, raw
 
 
 def process_frame(job: FrameJob) -> np.ndarray:
@@ -128,12 +144,12 @@ def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, float, object, float,
     (shaped, calibrate+shape seconds, its CPU seconds in the worker's thread (the stage's cost on
     a shared machine), FrameEvidence or None, evidence seconds, evidence CPU seconds)."""
     t0, c0 = time.perf_counter(), time.thread_time()
-    frame, intensity, raw = _calibrate(job)
+    dtype, intensity, raw = _calibrate(job)
     shaped = shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
     t1, c1 = time.perf_counter(), time.thread_time()
     if not job.evidence:
         return shaped, t1 - t0, c1 - c0, None, 0.0, 0.0
-    found = frame_evidence(intensity, job, counts=bool(np.issubdtype(frame.dtype, np.integer)))
+    found = frame_evidence(intensity, job, counts=bool(np.issubdtype(dtype, np.integer)))
     return shaped, t1 - t0, c1 - c0, found, time.perf_counter() - t1, time.thread_time() - c1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -323,6 +324,78 @@ def lz4_block_decompress(blob: bytes, expected_nbytes: int, where: str) -> bytes
     return out
 
 
+SPARSE_BLOCK_BYTES = 8192  # bslz4_to_sparse decodes only bitshuffle's default block size (DECTRIS writes it)
+_sparse_local = threading.local()  # per thread: the decoder releases the GIL and writes into these buffers
+
+
+def _bslz4_to_sparse():
+    """The bslz4 -> (indices, values) decoder of the optional ``bslz4-to-sparse`` package, or None."""
+    try:
+        import bslz4_to_sparse
+    except ImportError:
+        return None
+    return bslz4_to_sparse
+
+
+def bslz4_chain_ok(blob: bytes, elem_size: int, expected_nbytes: int) -> bool:
+    """True when the bslz4 framing of ``blob`` (header already checked by :func:`framed_header`) is
+    complete: every block's 4-byte size lies inside the blob, the blocks end where the raw tail of
+    ``nelem % 8`` elements begins, and the tail ends the blob. The sparse decoder trusts these sizes
+    (it would read past the buffer otherwise); a blob that fails takes the checked dense path."""
+    block = SPARSE_BLOCK_BYTES
+    full, rest = divmod(expected_nbytes, block)
+    partial = rest - rest % (8 * elem_size)
+    n_blocks = full + (1 if partial else 0)
+    unpack = struct.Struct(">I").unpack_from
+    end = len(blob)
+    p = 12
+    for _ in range(n_blocks):
+        if p + 4 > end:
+            return False
+        p += 4 + unpack(blob, p)[0]
+    return p + (rest - partial) == end
+
+
+def bslz4_nonzero(blob: bytes, *, dtype: np.dtype, expected_nbytes: int, usable: np.ndarray | None,
+                  where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The non-zero pixels of a bslz4 frame where ``usable`` (flat bool, or None: all), decoded
+    straight to (flat indices uint32 ascending, values) without the dense frame (bslz4-to-sparse:
+    each 8 KiB block is decompressed and scanned in cache; a 16M frame's 36 MB are never written).
+
+    None when this frame cannot be decoded that way (package missing, not a native unsigned
+    integer type of 1, 2 or 4 bytes, another block size, framing that does not add up): the
+    caller decompresses it densely, which gives the precise error for a corrupt frame (the
+    package also prints a line of its own to stdout for a corrupt LZ4 block)."""
+    dtype = np.dtype(dtype)
+    lib = _bslz4_to_sparse()
+    decode = None if lib is None else {1: lib.bslz4_uint8_t, 2: lib.bslz4_uint16_t, 4: lib.bslz4_uint32_t}.get(
+        dtype.itemsize)
+    if decode is None or dtype.kind != "u" or not dtype.isnative or len(blob) < 12:
+        return None
+    n = expected_nbytes // dtype.itemsize
+    if struct.unpack(">QI", bytes(blob[:12])) != (expected_nbytes, SPARSE_BLOCK_BYTES):
+        return None
+    if not bslz4_chain_ok(blob, dtype.itemsize, expected_nbytes):
+        return None
+    if usable is None:
+        usable = getattr(_sparse_local, "all_usable", None)
+        if usable is None or usable.size != n:
+            usable = _sparse_local.all_usable = np.ones(n, np.uint8)
+    elif usable.dtype == np.bool_:
+        usable = usable.view(np.uint8)
+    if usable.shape != (n,):
+        raise ValueError(f"usable has shape {usable.shape}, the frame {n} pixels")
+    buffers = getattr(_sparse_local, "buffers", None)
+    if buffers is None or buffers[0].size != n or buffers[0].dtype != dtype:
+        # reused frame after frame (a 16M frame: 108 MB reserved, only the pages written are used)
+        buffers = _sparse_local.buffers = (np.empty(n, dtype), np.empty(n, np.uint32))
+    values, indices = buffers
+    found = decode(np.frombuffer(blob, np.uint8), usable, values, indices, 0)
+    if found < 0:  # a corrupt LZ4 block: the dense decoder says what is wrong with it
+        return None
+    return indices[:found].copy(), values[:found].copy()
+
+
 @dataclass(frozen=True, eq=False)
 class CompressedFrame:
     """An image's payload checked but not yet decompressed (``decode(..., defer_decompression=True)``).
@@ -364,6 +437,15 @@ class CompressedFrame:
         if not dtype.isnative:
             array = array.astype(dtype.newbyteorder("="))
         return np.ascontiguousarray(array)
+
+    def nonzero(self, usable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(flat C-order indices, values) of the non-zero pixels where ``usable`` (flat bool), without
+        the dense array; None when only :meth:`decompress` can decode this frame (see
+        :func:`bslz4_nonzero`)."""
+        if self.algorithm != "bslz4" or self.order != "C":
+            return None
+        return bslz4_nonzero(self.blob, dtype=np.dtype(self.dtype), expected_nbytes=self.nbytes, usable=usable,
+                             where=self.where)
 
 
 def deferred(blob: bytes, algorithm: str, dtype: np.dtype, shape: tuple[int, int], where: str,
