@@ -423,7 +423,7 @@ def main() -> int:
                     help="';'-separated daemon settings to run side by side, each ','-separated section.key=value "
                          "or 'default', e.g. \"default;pipeline.evidence=false;index.query=every\"")
     ap.add_argument("--evidence", default="on", choices=("on", "off"),
-                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the inference "
+                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the combine "
                     "thread combines it); off shows what it costs")
     ap.add_argument("--max-wait", type=float, default=900.0,
                     help="seconds after the last message to wait for the daemon to account for every message")
