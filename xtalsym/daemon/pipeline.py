@@ -158,7 +158,8 @@ class Pipeline:
         self.metrics.prom.track_model(lambda: self.model_info)  # read at scrape time: follows swap()
         self.metrics.prom.track_queues(
             {"workers": lambda: len(self.slots), "results": self._results.qsize,
-             "open_samples": lambda: len(self.assembler.open), "batch": lambda: self._pending_batch},
+             "open_samples": lambda: len(self.assembler.open), "combine": lambda: self._combining,
+             "batch": lambda: self._pending_batch},
             {"workers": lambda: config.pipeline.queue_size, "batch": lambda: self.config.pipeline.max_batch})
 
     # ---- life cycle
