@@ -179,7 +179,8 @@ def main() -> None:
     ap.add_argument("--d-min", default="", help="comma list of d_min in Å for the coverage table, e.g. 1.46,1.0,0.7")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show-wrong", action="store_true", help="list the wrong decisions")
-    ap.add_argument("--speed", action="store_true", help="only time analyse_frame on the shipped structures (z, 20x)")
+    ap.add_argument("--speed", action="store_true",
+                    help="only time analyse_frame (x, y, z) and combine on the shipped structures (min of 20)")
     args = ap.parse_args()
     if args.speed:
         speed()
@@ -231,23 +232,41 @@ def main() -> None:
 
 
 def speed(repeats: int = 20) -> None:
-    """CPU ms per analyse_frame call on each shipped structure's z pattern, and the load."""
+    """CPU ms per analyse_frame call (each zone) and per combine call (the three zones) on each
+    shipped structure's patterns, minimum over ``repeats`` (the least disturbed run), and the load."""
     geometry = simulate.Geometry()
+    sample_mod.group_table()  # one-time tables, not part of the per-sample time
     ref = np.random.default_rng(0).random((256, 256))
     t0 = time.process_time()
     for _ in range(1000):
         ref.sum()
     print(f"reference: numpy sum over 256x256 float64 {1e3 * (time.process_time() - t0):.1f} us; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'structure':<10} {'ms/frame':>9} {'spots':>6}")
+    print(f"{'structure':<10} {'ms/frame x':>11} {'y':>6} {'z':>6} {'ms/combine':>11} {'spots z':>8}")
+    per_frame, per_combine = [], []
     for path in sorted(structures.shipped_structures_dir().glob("*.cif")):
         lab = structures.load_structure(path)
-        p = simulate.simulate_pattern(lab.structure, "z", geometry=geometry, **simulate.DATASET_OPTIONS)
-        analyse_frame(p, axis="z", q_per_pixel=geometry.q_per_pixel)
-        t0 = time.process_time()
+        patterns = simulate.simulate_axes(lab.structure, geometry=geometry, **simulate.DATASET_OPTIONS)
+        frames, frame_ms = {}, {}
+        for axis, p in patterns.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.process_time()
+                frames[axis] = analyse_frame(p, axis=axis, q_per_pixel=geometry.q_per_pixel)
+                times.append(time.process_time() - t0)
+            frame_ms[axis] = 1e3 * min(times)
+        times = []
         for _ in range(repeats):
-            ev = analyse_frame(p, axis="z", q_per_pixel=geometry.q_per_pixel)
-        print(f"{path.stem:<10} {1e3 * (time.process_time() - t0) / repeats:>9.2f} {ev.n_spots:>6}")
+            t0 = time.process_time()
+            combine(frames)
+            times.append(time.process_time() - t0)
+        combine_ms = 1e3 * min(times)
+        per_frame += list(frame_ms.values())
+        per_combine.append(combine_ms)
+        print(f"{path.stem:<10} {frame_ms['x']:>11.2f} {frame_ms['y']:>6.2f} {frame_ms['z']:>6.2f} "
+              f"{combine_ms:>11.2f} {frames['z'].n_spots:>8}")
+    print(f"median: analyse_frame {np.median(per_frame):.2f} ms per frame, combine {np.median(per_combine):.2f} ms "
+          f"per sample; load average {os.getloadavg()[0]:.1f}")
 
 
 def _level(options: dict) -> str:

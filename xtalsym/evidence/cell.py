@@ -14,6 +14,7 @@ likelihoods try the cell multiples each group would show (:mod:`.sample`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xtalsym import symmetry
+from xtalsym.evidence import stats
 
 METRIC_CLASSES = symmetry.METRIC_CLASSES
 TRUE_ZONES = {"triclinic": ("x",), "monoclinic": ("x", "y"), "orthorhombic": ("x", "y", "z"),
@@ -93,15 +95,22 @@ class MetricFit:
         return symmetry.vesta_lattice(a * scale[0], b * scale[1], c * scale[2], al, be, ga)
 
 
+@functools.lru_cache(maxsize=16)
+def _triples(n: int) -> np.ndarray:
+    out = np.array(list(itertools.combinations(range(n), 3)))
+    out.setflags(write=False)
+    return out
+
+
 def _lattice_3d(vectors: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Coarsest reciprocal basis B (rows) with vectors ≈ idx @ B, idx integer; (B, residuals)."""
     n = len(vectors)
     if n < 3:
         return None
-    triples = np.array(list(itertools.combinations(range(n), 3)))
+    triples = _triples(n)
     bases = vectors[triples]  # (T, 3, 3)
     det = np.linalg.det(bases)
-    scale = float(np.median(np.linalg.norm(vectors, axis=1))) ** 3
+    scale = stats.median(np.linalg.norm(vectors, axis=1)) ** 3
     ok = np.abs(det) > 1e-3 * scale
     if not ok.any():
         return None
@@ -139,30 +148,49 @@ def _shortest(v: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     return cand[np.argmin(np.linalg.norm(cand, axis=1))]
 
 
-def _conventional_vectors(metric: str, real: np.ndarray) -> np.ndarray | None:
-    """Rows a, b, c of the smallest conventional cell of ``metric`` in our frame, from a real lattice."""
-    v = _N @ real
-    x, y, z = np.eye(3)
+def _conventional_vectors(metric: str, real: np.ndarray, memo: dict | None = None) -> np.ndarray | None:
+    """Rows a, b, c of the smallest conventional cell of ``metric`` in our frame, from a real lattice.
+
+    ``memo``: a dict kept per ``real`` lattice; the classes share its lattice vectors, their shortest
+    vectors along x, y, z and the monoclinic c choices (the same numbers, computed once)."""
+    memo = {} if memo is None else memo
+    if "v" not in memo:
+        memo["v"] = _N @ real
+    v = memo["v"]
     tol = DIRECTION_TOLERANCE_DEG
-    a = _shortest(v, _along(v, x, tol))
+
+    def along(i: int) -> np.ndarray | None:
+        key = ("along", i)
+        if key not in memo:
+            memo[key] = _shortest(v, _along(v, np.eye(3)[i], tol))
+        return memo[key]
+
+    a = along(0)
     if a is None:
         return None
     if metric in ("orthorhombic", "tetragonal", "cubic"):
-        b, c = _shortest(v, _along(v, y, tol)), _shortest(v, _along(v, z, tol))
+        b, c = along(1), along(2)
     elif metric == "hexagonal":
-        c = _shortest(v, _along(v, z, tol))
+        c = along(2)
         cosang = (v @ a) / (np.linalg.norm(v, axis=1) * np.linalg.norm(a))
-        b = _shortest(v, _in_plane(v, z, tol) & (np.abs(np.degrees(np.arccos(np.clip(cosang, -1, 1))) - 120) <= tol)
-                      & (v[:, 1] > 0))
+        b = _shortest(v, _in_plane(v, np.eye(3)[2], tol)
+                      & (np.abs(np.degrees(np.arccos(np.clip(cosang, -1, 1))) - 120) <= tol) & (v[:, 1] > 0))
     elif metric == "monoclinic":
-        b = _shortest(v, _along(v, y, tol))
-        alts = monoclinic_c_choices(v, a)
+        b = along(1)
+        alts = _monoclinic_choices(memo, a)
         c = alts[0] if alts else None
     else:
         return None
     if b is None or c is None:
         return None
     return np.array([a, b, c])
+
+
+def _monoclinic_choices(memo: dict, a: np.ndarray) -> list[np.ndarray]:
+    key = ("monoclinic", a.tobytes())
+    if key not in memo:
+        memo[key] = monoclinic_c_choices(memo["v"], a)
+    return memo[key]
 
 
 MONOCLINIC_CHOICES = 3
@@ -217,8 +245,17 @@ def _idealise(metric: str, p: np.ndarray) -> tuple[np.ndarray, float, np.ndarray
     return ideal, 0.0, ideal != p
 
 
-def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
-    """The conventional cell of ``metric`` from the zones that are true zones of that class."""
+def fit_metrics(zones: dict[str, ZoneVectors]) -> dict[str, MetricFit]:
+    """:func:`fit_metric` for every metric class; classes using the same zones share one 3D lattice
+    search (orthorhombic to cubic all use x, y, z)."""
+    shared: dict = {}
+    return {m: fit_metric(m, zones, _lattices=shared) for m in METRIC_CLASSES}
+
+
+def fit_metric(metric: str, zones: dict[str, ZoneVectors], *, _lattices: dict | None = None) -> MetricFit:
+    """The conventional cell of ``metric`` from the zones that are true zones of that class.
+
+    ``_lattices``: a dict shared between calls on the same zones, caching the 3D lattice per zone set."""
     used = tuple(a for a in TRUE_ZONES[metric] if a in zones)
     if metric == "triclinic" or len(used) < 2:
         why = ("a triclinic cell has one zone axis among x, y, z" if metric == "triclinic"
@@ -233,13 +270,19 @@ def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
             tol.append(INDEX_TOLERANCE_PX * zv.q_per_pixel)
             sig.append(max(zv.sigma, POSITION_SIGMA_FLOOR_PX * zv.q_per_pixel))
     vectors, tol, sig = np.array(rows), np.array(tol), np.array(sig)
-    found = _lattice_3d(vectors, tol)
+    # classes fitted to the same zones share the lattice, its real cell and their conventional axes
+    shared = {} if _lattices is None else _lattices.setdefault(used, {})
+    if "found" not in shared:
+        shared["found"] = _lattice_3d(vectors, tol)
+    found = shared["found"]
     if found is None:
         return MetricFit(metric, False, f"zones {', '.join(used)} share no 3D lattice", zones=used)
     basis, resid = found
     chi2_fit = float(((resid / sig) ** 2).sum())
-    real = np.linalg.inv(basis).T
-    conv = _conventional_vectors(metric, real)
+    if "real" not in shared:
+        shared["real"] = np.linalg.inv(basis).T
+    real = shared["real"]
+    conv = _conventional_vectors(metric, real, shared)
     if conv is not None:
         # a conventional cell holds 1, 2, 3 (R) or 4 (F) primitive cells; any other multiple means
         # the "axis" vectors are long near-rational combinations, not symmetry directions
@@ -268,7 +311,7 @@ def fit_metric(metric: str, zones: dict[str, ZoneVectors]) -> MetricFit:
         sigma[3] = sigma[5] = 0.0
     alternatives = []
     if metric == "monoclinic":
-        for c in monoclinic_c_choices(_N @ real, conv[0])[1:]:
+        for c in _monoclinic_choices(shared if "v" in shared else {"v": _N @ real}, conv[0])[1:]:
             q = _params(np.array([conv[0], conv[1], c]))
             q[3], q[5] = 90.0, 90.0
             alternatives.append(tuple(float(x) for x in q))

@@ -133,11 +133,13 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         return _undecided(axis, q_per_pixel, f"frame has non-numeric dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
+    if not math.isfinite(float(arr.sum())):  # one pass; finite values can still overflow the sum
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
     if counts is None:
-        counts = bool(np.all(arr == np.rint(arr)))
+        sample = arr.ravel()[::97]  # a float frame shows non-integers at once; counts need the full check
+        counts = bool(np.all(sample == np.rint(sample))) and bool(np.all(arr == np.rint(arr)))
     cy, cx = (arr.shape[0] - 1) / 2, (arr.shape[1] - 1) / 2
     r_edge = min(cx, cy) - EDGE_MARGIN_PX
     r_max = r_edge if d_min_angstrom is None else min(r_edge, 1.0 / (d_min_angstrom * q_per_pixel))
@@ -182,9 +184,7 @@ def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis
     short = float(min(np.hypot(*basis_px.T)))
     binv = np.linalg.inv(basis_px)
     span = int(math.ceil(r_max * np.abs(binv).sum(axis=0).max())) + 1
-    g = np.arange(-2 * span, 2 * span + 1)
-    m2, n2 = np.meshgrid(g, g, indexing="ij")
-    half = np.stack([m2.ravel(), n2.ravel()], 1)
+    half = lattice2d.disc_nodes(basis_px / 2.0, r_max, 2 * span)  # the half-grid's disc, not its square
     pos = half @ basis_px / 2.0
     r = np.hypot(pos[:, 0], pos[:, 1])
     keep = (r >= r_min) & (r <= r_max)
@@ -253,20 +253,28 @@ def _symmetry(ev: FrameEvidence, basis_px: np.ndarray) -> None:
     lookup = np.full(width * width, -1, np.int64)
     keys = (nodes[:, 0] + span) * width + (nodes[:, 1] + span)
     lookup[keys] = np.arange(len(nodes))
-    for op in lattice2d.lattice_operations(basis_px):
+    ops = lattice2d.lattice_operations(basis_px)
+    a_all = np.arange(len(nodes))
+    pairs = []
+    for op in ops:
         image = nodes @ op.matrix
         inside = np.all(np.abs(image) <= span, axis=1)
         partner = np.full(len(nodes), -1, np.int64)
         partner[inside] = lookup[(image[inside, 0] + span) * width + (image[inside, 1] + span)]
-        a = np.arange(len(nodes))
-        use = (partner > a) & (significant | significant[np.maximum(partner, 0)])
-        b = partner[use]
-        a = a[use]
-        llr = stats.pair_llr(value[a], sigma[a], value[b], sigma[b], np.maximum(scale[a], scale[b]))
-        total = float(llr.sum())
+        use = (partner > a_all) & (significant | significant[np.maximum(partner, 0)])
+        pairs.append((a_all[use], partner[use]))
+    # every operation's pairs in one likelihood call (elementwise: the same numbers), summed per operation
+    a = np.concatenate([p for p, _ in pairs]) if pairs else np.zeros(0, np.int64)
+    b = np.concatenate([p for _, p in pairs]) if pairs else np.zeros(0, np.int64)
+    llr_all = stats.pair_llr(value[a], sigma[a], value[b], sigma[b], np.maximum(scale[a], scale[b]))
+    start = 0
+    for op, (pa, _) in zip(ops, pairs):
+        n_pairs = len(pa)
+        total = float(llr_all[start:start + n_pairs].sum())
+        start += n_pairs
         ev.symmetry[op.name] = {"kind": op.kind, "angle_deg": round(op.angle_deg, 2),
-                                "log_likelihood_ratio": round(total, 3), "pairs": int(use.sum()),
-                                "matrix": op.matrix.tolist(), "verdict": _verdict(total, int(use.sum()))
+                                "log_likelihood_ratio": round(total, 3), "pairs": n_pairs,
+                                "matrix": op.matrix.tolist(), "verdict": _verdict(total, n_pairs)
                                 .replace("absent", "symmetric").replace("present", "not symmetric")}
     ev.point_group_2d = _summary_point_group(ev.symmetry)
 

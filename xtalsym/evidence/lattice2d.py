@@ -11,6 +11,7 @@ Units here are pixels; :mod:`xtalsym.evidence.frame` converts to Å⁻¹.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,9 @@ def reduce_basis(basis: np.ndarray) -> np.ndarray:
     return np.array([u, v])
 
 
+_KEY_OFFSET = 1 << 24  # > any |vector| / 0.7 px
+
+
 def _candidates(points: np.ndarray) -> np.ndarray:
     few = points[:MAX_DIFFERENCE_SPOTS]
     diffs = (few[:, None, :] - few[None, :, :]).reshape(-1, 2)
@@ -66,7 +70,9 @@ def _candidates(points: np.ndarray) -> np.ndarray:
     order = np.argsort(lengths, kind="stable")
     vecs = vecs[order]
     # near-duplicates share a 0.7 px cell: keep the first (shortest) of each
-    _, first = np.unique(np.rint(vecs / 0.7).astype(np.int64), axis=0, return_index=True)
+    cells = np.rint(vecs / 0.7).astype(np.int64)
+    keys = (cells[:, 0] + _KEY_OFFSET) * (2 * _KEY_OFFSET) + (cells[:, 1] + _KEY_OFFSET)  # row order, as 1-D
+    _, first = np.unique(keys, return_index=True)
     return vecs[np.sort(first)][:MAX_CANDIDATES]
 
 
@@ -86,20 +92,25 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     cand = _candidates(top)
     if len(cand) < 2:
         return None
-    i, j = np.triu_indices(len(cand), 1)
+    i, j = _pairs(len(cand))
     a, b = cand[i], cand[j]
     det = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
     area_ok = np.abs(det) >= MIN_VECTOR_PX**2
     if not area_ok.any():
         return None
     a, b, det = a[area_ok], b[area_ok], det[area_ok]
-    # fractional coordinates of every top spot in every candidate basis, vectorised
-    inv = np.stack([np.stack([b[:, 1], -a[:, 1]], -1), np.stack([-b[:, 0], a[:, 0]], -1)], 1) / det[:, None, None]
-    frac = np.einsum("kd,pde->pke", top, inv)
-    rem = frac - np.rint(frac)
-    cart = rem[..., :1] * a[:, None, :] + rem[..., 1:] * b[:, None, :]
+    # fractional coordinates (f, g) of every top spot (columns) in every candidate basis (rows):
+    # x·inv[0] + y·inv[1] with inv the rows of the 2×2 inverse, each component as its own (P, K) array
+    inv00, inv01 = b[:, 1:] / det[:, None], -a[:, 1:] / det[:, None]
+    inv10, inv11 = -b[:, :1] / det[:, None], a[:, :1] / det[:, None]
+    x, y = top[None, :, 0], top[None, :, 1]
+    f = x * inv00 + y * inv10
+    g = x * inv01 + y * inv11
+    f -= np.rint(f)
+    g -= np.rint(g)
     # absolute AND fractional tolerance: a too-fine basis indexes stray spots by chance otherwise
-    ok = (np.hypot(cart[..., 0], cart[..., 1]) <= INDEX_TOLERANCE_PX) & np.all(np.abs(rem) <= FRACTION_TOLERANCE, -1)
+    ok = np.hypot(f * a[:, :1] + g * b[:, :1], f * a[:, 1:] + g * b[:, 1:]) <= INDEX_TOLERANCE_PX
+    ok &= (np.abs(f) <= FRACTION_TOLERANCE) & (np.abs(g) <= FRACTION_TOLERANCE)
     score = (ok * w[None]).sum(1) / w.sum()
     good = score >= score.max() - SCORE_SLACK
     best = np.flatnonzero(good)[np.argmax(np.abs(det[good]))]
@@ -115,12 +126,18 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     return refined
 
 
+def _rank_deficient(n: np.ndarray) -> bool:
+    """Whether the integer (K, 2) node indices span less than a plane: det(nᵀn) = 0, exactly."""
+    g = n.T @ n
+    return int(g[0, 0]) * int(g[1, 1]) - int(g[0, 1]) * int(g[1, 0]) == 0
+
+
 def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattice2D | None:
     """Least-squares basis from every spot within tolerance of a node; σ from the scatter."""
     for _ in range(2):
         idx, resid = _index(points, basis)
         use = resid <= INDEX_TOLERANCE_PX
-        if use.sum() < 2 or np.linalg.matrix_rank(idx[use].astype(float)) < 2:
+        if use.sum() < 2 or _rank_deficient(idx[use]):
             return None
         n = idx[use].astype(float)
         sw = np.sqrt(np.clip(weights[use], 0, None) / max(float(np.max(weights[use])), 1e-300)) + 1e-3
@@ -138,6 +155,34 @@ def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattic
     sigma = scatter / math.sqrt(2) * np.sqrt(np.clip(np.diag(cov), 0, None))[:, None] * np.ones((1, 2))
     rms = float(np.sqrt(np.mean(resid[use] ** 2))) if use.any() else float("nan")
     return Lattice2D(basis_px=basis, sigma_px=sigma, indices=idx, indexed=use, residual_px=resid, rms_px=rms)
+
+
+def disc_nodes(basis: np.ndarray, r_max: float, span: int) -> np.ndarray:
+    """(N, 2) nodes (m, n), |m|, |n| <= span, m-major and n ascending, covering every node with
+    |m·u + n·v| <= r_max (plus up to two per row m beyond it: callers filter exactly). The same
+    nodes in the same order as filtering the (2·span + 1)² square, without building it."""
+    u, v = np.asarray(basis, float)
+    uu, vv, uv = float(u @ u), float(v @ v), float(u @ v)
+    det2 = max(uu * vv - uv * uv, 1e-300)
+    m_max = min(span, int(math.floor(r_max * math.sqrt(vv / det2))) + 1)
+    m = np.arange(-m_max, m_max + 1)
+    half = np.sqrt(np.maximum(vv * r_max * r_max - m * m * det2, 0.0)) / vv
+    centre = -m * (uv / vv)
+    lo = np.maximum(np.floor(centre - half).astype(np.int64) - 1, -span)
+    hi = np.minimum(np.ceil(centre + half).astype(np.int64) + 1, span)
+    count = np.maximum(hi - lo + 1, 0)
+    starts = np.cumsum(count) - count
+    mm = np.repeat(m, count)
+    nn = np.arange(int(count.sum())) - np.repeat(starts - lo, count)
+    return np.stack([mm, nn], 1)
+
+
+@functools.lru_cache(maxsize=128)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    i, j = np.triu_indices(n, 1)
+    i.setflags(write=False)
+    j.setflags(write=False)
+    return i, j
 
 
 _ALL = np.array(list(np.ndindex(3, 3, 3, 3))).reshape(-1, 2, 2) - 1

@@ -27,6 +27,7 @@ reach ``DECIDE_LOG_ODDS``; otherwise the classes within reach are named in a war
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -155,58 +156,102 @@ def _prepare(ev: FrameEvidence) -> _ZoneData:
     base = np.logaddexp(math.log1p(-SPURIOUS_SPOT) + stats.log_absent(ev.spots_intensity, sig),
                         math.log(SPURIOUS_SPOT) + allowed)
     spot_llr = allowed - base
-    noise = float(np.median(ev.nodes_sigma)) if len(ev.nodes_sigma) else 0.0
+    noise = stats.median(ev.nodes_sigma) if len(ev.nodes_sigma) else 0.0
     threshold = ev.threshold
 
     def empty_llr(q_nodes: np.ndarray) -> np.ndarray:
         sc = ev.scale_at(q_nodes)
-        s = stats.total_sigma(noise, sc)
-        return stats.log_below_allowed(threshold, s, sc) - stats.log_below_absent(threshold, s)
+        return stats.log_below_ratio(threshold, stats.total_sigma(noise, sc), sc)
 
     return _ZoneData(ev, points, ev.q_min / ev.q_per_pixel, ev.q_max / ev.q_per_pixel, spot_llr, empty_llr)
 
 
-def _node_scores(zd: _ZoneData, basis_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes (m, n) of a 2D lattice (rows u, v in px) inside the annulus, and each node's score if
-    allowed (relative to "nothing there"); an absent node scores 0."""
-    binv = np.linalg.inv(basis_px)
-    span = int(math.ceil(zd.r_max * np.abs(binv).sum(axis=0).max())) + 1
-    span = min(span, 200)
-    g = np.arange(-span, span + 1)
-    mm, nn = np.meshgrid(g, g, indexing="ij")
-    nodes = np.stack([mm.ravel(), nn.ravel()], 1)
-    pos = nodes @ basis_px
+MAX_NODE_SPAN = 200  # |m|, |n| bound of the node enumeration (a lattice finer than 0.6 px is no lattice)
+
+
+@dataclass(frozen=True)
+class _NodeSets:
+    """The nodes of several lattices inside a zone's annulus, lattice after lattice (each m-major,
+    n ascending), and their scores; lattice j is ``[bounds[j]:bounds[j + 1]]``."""
+
+    m: np.ndarray
+    n: np.ndarray
+    score: np.ndarray  # if allowed, relative to "nothing there"; an absent node scores 0
+    bounds: np.ndarray  # (k + 1,)
+
+
+def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
+    """Score the nodes of several 2D lattices (each (2, 2), rows u, v in px) of one zone together.
+
+    Per lattice: the nodes (m, n) with |m|, |n| <= its span and m·u + n·v inside the annulus, each
+    scored by its brightest spot within NODE_TOLERANCE_PX, or as an empty node. All lattices'
+    nodes go through the scoring at once (a sample has ~30 lattices: per-lattice calls would cost
+    more than the arithmetic). The nodes of a lattice are those of the square |m|, |n| <= span, so
+    the enumeration per row m covers only the disc's chord (plus one node each side)."""
+    k = len(bases_px)
+    bases = np.stack(bases_px)
+    binv = np.linalg.inv(bases)
+    spans = np.minimum(np.ceil(zd.r_max * np.abs(binv).sum(axis=1).max(axis=1)).astype(np.int64) + 1, MAX_NODE_SPAN)
+    uu = np.einsum("ki,ki->k", bases[:, 0], bases[:, 0])
+    vv = np.einsum("ki,ki->k", bases[:, 1], bases[:, 1])
+    uv = np.einsum("ki,ki->k", bases[:, 0], bases[:, 1])
+    det2 = np.maximum(uu * vv - uv * uv, 1e-300)
+    m_max = np.minimum(spans, np.floor(zd.r_max * np.sqrt(vv / det2)).astype(np.int64) + 1)
+    rows_per_set = 2 * m_max + 1
+    row_set = np.repeat(np.arange(k), rows_per_set)
+    row_m = np.arange(len(row_set)) - np.repeat(np.cumsum(rows_per_set) - rows_per_set + m_max, rows_per_set)
+    vv_r, uv_r, det2_r, span_r = vv[row_set], uv[row_set], det2[row_set], spans[row_set]
+    half = np.sqrt(np.maximum(vv_r * zd.r_max * zd.r_max - row_m * row_m * det2_r, 0.0)) / vv_r
+    centre = -row_m * (uv_r / vv_r)
+    lo = np.maximum(np.floor(centre - half).astype(np.int64) - 1, -span_r)
+    hi = np.minimum(np.ceil(centre + half).astype(np.int64) + 1, span_r)
+    count = np.maximum(hi - lo + 1, 0)
+    starts = np.cumsum(count) - count
+    node_set = np.repeat(row_set, count)
+    mm = np.repeat(row_m, count)
+    nn = np.arange(int(count.sum())) - np.repeat(starts - lo, count)
+    nodes = np.stack([mm, nn], 1)
+    bounds = np.searchsorted(node_set, np.arange(k + 1))
+    pos = np.concatenate([nodes[bounds[j]:bounds[j + 1]] @ bases[j] for j in range(k)])  # per-lattice matmul
     r = np.hypot(pos[:, 0], pos[:, 1])
     keep = (r >= zd.r_min) & (r <= zd.r_max)
-    width = 2 * span + 1
-    where = np.full(width * width, -1, np.int64)  # grid key -> position among the kept nodes
-    where[np.flatnonzero(keep)] = np.arange(int(keep.sum()))
-    nodes, r = nodes[keep], r[keep]
-    score = zd.empty_llr_fn(r * zd.frame.q_per_pixel)
+    node_set, nodes, r = node_set[keep], nodes[keep], r[keep]
+    # the empty-node score depends on |q| alone, and Friedel pairs and the nodes the lattices share
+    # have bit-identical radii: score each distinct radius once
+    radii, back = np.unique(r, return_inverse=True)
+    score = zd.empty_llr_fn(radii * zd.frame.q_per_pixel)[back]
     if len(zd.points) and len(nodes):
-        frac = zd.points @ binv
+        frac = zd.points[None] @ binv  # (k, K, 2)
         idx = np.rint(frac).astype(np.int64)
-        resid = np.hypot(*((frac - idx) @ basis_px).T)
-        on = (resid <= NODE_TOLERANCE_PX) & np.all(np.abs(idx) <= span, axis=1)
-        pos_on = where[(idx[on, 0] + span) * width + (idx[on, 1] + span)]
-        hit = pos_on >= 0
-        if hit.any():
-            best = np.full(len(nodes), -np.inf)
-            np.maximum.at(best, pos_on[hit], zd.spot_llr[on][hit])  # the brightest spot of a node
-            score = np.where(np.isfinite(best), best, score)
-    return nodes, score
+        cart = (frac - idx) @ bases
+        resid = np.hypot(cart[..., 0], cart[..., 1])
+        on = (resid <= NODE_TOLERANCE_PX) & np.all(np.abs(idx) <= spans[:, None, None], axis=2)
+        if on.any():
+            # nodes are sorted by (lattice, m, n): find each spot's node by its key
+            width = 2 * MAX_NODE_SPAN + 1
+            keys = (node_set * width + nodes[:, 0] + MAX_NODE_SPAN) * width + nodes[:, 1] + MAX_NODE_SPAN
+            which, spot = np.nonzero(on)
+            spot_keys = (which * width + idx[which, spot, 0] + MAX_NODE_SPAN) * width + idx[which, spot, 1] + MAX_NODE_SPAN
+            at = np.minimum(np.searchsorted(keys, spot_keys), len(keys) - 1)
+            hit = keys[at] == spot_keys
+            if hit.any():
+                best = np.full(len(nodes), -np.inf)
+                np.maximum.at(best, at[hit], zd.spot_llr[spot[hit]])  # the brightest spot of a node
+                score = np.where(np.isfinite(best), best, score)
+    return _NodeSets(nodes[:, 0], nodes[:, 1], score, np.searchsorted(node_set, np.arange(k + 1)))
 
 
-def _own_lattice_score(zd: _ZoneData) -> float:
-    nodes, score = _node_scores(zd, zd.frame.basis / zd.frame.q_per_pixel)
-    return float(score.sum())
-
-
-def _zone_basis_px(lattice: np.ndarray, plane: zonerules.ZonePlane, axis: str, q_per_pixel: float) -> np.ndarray:
-    rec = np.linalg.inv(lattice).T  # rows a*, b*, c* (no 2π)
+@functools.cache
+def _image_axes(axis: str) -> np.ndarray:
+    """(3, 2): crystal-frame vector -> image (x, y) of zone ``axis``."""
     _, ix, iy = (np.array(v) for v in symmetry.zone_image_axes(axis))
-    g = np.array(plane.basis_hkl, float) @ rec
-    return np.stack([g @ ix, g @ iy], 1) / q_per_pixel
+    return np.stack([ix, iy], 1)
+
+
+def _zone_basis_px(reciprocal: np.ndarray, plane: zonerules.ZonePlane, axis: str, q_per_pixel: float) -> np.ndarray:
+    """The zone plane's basis in px, from the reciprocal lattice (rows a*, b*, c*, no 2π)."""
+    g = np.array(plane.basis_hkl, float) @ reciprocal
+    return (g @ _image_axes(axis)) / q_per_pixel
 
 
 # --------------------------------------------------------------------------- combine
@@ -229,25 +274,23 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         a: cellfit.ZoneVectors(a, cellfit.embed(a, ev.basis), ev.q_per_pixel,
                                float(np.max(ev.basis_sigma)) if ev.basis_sigma is not None else 0.0)
         for a, ev in usable.items()}
-    fits = {m: cellfit.fit_metric(m, zone_vectors) for m in cellfit.METRIC_CLASSES}
+    fits = cellfit.fit_metrics(zone_vectors)
     feasible = {m: f for m, f in fits.items() if f.feasible}
     if not feasible:
         return _undecided(frames, warnings_, "; ".join(f"{m}: {f.reason}" for m, f in fits.items()))
     prepared = {a: _prepare(ev) for a, ev in usable.items()}
-    own = {a: _own_lattice_score(zd) for a, zd in prepared.items()}
-    group_ll, group_scale = _group_logliks(fits, prepared, own)
-    system_ll = _class_logliks(group_ll, _SYSTEM_LABELS, CRYSTAL_SYSTEMS)
-    bravais_ll = _class_logliks(group_ll, _bravais_labels(), BRAVAIS_LATTICES)
+    group_ll, group_scale = _group_logliks(fits, prepared)
+    tables = _tables()
+    system_ll = _class_logliks(group_ll, tables.system_members)
+    bravais_ll = _class_logliks(group_ll, tables.bravais_members)
     system, system_ok = _decide(system_ll)
     bravais, bravais_ok = _decide(bravais_ll)
     tested = {m: f for m, f in feasible.items() if not f.partial}
     best_metric = max(tested or feasible, key=lambda m: (tested or feasible)[m].loglik)
     best_fit = feasible[best_metric]
     cell_by_bravais = {}
-    labels = _bravais_labels()
-    for name in BRAVAIS_LATTICES:
-        members = [int(g) for g, lab in zip(GROUPS, labels) if lab == name]
-        g = max(members, key=lambda x: group_ll[x - 1])
+    for name, members in tables.bravais_members.items():
+        g = int(members[np.argmax(group_ll[members])]) + 1  # the first of the best, like max()
         fit = fits[symmetry.metric_class(int(g))]
         if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(group_ll[g - 1]):
             s = group_scale[g - 1]
@@ -288,13 +331,13 @@ def _undecided(frames, warnings_, reason: str) -> SampleEvidence:
         warnings=warnings_ + [f"cannot decide: {reason}"], reason=reason, zones=dict(frames))
 
 
-def _class_logliks(group_ll: np.ndarray, labels: list[str], names) -> dict[str, float]:
+def _class_logliks(group_ll: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, float]:
+    """log of the mean likelihood of each class's groups (``members``: group − 1 indices)."""
     out = {}
-    labels = np.array(labels)
-    for name in names:
-        sel = group_ll[labels == name]
+    for name, index in members.items():
+        sel = group_ll[index]
         sel = sel[np.isfinite(sel)]
-        out[name] = float(logsumexp(sel) - math.log(len(labels[labels == name]))) if len(sel) else -1e4
+        out[name] = float(logsumexp(sel) - math.log(len(index))) if len(sel) else -1e4
     best = max(out.values())
     return {k: v - best for k, v in out.items()}
 
@@ -321,7 +364,33 @@ class _GroupInfo:
     ops: dict  # zone -> zonerules.IntensityOps
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """Groups of one metric class and one set of apparent-cell divisors: they share node lattices."""
+
+    metric: str
+    divisors: tuple[int, int, int]
+    index: np.ndarray  # group − 1
+    rule_index: dict  # zone -> (len(index),) index into _Tables.rule_sets[zone].rules
+    ops_index: dict  # zone -> (len(index),) index into _Tables.ops[zone]
+    rules_unique: dict  # zone -> (distinct rule indices, each group's position among them)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """The per-group tables as arrays, so that a sample's 230 likelihoods are a few vector operations."""
+
+    batches: tuple[_Batch, ...]
+    rule_sets: dict  # zone -> zonerules.RuleSet of the distinct absence rules
+    rule_index: dict  # zone -> (230,) index into rule_sets[zone].rules
+    ops: dict  # zone -> tuple of distinct IntensityOps
+    ops_index: dict  # zone -> (230,) index into ops[zone]
+    system_members: dict  # crystal system -> group − 1 indices
+    bravais_members: dict  # Bravais lattice -> group − 1 indices
+
+
 _GROUP_TABLE: list[_GroupInfo] = []
+_TABLES: list[_Tables] = []
 
 
 def group_table() -> list[_GroupInfo]:
@@ -333,7 +402,40 @@ def group_table() -> list[_GroupInfo]:
                 group=g, metric=symmetry.metric_class(g), divisors=zonerules.apparent_divisors(g),
                 rules={a: zonerules.absence_rules(g, a) for a in symmetry.ZONES},
                 ops={a: zonerules.intensity_ops(g, a) for a in symmetry.ZONES}))
+    if not _TABLES:
+        _TABLES.append(_build_tables(_GROUP_TABLE))
     return _GROUP_TABLE
+
+
+def _tables() -> _Tables:
+    if not _TABLES:
+        group_table()
+    return _TABLES[0]
+
+
+def _build_tables(table: list[_GroupInfo]) -> _Tables:
+    keys: dict[tuple[str, tuple], list[int]] = {}
+    for info in table:  # batches in order of first appearance, groups ascending within each
+        keys.setdefault((info.metric, info.divisors), []).append(info.group - 1)
+    rule_sets, rule_index, ops, ops_index = {}, {}, {}, {}
+    for a in symmetry.ZONES:
+        distinct = {info.rules[a].key: info.rules[a] for info in table}
+        order = {k: i for i, k in enumerate(distinct)}
+        rule_sets[a] = zonerules.RuleSet.build(distinct.values())
+        rule_index[a] = np.array([order[info.rules[a].key] for info in table], np.int64)
+        distinct_ops = list(dict.fromkeys(info.ops[a] for info in table))
+        where = {o: i for i, o in enumerate(distinct_ops)}
+        ops[a] = tuple(distinct_ops)
+        ops_index[a] = np.array([where[info.ops[a]] for info in table], np.int64)
+    batches = tuple(_Batch(m, d, np.array(ix, np.int64), rule_index={a: rule_index[a][ix] for a in symmetry.ZONES},
+                           ops_index={a: ops_index[a][ix] for a in symmetry.ZONES},
+                           rules_unique={a: np.unique(rule_index[a][ix], return_inverse=True) for a in symmetry.ZONES})
+                    for (m, d), ix in keys.items())
+    systems = np.array(_SYSTEM_LABELS)
+    bravais = np.array(_bravais_labels())
+    return _Tables(batches=batches, rule_sets=rule_sets, rule_index=rule_index, ops=ops, ops_index=ops_index,
+                   system_members={s: np.flatnonzero(systems == s) for s in CRYSTAL_SYSTEMS},
+                   bravais_members={b: np.flatnonzero(bravais == b) for b in BRAVAIS_LATTICES})
 
 
 _SYSTEM_LABELS = [spacegroups.crystal_system(int(g)) for g in GROUPS]
@@ -346,54 +448,75 @@ def _bravais_labels() -> list[str]:
     return _BRAVAIS_LABELS
 
 
-def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData], own: dict[str, float]
+def _symmetry_term(frame: FrameEvidence, ops: zonerules.IntensityOps) -> float:
+    """Σ of the frame's symmetry log-likelihood ratios over the operations the group's zone has."""
+    return sum(s["log_likelihood_ratio"] for s in frame.symmetry.values()
+               if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
+
+
+def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData]
                    ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """Log-likelihood of every group, and the cell multiple that gave it."""
+    """Log-likelihood of every group, and the cell multiple that gave it.
+
+    Groups come in batches sharing a metric class and divisors: each cell choice's node lattice
+    in each true zone is scored once (all lattices of a zone together), and each distinct
+    absence rule set sums it once."""
+    tables = _tables()
     out = np.full(230, -np.inf)
     scales: list[tuple[int, int, int]] = [(1, 1, 1)] * 230
-    node_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-    sum_cache: dict[tuple, float] = {}  # (node set, rules) -> allowed score
-    sym_cache: dict[tuple, float] = {}
     best_metric = max(f.loglik for f in fits.values() if f.feasible)
-    for info in group_table():
-        g, metric = info.group, info.metric
-        fit = fits[metric]
+    # what to score: the frame's own lattice in every zone, then the lattices of the scored batches
+    requests: dict[str, list[np.ndarray]] = {a: [zd.frame.basis / zd.frame.q_per_pixel] for a, zd in prepared.items()}
+    plan = []
+    for batch in tables.batches:
+        fit = fits[batch.metric]
         if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
             continue
-        if fit.partial:  # the class is not tested: every usable zone by its own lattice
-            out[g - 1] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+        if fit.partial:
+            plan.append((batch, fit, None))
             continue
-        true_zones = [a for a in cellfit.TRUE_ZONES[metric] if a in prepared]
-        other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
-        sym = 0.0
-        for a in true_zones:
-            ops = info.ops[a]
-            key = (a, ops)
-            if key not in sym_cache:
-                sym_cache[key] = sum(s["log_likelihood_ratio"] for s in prepared[a].frame.symmetry.values()
-                                     if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
-            sym += sym_cache[key]
-        scale = info.divisors
-        best = -np.inf
-        for choice, lattice in enumerate(fit.lattices(scale)):
-            total = 0.0
+        true_zones = [a for a in cellfit.TRUE_ZONES[batch.metric] if a in prepared]
+        choices = []
+        for lattice in fit.lattices(batch.divisors):
+            reciprocal = np.linalg.inv(lattice).T  # rows a*, b*, c* (no 2π)
+            slots = {}
             for a in true_zones:
-                plane = zonerules.zone_plane(metric, a)
-                if plane.rank < 2:
-                    total += own[a]
-                    continue
-                ck = (metric, a, scale, choice)
-                if ck not in node_cache:
-                    basis_px = _zone_basis_px(lattice, plane, a, prepared[a].frame.q_per_pixel)
-                    node_cache[ck] = _node_scores(prepared[a], basis_px)
-                sk = (ck, info.rules[a].key)
-                if sk not in sum_cache:
-                    nodes, score = node_cache[ck]
-                    absent = info.rules[a].absent(nodes[:, 0], nodes[:, 1])
-                    sum_cache[sk] = float(score[~absent].sum())
-                total += sum_cache[sk]
-            best = max(best, total)
-        best_scale = scale
-        out[g - 1] = fit.loglik + best + other + sym
-        scales[g - 1] = best_scale
+                plane = zonerules.zone_plane(batch.metric, a)
+                if plane.rank == 2:
+                    slots[a] = len(requests[a])
+                    requests[a].append(_zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel))
+            choices.append(slots)
+        plan.append((batch, fit, (true_zones, choices)))
+    node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
+    own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
+    codes = {a: tables.rule_sets[a].codes(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
+    sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
+    for batch, fit, scored in plan:
+        index = batch.index
+        if scored is None:  # the class is not tested: every usable zone by its own lattice
+            out[index] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            continue
+        true_zones, choices = scored
+        other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
+        sym_term = 0.0
+        for a in true_zones:
+            sym_term = sym_term + sym[a][batch.ops_index[a]]
+        best = np.full(len(index), -np.inf)
+        for slots in choices:
+            total = np.zeros(len(index))
+            for a in true_zones:
+                if a not in slots:  # rank < 2: not a zone plane of this class
+                    total = total + own[a]
+                else:
+                    rules, pick = batch.rules_unique[a]
+                    ns, j = node_sets[a], slots[a]
+                    lo, hi = ns.bounds[j], ns.bounds[j + 1]
+                    absent = tables.rule_sets[a].absent_at((codes[a][0][lo:hi], codes[a][1][lo:hi]), rules)
+                    score = ns.score[lo:hi]
+                    sums = np.array([float(score[~row].sum()) for row in absent])
+                    total = total + sums[pick]
+            best = np.maximum(best, total)
+        out[index] = fit.loglik + best + other + sym_term
+        for i in index:
+            scales[i] = batch.divisors
     return out, scales

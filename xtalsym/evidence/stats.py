@@ -24,6 +24,46 @@ PAIR_OUTLIER = 0.05
 _LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
 
 
+def median(values: np.ndarray) -> float:
+    """The median of finite values, the same number as ``np.median`` (the middle order statistic, or
+    the mean of the two middle ones), by one partition: np.median also partitions for a NaN check
+    and goes through ``mean``, which costs as much again on a frame's 45 000 pixels."""
+    v = np.asarray(values, float).ravel()
+    n = v.size
+    if n == 0:
+        return float("nan")
+    k = n // 2
+    if n % 2:
+        return float(np.partition(v, k)[k])
+    part = np.partition(v, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
+
+
+def quantiles(values: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """``np.quantile(values, probabilities)`` (method "linear") for finite 1-D values, the same
+    numbers without its generic machinery (which costs more than the arithmetic on small arrays)."""
+    arr = np.sort(np.asarray(values, float).ravel())
+    probabilities = np.asarray(probabilities, float)
+    n = arr.size
+    virtual = (n - 1) * probabilities
+    previous = np.floor(virtual)
+    following = previous + 1
+    above = virtual >= n - 1
+    previous[above] = -1
+    following[above] = -1
+    below = virtual < 0
+    previous[below] = 0
+    following[below] = 0
+    previous_i, following_i = previous.astype(np.intp), following.astype(np.intp)
+    lo, hi = arr[previous_i], arr[following_i]
+    gamma = virtual - previous_i
+    diff = hi - lo
+    out = lo + diff * gamma
+    late = gamma >= 0.5
+    out[late] = (hi - diff * (1 - gamma))[late]
+    return out
+
+
 def total_sigma(sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.sqrt(np.asarray(sigma) ** 2 + (SYSTEMATIC * np.asarray(scale)) ** 2) + 1e-300
 
@@ -58,6 +98,18 @@ def log_below_absent(threshold: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return log_ndtr(np.asarray(threshold, float) / np.asarray(sigma, float))
 
 
+def log_below_ratio(threshold: np.ndarray, sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """log_below_allowed − log_below_absent (the score of a node without a spot), the shared
+    log Φ(T/σ) computed once: the same numbers as the two calls, in about 2/3 of the time."""
+    t, s, sc = np.broadcast_arrays(np.asarray(threshold, float), np.asarray(sigma, float),
+                                   np.maximum(np.asarray(scale, float), 1e-300))
+    lam = 1.0 / sc
+    a = log_ndtr(t / s)
+    b = 0.5 * (s * lam) ** 2 - t * lam + log_ndtr(t / s - s * lam)
+    diff = np.clip(b - a, None, -1e-12)
+    return (a + np.log1p(-np.exp(diff))) - a
+
+
 def pair_llr(i1: np.ndarray, s1: np.ndarray, i2: np.ndarray, s2: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """log p(pair | equal intensities) − log p(pair | independent), per pair."""
     d = np.asarray(i1) - np.asarray(i2)
@@ -80,13 +132,14 @@ def wilson_scale(q: np.ndarray, values: np.ndarray, *, bins: int = 4) -> tuple[n
     v = np.clip(np.asarray(values, float), 0, None)
     if q.size == 0:
         return np.array([0.0]), np.array([0.0])
-    edges = np.quantile(q, np.linspace(0, 1, min(bins, max(1, q.size // 4)) + 1))
+    edges = quantiles(q, np.linspace(0, 1, min(bins, max(1, q.size // 4)) + 1))
     centres, means = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = (q >= lo) & (q <= hi)
-        if sel.any():
-            centres.append(float(q[sel].mean()))
-            means.append(float(v[sel].mean()))
+        count = int(np.count_nonzero(sel))
+        if count:  # sum / count: what ndarray.mean computes, without its wrapper
+            centres.append(float(q[sel].sum() / count))
+            means.append(float(v[sel].sum() / count))
     means_arr = np.maximum(np.array(means), max(float(v.mean()), 1e-300) * 1e-3)
     return np.array(centres), means_arr
 

@@ -84,6 +84,78 @@ class AbsenceRules:
         return (self.plane, self.line)
 
 
+def _denominator(x: float, limit: int = 48) -> int:
+    """Smallest d <= limit with d·x an integer (phases are multiples of 1/2, 1/3, 1/4, 1/6, 1/8)."""
+    for d in range(1, limit + 1):
+        if abs(x * d - round(x * d)) <= 1e-6:
+            return d
+    raise ValueError(f"phase {x!r} is no fraction with denominator <= {limit}")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Many groups' absence rules in one zone plane, evaluated together (the same masks as each
+    :meth:`AbsenceRules.absent`, in a few vector operations for any number of rules and nodes).
+
+    With every phase a multiple of 1/D, a plane rule depends only on (m mod D, n mod D): one
+    lookup row per rule. A line rule concerns the nodes k·(m0, n0) of one line through the origin
+    and depends on k mod D: a second lookup on (line, k mod D); a node off every line uses the
+    extra line slot, which is never absent.
+    """
+
+    rules: tuple[AbsenceRules, ...]
+    modulus: int
+    plane_table: np.ndarray  # (R, D·D) bool: absent by the plane rules at (m mod D)·D + n mod D
+    directions: tuple[tuple[int, int], ...]  # the lines (m0, n0) any rule names
+    line_table: np.ndarray  # (R, (L + 1)·D) bool: absent by the line rules at line·D + k mod D
+
+    @classmethod
+    def build(cls, rules) -> RuleSet:
+        rules = tuple(rules)
+        phases = [x for r in rules for pu, pv in r.plane for x in (pu, pv)] + [p for r in rules for *_, p in r.line]
+        d = math.lcm(1, *(_denominator(x) for x in phases))
+        directions = tuple(sorted({(m0, n0) for r in rules for m0, n0, _ in r.line}))
+        i, j = np.divmod(np.arange(d * d), d)
+        k = np.arange(d)
+        plane = np.zeros((len(rules), d * d), bool)
+        line = np.zeros((len(rules), len(directions) + 1, d), bool)
+        for row, r in enumerate(rules):
+            for pu, pv in r.plane:
+                plane[row] |= (i * round(pu * d) + j * round(pv * d)) % d != 0
+            for m0, n0, p in r.line:
+                line[row, directions.index((m0, n0))] |= (k * round(p * d)) % d != 0
+        line = line.reshape(len(rules), -1)
+        plane.setflags(write=False)
+        line.setflags(write=False)
+        return cls(rules, d, plane, directions, line)
+
+    def codes(self, m: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per node its column in :attr:`plane_table` and in :attr:`line_table`: all a rule needs."""
+        m = np.asarray(m, np.int64)
+        n = np.asarray(n, np.int64)
+        d = self.modulus
+        lid = np.full(m.shape, len(self.directions), np.int64)
+        k = np.zeros(m.shape, np.int64)
+        for slot, (m0, n0) in enumerate(self.directions):
+            on = (m * n0 - n * m0) == 0
+            lid[on] = slot
+            k[on] = (m[on] // m0) if m0 != 0 else (n[on] // n0)
+        return (m % d) * d + n % d, lid * d + k % d
+
+    def absent_at(self, codes: tuple[np.ndarray, np.ndarray], which: np.ndarray) -> np.ndarray:
+        """(R, N) masks of rules ``which`` at nodes given by :meth:`codes` (the origin, whose codes
+        are 0 and a line's k = 0, is never absent)."""
+        plane_key, line_key = codes
+        return self.plane_table[which][:, plane_key] | self.line_table[which][:, line_key]
+
+    def absent(self, m: np.ndarray, n: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+        """(R, N) masks: rule ``which[r]`` (default: every rule) at nodes (m, n)."""
+        m = np.asarray(m, np.int64)
+        n = np.asarray(n, np.int64)
+        which = np.arange(len(self.rules)) if which is None else np.asarray(which, np.int64)
+        return self.absent_at(self.codes(m, n), which) & ((m != 0) | (n != 0))
+
+
 def _frac(x: float) -> float:
     return round(x - math.floor(x), 9) % 1.0
 
