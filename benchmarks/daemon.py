@@ -2,6 +2,7 @@
 
     python benchmarks/daemon.py [--bundle DIR] [--images 300] [--pixels 512] [--rates 0,150]
                                 [--paths whole,view] [--precision fp32[,int8]] [--workers 2]
+                                [--variants "default;pipeline.evidence=false"]
     python benchmarks/daemon.py --layout eiger2-16m --images 150 --rate 25 --overload drop_oldest
 
 ``--layout eiger2-4m`` / ``eiger2-16m``: EIGER2 frames (2068 × 2162 / 4148 × 4362, module gaps and
@@ -27,6 +28,10 @@ accepted: capacity; e.g. 150: latency at that offered rate). Per stage it report
 per frame the daemon's threads and workers spent (its ``xtalsym_stage_cpu_seconds_total``), which
 stay meaningful on a shared machine where wall-clock figures do not; ``uptime`` is printed with
 each run, and a load above the core count flags the wall figures and prints the rerun command.
+
+``--variants "default;pipeline.evidence=false;index.query=every"`` runs each path and rate once
+per variant (daemon settings added to the run's config), e.g. the symmetry evidence on and off
+or the open-set match for every request against the final ones only, side by side.
 """
 
 from __future__ import annotations
@@ -240,11 +245,43 @@ def daemon_stage_cpu(port: int) -> dict:
     return out
 
 
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """``--variants``: ';'-separated variants, each ','-separated ``section.key=value`` settings
+    (TOML values) or ``default``; returns (label, {section: {key: value}})."""
+    import tomllib
+
+    out = []
+    for label in [v.strip() for v in text.split(";") if v.strip()]:
+        settings: dict = {}
+        for item in [i.strip() for i in label.split(",") if i.strip() and i.strip() != "default"]:
+            key, sep, value = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot:
+                raise SystemExit(f"--variants: {item!r} is not section.key=value")
+            try:
+                parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                parsed = value.strip()  # a bare word: a string
+            settings.setdefault(section, {})[name] = parsed
+        out.append((label, settings))
+    return out
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, workers: int, view_inference: str,
                precision: str, tmp: Path, backend: str = "onnxruntime", device: str = "cpu",
                overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0,
-               max_wait_s: float = 900.0, evidence: bool = True) -> dict:
-    """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted)."""
+               max_wait_s: float = 900.0, evidence: bool = True,
+               variant: tuple[str, dict] = ("default", {})) -> dict:
+    """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted);
+    ``variant``: (label, extra config settings by section, applied over ``evidence``)."""
     import psutil
 
     from xtalsym.daemon.client import listen
@@ -255,13 +292,17 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     push = push_socket(ctx, "tcp://127.0.0.1:*", hwm=100000)
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
     pub_port, metrics_port = free_port(), free_port()
-    config = tmp / f"bench-{view_inference}-{precision}-{rate:g}.toml"
-    config.write_text(f'[bundle]\npath = "{bundle}"\nbackend = "{backend}"\ndevice = "{device}"\nprecision = "{precision}"\n'
-                      f'[ingest]\naddress = "{frames_ep}"\n'
-                      f'[pipeline]\nworkers = {workers}\noverload = "{overload}"\n'  # block: lossless
-                      f'view_inference = "{view_inference}"\nevidence = {str(evidence).lower()}\n'
-                      f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
-                      f'[metrics]\nport = {metrics_port}\n')  # a free port, never the default 9855
+    config = tmp / f"bench-{view_inference}-{precision}-{rate:g}-{abs(hash(variant[0])):x}.toml"
+    sections = {"bundle": {"path": bundle, "backend": backend, "device": device, "precision": precision},
+                "ingest": {"address": frames_ep},
+                "pipeline": {"workers": workers, "overload": overload,  # block: lossless
+                             "view_inference": view_inference, "evidence": evidence},
+                "publish": {"address": f"tcp://127.0.0.1:{pub_port}", "metrics_interval_seconds": 1.0},
+                "metrics": {"port": metrics_port}}  # a free port, never the default 9855
+    for section, settings in variant[1].items():
+        sections.setdefault(section, {}).update(settings)
+    config.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+                              for name, table in sections.items()))
     load_before = uptime()
     serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -327,6 +368,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     measured = [m for m in s.messages if m["timestamps"]["received"] >= t0_wall]
     lat = np.array([m["timestamps"]["published"] - m["timestamps"]["received"] for m in measured] or [np.nan])
     return {
+        "variant": variant[0],
         "view_inference": view_inference, "precision": precision, "rate": rate, "frames": n_images,
         "final": sum(1 for m in measured if m["final"]), "send_s": t_sent, "wall_s": wall,
         "rejected": {k: v - rejected0.get(k, 0.0) for k, v in acc.get("rejected", {}).items()
@@ -377,8 +419,11 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/xtalsym/detector-sim"))
     ap.add_argument("--warmup", type=int, default=6, help="frames of a warm-up series sent first (0 = none)")
     ap.add_argument("--overload", default="block", choices=("block", "drop_oldest", "drop_new"))
+    ap.add_argument("--variants", default="default",
+                    help="';'-separated daemon settings to run side by side, each ','-separated section.key=value "
+                         "or 'default', e.g. \"default;pipeline.evidence=false;index.query=every\"")
     ap.add_argument("--evidence", default="on", choices=("on", "off"),
-                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the inference "
+                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the combine "
                     "thread combines it); off shows what it costs")
     ap.add_argument("--max-wait", type=float, default=900.0,
                     help="seconds after the last message to wait for the daemon to account for every message")
@@ -402,6 +447,7 @@ def main() -> int:
     rates = [args.rate] if args.rate is not None else [float(r) for r in args.rates.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    variants = parse_variants(args.variants)
     cached_encoder()
     structures = sorted((ROOT / "xtalsym/data/structures").glob("*.cif"))
     if args.layout:  # rendering is ~N^2: two structures, cached
@@ -426,13 +472,15 @@ def main() -> int:
                 if path == "whole" and precision == "int8":
                     continue  # the int8 graph is a per-view graph
                 mode = {"whole": "off", "view": "auto"}[path]
-                print(f"run: {path} path, {precision}, {'max' if not rate else rate} frames/s ... {uptime()}",
-                      flush=True)
-                runs.append(run_daemon(bundle=bundle, messages=messages, n_images=n_images, rate=rate,
-                                       workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
-                                       backend=args.backend, device=args.device, overload=args.overload,
-                                       warm_messages=warm_messages, n_warm_finals=n_warm_finals,
-                                       max_wait_s=args.max_wait, evidence=args.evidence == "on"))
+                for variant in variants:
+                    print(f"run: {path} path, {precision}, {variant[0]}, {'max' if not rate else rate} frames/s ... "
+                          f"{uptime()}", flush=True)
+                    runs.append(run_daemon(bundle=bundle, messages=messages, n_images=n_images, rate=rate,
+                                           workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
+                                           backend=args.backend, device=args.device, overload=args.overload,
+                                           warm_messages=warm_messages, n_warm_finals=n_warm_finals,
+                                           max_wait_s=args.max_wait, evidence=args.evidence == "on",
+                                           variant=variant))
     cores = os.cpu_count() or 1
     print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
           f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
@@ -440,7 +488,8 @@ def main() -> int:
           "warm-up series of "
           f"{n_warm_finals * 3} frames first")
     head = [f"{r['view_inference'] == 'auto' and 'each view once' or 'whole graph per request'} {r['precision']}"
-            f" @ {'max' if not r['rate'] else int(r['rate'])}" for r in runs]
+            + ("" if r["variant"] == "default" else f" {r['variant']}")
+            + f" @ {'max' if not r['rate'] else int(r['rate'])}" for r in runs]
     print("| metric | " + " | ".join(head) + " |")
     print("|---|" + "---|" * len(runs))
 
@@ -461,7 +510,7 @@ def main() -> int:
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
     row("... of which the serve process / the workers", lambda r: f"{r['main_cpu_s'] / r['frames'] * 1000:.1f} / "
         f"{(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms")
-    for stage in ("decode", "calibrate_shape", "evidence", "infer", "match"):
+    for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
     row("wall ms per call: stage means", lambda r: str({k: round(v*1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}))
     row("mean batch (requests)", lambda r: f"{r['stage_means'].get('batch_size', 0):.1f}")
@@ -494,7 +543,7 @@ def main() -> int:
         own = st.get("decode", 0) + st.get("calibrate_shape", 0)
         total = r["cpu_s"] / r["frames"]
         if own:
-            print(f"daemon {r['view_inference'] == 'auto' and 'view' or 'whole'} {r['precision']} @ "
+            print(f"daemon {r['view_inference'] == 'auto' and 'view' or 'whole'} {r['precision']} {r['variant']} @ "
                   f"{'max' if not r['rate'] else int(r['rate'])}: floor {own * 1000:.2f} CPU-ms/frame "
                   f"(-> {cores / own:.0f} frames/s), all processes {total * 1000:.2f} CPU-ms/frame "
                   f"(-> {cores / total:.0f} frames/s on {cores} cores)")

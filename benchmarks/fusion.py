@@ -28,27 +28,7 @@ from xtalsym.offline import fusion_data, fusion_fit  # noqa: E402
 
 log = logging.getLogger("benchmarks.fusion")
 PER_GROUP_CAP = 8
-
-
-def load_evidence(folder: Path, material_ids: list[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
-    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows),
-    from the per-chunk evidence files (fusion_data --evidence)."""
-    merged: dict[str, list] = {}
-    for path in sorted(folder.glob("chunk-*.npz")):
-        with np.load(path) as data:
-            for key in data.files:
-                merged.setdefault(key, []).append(data[key])
-    if not merged:
-        return np.zeros(0, dtype=np.int64), {}
-    ids = [str(m) for m in np.concatenate(merged["material_id"])]
-    where = {m: i for i, m in enumerate(ids)}
-    rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
-    src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
-    out = {}
-    for key, parts in merged.items():
-        if key.startswith("loglik_"):
-            out[tuple(c == "1" for c in key.split("_")[1])] = np.concatenate(parts)[src].astype(np.float64)
-    return rows, out
+MODELS = {"stacked": fusion.FEATURES, "product": fusion.PRODUCT_FEATURES}
 
 
 def capped(groups: np.ndarray, cap: int) -> np.ndarray:
@@ -100,6 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--out", default="runs/fusion")
     parser.add_argument("--write-params", default=None, help="write the fitted fusion parameters here")
+    parser.add_argument("--model", choices=sorted(MODELS), default="stacked",
+                        help="features of the conditional logit: stacked (the default, chosen by cross-validation in "
+                        "benchmarks/fusion_compare.py) or product (the product of experts alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -108,13 +91,8 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.bundle)
     classes = bundle.classes
     feats = fusion_data.load_features(args.features)
-    labels_file = Path(args.features) / "mp_labels.json"
-    if labels_file.is_file():  # every material labelled (fusion_data --labels-only): the training split
-        counts, prior_source = fusion_fit.prior_counts(json.loads(labels_file.read_text()), "train"), "train split"
-    else:  # else the validation materials' own frequencies: the same distribution (split by a hash), no test label
-        counts = np.bincount(feats.space_group[feats.split == "val"] - 1, minlength=fusion.N_GROUPS)
-        prior_source = "validation split (mp_labels.json not built)"
-    ev_rows, evidence = load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
+    counts, prior_source = fusion_data.prior_counts_of(args.features, feats)
+    ev_rows, evidence = fusion_data.load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
     has_ev = np.zeros(len(feats), dtype=bool)
     has_ev[ev_rows] = True
     val = np.flatnonzero(feats.split == "val")
@@ -131,15 +109,18 @@ def main(argv=None) -> int:
 
     cpu = time.process_time()
     no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
-                           use=[f for f in fusion.FEATURES if f not in fusion.EVIDENCE_FEATURES],
-                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source})
+                           use=[f for f in MODELS[args.model] if f not in fusion.EVIDENCE_FEATURES],
+                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source,
+                                   "model": args.model})
     log.info("fitted the no-evidence fusion in %.1f CPU-s", time.process_time() - cpu)
     fitted = {"msdn": None, "fusion, no evidence": no_ev}
     if len(val_ev):
         cpu = time.process_time()
         with_ev = fusion_fit.fit(feats.view_logits[val_ev], feats.space_group[val_ev], classes=classes, counts=counts,
+                                 use=MODELS[args.model],
                                  evidence=ev_of(val_ev), fit_no_evidence=False,
-                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source})
+                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source,
+                                         "model": args.model})
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
         # the views without evidence, and the no-evidence fallback, from the larger validation set
         for k in (1, 2):

@@ -15,6 +15,11 @@ host→device copy and the result copy back (what the daemon pays).
 runs), counted in samples of 3 views. ``--precisions fp32,int8`` runs ONNX Runtime on the
 CPU at each (int8 = the bundle's model_view_int8.onnx). ``cpu ms/sample`` is the process CPU
 time per sample (all threads): on a shared machine it means more than the wall figures.
+
+``--against OTHER_VIEW.onnx`` compares another per-view graph of the same model (e.g. the
+previous export: ``git show <commit>:reference_index/model_view.onnx > old.onnx``) with the
+bundle's on the same batches, ONNX Runtime CPU, one thread, the two runs interleaved: the
+median CPU ms per view of each and the largest difference of their outputs.
 """
 
 from __future__ import annotations
@@ -85,6 +90,35 @@ def measure(backend, batch: int, size: int, seconds: float, rng, *, per_view: bo
     }
 
 
+def compare_view_graphs(bundle, other: Path, batches: list[int], rng, repeats: int = 7) -> None:
+    """The bundle's per-view graph against ``other``, interleaved, one ORT thread, same inputs."""
+    import onnxruntime as ort
+
+    def session(path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    graphs = {"bundle": session(bundle.view_onnx_path), other.name: session(other)}
+    print(f"| batch (views) | {' | '.join(f'{n} cpu ms/view' for n in graphs)} | max abs Δ logits / embeddings |")
+    print("|---|---|---|---|")
+    for batch in batches:
+        x = _inputs(batch, bundle.image_size, rng)[:, 0]  # (batch, 3, S, S): one view per row
+        feeds = {"view": x, "axis": (np.arange(batch) % 3).astype(np.int64)}
+        outs = {n: s.run(None, feeds) for n, s in graphs.items()}  # also the warm-up
+        cpu: dict = {n: [] for n in graphs}
+        for _ in range(repeats):
+            for n, s in graphs.items():
+                c0 = time.thread_time()
+                s.run(None, feeds)
+                cpu[n].append((time.thread_time() - c0) * 1e3 / batch)
+        a, b = outs.values()
+        print(f"| {batch} | " + " | ".join(f"{np.median(v):.2f}" for v in cpu.values())
+              + f" | {np.abs(a[0] - b[0]).max():.2g} / {np.abs(a[1] - b[1]).max():.2g} |", flush=True)
+    print(f"# {os.popen('uptime').read().strip()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle directory (default: the shipped one, else a fresh model)")
@@ -97,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-view", action="store_true", help="also run_views rows (each view once) where supported")
     parser.add_argument("--precisions", default="fp32",
                         help="onnxruntime on the CPU: fp32, int8 (the bundle's int8 graph) or both, comma-separated")
+    parser.add_argument("--against", help="another per-view ONNX graph to compare with the bundle's (see above)")
     args = parser.parse_args(argv)
 
     import torch
@@ -127,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
           f"threads torch={torch.get_num_threads()}"
           + (f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""))
     print(f"# {os.popen('uptime').read().strip()}")
+    rng = np.random.default_rng(0)
+    if args.against:
+        compare_view_graphs(bundle, Path(args.against), [int(b) for b in args.batch_sizes.split(",")], rng)
+        return 0
     print("| backend | device | precision | graph | batch (samples) | samples/s | cpu ms/sample | p50 ms | p90 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         for precision in precisions if name == "onnxruntime" and device == "cpu" else ["auto"]:

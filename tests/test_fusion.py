@@ -256,3 +256,65 @@ def test_daemon_message_carries_the_fusion_and_listen_judges_by_the_set():
     assert "IN SET" in line and "Fm-3m or F-43m" in line
     old = {k: v for k, v in msg.items() if k != "fusion"}  # a /1 message or a bundle without fusion
     assert truth_verdict(old, 216) == "wrong" and truth_verdict(old, 225) == "top-1"
+
+
+def test_a_product_of_experts_file_reads_as_stacked_weights_zero(tmp_path):
+    """fusion.json written before the stacked features: the same posterior as with them at weight 0."""
+    params = make_params()
+    data = params.to_json()
+    for section in ("weights",):
+        for k in data[section]:
+            data[section][k] = {f: v for f, v in data[section][k].items() if f not in fusion.STACKED_FEATURES}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    old = fusion.FusionParams.load(path)
+    assert all(old.weights[k][f] == 0.0 for k in (1, 2, 3) for f in fusion.STACKED_FEATURES)
+    ev = np.full((1, 230), -50.0)
+    ev[0, [215, 224]] = 0.0
+    logits = logits_for(225)[None]
+    np.testing.assert_allclose(fusion.Fusion(old).posterior(logits, None, ev), fusion.Fusion(params).posterior(logits, None, ev))
+    broken = json.loads(path.read_text())
+    del broken["weights"]["3"]["evidence"]  # a product-of-experts feature stays required
+    path.write_text(json.dumps(broken))
+    with pytest.raises(fusion.FusionError, match="missing or malformed"):
+        fusion.FusionParams.load(path)
+
+
+def test_stacked_features_follow_the_evidence_and_the_msdn():
+    tables = fusion.SymmetryTables.from_lists(SETS, BRAVAIS, cell_known=True)
+    ev = np.full((1, 230), -np.inf)
+    ev[0, 215], ev[0, 224], ev[0, 13] = 0.0, -1.0, -40.0  # F-43m best, Fm-3m 1 nat below, P2_1/c far below
+    feats = fusion.feature_tensor(logits_for(225).sum(axis=0)[None], ev, classes=CLASSES, temperature=1.0,
+                                  evidence_clip=20.0, log_prior_train=np.log(np.full(230, 1 / 230)), tables=tables)[0]
+    col = fusion.COLUMN
+    # the depth-clipped gaps: 0 at the best group, -1/depth above the depth, -1 beyond it
+    assert feats[215, col["evidence_2"]] == 0.0 and feats[224, col["evidence_2"]] == pytest.approx(-0.5)
+    assert feats[13, col["evidence_8"]] == -1.0 and feats[13, col["evidence_32"]] == -1.0
+    # the evidence's mass on the set {216, 225} is nearly all of it: log ~ 0; on P2_1/c's set ~ -40 nats (floored)
+    assert feats[215, col["evidence_set"]] == pytest.approx(0.0, abs=1e-12)
+    assert feats[224, col["evidence_set"]] == feats[215, col["evidence_set"]]
+    assert feats[13, col["evidence_set"]] == pytest.approx(-1.0)
+    assert feats[215, col["evidence_system"]] == pytest.approx(0.0, abs=1e-12)  # both cubic
+    # the MSDN points at 225: its mass on 225's set is its largest
+    assert feats[224, col["msdn_set"]] == feats[:, col["msdn_set"]].max()
+    # the evidence weighted by the MSDN's entropy: 0 at the best group, below zero where the evidence is against
+    assert feats[215, col["evidence_x_entropy"]] == 0.0 and feats[13, col["evidence_x_entropy"]] < 0
+    # no evidence: every evidence feature is zero, the MSDN ones are not
+    bare = fusion.feature_tensor(logits_for(225).sum(axis=0)[None], None, classes=CLASSES, temperature=1.0,
+                                 evidence_clip=20.0, log_prior_train=np.log(np.full(230, 1 / 230)), tables=tables)[0]
+    assert not bare[:, [col[f] for f in fusion.EVIDENCE_FEATURES]].any()
+    assert bare[:, col["msdn_set"]].min() < 0
+
+
+def test_open_set_selection_is_the_index_evaluate_test_half_outside_validation():
+    from xtalsym.index.open_set import reference_half
+    from xtalsym.offline import fusion_data
+
+    labels = {f"mp-{i}": {"split": ("train", "val", "test")[i % 3], "space_group": (3, 69, 14)[i % 5 % 3]}
+              for i in range(300)}
+    chosen = fusion_data.open_set_ids(labels, groups=spacegroups.PAPER_OPEN_SET_30)
+    assert chosen  # some of the 300 qualify
+    for mid, entry in labels.items():
+        expected = (entry["space_group"] in (3, 69) and entry["split"] != "val" and not reference_half(mid))
+        assert (mid in chosen) == expected, mid
+    assert fusion_data.open_set_ids(labels, groups=[3, 69], exclude_splits=()) > chosen

@@ -70,3 +70,26 @@ def test_predict_and_evaluate_give_the_fused_answer(tmp_path, capsys):
     assert "fusion over 230 groups (2 samples" in printed and "set top-1" in printed and "ceiling" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fusion"]["n"] == 2 and (out / "reliability.png").is_file()
+
+
+@pytest.mark.slow
+def test_index_query_gives_the_same_fused_answer_as_predict(capsys):
+    import json
+
+    from xtalsym.cli import main
+
+    cu = str(TEXTBOOK / "Cu_fcc.cif")
+    assert main(["predict", cu, "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert main(["index", "query", cu, "--json", "--gpu", "off", "--device", "cpu"]) == 0
+    queried = json.loads(capsys.readouterr().out)
+    assert queried["prediction"] == predicted["prediction"]  # same patterns, model, evidence and fusion
+    assert queried["truth"] == predicted["truth"] and queried["evidence"] == predicted["evidence"]
+    assert queried["neighbours"] and queried["decision"]  # the index's matches stay beside it
+    assert main(["index", "query", cu, "--json", "--gpu", "off", "--no-evidence", "--prior", "flat"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert bare["prediction"]["evidence_used"] is False and bare["evidence"] is None
+    assert bare["prediction"]["prior"] == "flat"
+    assert main(["index", "query", cu, "--gpu", "off"]) == 0
+    printed = capsys.readouterr().out
+    assert "prediction: " in printed and "supporting evidence from the reference index" in printed

@@ -594,6 +594,18 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
     for name, row in (fitted.get("test") or {}).items():
         lines.append(f"| {name.replace(' | ', ', ')} | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
                      f"{row.get('ece', 0):.3f} |")
+    open_set = fitted.get("open_set")
+    if open_set:  # benchmarks/fusion_open_set.py --record
+        lines += ["", f"The paper's {open_set.get('groups', 30)} unseen groups ({open_set.get('materials', '?')} test-half "
+                  f"materials, none in the model's classes): top-1 / top-5 within them "
+                  f"{open_set.get('top1_within_30', 0):.1%} / {open_set.get('top5_within_30', 0):.1%} (paper "
+                  f"{open_set.get('paper_top1', 0):.1%} / {open_set.get('paper_top5', 0):.1%}); over all 230 groups "
+                  f"top-1 {open_set.get('top1_230', 0):.1%}, set top-1 {open_set.get('set_top1_230', 0):.1%}.", "",
+                  "| 'outside the model's classes' flag | threshold | false alarms, known-class test | recall, unseen groups |",
+                  "|---|---|---|---|"]
+        for row in open_set.get("outside_flag", []):
+            lines.append(f"| {row.get('chosen_as', '?')} | {row.get('threshold', 0):.3f} | "
+                         f"{row.get('false_alarms_known_test', 0):.1%} | {row.get('recall_open_set', 0):.1%} |")
     md_path.write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
 
 

@@ -10,8 +10,12 @@ The model is a conditional-logit product of experts: for each candidate group g,
          + w_ev · max(ev(g) − max ev, −clip)  the evidence log-likelihood of g's signature
          + w_top · [ev(g) within 0.5 of max ev] the groups the evidence points to
          + w_prior · log π_train(g)
+         + the stacked features (STACKED_FEATURES): the evidence gap clipped at 2, 8 and 32 nats,
+           the evidence's own mass on g's indistinguishable set, Bravais lattice and crystal
+           system, the MSDN's mass on g's set, and the evidence gap scaled by the MSDN's entropy
 
-and p(g | data) = softmax over the 230 groups of s. One parameter set per number of views
+and p(g | data) = softmax over the 230 groups of s. A file fitted without the stacked features
+(the product of experts alone) gives them weight 0. One parameter set per number of views
 (1, 2, 3), fitted on the validation split by maximum likelihood (offline.fusion_fit); the
 parameters live in the bundle as ``fusion.json``. The fitted posterior is calibrated for
 materials drawn at the training frequencies; another prior π' (flat, or a site's own) is
@@ -43,8 +47,16 @@ FUSION_FILE = "fusion.json"
 FUSION_FORMAT = "xtalsym-fusion/1"
 N_GROUPS = 230
 GROUPS = np.arange(1, N_GROUPS + 1)
-FEATURES = ("msdn", "msdn_system", "msdn_bravais", "outside", "outside_entropy", "evidence", "evidence_top", "prior")
-EVIDENCE_FEATURES = ("evidence", "evidence_top")
+PRODUCT_FEATURES = ("msdn", "msdn_system", "msdn_bravais", "outside", "outside_entropy", "evidence", "evidence_top",
+                    "prior")
+# the stacked model's extra features (fusion.json files without them give them weight 0: the product of experts)
+STACKED_FEATURES = ("evidence_2", "evidence_8", "evidence_32", "evidence_set", "evidence_bravais", "evidence_system",
+                    "msdn_set", "evidence_x_entropy")
+FEATURES = PRODUCT_FEATURES + STACKED_FEATURES
+EVIDENCE_FEATURES = ("evidence", "evidence_top", "evidence_2", "evidence_8", "evidence_32", "evidence_set",
+                     "evidence_bravais", "evidence_system", "evidence_x_entropy")
+COLUMN = {f: i for i, f in enumerate(FEATURES)}
+EVIDENCE_DEPTHS_NATS = (2.0, 8.0, 32.0)  # evidence_2/8/32: the log-likelihood gap clipped at these depths, / depth
 EVIDENCE_TOP_NATS = 0.5  # a group this close to the evidence's best counts as "what the evidence points to"
 PRIOR_SMOOTHING = 0.5  # pseudo-count per group: a group absent from training keeps a small prior
 DEFAULT_DECIDE_AT = 0.5  # below this set probability a prediction says "cannot decide"
@@ -189,6 +201,11 @@ class FusionParams:
     bravais: list[str] = field(default_factory=list)  # Bravais lattice of groups 1..230
     fitted: dict = field(default_factory=dict)  # what it was fitted on, with which figures
 
+    def __post_init__(self):
+        # weights written before the stacked features existed give those features weight 0
+        self.weights = {k: _weights_from_json(v) for k, v in self.weights.items()}
+        self.weights_no_evidence = {k: _weights_from_json(v) for k, v in self.weights_no_evidence.items()}
+
     def tables(self) -> SymmetryTables:
         if not self.sets or not self.bravais:
             return symmetry_tables(self.cell_known)
@@ -218,9 +235,9 @@ class FusionParams:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise FusionError(f"{where}: format {got!r}, expected {FUSION_FORMAT!r}")
         try:
-            weights = {int(k): {f: float(v[f]) for f in FEATURES} for k, v in data["weights"].items()}
+            weights = {int(k): _weights_from_json(v) for k, v in data["weights"].items()}
             temperature = {int(k): float(v) for k, v in data["temperature"].items()}
-            weights_ne = {int(k): {f: float(v[f]) for f in FEATURES} for k, v in data.get("weights_no_evidence", {}).items()}
+            weights_ne = {int(k): _weights_from_json(v) for k, v in data.get("weights_no_evidence", {}).items()}
             temperature_ne = {int(k): float(v) for k, v in data.get("temperature_no_evidence", {}).items()}
             params = cls(
                 classes=[int(c) for c in data["classes"]],
@@ -267,6 +284,11 @@ class FusionParams:
         return cls.from_json(data, where=str(path))
 
 
+def _weights_from_json(entry: Mapping) -> dict[str, float]:
+    """One view count's weights; the stacked features default to 0 (a product-of-experts file)."""
+    return {f: float(entry[f]) if f in entry or f not in STACKED_FEATURES else 0.0 for f in FEATURES}
+
+
 # --------------------------------------------------------------------------- the posterior
 
 
@@ -276,10 +298,11 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _group_log_mass(logp: np.ndarray, class_key: np.ndarray, group_key: np.ndarray, n_keys: int) -> np.ndarray:
-    """log of the MSDN's probability summed over classes sharing a key (system, Bravais), per group."""
-    mass = np.zeros((logp.shape[0], n_keys))
-    for k in range(n_keys):
-        mass[:, k] = np.exp(logp[:, class_key == k]).sum(axis=-1)
+    """log of a probability (the MSDN's over its classes, or the evidence's over the 230 groups)
+    summed over the columns sharing a key (crystal system, Bravais lattice, set), per group."""
+    onehot = np.zeros((len(class_key), n_keys))
+    onehot[np.arange(len(class_key)), class_key] = 1.0
+    mass = np.exp(logp) @ onehot
     return np.maximum(np.log(np.maximum(mass, 1e-300)), LOG_FLOOR)[..., group_key]
 
 
@@ -302,12 +325,16 @@ def feature_tensor(
     feats = np.zeros((batch, N_GROUPS, len(FEATURES)))
     inside = np.zeros(N_GROUPS, dtype=bool)
     inside[columns] = True
-    feats[:, columns, 0] = np.maximum(logp, LOG_FLOOR)
-    feats[:, :, 1] = _group_log_mass(logp, tables.system[columns], tables.system, len(spacegroups.CRYSTAL_SYSTEMS))
-    feats[:, :, 2] = _group_log_mass(logp, tables.bravais[columns], tables.bravais, len(tables.bravais_names))
-    feats[:, ~inside, 3] = 1.0
+    c = COLUMN
+    feats[:, columns, c["msdn"]] = np.maximum(logp, LOG_FLOOR)
+    feats[:, :, c["msdn_system"]] = _group_log_mass(logp, tables.system[columns], tables.system,
+                                                    len(spacegroups.CRYSTAL_SYSTEMS))
+    feats[:, :, c["msdn_bravais"]] = _group_log_mass(logp, tables.bravais[columns], tables.bravais,
+                                                     len(tables.bravais_names))
+    feats[:, :, c["msdn_set"]] = _group_log_mass(logp, tables.set_of[columns], tables.set_of, len(tables.sets))
+    feats[:, ~inside, c["outside"]] = 1.0
     entropy = -(np.exp(logp) * logp).sum(axis=-1)
-    feats[:, ~inside, 4] = entropy[:, None]
+    feats[:, ~inside, c["outside_entropy"]] = entropy[:, None]
     if evidence_loglik is not None:
         ev = np.atleast_2d(np.asarray(evidence_loglik, dtype=np.float64))
         if ev.shape != (batch, N_GROUPS):
@@ -315,9 +342,23 @@ def feature_tensor(
         ev = np.where(np.isfinite(ev), ev, -np.inf)
         top = ev.max(axis=1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
-        feats[:, :, 5] = np.maximum(ev - top, -evidence_clip)
-        feats[:, :, 6] = (ev - top >= -EVIDENCE_TOP_NATS) & np.isfinite(ev)
-    feats[:, :, 7] = log_prior_train[None, :]
+        gap = ev - top  # <= 0; -inf where the evidence rules a group out
+        feats[:, :, c["evidence"]] = np.maximum(gap, -evidence_clip)
+        feats[:, :, c["evidence_top"]] = (gap >= -EVIDENCE_TOP_NATS) & np.isfinite(ev)
+        # the stacked model: a saturating response to the gap (near-ties count, deep gaps less) ...
+        for depth in EVIDENCE_DEPTHS_NATS:
+            feats[:, :, c[f"evidence_{depth:g}"]] = np.maximum(gap, -depth) / depth
+        # ... the evidence's own mass (flat prior) on g's set, Bravais lattice and crystal system ...
+        ev_logp = _log_softmax(np.maximum(gap, -700.0))
+        scale = -LOG_FLOOR  # masses are floored at LOG_FLOOR: these features lie in [-1, 0]
+        feats[:, :, c["evidence_set"]] = _group_log_mass(ev_logp, tables.set_of, tables.set_of, len(tables.sets)) / scale
+        feats[:, :, c["evidence_bravais"]] = _group_log_mass(ev_logp, tables.bravais, tables.bravais,
+                                                             len(tables.bravais_names)) / scale
+        feats[:, :, c["evidence_system"]] = _group_log_mass(ev_logp, tables.system, tables.system,
+                                                            len(spacegroups.CRYSTAL_SYSTEMS)) / scale
+        # ... and the evidence trusted more where the MSDN is unsure
+        feats[:, :, c["evidence_x_entropy"]] = np.maximum(gap, -32.0) / 32.0 * entropy[:, None]
+    feats[:, :, c["prior"]] = log_prior_train[None, :]
     return feats
 
 
@@ -493,7 +534,7 @@ class Fusion:
                                            temperature=1.0, evidence_clip=self.params.evidence_clip,
                                            log_prior_train=self.log_prior_train, tables=self.tables)
                     w = self.params.weights[1]
-                    s = s + w["evidence"] * feats[..., 5] + w["evidence_top"] * feats[..., 6]
+                    s = s + sum(w[f] * feats[..., COLUMN[f]] for f in EVIDENCE_FEATURES)
             else:
                 feats = feature_tensor(logits[rows], None if ev is None else ev[rows], classes=self.params.classes,
                                        temperature=temperature[int(k)], evidence_clip=self.params.evidence_clip,

@@ -106,6 +106,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--index", help="index directory (default: the bundle's index/)")
     query.add_argument("--k", type=int, default=5, help="neighbours (default %(default)s)")
     query.add_argument("--json", action="store_true", help="print the result as JSON")
+    query.add_argument(
+        "--prior",
+        default=None,
+        help="prior of the bundle's fusion: training (default), flat, or a JSON file {space group: weight}",
+    )
+    query.add_argument(
+        "--no-evidence",
+        action="store_true",
+        help="fuse without the symmetry evidence measured in the patterns (as `xtalsym predict --no-evidence`)",
+    )
     query.set_defaults(handler=_cmd_query)
 
     ev = sub.add_parser(
@@ -159,6 +169,17 @@ def _embedder(args):
     from xtalsym.offline.evaluate import resolve_device
 
     return ix.Embedder.from_checkpoint(args.checkpoint, device=resolve_device(args.device), batch_size=args.batch_size)
+
+
+def _fusion_model(args):
+    """The bundle's model with its fusion (xtalsym.offline.evaluate.LoadedModel), or None with
+    --checkpoint or for a bundle without fusion.json (then the index answers alone)."""
+    if args.checkpoint:
+        return None
+    from xtalsym.offline import evaluate as ev
+
+    loaded = ev.load_for_inference(bundle=args.bundle, device=args.device, prior=args.prior)
+    return loaded if loaded.fusion is not None else None
 
 
 def _params(pairs: list[str]) -> dict:
@@ -266,16 +287,41 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if not index_dir:
         raise ValueError("--index is required with --checkpoint")
     index = ix.ReferenceIndex.load(index_dir, expected_model_id=embedder.model_id, gpu=args.gpu)
-    vec, probs, labelled = ix.embed_structure(embedder, args.structure)
+    loaded = _fusion_model(args)
+    if loaded is None:  # a checkpoint, or a bundle without fusion.json: the index's own answer
+        vec, probs, labelled = ix.embed_structure(embedder, args.structure)
+        fused_result = None
+    else:  # simulate once: the same patterns feed the fused answer (as `xtalsym predict`) and the index
+        import numpy as np
+
+        from xtalsym.offline import fused, structures
+
+        labelled = structures.load_structure(args.structure, symprec=loaded.config.symprec)
+        patterns = fused.simulate_structure(labelled, config=loaded.config)
+        e, p = embedder(fused.model_input(patterns, config=loaded.config)[None])
+        vec, probs = ix.normalise_views(e), np.asarray(p, np.float32)
+        fused_result = fused.predict_patterns(
+            loaded.model, loaded.fusion, patterns, config=loaded.config, use_evidence=not args.no_evidence
+        )
     result = index.query(vec, probabilities=probs, classes=embedder.classes, k=args.k)[0]
     if args.json:
-        print(
-            json.dumps(
-                {"material_id": labelled.material_id, "space_group": labelled.space_group, **result.to_json()}, indent=1
-            )
-        )
+        payload = {"material_id": labelled.material_id, "space_group": labelled.space_group}
+        if fused_result is not None:  # the keys of `xtalsym predict --json`, then the index's supporting evidence
+            prediction = fused_result.prediction
+            payload |= {
+                "truth": prediction.truth_verdict(labelled.space_group),
+                "prediction": prediction.to_json(),
+                "evidence": None if fused_result.evidence is None else fused_result.evidence.to_json(),
+            }
+        print(json.dumps({**payload, **result.to_json()}, indent=1))
         return 0
-    print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol})")
+    if fused_result is not None:
+        from xtalsym.cli.train import print_fused
+
+        print_fused(labelled, fused_result, loaded.classes, as_json=False)
+        print("\nsupporting evidence from the reference index:")
+    else:
+        print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol})")
     print("\nnearest references (similarity = sum of 3 cosines, max 3):")
     print(f"{'rank':>4} {'similarity':>10}  {'SG':>3} {'symbol':<10} {'material':<22} formula")
     for n in result.neighbours:
@@ -293,6 +339,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print("classifier: " + ", ".join(f"{c['space_group']} ({c['probability']:.3f})" for c in result.classifier))
     d = result.decision
     calibrated = "" if d["thresholds"]["calibrated"] else " (thresholds not calibrated)"
+    if fused_result is not None:
+        calibrated += "; the answer is the fused prediction above"
     if result.unknown:
         print(
             f"\ndecision: UNKNOWN - classifier unsure (p_max {d['p_max']}) and references do not agree "

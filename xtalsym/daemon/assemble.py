@@ -109,6 +109,9 @@ class Request:
     final: bool  # no further prediction will be published for this sample
     closed_by: str | None  # None (more may come), "complete", "end", "restart", "timeout", "shutdown", "overflow"
     trigger: View  # the view whose arrival (or the sample's expiry) caused the request
+    # a final request's combined evidence made before its batch: (evidence JSON or None, the
+    # error that prevented it or None); None: not combined yet (the batch combines it)
+    combined: tuple[dict | None, Exception | None] | None = field(default=None, repr=False)
 
     @property
     def axes(self) -> list[str]:

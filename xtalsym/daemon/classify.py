@@ -229,7 +229,8 @@ def classify_recorded(paths: Sequence[str | Path], *, config, components, jsonl_
         for lo in range(0, len(batch), c.pipeline.max_batch):
             chunk = batch[lo:lo + c.pipeline.max_batch]
             result = classify_batch(chunk, backend=backend, size=size, model=model, index=index, fusion=fusion,
-                                    index_enabled=c.index.enabled, neighbours=c.index.neighbours)
+                                    index_enabled=c.index.enabled, neighbours=c.index.neighbours,
+                                    index_query=c.index.query)
             if result.inference_error is not None:
                 for request in chunk:
                     bad("inference_error", f"sample {request.sample_key}: {result.inference_error}")

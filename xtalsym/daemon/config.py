@@ -165,6 +165,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "index": {
         "enabled": (True, _bool),
         "neighbours": (5, _pos_int),
+        # which predictions get the open-set match: "final" (a sample's last; partial ones carry
+        # open_set null) or "every" (partial ones too, ~1 ms CPU per request more)
+        "query": ("final", _choice("final", "every")),
     },
     "publish": {
         "address": (DEFAULT_PUBLISH_ADDRESS, _address),

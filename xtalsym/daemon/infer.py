@@ -21,6 +21,8 @@ from xtalsym.inference.base import InferenceResult, combine_views, supports_view
 
 log = logging.getLogger(__name__)
 
+INDEX_QUERIES = ("final", "every")  # index.query: which predictions get the open-set match
+
 
 def model_info(bundle, backend, index=None, fusion=None) -> dict:
     """The ``model`` object of the prediction schema."""
@@ -86,15 +88,40 @@ class BatchResult:
     inference_error: Exception | None = None  # the backend failed: no messages
     index_error: Exception | None = None  # the index failed: messages without open_set
     fuse_seconds: float | None = None
+    fuse_cpu_seconds: float | None = None
     fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
     combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
     evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
 
 
+def evidence_frames(request: Request) -> dict:
+    """The zones' FrameEvidence of a request (axis -> evidence), the views without it left out."""
+    return {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+
+
+def combine_timed(frames: dict) -> tuple[dict, float, float]:
+    """The combined evidence of one final sample as the message's JSON, its wall and thread CPU
+    seconds. The daemon runs it on its own thread (:meth:`Pipeline._combine_aside`): it costs
+    tens of milliseconds per sample, which on the inference thread delayed every request of
+    the batch behind it."""
+    from xtalsym.evidence import combine
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    out = combine(frames).to_json()
+    return out, time.perf_counter() - t0, time.thread_time() - c0
+
+
 def request_evidence(request: Request, result: BatchResult) -> dict | None:
     """The message's ``evidence`` object: the zones combined for a final prediction, the per-zone
-    evidence for a partial one (combining costs milliseconds: once per sample). Never raises."""
-    frames = {a: v.evidence for a, v in request.views.items() if getattr(v, "evidence", None) is not None}
+    evidence for a partial one (combining costs milliseconds: once per sample). A final request
+    combined before the batch (``request.combined``, the daemon does it in a worker) is used as
+    it is. Never raises."""
+    if request.final and request.combined is not None:
+        evidence, exc = request.combined
+        if exc is not None:
+            result.evidence_errors.append((request.sample_key, exc))
+        return evidence
+    frames = evidence_frames(request)
     if not frames:
         return None
     try:
@@ -114,8 +141,9 @@ def request_evidence(request: Request, result: BatchResult) -> dict | None:
 
 def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
                    index_enabled: bool = True, neighbours: int = 5, fusion=None, per_view: bool = False,
-                   generation: int = 0) -> BatchResult:
-    """Run ``backend`` on the batch, query ``index`` when given and enabled, fuse (``fusion``: the
+                   generation: int = 0, index_query: str = "final") -> BatchResult:
+    """Run ``backend`` on the batch, query ``index`` when given and enabled (``index_query``:
+    "final" for the final predictions only, "every" for partial ones too), fuse (``fusion``: the
     bundle's :class:`xtalsym.fusion.Fusion`, or None) and build each request's
     ``xtalsym.prediction/2`` message (``seq``/``published`` are the publisher's to set).
     ``per_view``: each view once through the per-view graph (:func:`infer_by_views`,
@@ -135,14 +163,20 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
     result.infer_seconds = time.perf_counter() - t0
     result.infer_cpu_seconds = time.thread_time() - c0
     open_sets: list[Any] = [None] * len(batch)
-    if index is not None and index_enabled:
+    if index_query not in INDEX_QUERIES:
+        raise ValueError(f"index_query must be one of {', '.join(INDEX_QUERIES)}, got {index_query!r}")
+    # a partial prediction is superseded within the sample's next frames: by default only the
+    # final one pays for the open-set match (about a tenth of the daemon's CPU per request)
+    rows = [i for i, request in enumerate(batch) if index_query == "every" or request.final]
+    if index is not None and index_enabled and rows:
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
             from xtalsym.index.scoring import normalise_views
 
-            queries = index.query(normalise_views(out.embeddings), probabilities=out.probabilities,
+            queries = index.query(normalise_views(out.embeddings[rows]), probabilities=out.probabilities[rows],
                                   classes=backend.classes, k=neighbours)
-            open_sets = [open_set_result(q) for q in queries]
+            for i, q in zip(rows, queries):
+                open_sets[i] = open_set_result(q)
             result.match_seconds = time.perf_counter() - t0
             result.match_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001
@@ -150,11 +184,12 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
     evidences = [request_evidence(request, result) for request in batch]
     fused: list[dict | None] = [None] * len(batch)
     if fusion is not None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             present = np.array([[axis in request.views for axis in AXES] for request in batch], bool)
             fused = fuse_batch(fusion, batch, out.logits, present, evidences)
             result.fuse_seconds = time.perf_counter() - t0
+            result.fuse_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
             result.fusion_error = exc
     for request, probs, open_set, fused_one, evidence in zip(batch, out.probabilities, open_sets, fused, evidences):

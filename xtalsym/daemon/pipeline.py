@@ -15,6 +15,9 @@ Threads and processes (docs/DAEMON.md, "Inside the daemon"):
   requests (flush at ``max_batch`` requests or when the oldest waited
   ``latency_budget_seconds``, whichever first), runs the backend, queries the reference
   index, publishes, closes timed-out samples and sends metrics.
+* **combine thread**: combines the zones' symmetry evidence of each final sample (tens of
+  ms per sample) before its request joins a batch, so that it runs beside the network
+  (ONNX Runtime releases the GIL) instead of in front of every request of the batch.
 
 Bad frames (BadMessage, CalibrationError, ShapingError, AssemblyError, series drops) are
 counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies on a frame.
@@ -39,7 +42,7 @@ import zmq
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
-from xtalsym.daemon.infer import classify_batch, load_fusion, model_info, uses_per_view
+from xtalsym.daemon.infer import classify_batch, combine_timed, evidence_frames, load_fusion, model_info, uses_per_view
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.overload import WorkerSlots
@@ -76,6 +79,14 @@ def warm_backend(backend, size: int, max_batch: int, *, per_view: bool = False) 
 @dataclass
 class _Done:
     view_meta: dict
+    future: cf.Future
+
+
+@dataclass
+class _Combined:
+    """A final request whose evidence the combine thread has finished (``future``)."""
+
+    request: Request
     future: cf.Future
 
 
@@ -133,6 +144,8 @@ class Pipeline:
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
+        self.combiner: cf.ThreadPoolExecutor | None = None  # the combine thread (pipeline.evidence)
+        self._combining = 0  # final requests on the combine thread (inference thread's count)
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
         # time.monotonic() of each loop's latest iteration (the systemd watchdog reads them)
@@ -145,7 +158,8 @@ class Pipeline:
         self.metrics.prom.track_model(lambda: self.model_info)  # read at scrape time: follows swap()
         self.metrics.prom.track_queues(
             {"workers": lambda: len(self.slots), "results": self._results.qsize,
-             "open_samples": lambda: len(self.assembler.open), "batch": lambda: self._pending_batch},
+             "open_samples": lambda: len(self.assembler.open), "combine": lambda: self._combining,
+             "batch": lambda: self._pending_batch},
             {"workers": lambda: config.pipeline.queue_size, "batch": lambda: self.config.pipeline.max_batch})
 
     # ---- life cycle
@@ -181,6 +195,7 @@ class Pipeline:
             t0 = time.perf_counter()
             evidence_sample.group_table()
             log.info("symmetry-evidence tables ready in %.1f s", time.perf_counter() - t0)
+            self.combiner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xtalsym-combine")
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
@@ -233,6 +248,8 @@ class Pipeline:
             t.join(timeout)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.combiner is not None:
+            self.combiner.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
             self.monitor.close()
         if getattr(self, "_log_listening", False):
@@ -451,6 +468,15 @@ class Pipeline:
         oldest = 0.0
         next_metrics = time.monotonic() + (self.config.publish.metrics_interval_seconds or float("inf"))
         stopping = False
+
+        def enqueue(request: Request, *, combined: bool = False) -> None:
+            nonlocal oldest
+            if not combined and not stopping and self._combine_aside(request):
+                return  # it joins ``pending`` when the combine thread is done with it
+            if not pending:
+                oldest = time.monotonic()
+            pending.append(request)
+
         try:
             while True:
                 now = self.heartbeats["inference"] = time.monotonic()
@@ -464,7 +490,7 @@ class Pipeline:
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - time.time()))
                 item = None
-                if not stopping:
+                if not stopping or self._combining:  # after _STOP only combined requests arrive
                     try:
                         item = self._results.get(timeout=timeout)
                     except queue.Empty:
@@ -473,22 +499,19 @@ class Pipeline:
                     stopping = True
                 elif isinstance(item, _SeriesClosed):
                     self._closing[item.number] = item.reason
+                elif isinstance(item, _Combined):
+                    enqueue(self._took_combined(item), combined=True)
                 elif item is not None:
                     for request in self._add_view(item):
-                        if not pending:
-                            oldest = time.monotonic()
-                        pending.append(request)
+                        enqueue(request)
                 for request in self._close_ended_series():
-                    if not pending:
-                        oldest = time.monotonic()
-                    pending.append(request)
+                    enqueue(request)
                 for request in self.assembler.expire(time.time(), self._busy_samples()):
                     self.metrics.count("timed_out_samples")
-                    if not pending:
-                        oldest = time.monotonic()
-                    pending.append(request)
+                    enqueue(request)
                 if stopping:
-                    pending.extend(self.assembler.close_all("shutdown"))
+                    for request in self.assembler.close_all("shutdown"):
+                        enqueue(request)  # combined in the batch: shutdown waits for nothing else
                 now = time.monotonic()
                 if pending and (len(pending) >= c.max_batch or now - oldest >= c.latency_budget_seconds or stopping):
                     while pending:
@@ -501,7 +524,7 @@ class Pipeline:
                 if now >= next_metrics:
                     self.publisher.send_metrics(self.metrics_message())
                     next_metrics = now + self.config.publish.metrics_interval_seconds
-                if stopping and not pending:
+                if stopping and not pending and not self._combining:
                     break
         except Exception:  # pragma: no cover - a bug; log it, never hang the service
             log.exception("inference loop failed")
@@ -511,6 +534,38 @@ class Pipeline:
                 self.publisher.close()
             finally:
                 self.finished.set()
+
+    def _combine_aside(self, request: Request) -> bool:
+        """Hand a final request with evidence to the combine thread; False when it goes to the
+        batch as it is (not final, no evidence, no combine thread, or that thread is shut)."""
+        if self.combiner is None or not request.final or request.combined is not None:
+            return False
+        frames = evidence_frames(request)
+        if not frames:
+            return False
+        try:
+            future = self.combiner.submit(combine_timed, frames)
+        except RuntimeError:  # shut down: the batch combines it
+            return False
+        self._combining += 1
+        future.add_done_callback(lambda f, request=request: self._results.put(_Combined(request, f)))
+        return True
+
+    def _took_combined(self, item: _Combined) -> Request:
+        """The request of a finished combine, its evidence (or the error) on it."""
+        self._combining -= 1
+        request = item.request
+        try:
+            evidence, seconds, cpu_seconds = item.future.result()
+        except cf.CancelledError:  # shutting down: the batch combines it
+            return request
+        except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
+            log.error("evidence of sample %s failed: %s: %s", request.sample_key, type(exc).__name__, exc)
+            request.combined = (None, exc)
+            return request
+        self.metrics.stage("combine", seconds, cpu_seconds)
+        request.combined = (evidence, None)
+        return request
 
     def _close_ended_series(self) -> list[Request]:
         """Close the open samples of the series that ended (or were restarted) once none of their
@@ -567,6 +622,7 @@ class Pipeline:
         result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model_info, index=self.index,
                                 fusion=self.fusion,
                                 index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours,
+                                index_query=self.config.index.query,
                                 per_view=uses_per_view(self.backend, self.config.pipeline.view_inference),
                                 generation=self._backend_generation)
         if result.inference_error is not None:  # keep serving; every request of the batch is counted
@@ -581,7 +637,7 @@ class Pipeline:
             exc = result.index_error
             self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
         if result.fuse_seconds is not None:
-            self.metrics.stage("fuse", result.fuse_seconds)
+            self.metrics.stage("fuse", result.fuse_seconds, result.fuse_cpu_seconds)
         if result.fusion_error is not None:
             exc = result.fusion_error
             self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")

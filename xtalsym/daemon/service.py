@@ -25,16 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def inference_cpu_threads(config: DaemonConfig) -> int:
-    """CPU threads for a backend on the CPU: ``pipeline.inference_threads``, or (0) the
-    cores the shaping workers leave, at least one. Oversubscribing a small host (ORT's
-    default: one busy-waiting thread per core, beside ``workers`` shaping processes) cost
-    ~40 % more CPU per frame and higher latency in benchmarks/daemon.py."""
+    """CPU threads for a backend on the CPU: ``pipeline.inference_threads``, or (0) every
+    core this process may run on. The backends never busy-wait (``allow_spinning`` off), so
+    a thread costs CPU only while a batch runs and the OS shares the cores with the shaping
+    workers: on 2 cores with 2 workers, 2 ONNX Runtime threads instead of the cores the workers
+    leave (1) gave 25.4 vs 17.8 frames/s with the evidence off and 6.4 vs 5.0 with it on, at
+    the same CPU per frame (benchmarks/daemon.py --variants, docs/RESULTS.md issue 12). (With
+    spinning threads, as ORT's default, oversubscribing cost ~40 % more CPU per frame.)"""
     import os
 
     if config.pipeline.inference_threads:
         return config.pipeline.inference_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - config.pipeline.workers)
+    return max(1, cores)
 
 
 def limit_native_threads(n: int) -> None:

@@ -12,8 +12,9 @@ Why a wrapper: the model resizes a 224 input to its ``input_size`` with
 integer (224 → 64 is 3.5): the TorchScript exporter refuses ("input size not
 accessible"), the dynamo exporter fails at conversion. :class:`AdaptiveMaxPool2dExport`
 computes exactly the same pooling (same windows, bit-identical result) as two gathers and
-two max-reductions — max over a rectangle is separable — which every exporter and ONNX
-runtime handle; the wrapper applies it to the float image (still in [0, 255]) and the
+two max-reductions — max over a rectangle is separable — or, when the windows tile the
+image (224 → 112), one reshape and one max, which every exporter and ONNX runtime handle;
+the wrapper applies it to the uint8 image, then casts (:func:`pool_then_cast`), and the
 model then sees its own input size and skips its pooling.
 """
 
@@ -66,10 +67,25 @@ class AdaptiveMaxPool2dExport(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x (..., H, W)
         ho, wo = self.size_out
+        (hi, wi) = self.size_in
+        if hi % ho == 0 and wi % wo == 0:
+            # whole windows (224 -> 112): a reshape and one max, no gathers (they copied the
+            # image twice and cost more than a third of the pooling's time in ONNX Runtime)
+            return x.unflatten(-1, (wo, wi // wo)).unflatten(-3, (ho, hi // ho)).amax(dim=(-3, -1))
         x = x.index_select(-2, self.rows)  # (..., ho*kh, W)
         x = x.unflatten(-2, (ho, -1)).amax(dim=-2)  # (..., ho, W)
         x = x.index_select(-1, self.cols)
         return x.unflatten(-1, (wo, -1)).amax(dim=-1)
+
+
+def pool_then_cast(pool: AdaptiveMaxPool2dExport | None, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The model's input: ``x`` (uint8) max-pooled to its input size, then as ``dtype`` (still in
+    [0, 255]; the model scales it and skips its own pooling). Pooling the uint8 image first is
+    bit-identical to casting first (the cast of a byte is exact and monotonic, so it commutes
+    with max) and casts a quarter of the pixels at 224 -> 112."""
+    if pool is not None:
+        x = pool(x)
+    return x.to(dtype)
 
 
 class ExportWrapper(nn.Module):
@@ -90,9 +106,7 @@ class ExportWrapper(nn.Module):
         )
 
     def forward(self, x: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = x.to(self.model._dtype())
-        if self.pool is not None:
-            x = self.pool(x)  # still in [0, 255]; the model scales it and skips its own pooling
+        x = pool_then_cast(self.pool, x, self.model._dtype())
         out = self.model(x, present)
         return out.logits, torch.softmax(out.logits, dim=-1), out.embeddings
 
@@ -115,9 +129,7 @@ class ViewExportWrapper(nn.Module):
 
     def forward(self, view: Tensor, axis: Tensor) -> tuple[Tensor, Tensor]:
         m = self.model
-        x = view.to(m._dtype())
-        if self.inner.pool is not None:
-            x = self.inner.pool(x)
+        x = pool_then_cast(self.inner.pool, view, m._dtype())
         embeddings = m.trunk(m._prepare(x))  # (N, 960)
         every_head = torch.stack([head(embeddings) for head in m.heads], dim=1)  # (N, 3, C): cheap beside the trunk
         index = axis.to(torch.long).reshape(-1, 1, 1).expand(-1, 1, every_head.shape[-1])

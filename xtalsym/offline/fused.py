@@ -40,6 +40,22 @@ def evidence_of(patterns: Mapping[str, np.ndarray], *, q_per_pixel: float, axes:
     return combine(frames)
 
 
+def model_input(patterns: Mapping[str, np.ndarray], *, config: ds.BuildConfig) -> np.ndarray:
+    """The network input (3, 3, H, W) uint8 of float zone-axis patterns {axis: (N, N)}: the
+    8-bit raw DPs shaped as the training data were (one definition for every caller, so the
+    fused answer and the index's embedding see the same pixels)."""
+    raws = [simulate.to_raw_uint8(patterns[a]) for a in simulate.AXES]
+    shaped = np.stack([shaping.shape(r, a, method=config.shaping_method) for r, a in zip(raws, simulate.AXES)])
+    return np.ascontiguousarray(shaped.transpose(0, 3, 1, 2))
+
+
+def simulate_structure(labelled: structures.LabelledStructure, *, config: ds.BuildConfig,
+                       realism: simulate.Realism | None = None) -> dict[str, np.ndarray]:
+    """Float zone-axis patterns {axis: (N, N)} of ``labelled``, simulated as the training data were made."""
+    return simulate.simulate_axes(labelled.structure, geometry=config.geometry, scattering=config.scattering,
+                                  realism=realism, **simulate.DATASET_OPTIONS)
+
+
 def model_view_logits(model, x: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(summed logits (C,), per-view logits (3, C) or None) of one sample (x: (3, 3, H, W) uint8)."""
     import torch
@@ -58,10 +74,7 @@ def predict_patterns(model, engine: fusion.Fusion | None, patterns: Mapping[str,
     simulate.AXES must be there; ``axes`` picks the ones the prediction may use)."""
     axes = list(axes or simulate.AXES)
     present = np.array([a in axes for a in simulate.AXES])
-    raws = [simulate.to_raw_uint8(patterns[a]) for a in simulate.AXES]
-    shaped = np.stack([shaping.shape(r, a, method=config.shaping_method) for r, a in zip(raws, simulate.AXES)])
-    x = np.ascontiguousarray(shaped.transpose(0, 3, 1, 2))
-    summed, view = model_view_logits(model, x, present)
+    summed, view = model_view_logits(model, model_input(patterns, config=config), present)
     z = summed - summed.max()
     probs = np.exp(z) / np.exp(z).sum()
     evidence = None
@@ -81,6 +94,5 @@ def predict_structure(model, engine: fusion.Fusion | None, labelled: structures.
                       config: ds.BuildConfig, axes: Sequence[str] | None = None,
                       realism: simulate.Realism | None = None, use_evidence: bool = True) -> FusedResult:
     """Simulate ``labelled`` as the training data were made (plus ``realism``) and predict."""
-    patterns = simulate.simulate_axes(labelled.structure, geometry=config.geometry, scattering=config.scattering,
-                                      realism=realism, **simulate.DATASET_OPTIONS)
+    patterns = simulate_structure(labelled, config=config, realism=realism)
     return predict_patterns(model, engine, patterns, config=config, axes=axes, use_evidence=use_evidence)

@@ -344,6 +344,41 @@ def build_evidence(out: str | Path, *, q_per_pixel: float, workers: int = 1,
     return target
 
 
+def load_evidence(folder: str | Path, material_ids: Sequence[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
+    """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows),
+    from the per-chunk evidence files of :func:`build_evidence`."""
+    merged: dict[str, list] = {}
+    for path in sorted(Path(folder).glob("chunk-*.npz")):
+        with np.load(path) as data:
+            for key in data.files:
+                merged.setdefault(key, []).append(data[key])
+    if not merged:
+        return np.zeros(0, dtype=np.int64), {}
+    ids = [str(m) for m in np.concatenate(merged["material_id"])]
+    where = {m: i for i, m in enumerate(ids)}
+    rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
+    src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
+    out = {}
+    for key, parts in merged.items():
+        if key.startswith("loglik_"):
+            out[tuple(c == "1" for c in key.split("_")[1])] = np.concatenate(parts)[src].astype(np.float64)
+    return rows, out
+
+
+def prior_counts_of(out: str | Path, features: Features) -> tuple[np.ndarray, str]:
+    """(230,) counts behind the fusion's default prior and where they come from: the training
+    split of ``<out>/mp_labels.json`` (:func:`label_all`) when built, else the cached validation
+    materials (the same distribution by the hash split; never a test label)."""
+    labels_file = Path(out) / "mp_labels.json"
+    if labels_file.is_file():
+        from xtalsym.offline.fusion_fit import prior_counts
+
+        counts = prior_counts(json.loads(labels_file.read_text()), "train")
+        return counts, f"train split ({int(counts.sum())} materials, spglib labels)"
+    counts = np.bincount(features.space_group[features.split == "val"] - 1, minlength=230)
+    return counts, "validation split (mp_labels.json not built)"
+
+
 def label_all(source: str | Path, out: str | Path, *, symprec: float = structures.DEFAULT_SYMPREC,
               fractions: dict[str, float] | None = None, seed: int = 0) -> dict[str, dict]:
     """Split and space group of every material of ``source`` (spglib at ``symprec``), cached
@@ -385,10 +420,59 @@ def build(
     bundle = load_bundle(bundle_path)
     config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
     chosen = select_records(source, split_counts={"val": val, "test": test})
-    jobs = make_jobs(chosen)
-    (out / "plan.json").write_text(
-        json.dumps({"splits": {k: len(v) for k, v in chosen.items()}, "chunks": len(jobs), "bundle": bundle.model_id}, indent=1)
-    )
+    _run_jobs(out, make_jobs(chosen), {"splits": {k: len(v) for k, v in chosen.items()}}, bundle_path=bundle_path,
+              model_id=bundle.model_id, config=config, workers=workers, max_jobs=max_jobs)
+
+
+def open_set_ids(labels: dict[str, dict], *, groups, seed: int = 0, exclude_splits: Sequence[str] = ("val",)) -> set[str]:
+    """Material ids of the open-set test half: labelled in ``groups``, not a reference by
+    ``xtalsym.index.open_set.reference_half``, not in the dataset splits ``exclude_splits``."""
+    from xtalsym.index.open_set import reference_half
+
+    wanted, excluded = {int(g) for g in groups}, set(exclude_splits)
+    return {mid for mid, entry in labels.items() if int(entry["space_group"]) in wanted
+            and entry["split"] not in excluded and not reference_half(mid, seed=seed)}
+
+
+def build_open_set(
+    out: str | Path,
+    *,
+    labels: dict[str, dict],
+    groups: Sequence[int],
+    source: str | Path = DEFAULT_SOURCE,
+    bundle_path: str | Path = "reference_index",
+    seed: int = 0,
+    exclude_splits: Sequence[str] = ("val",),
+    workers: int = 2,
+    max_jobs: int | None = None,
+) -> None:
+    """Features of the test half of the open-set experiment (``xtalsym index evaluate``'s
+    split: materials of ``groups`` that are not references by ``reference_half``), leaving out
+    the dataset splits in ``exclude_splits`` (default the validation split, on which the
+    fusion is fitted). ``labels``: :func:`label_all`'s {material_id: {split, space_group}}."""
+    from xtalsym.bundle import load_bundle
+    from xtalsym.offline.evaluate import build_config_from
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(bundle_path)
+    config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
+    wanted_groups = {int(g) for g in groups}
+    wanted = open_set_ids(labels, groups=wanted_groups, seed=seed, exclude_splits=exclude_splits)
+    records = [r for r in structures.iter_records(source)
+               if not isinstance(r, structures.StructureError) and r.material_id in wanted]
+    records.sort(key=lambda r: _rank(r.material_id))
+    plan = {"open_set": {"groups": sorted(wanted_groups), "seed": seed, "excluded_splits": list(exclude_splits),
+                         "rule": f"test half: sha256('openset:{seed}:'+material_id)[:8]/2^64 >= 0.5"},
+            "splits": {"openset": len(records)}}
+    _run_jobs(out, make_jobs({"openset": records}), plan, bundle_path=bundle_path, model_id=bundle.model_id,
+              config=config, workers=workers, max_jobs=max_jobs)
+
+
+def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: str, config: ds.BuildConfig,
+              workers: int, max_jobs: int | None) -> None:
+    """Run the chunks of ``jobs`` not yet on disk (resumable), after writing the plan."""
+    (out / "plan.json").write_text(json.dumps({**plan, "chunks": len(jobs), "bundle": model_id}, indent=1))
     todo = [j for j in jobs if not chunk_path(out, j.index).is_file()][: max_jobs or None]
     log.info("%d chunks planned, %d to do", len(jobs), len(todo))
     done = ok = failed = 0
@@ -420,6 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels-only", action="store_true", help="only label every material (mp_labels.json)")
     parser.add_argument("--evidence", action="store_true", help="compute the evidence of the cached patterns")
     parser.add_argument("--subsets", default="111", help="view subsets for the evidence, e.g. 111,100,010,001")
+    parser.add_argument("--open-set", action="store_true",
+                        help="the test half of the paper's 30 unseen groups (xtalsym index evaluate's split), "
+                        "outside the validation split; needs --labels (fusion_data --labels-only)")
+    parser.add_argument("--labels", default=None, help="mp_labels.json of --labels-only (default: <out>/mp_labels.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.evidence:
@@ -435,6 +523,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.labels_only:
         labels = label_all(args.source, Path(args.out) / "mp_labels.json")
         log.info("%d materials labelled", len(labels))
+        return 0
+    if args.open_set:
+        from xtalsym import spacegroups
+
+        labels_file = Path(args.labels or Path(args.out) / "mp_labels.json")
+        if not labels_file.is_file():
+            parser.error(f"--open-set needs the material labels; no file {labels_file} (run --labels-only first)")
+        build_open_set(args.out, labels=json.loads(labels_file.read_text()), groups=spacegroups.PAPER_OPEN_SET_30,
+                       source=args.source, bundle_path=args.bundle, workers=args.workers, max_jobs=args.max_chunks)
         return 0
     build(args.out, source=args.source, bundle_path=args.bundle, val=args.val, test=args.test,
           workers=args.workers, max_jobs=args.max_chunks)

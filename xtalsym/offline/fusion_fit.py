@@ -36,7 +36,7 @@ EVIDENCE_CLIPS = (32.0, 128.0, 512.0)
 ECE_BINS = 15
 SUBSETS = {k: [np.array([i in c for i in range(3)]) for c in itertools.combinations(range(3), k)] for k in (1, 2, 3)}
 INITIAL = {"msdn": 1.0, "msdn_system": 0.0, "msdn_bravais": 0.0, "outside": -3.0, "outside_entropy": 0.5,
-           "evidence": 0.2, "evidence_top": 0.5, "prior": 0.3}
+           "evidence": 0.2, "evidence_top": 0.5, "prior": 0.3} | {f: 0.0 for f in fusion.STACKED_FEATURES}
 
 
 def prior_counts(labels: Mapping[str, Mapping], split: str = "train") -> np.ndarray:
