@@ -321,7 +321,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print_fused(labelled, fused_result, loaded.classes, as_json=False)
         print("\nsupporting evidence from the reference index:")
     else:
-        print(f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol})")
+        print(
+            f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol})"
+        )
     print("\nnearest references (similarity = sum of 3 cosines, max 3):")
     print(f"{'rank':>4} {'similarity':>10}  {'SG':>3} {'symbol':<10} {'material':<22} formula")
     for n in result.neighbours:

@@ -38,8 +38,7 @@ import numpy as np
 
 from xtalsym import spacegroups, symmetry
 from xtalsym.evidence import cell as cellfit
-from xtalsym.evidence import decision
-from xtalsym.evidence import stats, zonerules
+from xtalsym.evidence import decision, stats, zonerules
 from xtalsym.evidence.frame import FrameEvidence
 
 log = logging.getLogger(__name__)
