@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -223,7 +224,9 @@ def test_predict_prints_the_symmetry_evidence(checkpoints, capsys):
     assert _run(["predict", nacl, "--checkpoint", str(checkpoints["msdn"]), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "cell (cubic, apparent): a = 2.8" in printed  # rock salt's {200}: half the F edge
-    assert "crystal system: cubic" in printed and "Bravais lattice: not decided" in printed
+    # cubic named, or (under the calibrated decision rule) most likely but below its threshold
+    assert re.search(r"crystal system: (cubic|not decided\s+\(cubic)", printed), printed
+    assert "Bravais lattice: not decided" in printed
     assert "zone x:" in printed and "absences:" in printed
     assert "cF/cP not separable" in printed or "cP/cF not separable" in printed
     assert _run(["predict", nacl, "--checkpoint", str(checkpoints["msdn"]), "--json"]) == 0
