@@ -206,6 +206,16 @@ def inference_cost(bundle_path: str, *, per_view: bool, precision: str = "fp32",
     return {"cpu_per_frame": (time.process_time() - c0) / n / frames, "precision": backend.precision}
 
 
+SERVE_STAGES = ("decode", "combine", "infer", "match", "fuse")  # timed in the serve process (the rest in workers)
+
+
+def untimed_serve(run: dict) -> float:
+    """CPU seconds per frame the serve process spent outside its timed stages (each stage times
+    only its own thread: a second ONNX Runtime thread counts here, under thread role native)."""
+    st = run["stage_cpu_per_frame"]
+    return run["main_cpu_s"] / run["frames"] - sum(st.get(k, 0.0) for k in SERVE_STAGES)
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -231,6 +241,17 @@ def daemon_event(port: int, event: str) -> float:
 
 def daemon_stage_cpu(port: int) -> dict:
     """CPU seconds per stage so far, from the daemon's xtalsym_stage_cpu_seconds_total."""
+    return _labelled(port, "xtalsym_stage_cpu_seconds", "stage", suffix="_total")
+
+
+def daemon_thread_cpu(port: int) -> dict:
+    """CPU seconds of the serve process so far by thread role, from its xtalsym_thread_cpu_seconds
+    (the stages time their own thread; this also shows the process pool's threads, the HTTP
+    scrapes, ONNX Runtime's other intra-op threads)."""
+    return _labelled(port, "xtalsym_thread_cpu_seconds", "thread")
+
+
+def _labelled(port: int, name: str, label: str, suffix: str = "") -> dict:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -238,10 +259,10 @@ def daemon_stage_cpu(port: int) -> dict:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out: dict = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "xtalsym_stage_cpu_seconds":
+        if family.name == name:
             for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    out[sample.labels["stage"]] = sample.value
+                if sample.name.endswith(suffix):
+                    out[sample.labels[label]] = sample.value
     return out
 
 
@@ -327,7 +348,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     t0_wall = time.time()
     procs = [proc] + proc.children(recursive=True)
     cpu_of = lambda ps=procs: sum(p.cpu_times().user + p.cpu_times().system for p in ps)  # noqa: E731
-    cpu0, stage0 = cpu_of(), daemon_stage_cpu(metrics_port)
+    cpu0, stage0, thread0 = cpu_of(), daemon_stage_cpu(metrics_port), daemon_thread_cpu(metrics_port)
     main_cpu0 = cpu_of([proc])  # the serve process (ingest, inference, publish); the rest are the workers
     views0 = daemon_event(metrics_port, "views_inferred")  # the warm-up series' views before the clock
     peak_rss = 0
@@ -357,7 +378,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     time.sleep(1.5)  # the last predictions and a metrics message reach the listener
     stop.set()
     t_listen.join(30)
-    cpu1, stage1 = cpu_of(), daemon_stage_cpu(metrics_port)
+    cpu1, stage1, thread1 = cpu_of(), daemon_stage_cpu(metrics_port), daemon_thread_cpu(metrics_port)
     main_cpu = cpu_of([proc]) - main_cpu0
     views1 = daemon_event(metrics_port, "views_inferred")
     stage_means = daemon_stage_means(metrics_port)
@@ -377,6 +398,7 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
         "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
         "cpu_s": cpu1 - cpu0, "main_cpu_s": main_cpu, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
+        "thread_cpu_per_frame": {k: (thread1.get(k, 0.0) - thread0.get(k, 0.0)) / n_images for k in thread1},
         "views_inferred": views1 - views0, "load_before": load_before, "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
         "device": (s.messages[-1]["model"] if s.messages else {}).get("device", "?"),
@@ -512,6 +534,13 @@ def main() -> int:
         f"{(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms")
     for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
+    # the serve process by thread role: what its stages time (their own thread) and what they do not
+    roles = [k for k in (runs[0].get("thread_cpu_per_frame") or {}) if any(
+        r["thread_cpu_per_frame"].get(k, 0) > 0 for r in runs)]
+    for role in roles:
+        row(f"serve CPU per frame, thread {role}",
+            lambda r, ro=role: f"{r['thread_cpu_per_frame'].get(ro, 0) * 1000:.2f} ms")
+    row("serve CPU per frame outside the timed stages", lambda r: f"{untimed_serve(r) * 1000:.2f} ms")
     row("wall ms per call: stage means", lambda r: str({k: round(v*1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}))
     row("mean batch (requests)", lambda r: f"{r['stage_means'].get('batch_size', 0):.1f}")
     row("peak RSS (all processes)", lambda r: f"{r['peak_rss_mib']:.0f} MiB")

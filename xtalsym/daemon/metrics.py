@@ -14,6 +14,7 @@ rejection reasons and event names are code constants, space groups the model's c
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import threading
 import time
@@ -180,6 +181,10 @@ class PrometheusMetrics:
         """Export ``model()`` (the pipeline's ``model`` dict) at every scrape, so a reload shows at once."""
         self.registry.register(_ModelCollector(model))
 
+    def track_threads(self) -> None:
+        """Export this process's CPU seconds by thread role (read from /proc at scrape time)."""
+        self.registry.register(_ThreadCpuCollector())
+
 
 class _ModelCollector:
     """xtalsym_model_info{model_id, name, backend, device, precision} 1 and the index size."""
@@ -200,6 +205,82 @@ class _ModelCollector:
         info.add_metric([], {k: "" if model.get(k) is None else str(model[k]) for k in self.LABELS})
         entries.add_metric([], (model.get("index") or {}).get("entries", 0))
         return [info, entries]
+
+
+# Thread roles of the serve process (xtalsym_thread_cpu_seconds{thread}): a bounded label set.
+THREAD_ROLES = ("ingest", "inference", "combine", "worker_pool", "http", "log", "main", "other", "zeromq", "native",
+                "exited")
+
+
+def thread_role(thread: threading.Thread) -> str:
+    """The role of a Python thread: the daemon names its own; of the standard library's, the
+    process pool's manager thread (by class) and its call queue's feeder, the HTTP server's
+    request threads and the workers' log listener (by name)."""
+    name = thread.name
+    if type(thread).__name__ == "_ExecutorManagerThread":  # concurrent.futures.process: pickles, results
+        return "worker_pool"
+    for prefix, role in (("xtalsym-ingest", "ingest"), ("xtalsym-inference", "inference"),
+                         ("xtalsym-combine", "combine"), ("xtalsym-metrics-http", "http"), ("MainThread", "main"),
+                         ("QueueFeederThread", "worker_pool")):
+        if name.startswith(prefix):
+            return role
+    if "process_request_thread" in name:
+        return "http"
+    if "_monitor" in name:  # logging.handlers.QueueListener: the workers' log records
+        return "log"
+    return "other"
+
+
+def thread_cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) of this process by thread role, from /proc/self/task (Linux;
+    empty elsewhere). Python threads by name (:func:`thread_role`; concurrent.futures'
+    ``_ExecutorManagerThread`` is a ``Thread-N``), the others by their OS name: ZeroMQ's I/O
+    threads, and ``native`` for the rest (ONNX Runtime's intra-op pool, OpenMP/BLAS): a second
+    ORT thread's share of inference shows there, not in the ``infer`` stage, which times the
+    calling thread. ``exited``: threads gone since (e.g. one per HTTP scrape), so the roles
+    sum to the process's CPU time."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    threads = {t.native_id: t for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(THREAD_ROLES, 0.0)
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile: counted in "exited"
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ... utime = 14th
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        thread = threads.get(int(tid))
+        if thread is not None:
+            role = thread_role(thread)
+        else:
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            role = "zeromq" if comm.startswith("ZMQbg") else "native"
+        out[role] += seconds
+    total = sum(os.times()[:2])
+    out["exited"] = max(0.0, total - sum(out.values()))
+    return {role: round(seconds, 3) for role, seconds in out.items()}
+
+
+class _ThreadCpuCollector:
+    """xtalsym_thread_cpu_seconds{thread}: CPU seconds of this process by thread role (a gauge:
+    a role loses the seconds of its threads that exit, which then count in ``exited``)."""
+
+    def describe(self):
+        return [GaugeMetricFamily("xtalsym_thread_cpu_seconds", "CPU seconds of the serve process by thread "
+                                  "role (ingest, inference, combine, worker_pool: the process pool's manager and "
+                                  "feeder threads, http, log, main, other, zeromq, native: ONNX Runtime's intra-op "
+                                  "threads, exited: threads gone since)", labels=["thread"])]
+
+    def collect(self):
+        (family,) = self.describe()
+        for role, seconds in thread_cpu_by_role().items():
+            family.add_metric([role], seconds)
+        return [family]
 
 
 class Metrics:

@@ -156,6 +156,7 @@ class Pipeline:
         self._pending_batch = 0
         self._backend_generation = 0  # which backend computed a View.inferred
         self.metrics.prom.track_model(lambda: self.model_info)  # read at scrape time: follows swap()
+        self.metrics.prom.track_threads()  # CPU by thread role: what the stages do not time
         self.metrics.prom.track_queues(
             {"workers": lambda: len(self.slots), "results": self._results.qsize,
              "open_samples": lambda: len(self.assembler.open), "combine": lambda: self._combining,
