@@ -201,6 +201,8 @@ def test_overload_bounded_and_recovers(components, sims, policy):
         wait_accounted(run.service.pipeline, sent)
         wait_for(lambda: {"NaCl", "Si"} <= {m["sample_id"] for m in run.summary_messages() if m["final"]
                                               and m["series_id"] == 2}, 30, "recovery samples", run.service.pipeline)
+        # every frame's shared-memory slot for its shaped DP is free again, dropped frames' too
+        wait_for(lambda: len(run.service.pipeline.result_slots) == 0, 10, "free result slots", run.service.pipeline)
     finally:
         stop.set()
         sock.close(linger=0)

@@ -26,6 +26,7 @@ counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import logging.handlers
 import multiprocessing
@@ -48,6 +49,7 @@ from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.overload import WorkerSlots
 from xtalsym.daemon.protocols import BadMessage, decode_parts
 from xtalsym.daemon.publish import Publisher
+from xtalsym.daemon.result_slots import ResultSlots
 from xtalsym.daemon.series_files import SeriesSideFiles
 from xtalsym.daemon.workers import frame_job, init_worker, shape_timed, warm
 
@@ -76,10 +78,22 @@ def warm_backend(backend, size: int, max_batch: int, *, per_view: bool = False) 
              time.perf_counter() - t0)
 
 
+def one_native_thread() -> None:
+    """One BLAS/OpenMP thread for the calling thread's numpy and FAISS work (index queries, fusion,
+    combine: small matrices). OpenMP's thread count is a per-thread setting: the limit the service
+    sets on its main thread does not reach the inference thread, whose FAISS queries then ran on a
+    second OpenMP thread that spun after every query (libgomp's wait policy), ~0.5 CPU-ms per frame
+    at 512² (perf, docs/RESULTS.md issue 12)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
 @dataclass
 class _Done:
     view_meta: dict
     future: cf.Future
+    slot: int | None = None  # the ResultSlots slot its shaped DP was written to (released when taken)
 
 
 @dataclass
@@ -144,6 +158,7 @@ class Pipeline:
         self.frame_socket: zmq.Socket | None = None
         self.publisher: Publisher | None = None
         self.pool: cf.ProcessPoolExecutor | None = None
+        self.result_slots: ResultSlots | None = None  # shaped DPs back from the workers (shared memory)
         self.combiner: cf.ThreadPoolExecutor | None = None  # the combine thread (pipeline.evidence)
         self._combining = 0  # final requests on the combine thread (inference thread's count)
         self._threads: list[threading.Thread] = []
@@ -183,6 +198,9 @@ class Pipeline:
         self._log_listener.start()
         self._log_listening = True
         self.pool = self._make_pool()
+        # more slots than frames the workers may hold: only drop_oldest's cancelled frames, held
+        # until the inference thread takes them, can exhaust them (then a DP comes by pipe)
+        self.result_slots = ResultSlots(2 * c.pipeline.queue_size, (self.size, self.size, 3))
         list(self.pool.map(warm, range(c.pipeline.workers)))  # spawn now, not on the first frame
         log.info("%d shaping workers ready", c.pipeline.workers)
         warm_backend(self.backend, self.size, c.pipeline.max_batch,
@@ -196,7 +214,8 @@ class Pipeline:
             t0 = time.perf_counter()
             evidence_sample.group_table()
             log.info("symmetry-evidence tables ready in %.1f s", time.perf_counter() - t0)
-            self.combiner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xtalsym-combine")
+            self.combiner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xtalsym-combine",
+                                                  initializer=one_native_thread)
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
@@ -251,6 +270,8 @@ class Pipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
         if self.combiner is not None:
             self.combiner.shutdown(wait=True, cancel_futures=True)
+        if self.result_slots is not None:
+            self.result_slots.close()
         if self.monitor is not None:
             self.monitor.close()
         if getattr(self, "_log_listening", False):
@@ -412,6 +433,9 @@ class Pipeline:
             m.bad_frame("overload", f"image {image.image_id} of series {image.series_id} dropped: {c.pipeline.queue_size} "
                         f"frames already waiting for the workers (overload = {c.pipeline.overload!r})")
             return
+        slot = self.result_slots.take() if self.result_slots is not None else None
+        if slot is not None:
+            job = dataclasses.replace(job, result_slot=self.result_slots.job_slot(slot))
         self._pending(meta, +1)  # before the worker can finish it: the inference thread decrements
         try:
             try:
@@ -422,9 +446,11 @@ class Pipeline:
         except BaseException:
             self._pending(meta, -1)
             self.slots.release()
+            if slot is not None:
+                self.result_slots.release(slot)
             raise
         self.slots.add(future)
-        future.add_done_callback(lambda f, meta=meta: self._done(meta, f))
+        future.add_done_callback(lambda f, meta=meta, slot=slot: self._done(meta, f, slot))
 
     def _pending(self, meta: dict, n: int) -> None:
         with self._pending_lock:
@@ -445,9 +471,9 @@ class Pipeline:
         broken, self.pool = self.pool, self._make_pool()
         broken.shutdown(wait=False, cancel_futures=True)
 
-    def _done(self, meta: dict, future: cf.Future) -> None:
+    def _done(self, meta: dict, future: cf.Future, slot: int | None = None) -> None:
         # queued before it leaves _inflight: _drain_workers then knows every result is queued
-        self._results.put(_Done(meta, future))
+        self._results.put(_Done(meta, future, slot))
         self.slots.left_workers(future)
         # the slot is released when the inference thread takes the result (_add_view): frames in
         # the workers plus results not yet assembled stay within queue_size, even when inference lags
@@ -464,6 +490,7 @@ class Pipeline:
     # ---- inference thread
 
     def _inference_loop(self) -> None:
+        one_native_thread()
         c = self.config.pipeline
         pending: list[Request] = []
         oldest = 0.0
@@ -582,6 +609,13 @@ class Pipeline:
         return out
 
     def _add_view(self, done: _Done) -> list[Request]:
+        try:
+            return self._take_view(done)
+        finally:  # every outcome (shaped, failed, cancelled, worker lost) frees the frame's DP slot
+            if done.slot is not None:
+                self.result_slots.release(done.slot)
+
+    def _take_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
         self._pending(meta, -1)
         overloaded = self.slots.cancelled_for_newer(done.future)
@@ -605,6 +639,8 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a bug in a worker: count, go on
             self.metrics.bad_frame("worker_error", f"image {meta['image_id']}: {type(exc).__name__}: {exc}")
             return []
+        if shaped is None:  # the worker wrote it into the frame's slot
+            shaped = self.result_slots.read(done.slot)
         self.metrics.stage("calibrate_shape", seconds, cpu_seconds)
         if found is not None:
             self.metrics.stage("evidence", evidence_seconds, evidence_cpu_seconds)

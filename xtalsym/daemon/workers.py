@@ -25,6 +25,7 @@ import numpy as np
 
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
+from xtalsym.daemon import result_slots
 from xtalsym.daemon.protocols import CompressedFrame, materialise
 
 
@@ -43,6 +44,8 @@ class FrameJob:
     size: int
     flatfield_path: str | None = None
     evidence: bool = True  # also measure the symmetry evidence on the calibrated float frame
+    # (shared-memory block, slot, bytes) for the shaped DP (xtalsym.daemon.result_slots), or None: returned
+    result_slot: tuple[str, int, int] | None = None
 
 
 def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.TrainingGeometry, axis: str,
@@ -139,13 +142,16 @@ def frame_evidence(intensity: np.ndarray, job: FrameJob, *, counts: bool):
     return analyse_frame(intensity, axis=job.axis, q_per_pixel=q_per_pixel, counts=counts)
 
 
-def shape_timed(job: FrameJob) -> tuple[np.ndarray, float, float, object, float, float]:
+def shape_timed(job: FrameJob) -> tuple[np.ndarray | None, float, float, object, float, float]:
     """Calibrate, shape and (``job.evidence``) measure the evidence of one frame in a worker:
     (shaped, calibrate+shape seconds, its CPU seconds in the worker's thread (the stage's cost on
-    a shared machine), FrameEvidence or None, evidence seconds, evidence CPU seconds)."""
+    a shared machine), FrameEvidence or None, evidence seconds, evidence CPU seconds). With a
+    ``job.result_slot`` the shaped DP is written there and ``shaped`` is None."""
     t0, c0 = time.perf_counter(), time.thread_time()
     dtype, intensity, raw = _calibrate(job)
     shaped = shaping.shape(raw, job.axis, method=job.shaping_method, size=job.size)
+    if job.result_slot is not None and result_slots.write(job.result_slot, shaped):
+        shaped = None
     t1, c1 = time.perf_counter(), time.thread_time()
     if not job.evidence:
         return shaped, t1 - t0, c1 - c0, None, 0.0, 0.0
