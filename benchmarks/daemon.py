@@ -206,7 +206,7 @@ def inference_cost(bundle_path: str, *, per_view: bool, precision: str = "fp32",
     return {"cpu_per_frame": (time.process_time() - c0) / n / frames, "precision": backend.precision}
 
 
-SERVE_STAGES = ("decode", "combine", "infer", "match", "fuse")  # timed in the serve process (the rest in workers)
+SERVE_STAGES = ("decode", "combine", "infer", "match", "fuse", "publish")  # timed in the serve process (the rest in workers)
 
 
 def untimed_serve(run: dict) -> float:
@@ -532,7 +532,7 @@ def main() -> int:
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
     row("... of which the serve process / the workers", lambda r: f"{r['main_cpu_s'] / r['frames'] * 1000:.1f} / "
         f"{(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms")
-    for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse"):
+    for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse", "publish"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
     # the serve process by thread role: what its stages time (their own thread) and what they do not
     roles = [k for k in (runs[0].get("thread_cpu_per_frame") or {}) if any(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -85,3 +86,19 @@ def test_thread_roles_and_cpu_by_role():
     assert set(after) == set(THREAD_ROLES)
     assert after["combine"] - before["combine"] >= 0.25  # its CPU under its role (clock ticks: 10 ms)
     assert abs(sum(after.values()) - sum(os.times()[:2])) < 0.1  # the roles add up to the process
+
+
+def test_encode_gives_what_json_of_jsonable_gives():
+    from xtalsym.daemon.publish import encode, jsonable
+
+    odd = type("Odd", (), {"__str__": lambda self: "odd!"})()
+    messages = [
+        {"evidence": {"group_loglik": [0.0, float("-inf"), -3.25], "rms": float("nan"), "zones": {"x": {"ok": True}}},
+         "top": [{"probability": np.float32(0.25), "space_group": np.int64(225)}], "flag": np.bool_(False),
+         "embedding": np.zeros((2, 960), np.float32), "raw": b"\x00\x01", "pair": (1, "a"), "other": odd,
+         "timestamps": {"received": 1764644400.123456}},
+        {1: "a non-string key", "big": 2**70},  # what orjson refuses: the general path
+    ]
+    for message in messages:
+        want = json.loads(json.dumps(jsonable(message), allow_nan=False))
+        assert json.loads(encode(message)) == want

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import csv
-import json
 import logging
 import multiprocessing
 import sys
@@ -46,6 +45,7 @@ from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, identify
 from xtalsym.daemon.infer import classify_batch, load_fusion, model_info
 from xtalsym.daemon.protocols import BadMessage
+from xtalsym.daemon.publish import encode
 from xtalsym.daemon.recorded import RecordedError, RecordedSeries, open_recorded
 from xtalsym.daemon.workers import flatfield_wanted, frame_job, init_worker, process_frame
 
@@ -111,7 +111,7 @@ class _Writer:
         message["timestamps"]["published"] = time.time()
         message["seq"] = self.seq
         self.seq += 1
-        self._jsonl.write(json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n")
+        self._jsonl.write(encode(message).decode() + "\n")
         if self._csv:
             sources = [request.views[a].user_data or {} for a in request.axes]
             self._csv.writerow(csv_row({**message, "_sources": sources}))

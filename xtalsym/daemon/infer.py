@@ -90,6 +90,8 @@ class BatchResult:
     fuse_seconds: float | None = None
     fuse_cpu_seconds: float | None = None
     fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
+    message_seconds: float = 0.0  # building the messages (the publisher's encoding and send come after)
+    message_cpu_seconds: float = 0.0
     combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
     evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
 
@@ -192,10 +194,12 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
             result.fuse_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001 - the model's own answer still goes out
             result.fusion_error = exc
+    t0, c0 = time.perf_counter(), time.thread_time()
     for request, probs, open_set, fused_one, evidence in zip(batch, out.probabilities, open_sets, fused, evidences):
         result.messages.append((request, prediction_message(request, probabilities=probs, classes=backend.classes,
                                                             model=model, open_set=open_set, fused=fused_one,
                                                             evidence=evidence)))
+    result.message_seconds, result.message_cpu_seconds = time.perf_counter() - t0, time.thread_time() - c0
     return result
 
 

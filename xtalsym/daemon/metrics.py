@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # predictions within target is exact (le="0.05", le="0.25").
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-STAGES = ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse")
+STAGES = ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse", "publish")
 QUEUES = ("workers", "results", "open_samples", "combine", "batch")
 
 # Metrics.count() keys with a metric of their own; any other key goes to xtalsym_events_total{event}.

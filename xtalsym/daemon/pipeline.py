@@ -79,14 +79,15 @@ def warm_backend(backend, size: int, max_batch: int, *, per_view: bool = False) 
 
 
 def one_native_thread() -> None:
-    """One BLAS/OpenMP thread for the calling thread's numpy and FAISS work (index queries, fusion,
-    combine: small matrices). OpenMP's thread count is a per-thread setting: the limit the service
-    sets on its main thread does not reach the inference thread, whose FAISS queries then ran on a
-    second OpenMP thread that spun after every query (libgomp's wait policy), ~0.5 CPU-ms per frame
-    at 512² (perf, docs/RESULTS.md issue 12)."""
+    """One OpenMP thread for the calling thread's FAISS work (index queries: small). OpenMP's thread
+    count is a per-thread setting: the limit the service sets on its main thread (BLAS, which is
+    process-wide, and OpenMP) does not reach the inference thread, whose FAISS queries then ran on
+    a second OpenMP thread that spun after every query (libgomp's wait policy), ~0.5 CPU-ms per
+    frame at 512² (perf, docs/RESULTS.md issue 12). Only OpenMP: a process that embeds the
+    pipeline (the tests) keeps its own BLAS settings."""
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(1)
+    threadpool_limits(1, user_api="openmp")
 
 
 @dataclass
@@ -683,11 +684,14 @@ class Pipeline:
         for key, exc in result.evidence_errors:
             self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))
+        t0, c0 = time.perf_counter(), time.thread_time()
         for request, message in result.messages:
             if self.publisher.send(message):
                 self.metrics.published(request, message)
             else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
                 self.metrics.count("publish_dropped")
+        self.metrics.stage("publish", result.message_seconds + time.perf_counter() - t0,
+                           result.message_cpu_seconds + time.thread_time() - c0)
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()

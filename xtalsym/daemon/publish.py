@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import zmq
 
 from xtalsym import spacegroups
@@ -54,6 +55,18 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, bytes):
         return {"bytes": len(value)}
     return str(value)
+
+
+def encode(message: dict) -> bytes:
+    """A message as compact UTF-8 JSON: what ``json.dumps(jsonable(message))`` gives, parsed back
+    value for value (NaN and infinities as null, numpy scalars as numbers, arrays and bytes
+    summarised), in a fraction of the time (orjson: ~0.02 vs ~0.5 ms for a final prediction
+    with its evidence, which the inference thread paid per message). A value orjson refuses
+    (a non-string key, an integer beyond 64 bits) takes the general path."""
+    try:
+        return orjson.dumps(message, default=jsonable)
+    except TypeError:
+        return json.dumps(jsonable(message), separators=(",", ":"), allow_nan=False).encode()
 
 
 def top_classes(probabilities: np.ndarray, classes: list[int], k: int = TOP_K) -> list[dict]:
@@ -108,7 +121,7 @@ def prediction_message(request: Request, *, probabilities: np.ndarray, classes: 
         "top": top_classes(probabilities, classes),
         "fusion": fused,
         "open_set": open_set,
-        "evidence": jsonable(evidence),
+        "evidence": evidence,  # plain JSON types but for non-finite floats: encode() makes those null
         "model": model,
         "user_data": jsonable(trigger.user_data),
         "timestamps": {
@@ -218,7 +231,7 @@ class Publisher:
             message["timestamps"]["published"] = time.time()
             message["seq"] = self.seq
             self.seq += 1
-        body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+        body = encode(message)
         try:
             self.socket.send_multipart([topic or self.topic, body], flags=zmq.NOBLOCK)
         except zmq.Again:
