@@ -216,6 +216,44 @@ def untimed_serve(run: dict) -> float:
     return run["main_cpu_s"] / run["frames"] - sum(st.get(k, 0.0) for k in SERVE_STAGES)
 
 
+def budget_rows(run: dict) -> list[tuple[str, float]]:
+    """The run's CPU seconds per frame by stage, every process and thread counted once: the
+    floor (decode + calibrate + shape) first, then what comes on top of it; they add up to the
+    run's total (the workers' and the serve process's CPU outside their timed stages included)."""
+    st, th, n = run["stage_cpu_per_frame"], run.get("thread_cpu_per_frame") or {}, run["frames"]
+    workers = (run["cpu_s"] - run["main_cpu_s"]) / n
+    untimed = untimed_serve(run)
+    native, pool = th.get("native", 0.0), th.get("worker_pool", 0.0)
+    return [
+        ("floor: decode (ingest thread) + calibrate + shape (workers)", st.get("decode", 0) + st.get("calibrate_shape", 0)),
+        ("evidence (workers)", st.get("evidence", 0)),
+        ("workers outside their stages (job and result transfer)",
+         workers - st.get("calibrate_shape", 0) - st.get("evidence", 0)),
+        ("infer: calling thread + ONNX Runtime's other threads (native)", st.get("infer", 0) + native),
+        ("match (index query)", st.get("match", 0)),
+        ("fuse", st.get("fuse", 0)),
+        ("combine (combine thread)", st.get("combine", 0)),
+        ("publish (messages: build, encode, send)", st.get("publish", 0)),
+        ("serve: process-pool threads (job and result transfer)", pool),
+        ("serve: the rest (loops, assembly, metrics, HTTP scrapes, ZeroMQ I/O)", untimed - native - pool),
+    ]
+
+
+def print_budget(runs: list[dict], cores: int) -> None:
+    """Issue 12's per-frame CPU budget by stage against the floor, one column per run."""
+    rows = [budget_rows(r) for r in runs]
+    print(f"\n| per-frame CPU budget (ms; {cores} cores) | " + " | ".join(
+        f"{r['variant']} @ {'max' if not r['rate'] else int(r['rate'])}" for r in runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for i, (label, _) in enumerate(rows[0]):
+        print(f"| {label} | " + " | ".join(f"{rr[i][1] * 1000:.2f}" for rr in rows) + " |")
+    print("| **total, all processes** | " + " | ".join(f"**{r['cpu_s'] / r['frames'] * 1000:.2f}**" for r in runs) + " |")
+    print("| → frames/s the CPU allows (cores / total) | " + " | ".join(
+        f"{cores / (r['cpu_s'] / r['frames']):.0f}" for r in runs) + " |")
+    print("| → frames/s at the floor alone | " + " | ".join(
+        f"{cores / rr[0][1]:.0f}" if rr[0][1] else "–" for rr in rows) + " |")
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -576,6 +614,7 @@ def main() -> int:
                   f"{'max' if not r['rate'] else int(r['rate'])}: floor {own * 1000:.2f} CPU-ms/frame "
                   f"(-> {cores / own:.0f} frames/s), all processes {total * 1000:.2f} CPU-ms/frame "
                   f"(-> {cores / total:.0f} frames/s on {cores} cores)")
+    print_budget(runs, cores)
     for (path, precision), c in infer.items():
         total = floor + c
         print(f"budget {path} {precision}: {total * 1000:.2f} CPU-ms per frame "
