@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 from xtalsym import index as ix
 from xtalsym.cli import index as index_cli
 from xtalsym.offline import dataset as ds
+from xtalsym.offline import embed as offline_embed
 from xtalsym.offline import structures
 
 torch.set_num_threads(1)
@@ -247,12 +248,27 @@ def _run(argv: list[str]) -> int:
 
 
 def test_embedder_from_checkpoint(tiny):
-    emb = ix.Embedder.from_checkpoint(tiny["ckpt"])
+    emb = offline_embed.embedder_from_checkpoint(tiny["ckpt"])
     assert emb.classes == tiny["classes"] and emb.model_id == ix.sha256_file(tiny["ckpt"])
     x = np.zeros((2, 3, 3, 224, 224), np.uint8)
     e, p = emb(x, np.array([[True, False, True]] * 2))
     assert e.shape == (2, 3, 960) and e.dtype == np.float32 and p.shape == (2, len(tiny["classes"]))
     assert np.all(e[:, 1] == 0) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    # the settings the training dataset was built with (its dataset.json) travel with the embedder
+    trained = ds.load_metadata(tiny["data"])["config"]
+    config = offline_embed.build_config(emb)
+    assert config.to_json()["geometry"] == trained["geometry"] and config.shaping_method == trained["shaping_method"]
+
+
+def test_structures_are_simulated_with_the_embedders_dataset_settings():
+    def fn(x, present):
+        raise AssertionError("not called")
+
+    emb = ix.Embedder(fn, [1], None, "test", dataset_config={"geometry": {"distance_m": 0.3}, "symprec": 0.05})
+    config = offline_embed.build_config(emb)
+    assert config.geometry.distance_m == 0.3 and config.symprec == 0.05
+    assert config.geometry.pixels == ds.BuildConfig().geometry.pixels  # the rest: defaults
+    assert offline_embed.build_config(ix.Embedder(fn, [1], None, "test")) == ds.BuildConfig()
 
 
 def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
@@ -315,8 +331,8 @@ def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
 
 
 def test_build_from_structures_matches_dataset_embeddings(tiny):
-    emb = ix.Embedder.from_checkpoint(tiny["ckpt"])
-    from_structures = ix.embed_structures(emb, [SHIPPED / "ZnO.cif"])
+    emb = offline_embed.embedder_from_checkpoint(tiny["ckpt"])
+    from_structures = offline_embed.embed_structures(emb, [SHIPPED / "ZnO.cif"])
     samples = [s for s in ix.select_samples(tiny["data"]) if s["material_id"] == from_structures.entries[0]["material_id"]]
     from_dataset = ix.embed_dataset(emb, tiny["data"], samples)
     assert from_structures.entries[0] == from_dataset.entries[0]

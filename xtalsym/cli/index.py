@@ -166,9 +166,10 @@ def _embedder(args):
 
         args.bundle = args.bundle or str(default_bundle_path())
         return ix.Embedder.from_bundle(args.bundle, batch_size=args.batch_size)
+    from xtalsym.offline.embed import embedder_from_checkpoint
     from xtalsym.offline.evaluate import resolve_device
 
-    return ix.Embedder.from_checkpoint(args.checkpoint, device=resolve_device(args.device), batch_size=args.batch_size)
+    return embedder_from_checkpoint(args.checkpoint, device=resolve_device(args.device), batch_size=args.batch_size)
 
 
 def _fusion_model(args):
@@ -250,7 +251,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
             "real_only": args.real_only,
         }
     else:
-        embedded = ix.embed_structures(embedder, args.structures, progress=progress)
+        from xtalsym.offline.embed import embed_structures
+
+        embedded = embed_structures(embedder, args.structures, progress=progress)
         built_from = {"structures": [str(s) for s in args.structures]}
     if not embedded.entries:
         raise ValueError("no references to index (empty selection, or every structure failed)")
@@ -289,7 +292,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
     index = ix.ReferenceIndex.load(index_dir, expected_model_id=embedder.model_id, gpu=args.gpu)
     loaded = _fusion_model(args)
     if loaded is None:  # a checkpoint, or a bundle without fusion.json: the index's own answer
-        vec, probs, labelled = ix.embed_structure(embedder, args.structure)
+        from xtalsym.offline.embed import embed_structure
+
+        vec, probs, labelled = embed_structure(embedder, args.structure)
         fused_result = None
     else:  # simulate once: the same patterns feed the fused answer (as `xtalsym predict`) and the index
         import numpy as np

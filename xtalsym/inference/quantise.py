@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xtalsym import dataset_format
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -47,12 +49,10 @@ def dataset_samples(root: str | os.PathLike, split: str, *, limit: int | None = 
                     classes: list[int] | None = None) -> list[dict]:
     """Metadata of the samples of ``split`` in a dataset directory (``xtalsym simulate
     dataset``), in shard order; only space groups in ``classes`` when given; at most ``limit``."""
-    from xtalsym.offline import dataset as ds
-
-    splits = ds.load_splits(root)
+    splits = dataset_format.load_splits(root)
     inside = None if classes is None else {int(c) for c in classes}
     chosen = []
-    for sample in ds.iter_sample_metadata(root):
+    for sample in dataset_format.iter_sample_metadata(root):
         if splits.get(sample["material_id"]) != split:
             continue
         if inside is not None and int(sample["space_group"]) not in inside:
@@ -67,9 +67,7 @@ def dataset_samples(root: str | os.PathLike, split: str, *, limit: int | None = 
 
 def shaped_views(root: str | os.PathLike, samples: list[dict]) -> Iterator[np.ndarray]:
     """(3 axes, 3 channels, S, S) uint8 per sample: the layout the graphs take."""
-    from xtalsym.offline import dataset as ds
-
-    reader = ds.ShardReader(root)
+    reader = dataset_format.ShardReader(root)
     try:
         for sample in samples:
             yield np.ascontiguousarray(reader.read(sample["shard"], sample["position"], "shaped").transpose(0, 3, 1, 2))
