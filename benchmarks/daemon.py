@@ -52,12 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def tiny_bundle(tmp: Path) -> Path:
-    from xtalsym.testing import tiny_bundle as make
-
-    return make(tmp, index=True)
-
-
 def stage_costs(sim, n: int = 5) -> dict:
     """Per-frame CPU seconds of decode, calibrate, shape on this machine (one core), as the daemon
     runs them: the ingest thread's decode (payload left compressed), the worker's decompression
@@ -436,14 +430,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-bench-"))
     bundle = args.bundle
     if bundle is None:
-        from xtalsym.bundle import BundleError, default_bundle_path, load_bundle
+        from xtalsym.testing import shipped_or_tiny_bundle
 
-        try:
-            bundle = str(default_bundle_path())
-            load_bundle(bundle)
-        except (BundleError, FileNotFoundError):
-            print("no shipped bundle: building a tiny untrained one (model cost is NOT the default model's)")
-            bundle = str(tiny_bundle(tmp))
+        bundle, tiny = shipped_or_tiny_bundle(tmp)
+        if tiny:
+            print("no shipped bundle: built a tiny untrained one (model cost is NOT the default model's)")
     rates = [args.rate] if args.rate is not None else [float(r) for r in args.rates.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]

@@ -159,16 +159,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-soak-"))
     bundle = args.bundle
     if bundle is None:
-        from xtalsym.bundle import BundleError, default_bundle_path, load_bundle
+        from xtalsym.testing import shipped_or_tiny_bundle
 
-        try:
-            bundle = str(default_bundle_path())
-            load_bundle(bundle)
-        except (BundleError, FileNotFoundError):
-            from xtalsym.testing import tiny_bundle
-
+        bundle, tiny = shipped_or_tiny_bundle(tmp)
+        if tiny:
             print("no shipped bundle: a tiny untrained one (the model costs less than the default one)")
-            bundle = str(tiny_bundle(tmp))
     structures = sorted((ROOT / "xtalsym/data/structures").glob("*.cif"))
     geometry = DetectorGeometry(args.pixels, args.pixels)
     ctx = zmq.Context.instance()

@@ -22,7 +22,7 @@ from xtalsym.daemon.classify import classify_recorded  # noqa: E402
 from xtalsym.daemon.config import load_config  # noqa: E402
 from xtalsym.daemon.protocols import materialise  # noqa: E402
 from xtalsym.daemon.recorded import RecordedError, open_recorded  # noqa: E402
-from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim  # noqa: E402
 from xtalsym.offline import structures  # noqa: E402
 from xtalsym.testing import InProcessDaemon, tiny_bundle  # noqa: E402
 
@@ -104,15 +104,7 @@ def test_offline_equals_live_through_the_daemon(sim, master, bundle_path, compon
     assert summary.frames == 6 and summary.samples == 2 and summary.complete == 2 and not summary.bad_frames
     offline = {tuple(f["image_id"] for f in m["frames"]): m for m in read_jsonl(out)}
 
-    sock = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
-    run = InProcessDaemon(components=components, frame_endpoint=sock.getsockopt(zmq.LAST_ENDPOINT).decode(),
-                          assembly={"axis_from": "image_id"})
-    try:
-        sim.send(sock)
-        run.wait_final(2)
-    finally:
-        sock.close(linger=0)
-        live_summary = run.close()
+    live_summary = InProcessDaemon(components=components, assembly={"axis_from": "image_id"}).run_sim(sim, finals=2)
     live = {tuple(f["image_id"] for f in m["frames"]): m for m in live_summary.messages if m["final"]}
     assert set(live) == set(offline) == {(0, 1, 2), (3, 4, 5)}
     for ids, m in live.items():

@@ -16,7 +16,7 @@ zmq = pytest.importorskip("zmq")
 from xtalsym.daemon.client import listen
 from xtalsym.daemon.config import load_config
 from xtalsym.daemon.service import Service
-from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim
 from xtalsym.offline import structures
 from xtalsym.testing import (
     REPO_ROOT,
@@ -33,27 +33,11 @@ SHIPPED = shipped_structures()
 GEOMETRY = small_detector()
 
 
-def wait_until(predicate, timeout=30.0):
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"not reached in {timeout} s")
-        time.sleep(0.05)
-
-
 def test_end_to_end(components):
     sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, gap_rows=(200, 204),
                       bad_every=2)
-    ctx = zmq.Context.instance()
-    sock = push_socket(ctx, "tcp://127.0.0.1:*")
-    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint)
-    try:
-        sim.send(sock)
-        run.wait_final(2)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+    run = InProcessDaemon(components=components)
+    summary = run.run_sim(sim, finals=2)
     msgs = summary.messages
     finals = [m for m in msgs if m["final"]]
     assert sorted(m["user_data"]["formula"] for m in finals) == ["NaCl", "Si"]
@@ -89,24 +73,19 @@ def test_partial_timeout_and_stale_end(components):
     end of an earlier series is ignored; an image before any start is counted and dropped."""
     sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol="native",
                       axis_order="zxy", skip_axes={"NaCl": "y"}, series_id=7)
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0})
-    try:
-        from xtalsym.daemon import protocols as proto
+    from xtalsym.daemon import protocols as proto
 
+    with InProcessDaemon(components=components, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0}) as run:
         image_id, array, ud = next(sim.images())
-        sock.send_multipart(proto.encode_native_image(series_id=6, image_id=0, array=array, user_data=ud))
-        sock.send_multipart(proto.encode_native_end(series_id=6))  # stale: no series open
+        run.send_messages([proto.encode_native_image(series_id=6, image_id=0, array=array, user_data=ud),
+                           proto.encode_native_end(series_id=6)])  # stale: no series open
         messages = list(sim.messages())
-        for m in messages[:-1]:
-            sock.send_multipart(m)
-        sock.send_multipart(proto.encode_native_end(series_id=5))  # stale: another series
+        run.send_messages(messages[:-1])
+        run.send_messages([proto.encode_native_end(series_id=5)])  # stale: another series
         run.wait_final(2, timeout=30)  # the series' own end comes later: NaCl is closed by the timeout
-        sock.send_multipart(messages[-1])
-        wait_until(lambda: run.service.pipeline.tracker.events["end"] == 1)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+        run.send_messages(messages[-1:])
+        run.wait_until(lambda: run.service.pipeline.tracker.events["end"] == 1, "the series' end", 30)
+    summary = run.summary
     finals = {m["user_data"]["formula"]: m for m in summary.messages if m["final"]}
     assert finals["Si"]["status"] == "complete" and finals["Si"]["closed_by"] == "complete"
     nacl = finals["NaCl"]
@@ -122,18 +101,11 @@ def test_image_id_axes_and_restart(components, protocol):
     """Axes from image_id order; a detector restart (new start mid-series) is survived."""
     first = DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY, protocol=protocol, series_id=1)
     second = DetectorSim([SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol=protocol, series_id=2)
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"})
-    try:
-        m1 = list(first.messages())
-        for m in m1[:2]:  # start + one image, then the detector is re-armed
-            sock.send_multipart(m)
-        for m in second.messages():
-            sock.send_multipart(m)
+    with InProcessDaemon(components=components, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"}) as run:
+        run.send_messages(list(first.messages())[:2])  # start + one image, then the detector is re-armed
+        run.send_messages(second.messages())
         run.wait_final(1)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+    summary = run.summary
     assert run.service.pipeline.tracker.events["restart"] == 1
     finals = [m for m in summary.messages if m["final"]]
     by = {m["user_data"]["formula"]: m for m in finals}
@@ -296,17 +268,12 @@ def test_stream_flatfield_applied_when_the_detector_did_not(components, protocol
 
     flatfield = np.ones((GEOMETRY.pixels_y, GEOMETRY.pixels_x), np.float32)
     flatfield[:, :150] = 4.0
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": protocol})
-    try:
+    with InProcessDaemon(components=components, ingest={"protocol": protocol}) as run:
         for messages in (series(1, lambda a: a), series(2, weak, flatfield, applied=False),
                          series(3, weak, flatfield, applied=True)):
-            for m in messages:
-                sock.send_multipart(m)
+            run.send_messages(messages)
         run.wait_final(3)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+    summary = run.summary
     finals = {m["sample_id"]: {t["space_group"]: t["probability"] for t in m["top"]}
               for m in summary.messages if m["final"]}
     clean, corrected, uncorrected = finals["s1"], finals["s2"], finals["s3"]
@@ -337,14 +304,8 @@ def test_backend_warmed_with_a_full_batch_before_serving(components):
             return self.inner.run_views(views, axes)
 
     recording = Recording(backend)
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=(bundle, recording, index), frame_endpoint=endpoint, pipeline={"max_batch": 7})
-    try:
-        assert recording.sizes == [7]
-        DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY).send(sock)
-        run.wait_final(1)
-    finally:
-        sock.close(linger=0)
-        run.close()
+    run = InProcessDaemon(components=(bundle, recording, index), pipeline={"max_batch": 7})
+    assert recording.sizes == [7]  # before any frame
+    run.run_sim(DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY), finals=1)
     # whole graph: at most max_batch requests; per-view: at most 3 x max_batch new views
     assert len(recording.sizes) > 1 and all(1 <= n <= 21 for n in recording.sizes)

@@ -40,28 +40,6 @@ def sims():
             for sid in (1, 2, 3)}
 
 
-def accounting(pipeline) -> tuple[int, int]:
-    """(messages received, messages accounted for)."""
-    snap = pipeline.metrics.snapshot()
-    c, bad, ev = snap["counts"], snap["bad_frames"], pipeline.tracker.events
-    return c.get("messages", 0), (ev["start"] + ev["end"] + c.get("stale_end", 0) + c.get("views", 0)
-                                  + sum(bad.values()))
-
-
-def wait_for(predicate, timeout=60.0, what="condition", pipeline=None):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return
-        time.sleep(0.05)
-    snap = pipeline.metrics.snapshot() if pipeline else ""
-    raise AssertionError(f"{what} not reached in {timeout} s: {snap}")
-
-
-def wait_accounted(pipeline, sent: int, timeout=90.0):
-    wait_for(lambda: accounting(pipeline) == (sent, sent), timeout, f"{sent} messages accounted", pipeline)
-
-
 def finals(summary_or_run) -> dict:
     msgs = summary_or_run.messages
     return {m["sample_id"]: m for m in msgs if m["final"]}
@@ -136,7 +114,7 @@ def test_fuzz_running_daemon(components, sims):
             sent += send_all(sock, [bad[i] for i in idx])
             sent += send_all(sock, [image])
         sent += send_all(sock, good[-1:])
-        wait_accounted(run.service.pipeline, sent, timeout=120)
+        run.settle(sent, timeout=120)
         run.wait_final(2)
     finally:
         sock.close(linger=0)
@@ -191,16 +169,16 @@ def test_overload_bounded_and_recovers(components, sims, policy):
         t0 = time.monotonic()
         sent = send_all(sock, flood)
         offered = len(flood) / (time.monotonic() - t0)
-        wait_accounted(run.service.pipeline, sent, timeout=180)
+        run.settle(sent, timeout=180)
         snap = run.service.pipeline.metrics.snapshot()
         after = list(sims[2].messages())  # recovery: a new series at a gentle pace
         for m in after:
             sock.send_multipart(m)
             time.sleep(0.05)
         sent += len(after)
-        wait_accounted(run.service.pipeline, sent)
-        wait_for(lambda: {"NaCl", "Si"} <= {m["sample_id"] for m in run.summary_messages() if m["final"]
-                                              and m["series_id"] == 2}, 30, "recovery samples", run.service.pipeline)
+        run.settle(sent)
+        run.wait_until(lambda: {"NaCl", "Si"} <= {m["sample_id"] for m in run.summary_messages() if m["final"]
+                                                  and m["series_id"] == 2}, "recovery samples", 30)
     finally:
         stop.set()
         sock.close(linger=0)
@@ -232,9 +210,9 @@ def test_open_samples_capped(components, sims):
             sock.send_multipart(proto.encode_stream_v2_image(
                 series_id=3, series_unique_id=sim.series_unique_id, image_id=i, data={"threshold_1": array},
                 user_data={**ud, "sample_id": f"s{i}", "axis": "x"}))
-        wait_accounted(run.service.pipeline, 21)
-        wait_for(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("overflowed_samples") == 15, 10,
-                 "15 overflowed samples", run.service.pipeline)
+        run.settle(21)
+        run.wait_until(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("overflowed_samples") == 15,
+                       "15 overflowed samples", 10)
         assert len(run.service.pipeline.assembler.open) == 5
     finally:
         sock.close(linger=0)
@@ -254,15 +232,15 @@ def test_detector_restart_and_reconnect(components, sims):
     run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 1.0})
     try:
         send_all(sock, first[:3])  # start + 2 images of NaCl, then the detector goes away
-        wait_accounted(run.service.pipeline, 3)
-        wait_for(lambda: any(m["final"] for m in run.summary_messages()), 10, "NaCl timed out", run.service.pipeline)
+        run.settle(3)
+        run.wait_until(lambda: any(m["final"] for m in run.summary_messages()), "NaCl timed out", 10)
         sock.close(linger=0)
         time.sleep(0.5)
         sock = push_socket(zmq.Context.instance(), endpoint)  # same port, new socket
         send_all(sock, second)
-        wait_accounted(run.service.pipeline, 3 + len(second))
-        wait_for(lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2, 30,
-                 "second series", run.service.pipeline)
+        run.settle(3 + len(second))
+        run.wait_until(lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2,
+                       "second series", 30)
     finally:
         sock.close(linger=0)
         summary = run.close()
@@ -281,14 +259,14 @@ def test_daemon_restart_mid_series(components, sims):
     run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False})
     try:
         send_all(sock, first[:3])
-        wait_accounted(run.service.pipeline, 3)
+        run.settle(3)
     finally:
         run.close()
     run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False})  # the detector's PUSH stays bound, as a detector's does
     try:
         send_all(sock, first[3:])  # 4 images + end of the series the new daemon never saw start
         send_all(sock, second)
-        wait_accounted(run.service.pipeline, len(first) - 3 + len(second))
+        run.settle(len(first) - 3 + len(second))
         run.wait_final(2)
     finally:
         sock.close(linger=0)
@@ -322,9 +300,9 @@ def test_slow_and_vanished_subscribers_never_block(components):
     gone.close(linger=0)
     try:
         send_all(sock, messages)
-        wait_accounted(run.service.pipeline, len(messages))
-        wait_for(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("predictions", 0) == 72, 60,
-                 "72 predictions", run.service.pipeline)
+        run.settle(len(messages))
+        run.wait_until(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("predictions", 0) == 72,
+                       "72 predictions", 60)
         time.sleep(0.5)
         seqs = []
         while slow.poll(200):
@@ -333,7 +311,7 @@ def test_slow_and_vanished_subscribers_never_block(components):
         send_all(sock, list(more.messages()))  # the slow one reads again: the next seq shows the gap
         assert slow.poll(30000)
         next_seq = json.loads(slow.recv_multipart()[1])["seq"]
-        wait_accounted(run.service.pipeline, len(messages) + 5)
+        run.settle(len(messages) + 5)
     finally:
         slow.close(linger=0)
         sock.close(linger=0)
@@ -355,15 +333,15 @@ def test_worker_killed(components, sims):
     try:
         pool = run.service.pipeline.pool
         send_all(sock, flood)
-        wait_for(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("views", 0) >= 2, 30, "first views")
+        run.wait_until(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("views", 0) >= 2, "first views", 30)
         for pid in list(pool._processes):
             os.kill(pid, signal.SIGKILL)
-        wait_accounted(run.service.pipeline, len(flood), timeout=120)
+        run.settle(len(flood), timeout=120)
         after = list(sims[2].messages())
         send_all(sock, after)
-        wait_accounted(run.service.pipeline, len(flood) + len(after))
-        wait_for(lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2, 30,
-                 "series after the crash", run.service.pipeline)
+        run.settle(len(flood) + len(after))
+        run.wait_until(lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2,
+                       "series after the crash", 30)
     finally:
         sock.close(linger=0)
         summary = run.close()
