@@ -123,17 +123,22 @@ class CurveError(ValueError):
     """A CURVE key file or directory that cannot be used (names the path)."""
 
 
-def load_secret_certificate(path: str | Path) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys of a zmq.auth secret certificate (``*.key_secret``)."""
+def _load_certificate(path: Path, kind: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) of a zmq.auth certificate file; CurveError naming ``kind`` and the path."""
     import zmq.auth
 
-    path = Path(path)
     if not path.is_file():
-        raise CurveError(f"CURVE secret certificate {str(path)!r}: no such file")
+        raise CurveError(f"CURVE {kind} certificate {str(path)!r}: no such file")
     try:
-        public, secret = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except Exception as exc:  # noqa: BLE001 - zmq.auth raises ValueError/OSError on bad files
-        raise CurveError(f"CURVE secret certificate {str(path)!r}: {exc}") from None
+        raise CurveError(f"CURVE {kind} certificate {str(path)!r}: {exc}") from None
+
+
+def load_secret_certificate(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a zmq.auth secret certificate (``*.key_secret``)."""
+    path = Path(path)
+    public, secret = _load_certificate(path, "secret")
     if not secret:
         raise CurveError(f"CURVE certificate {str(path)!r} holds no secret key (use the .key_secret file "
                          "written by zmq.auth.create_certificates)")
@@ -141,16 +146,7 @@ def load_secret_certificate(path: str | Path) -> tuple[bytes, bytes]:
 
 
 def load_public_certificate(path: str | Path) -> bytes:
-    import zmq.auth
-
-    path = Path(path)
-    if not path.is_file():
-        raise CurveError(f"CURVE public certificate {str(path)!r}: no such file")
-    try:
-        public, _ = zmq.auth.load_certificate(path)
-    except Exception as exc:  # noqa: BLE001 - zmq.auth raises ValueError/OSError on bad files
-        raise CurveError(f"CURVE public certificate {str(path)!r}: {exc}") from None
-    return public
+    return _load_certificate(Path(path), "public")[0]
 
 
 def curve_server(context: zmq.Context, socket: zmq.Socket, secret_key_file: str, public_keys_dir: str):
