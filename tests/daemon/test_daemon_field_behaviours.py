@@ -50,8 +50,9 @@ def warn_log(caplog):
 def test_no_user_data_axes_from_image_id_order(components, warn_log, protocol):
     """No user_data at all: with the shipped defaults (axis_from = "auto") the axes come from
     the image-id order, warned once per series, and both samples are classified complete."""
-    sims = [DetectorSim(STRUCTURES, geometry=GEOMETRY, protocol=protocol, series_id=sid, user_data=False)
-            for sid in (1, 2)]
+    sims = [
+        DetectorSim(STRUCTURES, geometry=GEOMETRY, protocol=protocol, series_id=sid, user_data=False) for sid in (1, 2)
+    ]
     with InProcessDaemon(components=components, ingest={"protocol": protocol}) as run:
         n = sum(run.send_messages(list(sim.messages())) for sim in sims)
         run.settle(n, finals=4)
@@ -82,8 +83,9 @@ def test_distance_from_the_stream_or_a_message_naming_the_fix(components, warn_l
     snap = run.service.pipeline.metrics.snapshot()
     assert snap["bad_frames"] == {"missing_geometry": 3}, snap
     refused = [r.getMessage() for r in warn_log.records if "missing_geometry" in r.getMessage()]
-    assert refused and all("detector_translation" in m and "set [geometry] detector_distance_m" in m
-                           for m in refused), refused
+    assert refused and all(
+        "detector_translation" in m and "set [geometry] detector_distance_m" in m for m in refused
+    ), refused
     assert warnings_of(warn_log, "is not used as the detector distance")  # at the start, before any image
     finals = final_predictions(summary)
     assert [(m["series_id"], m["status"]) for m in finals] == [(2, "complete")]
@@ -94,8 +96,10 @@ def test_distance_from_the_stream_or_a_message_naming_the_fix(components, warn_l
         with InProcessDaemon(components=components, ingest={"protocol": protocol}) as run:
             run.settle(run.send_messages(list(bare.messages())))
         assert run.service.pipeline.metrics.snapshot()["bad_frames"] == {"missing_geometry": 3}, protocol
-        assert any("the start message does not give it: set [geometry] detector_distance_m" in r.getMessage()
-                   for r in warn_log.records), protocol
+        assert any(
+            "the start message does not give it: set [geometry] detector_distance_m" in r.getMessage()
+            for r in warn_log.records
+        ), protocol
 
     with InProcessDaemon(components=components, geometry={"detector_distance_m": GEOMETRY.distance_m}) as run:
         negative.series_id = 4
@@ -108,13 +112,15 @@ def test_distance_from_the_stream_or_a_message_naming_the_fix(components, warn_l
 def test_worker_warnings_reach_the_daemons_log(components, warn_log):
     """A detector that covers little of the training grid: the shaping worker's warning arrives
     as a log record of the daemon process (level, logger, timestamp), not a bare stderr line."""
-    small = DetectorGeometry(pixels_x=100, pixels_y=100, pixel_size_m=55e-6, distance_m=0.33,
-                             wavelength_m=3.5e-12)
+    small = DetectorGeometry(pixels_x=100, pixels_y=100, pixel_size_m=55e-6, distance_m=0.33, wavelength_m=3.5e-12)
     sim = DetectorSim(STRUCTURES[:1], geometry=small, series_id=1)
     with InProcessDaemon(components=components) as run:
         run.settle(run.send_messages(list(sim.messages())))
-    relayed = [r for r in warn_log.records if r.name == "xtalsym.daemon.calibrate"
-               and "of the training grid falls on the frame" in r.getMessage()]
+    relayed = [
+        r
+        for r in warn_log.records
+        if r.name == "xtalsym.daemon.calibrate" and "of the training grid falls on the frame" in r.getMessage()
+    ]
     assert relayed and relayed[0].levelno == logging.WARNING and relayed[0].created > 0
     assert relayed[0].process != __import__("os").getpid()  # it was logged in a worker process
 
@@ -158,15 +164,20 @@ def test_rejected_start_is_a_warning_naming_frames_before_start(components, warn
     be dropped ... frames_before_start"; its images are then counted no_start."""
     sim = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=9)
     start, *rest = list(sim.messages())
-    bad_start = proto.encode_stream_v2_start(series_id=9, geometry=GEOMETRY.stream_geometry(),
-                                             channels=["threshold_1"], image_dtype="uint16", number_of_images=3,
-                                             extra={"incident_wavelength": -1.0})
+    bad_start = proto.encode_stream_v2_start(
+        series_id=9,
+        geometry=GEOMETRY.stream_geometry(),
+        channels=["threshold_1"],
+        image_dtype="uint16",
+        number_of_images=3,
+        extra={"incident_wavelength": -1.0},
+    )
     with InProcessDaemon(components=components) as run:
         run.settle(run.send_messages([bad_start, *rest]))
     assert run.service.pipeline.metrics.snapshot()["bad_frames"] == {"bad_field": 1, "no_start": 3}
     said = warnings_of(warn_log, "start of series 9 rejected")
     assert len(said) == 1 and "incident_wavelength" in said[0].getMessage()
-    assert "frames_before_start = \"config\"" in said[0].getMessage()
+    assert 'frames_before_start = "config"' in said[0].getMessage()
 
 
 # ------------------------------------------------------------------ sample assembly
@@ -177,10 +188,24 @@ def test_reused_unique_id_never_joins_two_series_and_end_closes_samples(componen
     images 1-2 of the next once made one "complete" sample. Now each series is its own
     sample, closed (final partial) by its series' end, not by the timeout; every end sent
     twice is a stale end the second time."""
-    first = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=1, user_data=False, unique_id="reused",
-                        skip_axes={"NaCl": "yz"}, duplicate_end=True)
-    second = DetectorSim(STRUCTURES[:1], geometry=GEOMETRY, series_id=1, user_data=False, unique_id="reused",
-                         skip_axes={"NaCl": "x"}, duplicate_end=True)
+    first = DetectorSim(
+        STRUCTURES[:1],
+        geometry=GEOMETRY,
+        series_id=1,
+        user_data=False,
+        unique_id="reused",
+        skip_axes={"NaCl": "yz"},
+        duplicate_end=True,
+    )
+    second = DetectorSim(
+        STRUCTURES[:1],
+        geometry=GEOMETRY,
+        series_id=1,
+        user_data=False,
+        unique_id="reused",
+        skip_axes={"NaCl": "x"},
+        duplicate_end=True,
+    )
     with InProcessDaemon(components=components, assembly={"timeout_seconds": 600.0}) as run:
         n = run.send_messages(list(first.messages())) + run.send_messages(list(second.messages()))
         assert n == 2 * 4 + 1  # start, 1 image, end, end; start, 2 images, end, end
@@ -188,7 +213,9 @@ def test_reused_unique_id_never_joins_two_series_and_end_closes_samples(componen
     summary = run.summary
     finals = final_predictions(summary)
     assert [(m["sample_id"], m["axes"], m["closed_by"]) for m in finals] == [
-        ("reused#1:0", ["x"], "end"), ("reused#2:0", ["y", "z"], "end")]
+        ("reused#1:0", ["x"], "end"),
+        ("reused#2:0", ["y", "z"], "end"),
+    ]
     snap = run.service.pipeline.metrics.snapshot()
     assert snap["counts"]["stale_end"] == 2 and run.service.pipeline.tracker.events["end"] == 2
     # the second series' start announced 2 images of ids 1 and 2: image id 0 is missing there
@@ -277,12 +304,25 @@ def test_accounting_identity_from_a_metrics_scrape(components):
     a_msgs, b_msgs, c_msgs = list(a.messages()), list(b.messages()), list(c.messages())
     _, array, ud = next(c.images())
     duplicate = c.image_message(0, array, ud)  # axis x of NaCl again
-    bad_start = proto.encode_stream_v2_start(series_id=8, geometry={}, channels=["threshold_1"],
-                                             image_dtype="uint16", number_of_images=1,
-                                             extra={"incident_wavelength": 0.0})
+    bad_start = proto.encode_stream_v2_start(
+        series_id=8,
+        geometry={},
+        channels=["threshold_1"],
+        image_dtype="uint16",
+        number_of_images=1,
+        extra={"incident_wavelength": 0.0},
+    )
     # b is cut after 2 images by c's start (a restart); c: image 0 twice, image 1 never sent (a gap)
-    stream = [*a_msgs, *b_msgs[:3], *c_msgs[:2], duplicate, *c_msgs[3:], [b"\xd9\xd9\xf7not cbor"],
-              bad_start, proto.encode_stream_v2_end(series_id=77)]
+    stream = [
+        *a_msgs,
+        *b_msgs[:3],
+        *c_msgs[:2],
+        duplicate,
+        *c_msgs[3:],
+        [b"\xd9\xd9\xf7not cbor"],
+        bad_start,
+        proto.encode_stream_v2_end(series_id=77),
+    ]
     with InProcessDaemon(components=components, assembly={"timeout_seconds": 600.0}) as run:
         pipeline = run.service.pipeline
         sent = run.send_messages(stream)
@@ -292,13 +332,18 @@ def test_accounting_identity_from_a_metrics_scrape(components):
         assert code == 200
     p = samples(text)
     received = value(p, "xtalsym_frames_received_total")
-    accounted = (value(p, "xtalsym_series_total", event="start") + value(p, "xtalsym_series_total", event="end")
-                 + value(p, "xtalsym_events_total", event="stale_end") + value(p, "xtalsym_views_shaped_total")
-                 + total(p, "xtalsym_frames_rejected_total"))
+    accounted = (
+        value(p, "xtalsym_series_total", event="start")
+        + value(p, "xtalsym_series_total", event="end")
+        + value(p, "xtalsym_events_total", event="stale_end")
+        + value(p, "xtalsym_views_shaped_total")
+        + total(p, "xtalsym_frames_rejected_total")
+    )
     assert received == accounted == sent + 1, (received, accounted, sent)
     assert value(p, "xtalsym_events_total", event="coalesced_messages") == 1
-    assert value(p, "xtalsym_series_total", event="start") == 3 and value(p, "xtalsym_series_total",
-                                                                          event="restart") == 1
+    assert (
+        value(p, "xtalsym_series_total", event="start") == 3 and value(p, "xtalsym_series_total", event="restart") == 1
+    )
     assert value(p, "xtalsym_series_total", event="end") == 2  # a and c (b was restarted)
     assert value(p, "xtalsym_events_total", event="stale_end") == 2  # a's second end, series 77
     assert value(p, "xtalsym_events_total", event="start_rejected") == 1

@@ -170,7 +170,9 @@ def _sample_metadata(labelled: structures.LabelledStructure) -> dict:
     }
 
 
-def build_shard(index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig) -> ShardResult:
+def build_shard(
+    index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig
+) -> ShardResult:
     """Simulate and shape one chunk of records and write its shard (runs in a worker)."""
     # One BLAS/OpenCV thread per worker process: the parallelism is the processes, and
     # nested thread pools on the same cores slow the small matrix products ~20x.
@@ -179,7 +181,9 @@ def build_shard(index: int, records: Sequence[structures.StructureRecord], out: 
         return _build_shard(index, records, out, config)
 
 
-def _build_shard(index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig) -> ShardResult:
+def _build_shard(
+    index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig
+) -> ShardResult:
     start = time.perf_counter()
     shard_dir = Path(out) / SHARD_DIR
     if shard_complete(shard_dir, index):
