@@ -107,16 +107,12 @@ def beam_centre(shape: tuple[int, int]) -> tuple[float, float]:
     return (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
 
 
-def background_sigma(image: np.ndarray, usable: np.ndarray) -> float:
-    """Robust per-pixel spread of the background (MAD × 1.4826 over the usable pixels)."""
-    return _spread(image[usable][::BACKGROUND_STRIDE])  # a sample is plenty for a spread, and 10× cheaper
-
-
-def _spread(values: np.ndarray) -> float:
-    if values.size == 0:
+def _spread(ordered: np.ndarray) -> float:
+    """Robust per-pixel spread of the background: MAD × 1.4826 of a sample in ascending order."""
+    if ordered.size == 0:
         return 0.0
-    median = stats.median(values)
-    return float(1.4826 * stats.median(np.abs(values - median)))
+    median = stats.median_of_sorted(ordered)
+    return float(1.4826 * stats.median(np.abs(ordered - median)))
 
 
 def integrate(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, pad: int, sigma_bg: float,
@@ -179,33 +175,32 @@ def _central_beam(image: np.ndarray, padded: np.ndarray, r: np.ndarray, r_min_px
     return max(float(value[0]), 0.0)
 
 
-def _above_floor(image: np.ndarray, flat: np.ndarray, usable: np.ndarray, usable_index: np.ndarray,
-                 sample: np.ndarray, margin: float, where: np.ndarray) -> np.ndarray:
-    """image > median(usable pixels) + margin, as a mask, exactly — usually without the median.
+def _above_floor(flat: np.ndarray, usable: np.ndarray, usable_index: np.ndarray, ordered: np.ndarray,
+                 margin: float, values: np.ndarray) -> np.ndarray:
+    """values > median(usable pixels) + margin, exactly — usually without that median.
 
+    ``values``: the local maxima's pixels; ``ordered``: a sample of the usable pixels, sorted.
     The median of ~45 000 pixels (one partition) would cost more than all the rest of the spot
-    search. A sample's quantiles bracket it, proven by counting; pixels above the bracket's top
-    (+ margin) pass, pixels below its bottom fail, and only when a pixel of ``where`` (the local
-    maxima) falls in between is the median computed."""
+    search. The sample's quantiles bracket it, proven by counting; values above the bracket's top
+    (+ margin) pass, values below its bottom fail, and only when one falls in between is the
+    median computed."""
     n = len(usable_index)
     if n == 0:
-        return image > 0.0
+        return values > 0.0
     k = n // 2
     first = k if n % 2 else k - 1  # the lower of the middle order statistics
-    if len(sample) >= 64:
-        m = len(sample)
+    if len(ordered) >= 64:
+        m = len(ordered)
         spread = int(3 * math.sqrt(m) / 2) + 2  # 3 standard deviations of the sample median's rank
-        lo_k, hi_k = max(m // 2 - spread, 0), min(m // 2 + spread, m - 1)
-        part = np.partition(sample, (lo_k, hi_k))
-        lo, hi = float(part[lo_k]), float(part[hi_k])
+        lo, hi = float(ordered[max(m // 2 - spread, 0)]), float(ordered[min(m // 2 + spread, m - 1)])
+        image = flat.reshape(usable.shape)
         below = int(np.count_nonzero((image < lo) & usable))
         up_to_hi = int(np.count_nonzero((image <= hi) & usable))
         if below <= first and up_to_hi >= k + 1:  # both middle order statistics lie in [lo, hi]
-            passes = image > hi + margin  # floor <= hi + margin (rounding is monotone)
-            undecided = where & ~passes & (image > lo + margin)
-            if not undecided.any():
+            passes = values > hi + margin  # floor <= hi + margin (rounding is monotone)
+            if not (~passes & (values > lo + margin)).any():
                 return passes
-    return image > stats.median(flat[usable_index]) + margin
+    return values > stats.median(flat[usable_index]) + margin
 
 
 def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_px: float, counts: bool) -> Spots:
@@ -221,12 +216,14 @@ def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_
     r_edge = min(cx, cy) - PAD
     searched = _disc_mask(image.shape, r_min_px, max(r_max_px, r_edge))
     flat = image.ravel()
-    sample = flat[usable_index[::BACKGROUND_STRIDE]]
-    sigma_bg = _spread(sample)
+    # a sample is plenty for the background's spread and brackets its median (_above_floor); sorted
+    # once, it gives every order statistic both need (a multi-index partition costs more)
+    ordered = np.sort(flat[usable_index[::BACKGROUND_STRIDE]])
+    sigma_bg = _spread(ordered)
     image32 = image.astype(np.float32)
-    local_max = searched & (image32 >= cv2.dilate(image32, _NMS_KERNEL, borderType=cv2.BORDER_REPLICATE))
-    cand = local_max & _above_floor(image, flat, usable, usable_index, sample, 3 * sigma_bg, local_max)
-    rows, cols = np.divmod(np.flatnonzero(cand), n_cols)
+    maxima = np.flatnonzero(searched & (image32 >= cv2.dilate(image32, _NMS_KERNEL, borderType=cv2.BORDER_REPLICATE)))
+    maxima = maxima[_above_floor(flat, usable, usable_index, ordered, 3 * sigma_bg, flat[maxima])]
+    rows, cols = np.divmod(maxima, n_cols)
     value, sigma = integrate(padded, rows, cols, pad=PAD, sigma_bg=sigma_bg, counts=counts)
     if len(value):
         top = np.sort(value)[-min(5, len(value)):]
