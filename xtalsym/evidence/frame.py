@@ -181,8 +181,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
 def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis_px: np.ndarray,
                    r_min: float, r_max: float, counts: bool) -> None:
     """Integrated intensity at every node and half-node of the lattice inside the annulus."""
-    short = float(min(np.hypot(*basis_px.T)))
-    binv = np.linalg.inv(basis_px)
+    binv = lattice2d.inverse2(basis_px)
     span = int(math.ceil(r_max * np.abs(binv).sum(axis=0).max())) + 1
     half = lattice2d.disc_nodes(basis_px / 2.0, r_max, 2 * span)  # the half-grid's disc, not its square
     pos = half @ basis_px / 2.0
@@ -199,7 +198,6 @@ def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis
     ev.nodes_intensity, ev.nodes_sigma = value, sigma
     integer = np.all(half % 2 == 0, axis=1)
     ev.wilson_q, ev.wilson_mean = stats.wilson_scale(ev.nodes_q[integer], value[integer])
-    del short
 
 
 def _node_llrs(ev: FrameEvidence) -> np.ndarray:

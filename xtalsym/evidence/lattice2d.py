@@ -76,8 +76,17 @@ def _candidates(points: np.ndarray) -> np.ndarray:
     return vecs[np.sort(first)][:MAX_CANDIDATES]
 
 
+def inverse2(m: np.ndarray) -> np.ndarray:
+    """Inverse of a 2×2 matrix by its cofactors (np.linalg.inv costs 5 µs of call overhead, and the
+    frame analysis inverts a handful per frame); inf/nan entries when it is singular."""
+    (a, b), (c, d) = m.tolist()
+    det = a * d - b * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.array([[d, -b], [-c, a]]) / np.float64(det)
+
+
 def _index(points: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    frac = points @ np.linalg.inv(basis)
+    frac = points @ inverse2(basis)
     idx = np.rint(frac)
     resid = np.hypot(*((frac - idx) @ basis).T)
     return idx.astype(np.int64), resid
@@ -88,7 +97,7 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     if len(points) < 2:
         return None
     order = np.argsort(-weights, kind="stable")[:MAX_SCORED_SPOTS]
-    top, w = points[order], np.sqrt(np.clip(weights[order], 0, None)) + 1e-12
+    top, w = points[order], np.sqrt(np.maximum(weights[order], 0.0)) + 1e-12
     cand = _candidates(top)
     if len(cand) < 2:
         return None
@@ -120,10 +129,15 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     refined = refine(points, weights, basis)
     if refined is None:
         return None
-    area0, area1 = abs(np.linalg.det(basis)), abs(np.linalg.det(refined.basis_px))
+    area0, area1 = abs(_det2(basis)), abs(_det2(refined.basis_px))
     if min(np.hypot(*refined.basis_px.T)) < MIN_VECTOR_PX or abs(area1 / area0 - 1) > 0.05:
         return None  # least squares ran away from the lattice it started on
     return refined
+
+
+def _det2(m: np.ndarray) -> float:
+    (a, b), (c, d) = m.tolist()
+    return a * d - b * c
 
 
 def _rank_deficient(n: np.ndarray) -> bool:
@@ -140,19 +154,19 @@ def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattic
         if use.sum() < 2 or _rank_deficient(idx[use]):
             return None
         n = idx[use].astype(float)
-        sw = np.sqrt(np.clip(weights[use], 0, None) / max(float(np.max(weights[use])), 1e-300)) + 1e-3
-        sol, *_ = np.linalg.lstsq(n * sw[:, None], points[use] * sw[:, None], rcond=None)
-        basis = sol
+        w = weights[use]
+        sw = (np.sqrt(np.maximum(w, 0.0) / max(float(w.max()), 1e-300)) + 1e-3)[:, None]
+        basis, *_ = np.linalg.lstsq(n * sw, points[use] * sw, rcond=None)  # (normal equations lose 1e-8)
     idx, resid = _index(points, basis)
     use = resid <= INDEX_TOLERANCE_PX
     n = idx[use].astype(float)
     dof = max(2 * int(use.sum()) - 4, 1)
     scatter = math.sqrt(max(float((resid[use] ** 2).sum()) / dof * 2, POSITION_FLOOR_PX**2))
-    try:
-        cov = np.linalg.inv(n.T @ n)
-    except np.linalg.LinAlgError:
+    normal = n.T @ n
+    if _det2(normal) == 0:  # integer entries: exactly singular or not
         return None
-    sigma = scatter / math.sqrt(2) * np.sqrt(np.clip(np.diag(cov), 0, None))[:, None] * np.ones((1, 2))
+    cov = inverse2(normal)
+    sigma = scatter / math.sqrt(2) * np.sqrt(np.maximum(np.diag(cov), 0.0))[:, None] * np.ones((1, 2))
     rms = float(np.sqrt(np.mean(resid[use] ** 2))) if use.any() else float("nan")
     return Lattice2D(basis_px=basis, sigma_px=sigma, indices=idx, indexed=use, residual_px=resid, rms_px=rms)
 
@@ -191,6 +205,24 @@ _UNIMODULAR = _ALL[np.abs(_DETS) == 1]
 _UNIMODULAR_DET = _DETS[np.abs(_DETS) == 1]
 
 
+_M = [_UNIMODULAR[:, j, k].astype(float) for j in range(2) for k in range(2)]  # entries, (m,) each
+
+
+def _row_actions(basis: np.ndarray) -> np.ndarray:
+    """B⁻¹ M B for every unimodular M: the Cartesian row action p -> p @ q of each, (m, 2, 2).
+    Written out entry by entry: one einsum over these 2×2 stacks costs more than the frame's node
+    measurement."""
+    (b00, b01), (b10, b11) = basis.tolist()
+    (i00, i01), (i10, i11) = inverse2(basis).tolist()
+    m00, m01, m10, m11 = _M
+    t00, t01 = m00 * b00 + m01 * b10, m00 * b01 + m01 * b11  # M B
+    t10, t11 = m10 * b00 + m11 * b10, m10 * b01 + m11 * b11
+    out = np.empty((len(m00), 2, 2))
+    out[:, 0, 0], out[:, 0, 1] = i00 * t00 + i01 * t10, i00 * t01 + i01 * t11
+    out[:, 1, 0], out[:, 1, 1] = i10 * t00 + i11 * t10, i10 * t01 + i11 * t11
+    return out
+
+
 @dataclass(frozen=True)
 class LatticeOp:
     """A point operation of the 2D lattice: integer action on node indices, and its geometry."""
@@ -211,12 +243,15 @@ def lattice_operations(basis: np.ndarray, tolerance: float = OP_TOLERANCE) -> li
 
     Rotations are listed by their smallest positive angle (one per cyclic generator
     order: 4 or 6 and 3); mirrors by their line direction."""
-    binv = np.linalg.inv(basis)
     ops: list[LatticeOp] = []
     seen_rot: set[int] = set()
     seen_mirror: set[int] = set()
-    qs = np.einsum("ij,mjk,kl->mil", binv, _UNIMODULAR, basis)  # Cartesian row action p -> p @ q
-    dev = np.abs(np.einsum("mji,mjk->mik", qs, qs) - np.eye(2)).max(axis=(1, 2))
+    qs = _row_actions(basis)
+    # |QᵀQ − I| entrywise, each of the (few dozen) matrices' four entries as one array
+    q00, q01, q10, q11 = qs[:, 0, 0], qs[:, 0, 1], qs[:, 1, 0], qs[:, 1, 1]
+    off = q00 * q01 + q10 * q11
+    dev = np.maximum(np.maximum(np.abs(q00 * q00 + q10 * q10 - 1.0), np.abs(off)),
+                     np.abs(q01 * q01 + q11 * q11 - 1.0))
     for m, det, q in zip(_UNIMODULAR[dev <= tolerance], _UNIMODULAR_DET[dev <= tolerance], qs[dev <= tolerance]):
         if det == 1:
             angle = math.degrees(math.atan2(q[0, 1], q[0, 0])) % 360
