@@ -132,7 +132,7 @@ def integrate(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, pad: in
     value = box.sum(axis=0) - n_box * bg
     var = np.full(len(value), n_box * sigma_bg**2 + (n_box**2) * (np.pi / 2) * sigma_bg**2 / ring.shape[1])
     if counts:
-        var = var + np.clip(box, 0, None).sum(axis=0) + n_box**2 * np.clip(bg, 0, None) * (np.pi / 2) / ring.shape[1]
+        var = var + np.maximum(box, 0.0).sum(axis=0) + n_box**2 * np.maximum(bg, 0.0) * (np.pi / 2) / ring.shape[1]
     return value, np.sqrt(var)
 
 
@@ -145,13 +145,15 @@ def _subpixel(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, pad: int) 
     flat = padded.ravel()
     step = np.array([1, width])[:, None]  # along x (columns), along y (rows)
     lo, hi = flat[at[None] - step], flat[at[None] + step]
-    centre = np.broadcast_to(flat[at], lo.shape)
+    centre = flat[at]
     ok = (lo > 0) & (hi > 0) & (centre > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        llo, lc, lhi = np.log(np.where(ok, lo, 1)), np.log(np.where(ok, centre, 1)), np.log(np.where(ok, hi, 1))
+        # logs of non-positive pixels are nan/-inf, and only used where ``ok`` is False
+        llo, lc, lhi = np.log(lo), np.log(centre), np.log(hi)
         den = llo - 2 * lc + lhi
-        para = np.where(ok & (den < 0), 0.5 * (llo - lhi) / np.where(den < 0, den, -1), np.nan)
-        lin = (hi - lo) / np.where(lo + centre + hi > 0, lo + centre + hi, 1)
+        para = np.where(ok & (den < 0), 0.5 * (llo - lhi) / den, np.nan)
+        total = lo + centre + hi
+        lin = (hi - lo) / np.where(total > 0, total, 1)
     offsets = np.clip(np.where(np.isfinite(para), para, lin), -0.5, 0.5)
     return cols + offsets[0], rows + offsets[1]
 
@@ -243,9 +245,9 @@ def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_
         ref_rows, ref_cols, ref_peak = rows, cols, peak
         if len(centre):
             k = int(centre[np.argmax(flat[centre])])
-            ref_rows = np.append(rows, k // n_cols)
-            ref_cols = np.append(cols, k % n_cols)
-            ref_peak = np.append(peak, image.flat[k])
+            ref_rows = np.concatenate((rows, [k // n_cols]))
+            ref_cols = np.concatenate((cols, [k % n_cols]))
+            ref_peak = np.concatenate((peak, [flat[k]]))
         d2 = (rows[:, None] - ref_rows[None, :]) ** 2 + (cols[:, None] - ref_cols[None, :]) ** 2
         envelope = SIDELOBE_SAFETY * SIDELOBE_WIDTH_PX**2 / (np.pi**2 * np.maximum(d2, 1.0))
         lobe = (peak[:, None] < ref_peak[None, :] * envelope) & (d2 >= 9)

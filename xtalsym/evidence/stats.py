@@ -15,6 +15,9 @@ reflections at that |q| (the Wilson scale, fitted per frame).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 from scipy.special import log_ndtr
 
@@ -51,27 +54,29 @@ def median_of_sorted(ordered: np.ndarray) -> float:
 
 def quantiles(values: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """``np.quantile(values, probabilities)`` (method "linear") for finite 1-D values, the same
-    numbers without its generic machinery (which costs more than the arithmetic on small arrays)."""
+    numbers without its generic machinery (which costs more than the arithmetic on small arrays):
+    numpy's formulas, one probability at a time in Python floats (the same IEEE operations)."""
     arr = np.sort(np.asarray(values, float).ravel())
-    probabilities = np.asarray(probabilities, float)
     n = arr.size
-    virtual = (n - 1) * probabilities
-    previous = np.floor(virtual)
-    following = previous + 1
-    above = virtual >= n - 1
-    previous[above] = -1
-    following[above] = -1
-    below = virtual < 0
-    previous[below] = 0
-    following[below] = 0
-    previous_i, following_i = previous.astype(np.intp), following.astype(np.intp)
-    lo, hi = arr[previous_i], arr[following_i]
-    gamma = virtual - previous_i
-    diff = hi - lo
-    out = lo + diff * gamma
-    late = gamma >= 0.5
-    out[late] = (hi - diff * (1 - gamma))[late]
-    return out
+    out = []
+    for p in np.asarray(probabilities, float).tolist():
+        virtual = (n - 1) * p
+        if virtual >= n - 1:
+            out.append(float(arr[-1]))
+            continue
+        previous, following = (0, 0) if virtual < 0 else (math.floor(virtual), math.floor(virtual) + 1)
+        lo, hi = float(arr[previous]), float(arr[following])
+        gamma = virtual - previous
+        diff = hi - lo
+        out.append(hi - diff * (1 - gamma) if gamma >= 0.5 else lo + diff * gamma)
+    return np.array(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _bin_probabilities(bins: int) -> np.ndarray:
+    p = np.linspace(0, 1, bins + 1)
+    p.setflags(write=False)
+    return p
 
 
 def total_sigma(sigma: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -139,10 +144,10 @@ def wilson_scale(q: np.ndarray, values: np.ndarray, *, bins: int = 4) -> tuple[n
 
     Interpolate with :func:`scale_at`. Empty frames give one bin with mean 0."""
     q = np.asarray(q, float)
-    v = np.clip(np.asarray(values, float), 0, None)
+    v = np.maximum(np.asarray(values, float), 0.0)
     if q.size == 0:
         return np.array([0.0]), np.array([0.0])
-    edges = quantiles(q, np.linspace(0, 1, min(bins, max(1, q.size // 4)) + 1))
+    edges = quantiles(q, _bin_probabilities(min(bins, max(1, q.size // 4)))).tolist()
     centres, means = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = (q >= lo) & (q <= hi)
