@@ -133,10 +133,10 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         return _undecided(axis, q_per_pixel, f"frame has non-numeric dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
-    if not math.isfinite(float(arr.sum())):  # one pass; finite values can still overflow the sum
+    peak = float(arr.max())  # NaN when any pixel is; with the minimum, every pixel is finite or not
+    if not (math.isfinite(peak) and math.isfinite(float(arr.min()))):
         bad = ~np.isfinite(arr)
-        if bad.any():
-            return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
+        return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
     if counts is None:
         sample = arr.ravel()[::97]  # a float frame shows non-integers at once; counts need the full check
         counts = bool(np.all(sample == np.rint(sample))) and bool(np.all(arr == np.rint(arr)))
@@ -145,7 +145,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     r_max = r_edge if d_min_angstrom is None else min(r_edge, 1.0 / (d_min_angstrom * q_per_pixel))
     r_min = max(CENTRAL_RADIUS_PX, beam_stop_radius_px + spotfind.RING_OUTER)
     base = dict(q_min=r_min * q_per_pixel, q_max=r_max * q_per_pixel)
-    if float(arr.max()) <= 0:
+    if peak <= 0:
         return _undecided(axis, q_per_pixel, "empty frame: no positive intensity", **base)
     padded = spotfind.pad(arr)
     found = spotfind.find_spots(arr, padded, r_min_px=r_min, r_max_px=r_max, counts=counts)
@@ -218,23 +218,33 @@ def _verdict(llr: float, n: int) -> str:
     return "cannot decide: the intensities are ambiguous"
 
 
+_CONDITIONS = ("row u: odd orders absent", "row v: odd orders absent", "row u+v: odd orders absent",
+               "row u-v: odd orders absent", "half-nodes (u/2) absent", "half-nodes (v/2) absent",
+               "half-nodes ((u+v)/2) absent")
+
+
 def _conditions(ev: FrameEvidence) -> None:
     h = ev.nodes_half
     m2, n2 = h[:, 0], h[:, 1]
-    integer = (m2 % 2 == 0) & (n2 % 2 == 0)
+    odd_m2, odd_n2 = m2 % 2 == 1, n2 % 2 == 1
     m, n = m2 // 2, n2 // 2
-    tests = {
-        "row u: odd orders absent": integer & (n == 0) & (m % 2 == 1),
-        "row v: odd orders absent": integer & (m == 0) & (n % 2 == 1),
-        "row u+v: odd orders absent": integer & (m == n) & (m % 2 == 1),
-        "row u-v: odd orders absent": integer & (m == -n) & (m % 2 == 1),
-        "half-nodes (u/2) absent": (m2 % 2 == 1) & (n2 % 2 == 0),
-        "half-nodes (v/2) absent": (m2 % 2 == 0) & (n2 % 2 == 1),
-        "half-nodes ((u+v)/2) absent": (m2 % 2 == 1) & (n2 % 2 == 1),
-    }
+    odd_m = m % 2 == 1
+    # the classes are disjoint (a node is in at most one row, and half-nodes by parity), so one
+    # class code per node and a weighted count give every condition's sum; 7 = in none
+    code = np.full(len(h), 7, np.int64)
+    integer = ~odd_m2 & ~odd_n2
+    code[integer & (n == 0) & odd_m] = 0
+    code[integer & (m == 0) & (n % 2 == 1)] = 1
+    code[integer & (m == n) & odd_m] = 2
+    code[integer & (m == -n) & odd_m] = 3
+    code[odd_m2 & ~odd_n2] = 4
+    code[~odd_m2 & odd_n2] = 5
+    code[odd_m2 & odd_n2] = 6
     per_node = _node_llrs(ev) if len(h) else np.zeros(0)
-    for name, sel in tests.items():
-        llr, k = float(per_node[sel].sum()), int(sel.sum())
+    llrs = np.bincount(code, weights=per_node, minlength=8).tolist()
+    counts = np.bincount(code, minlength=8).tolist()
+    for i, name in enumerate(_CONDITIONS):
+        llr, k = llrs[i], counts[i]
         ev.conditions[name] = {"log_likelihood_ratio": round(llr, 3), "nodes": k, "verdict": _verdict(llr, k)}
 
 

@@ -72,6 +72,15 @@ def _disc_index(shape: tuple[int, int], r_lo: float, r_hi: float, strict_hi: boo
 
 
 @functools.lru_cache(maxsize=32)
+def _sample_index(shape: tuple[int, int], r_lo: float, r_hi: float) -> np.ndarray:
+    """Every BACKGROUND_STRIDE-th pixel of the annulus, contiguous: the strided view would read the
+    whole 45 000-entry index through the cache on every frame."""
+    index = np.ascontiguousarray(_disc_index(shape, r_lo, r_hi)[::BACKGROUND_STRIDE])
+    index.setflags(write=False)
+    return index
+
+
+@functools.lru_cache(maxsize=32)
 def _disc_mask(shape: tuple[int, int], r_lo: float, r_hi: float) -> np.ndarray:
     r = radius_grid(shape)
     mask = (r >= r_lo) & (r <= r_hi)
@@ -220,7 +229,7 @@ def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_
     flat = image.ravel()
     # a sample is plenty for the background's spread and brackets its median (_above_floor); sorted
     # once, it gives every order statistic both need (a multi-index partition costs more)
-    ordered = np.sort(flat[usable_index[::BACKGROUND_STRIDE]])
+    ordered = np.sort(flat[_sample_index(image.shape, r_min_px, r_max_px)])
     sigma_bg = _spread(ordered)
     image32 = image.astype(np.float32)
     maxima = np.flatnonzero(searched & (image32 >= cv2.dilate(image32, _NMS_KERNEL, borderType=cv2.BORDER_REPLICATE)))
