@@ -262,22 +262,17 @@ def _symmetry(ev: FrameEvidence, basis_px: np.ndarray) -> None:
     keys = (nodes[:, 0] + span) * width + (nodes[:, 1] + span)
     lookup[keys] = np.arange(len(nodes))
     ops = lattice2d.lattice_operations(basis_px)
-    a_all = np.arange(len(nodes))
-    pairs = []
-    for op in ops:
-        image = nodes @ op.matrix
-        inside = np.all(np.abs(image) <= span, axis=1)
-        partner = np.full(len(nodes), -1, np.int64)
-        partner[inside] = lookup[(image[inside, 0] + span) * width + (image[inside, 1] + span)]
-        use = (partner > a_all) & (significant | significant[np.maximum(partner, 0)])
-        pairs.append((a_all[use], partner[use]))
+    # every operation at once, (ops, nodes): each node's image under each operation and its partner
+    images = nodes @ np.array([op.matrix for op in ops], np.int64).reshape(-1, 2, 2)
+    inside = np.all(np.abs(images) <= span, axis=2)
+    partner = np.where(inside, lookup[np.where(inside, (images[..., 0] + span) * width + (images[..., 1] + span), 0)], -1)
+    use = (partner > np.arange(len(nodes))) & (significant | significant[np.maximum(partner, 0)])
+    op_of_pair, a = np.nonzero(use)  # operation-major, nodes ascending within one
+    b = partner[op_of_pair, a]
     # every operation's pairs in one likelihood call (elementwise: the same numbers), summed per operation
-    a = np.concatenate([p for p, _ in pairs]) if pairs else np.zeros(0, np.int64)
-    b = np.concatenate([p for _, p in pairs]) if pairs else np.zeros(0, np.int64)
     llr_all = stats.pair_llr(value[a], sigma[a], value[b], sigma[b], np.maximum(scale[a], scale[b]))
     start = 0
-    for op, (pa, _) in zip(ops, pairs):
-        n_pairs = len(pa)
+    for op, n_pairs in zip(ops, use.sum(axis=1).tolist()):
         total = float(llr_all[start:start + n_pairs].sum())
         start += n_pairs
         ev.symmetry[op.name] = {"kind": op.kind, "angle_deg": round(op.angle_deg, 2),

@@ -78,12 +78,13 @@ def _candidates(points: np.ndarray) -> np.ndarray:
 
 
 def inverse2(m: np.ndarray) -> np.ndarray:
-    """Inverse of a 2×2 matrix by its cofactors (np.linalg.inv costs 5 µs of call overhead, and the
-    frame analysis inverts a handful per frame); inf/nan entries when it is singular."""
+    """Inverse of a 2×2 matrix by its cofactors, in Python floats (np.linalg.inv costs 5 µs of call
+    overhead, and the frame analysis inverts a handful per frame); raises like np.linalg.inv."""
     (a, b), (c, d) = m.tolist()
     det = a * d - b * c
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.array([[d, -b], [-c, a]]) / np.float64(det)
+    if det == 0:
+        raise np.linalg.LinAlgError("Singular matrix")
+    return np.array([[d / det, -b / det], [-c / det, a / det]])
 
 
 def _index(points: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,22 +224,7 @@ _UNIMODULAR = _ALL[np.abs(_DETS) == 1]
 _UNIMODULAR_DET = _DETS[np.abs(_DETS) == 1]
 
 
-_M = [_UNIMODULAR[:, j, k].astype(float) for j in range(2) for k in range(2)]  # entries, (m,) each
-
-
-def _row_actions(basis: np.ndarray) -> np.ndarray:
-    """B⁻¹ M B for every unimodular M: the Cartesian row action p -> p @ q of each, (m, 2, 2).
-    Written out entry by entry: one einsum over these 2×2 stacks costs more than the frame's node
-    measurement."""
-    (b00, b01), (b10, b11) = basis.tolist()
-    (i00, i01), (i10, i11) = inverse2(basis).tolist()
-    m00, m01, m10, m11 = _M
-    t00, t01 = m00 * b00 + m01 * b10, m00 * b01 + m01 * b11  # M B
-    t10, t11 = m10 * b00 + m11 * b10, m10 * b01 + m11 * b11
-    out = np.empty((len(m00), 2, 2))
-    out[:, 0, 0], out[:, 0, 1] = i00 * t00 + i01 * t10, i00 * t01 + i01 * t11
-    out[:, 1, 0], out[:, 1, 1] = i10 * t00 + i11 * t10, i10 * t01 + i11 * t11
-    return out
+_UNIMODULAR_F = _UNIMODULAR.astype(float)
 
 
 @dataclass(frozen=True)
@@ -264,15 +250,16 @@ def lattice_operations(basis: np.ndarray, tolerance: float = OP_TOLERANCE) -> li
     ops: list[LatticeOp] = []
     seen_rot: set[int] = set()
     seen_mirror: set[int] = set()
-    qs = _row_actions(basis)
+    qs = inverse2(basis) @ _UNIMODULAR_F @ basis  # B⁻¹ M B: the Cartesian row action p -> p @ q of each M
     # |QᵀQ − I| entrywise, each of the (few dozen) matrices' four entries as one array
     q00, q01, q10, q11 = qs[:, 0, 0], qs[:, 0, 1], qs[:, 1, 0], qs[:, 1, 1]
     off = q00 * q01 + q10 * q11
     dev = np.maximum(np.maximum(np.abs(q00 * q00 + q10 * q10 - 1.0), np.abs(off)),
                      np.abs(q01 * q01 + q11 * q11 - 1.0))
-    for m, det, q in zip(_UNIMODULAR[dev <= tolerance], _UNIMODULAR_DET[dev <= tolerance], qs[dev <= tolerance]):
+    near = dev <= tolerance
+    for m, det, q in zip(_UNIMODULAR[near], _UNIMODULAR_DET[near].tolist(), qs[near].tolist()):
         if det == 1:
-            angle = math.degrees(math.atan2(q[0, 1], q[0, 0])) % 360
+            angle = math.degrees(math.atan2(q[0][1], q[0][0])) % 360
             if min(angle, 360 - angle) < 1 or abs(angle - 180) < 1:
                 continue
             order = round(360 / min(angle, 360 - angle))
@@ -282,7 +269,7 @@ def lattice_operations(basis: np.ndarray, tolerance: float = OP_TOLERANCE) -> li
             ops.append(LatticeOp(matrix=m, kind="rotation", angle_deg=360.0 / order))
         else:
             # a reflection's matrix is [[cos 2θ, sin 2θ], [sin 2θ, −cos 2θ]], θ the line's angle
-            line = 0.5 * math.degrees(math.atan2(q[0, 1], q[0, 0])) % 180
+            line = 0.5 * math.degrees(math.atan2(q[0][1], q[0][0])) % 180
             if line > 179.5:
                 line -= 180
             key = round(line) % 180
