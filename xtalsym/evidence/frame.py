@@ -182,22 +182,28 @@ def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis
                    r_min: float, r_max: float, counts: bool) -> None:
     """Integrated intensity at every node and half-node of the lattice inside the annulus."""
     binv = lattice2d.inverse2(basis_px)
-    span = int(math.ceil(r_max * np.abs(binv).sum(axis=0).max())) + 1
+    (i00, i01), (i10, i11) = binv.tolist()
+    span = int(math.ceil(r_max * max(abs(i00) + abs(i10), abs(i01) + abs(i11)))) + 1
     half = lattice2d.disc_nodes(basis_px / 2.0, r_max, 2 * span)  # the half-grid's disc, not its square
     pos = half @ basis_px / 2.0
     r = np.hypot(pos[:, 0], pos[:, 1])
     keep = (r >= r_min) & (r <= r_max)
     half, pos, r = half[keep], pos[keep], r[keep]
     if len(half) > MAX_HALF_NODES:  # big cells: integer nodes first, then half-nodes by |q|
-        integer = np.all(half % 2 == 0, axis=1)
+        integer = _integer_nodes(half)
         order = np.lexsort((r, ~integer))[:MAX_HALF_NODES]
         half, pos, r = half[order], pos[order], r[order]
     value, sigma = spotfind.measure_at(padded, arr.shape, pos[:, 0], pos[:, 1],
                                        sigma_bg=ev.background_sigma, counts=counts)
     ev.nodes_half, ev.nodes_q = half, r * ev.q_per_pixel
     ev.nodes_intensity, ev.nodes_sigma = value, sigma
-    integer = np.all(half % 2 == 0, axis=1)
+    integer = _integer_nodes(half)
     ev.wilson_q, ev.wilson_mean = stats.wilson_scale(ev.nodes_q[integer], value[integer])
+
+
+def _integer_nodes(half: np.ndarray) -> np.ndarray:
+    """Which half-grid nodes (2m, 2n) are lattice nodes: both even (two's complement: & 1 is the parity)."""
+    return ((half[:, 0] | half[:, 1]) & 1) == 0
 
 
 def _node_llrs(ev: FrameEvidence) -> np.ndarray:
@@ -251,7 +257,7 @@ def _conditions(ev: FrameEvidence) -> None:
 def _symmetry(ev: FrameEvidence, basis_px: np.ndarray) -> None:
     """Log-likelihood ratio (equal vs independent intensities) for each lattice operation."""
     h = ev.nodes_half
-    integer = np.all(h % 2 == 0, axis=1)
+    integer = _integer_nodes(h)
     nodes = h[integer] // 2
     value, sigma, q = ev.nodes_intensity[integer], ev.nodes_sigma[integer], ev.nodes_q[integer]
     scale = ev.scale_at(q)
