@@ -246,6 +246,9 @@ def main() -> None:
 def speed(repeats: int = 20) -> None:
     """CPU ms per analyse_frame call (each zone) and per combine call (the three zones) on each
     shipped structure's patterns, minimum over ``repeats`` (the least disturbed run), and the load."""
+    import cv2
+
+    cv2.setNumThreads(1)  # one core, as the daemon's workers run it (cv2's own pool would add its CPU time)
     geometry = simulate.Geometry()
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
     ref = np.random.default_rng(0).random((256, 256))
