@@ -132,7 +132,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
                                              f"(need at least {MIN_FRAME_PX} per side)")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         return _undecided(axis, q_per_pixel, f"frame has non-numeric dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
+    arr = np.ascontiguousarray(arr, dtype=np.float64)  # flat offsets index it (no copy when it already is)
     peak = float(arr.max())  # NaN when any pixel is; with the minimum, every pixel is finite or not
     if not (math.isfinite(peak) and math.isfinite(float(arr.min()))):
         bad = ~np.isfinite(arr)
@@ -147,8 +147,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     base = dict(q_min=r_min * q_per_pixel, q_max=r_max * q_per_pixel)
     if peak <= 0:
         return _undecided(axis, q_per_pixel, "empty frame: no positive intensity", **base)
-    padded = spotfind.pad(arr)
-    found = spotfind.find_spots(arr, padded, r_min_px=r_min, r_max_px=r_max, counts=counts)
+    found = spotfind.find_spots(arr, r_min_px=r_min, r_max_px=r_max, counts=counts)
     spot_fields = dict(spots_x_px=found.x_px, spots_y_px=found.y_px, spots_intensity=found.intensity,
                        spots_sigma=found.sigma, spots_index=np.zeros((len(found), 2), np.int64),
                        spots_indexed=np.zeros(len(found), bool), spots_residual_px=np.full(len(found), np.nan),
@@ -170,7 +169,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
                        basis=lat.basis_px * q_per_pixel, basis_sigma=lat.sigma_px * q_per_pixel,
                        rms_px=lat.rms_px, **spot_fields)
     ev.max_order = int(np.abs(lat.indices[lat.indexed]).max())
-    _measure_nodes(ev, arr, padded, lat.basis_px, r_min, r_max, counts)
+    _measure_nodes(ev, arr, lat.basis_px, r_min, r_max, counts)
     _conditions(ev)
     _symmetry(ev, lat.basis_px)
     if ev.max_order <= 1:
@@ -178,7 +177,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     return ev
 
 
-def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis_px: np.ndarray,
+def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, basis_px: np.ndarray,
                    r_min: float, r_max: float, counts: bool) -> None:
     """Integrated intensity at every node and half-node of the lattice inside the annulus."""
     binv = lattice2d.inverse2(basis_px)
@@ -193,7 +192,7 @@ def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis
         integer = _integer_nodes(half)
         order = np.lexsort((r, ~integer))[:MAX_HALF_NODES]
         half, pos, r = half[order], pos[order], r[order]
-    value, sigma = spotfind.measure_at(padded, arr.shape, pos[:, 0], pos[:, 1],
+    value, sigma = spotfind.measure_at(arr, pos[:, 0], pos[:, 1],
                                        sigma_bg=ev.background_sigma, counts=counts)
     ev.nodes_half, ev.nodes_q = half, r * ev.q_per_pixel
     ev.nodes_intensity, ev.nodes_sigma = value, sigma

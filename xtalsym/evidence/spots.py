@@ -124,14 +124,15 @@ def _spread(ordered: np.ndarray) -> float:
     return float(1.4826 * stats.median(np.abs(ordered - median)))
 
 
-def integrate(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, pad: int, sigma_bg: float,
+def integrate(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, sigma_bg: float,
               counts: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Integrated intensity and σ at integer pixels (rows, cols) of the unpadded frame."""
+    """Integrated intensity and σ at integer pixels (rows, cols) of the (C-contiguous) frame."""
     if len(rows) == 0:
         return np.zeros(0), np.zeros(0)
-    ring_off, box_off = _offsets(padded.shape[1])
-    base = (rows + pad) * padded.shape[1] + (cols + pad)
-    flat = padded.ravel()
+    source, pad = _source(image, rows, cols, PATCH // 2)
+    ring_off, box_off = _offsets(source.shape[1])
+    base = (rows + pad) * source.shape[1] + (cols + pad)
+    flat = source.ravel()
     ring = flat[base[:, None] + ring_off]
     k = ring.shape[1] // 2
     bg = np.partition(ring, k, axis=1)[:, k]  # the median (odd count: 28 -> upper middle)
@@ -145,13 +146,26 @@ def integrate(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, pad: in
     return value, np.sqrt(var)
 
 
-def _subpixel(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+def _source(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, reach: int) -> tuple[np.ndarray, int]:
+    """(array, offset) to read the patches of ``reach`` px around (rows, cols) from: the frame itself
+    when they all lie inside it — always for positions in the analysed disc, which keeps
+    EDGE_MARGIN_PX from the edge — else a copy padded by PAD edge pixels (a copy of the whole frame
+    per call would cost more, in time and cache, than the integration itself)."""
+    n_rows, n_cols = image.shape
+    if len(rows) == 0 or (int(rows.min()) >= reach and int(cols.min()) >= reach
+                          and int(rows.max()) < n_rows - reach and int(cols.max()) < n_cols - reach):
+        return image, 0
+    return pad(image), PAD
+
+
+def _subpixel(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Peak positions from a parabola through the logs of the 3 pixels along x and y (Gaussian-like
     peaks); a plain 3×3 centroid where a log is undefined."""
     # both directions at once, (2, K): the same elementwise arithmetic as one direction at a time
-    width = padded.shape[1]
+    source, pad = _source(image, rows, cols, 1)
+    width = source.shape[1]
     at = (rows + pad) * width + (cols + pad)
-    flat = padded.ravel()
+    flat = source.ravel()
     step = np.array([1, width])[:, None]  # along x (columns), along y (rows)
     lo, hi = flat[at[None] - step], flat[at[None] + step]
     centre = flat[at]
@@ -168,20 +182,20 @@ def _subpixel(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, pad: int) 
 
 
 def pad(image: np.ndarray) -> np.ndarray:
-    """The frame padded by PAD pixels (edge values), as :func:`find_spots` and :func:`measure_at` take it."""
+    """The frame padded by PAD pixels (edge values), for patches that reach beyond it."""
     image = np.ascontiguousarray(image)
     if image.dtype in (np.float32, np.float64) and image.ndim == 2:
         return cv2.copyMakeBorder(image, PAD, PAD, PAD, PAD, cv2.BORDER_REPLICATE)  # = np.pad "edge", 3× faster
     return np.pad(image, PAD, mode="edge")
 
 
-def _central_beam(image: np.ndarray, padded: np.ndarray, r: np.ndarray, r_min_px: float, sigma_bg: float) -> float:
+def _central_beam(image: np.ndarray, r_min_px: float, sigma_bg: float) -> float:
     """Integrated intensity of the central beam (0 when a beam stop hides it)."""
     centre = _disc_index(image.shape, -1.0, min(r_min_px, 3.0), True)
     if not len(centre):
         return 0.0
     k = int(centre[np.argmax(image.ravel()[centre])])
-    value, _ = integrate(padded, np.array([k // image.shape[1]]), np.array([k % image.shape[1]]), pad=PAD,
+    value, _ = integrate(image, np.array([k // image.shape[1]]), np.array([k % image.shape[1]]),
                          sigma_bg=sigma_bg, counts=False)
     return max(float(value[0]), 0.0)
 
@@ -214,13 +228,11 @@ def _above_floor(flat: np.ndarray, usable: np.ndarray, usable_index: np.ndarray,
     return values > stats.median(flat[usable_index]) + margin
 
 
-def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_px: float, counts: bool) -> Spots:
-    """Spots between radii r_min_px (the central beam, a beam stop) and r_max_px (resolution).
-
-    ``padded`` is :func:`pad` of ``image``."""
+def find_spots(image: np.ndarray, *, r_min_px: float, r_max_px: float, counts: bool) -> Spots:
+    """Spots between radii r_min_px (the central beam, a beam stop) and r_max_px (resolution) of a
+    C-contiguous float frame."""
     n_rows, n_cols = image.shape
     cx, cy = beam_centre(image.shape)
-    r = radius_grid(image.shape)
     usable_index = _disc_index(image.shape, r_min_px, r_max_px)
     usable = _disc_mask(image.shape, r_min_px, r_max_px)
     # spots beyond r_max still streak into the analysed disc: find them too, report only inside
@@ -235,14 +247,14 @@ def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_
     maxima = np.flatnonzero(searched & (image32 >= cv2.dilate(image32, _NMS_KERNEL, borderType=cv2.BORDER_REPLICATE)))
     maxima = maxima[_above_floor(flat, usable, usable_index, ordered, 3 * sigma_bg, flat[maxima])]
     rows, cols = np.divmod(maxima, n_cols)
-    value, sigma = integrate(padded, rows, cols, pad=PAD, sigma_bg=sigma_bg, counts=counts)
+    value, sigma = integrate(image, rows, cols, sigma_bg=sigma_bg, counts=counts)
     if len(value):
         top = np.sort(value)[-min(5, len(value)):]
         reference = stats.median(top)
     else:
         reference = 0.0
     typical_sigma = stats.median(sigma) if len(sigma) else 0.0
-    central = _central_beam(image, padded, r, r_min_px, sigma_bg)
+    central = _central_beam(image, r_min_px, sigma_bg)
     threshold = max(DETECT_SIGMA * typical_sigma, DETECT_RELATIVE * max(reference, 0.0),
                     DETECT_CENTRAL * central)
     keep = (value > threshold) & (value > DETECT_SIGMA * sigma)
@@ -269,18 +281,19 @@ def find_spots(image: np.ndarray, padded: np.ndarray, *, r_min_px: float, r_max_
         rows, cols, value, sigma = rows[keep], cols[keep], value[keep], sigma[keep]
     inside = usable[rows, cols]
     rows, cols, value, sigma = rows[inside], cols[inside], value[inside], sigma[inside]
-    x, y = _subpixel(padded, rows, cols, PAD)
+    x, y = _subpixel(image, rows, cols)
     return Spots(x_px=x - cx, y_px=y - cy, intensity=value, sigma=sigma, background_sigma=sigma_bg,
                  threshold=threshold)
 
 
-def measure_at(padded: np.ndarray, shape: tuple[int, int], x_px: np.ndarray, y_px: np.ndarray, *,
+def measure_at(image: np.ndarray, x_px: np.ndarray, y_px: np.ndarray, *,
                sigma_bg: float, counts: bool) -> tuple[np.ndarray, np.ndarray]:
     """Integrated intensity and σ at given positions (px from the beam), spot or not.
 
     Positions must lie inside the frame (callers keep nodes within the resolution disc)."""
+    shape = image.shape
     cx, cy = beam_centre(shape)
     # round half up, not to even: mirror-related nodes then get mirror-related boxes
     cols = np.clip(np.floor(np.asarray(x_px) + cx + 0.5).astype(np.int64), 0, shape[1] - 1)
     rows = np.clip(np.floor(np.asarray(y_px) + cy + 0.5).astype(np.int64), 0, shape[0] - 1)
-    return integrate(padded, rows, cols, pad=PAD, sigma_bg=sigma_bg, counts=counts)
+    return integrate(image, rows, cols, sigma_bg=sigma_bg, counts=counts)
