@@ -208,7 +208,7 @@ def _above_floor(flat: np.ndarray, usable: np.ndarray, usable_index: np.ndarray,
     The median of ~45 000 pixels (one partition) would cost more than all the rest of the spot
     search. The sample's quantiles bracket it, proven by counting; values above the bracket's top
     (+ margin) pass, values below its bottom fail, and only when one falls in between is the
-    median computed."""
+    median computed — from the pixels inside the bracket, whose ranks the counts give."""
     n = len(usable_index)
     if n == 0:
         return values > 0.0
@@ -225,6 +225,12 @@ def _above_floor(flat: np.ndarray, usable: np.ndarray, usable_index: np.ndarray,
             passes = values > hi + margin  # floor <= hi + margin (rounding is monotone)
             if not (~passes & (values > lo + margin)).any():
                 return passes
+            # the median itself, from the pixels in the bracket alone: ranks below..up_to_hi-1 of all
+            inside = image[usable & (image >= lo) & (image <= hi)]
+            j = k - below
+            part = np.partition(inside, j)
+            median = float(part[j]) if n % 2 else float((part[:j].max() + part[j]) / 2.0)
+            return values > median + margin
     return values > stats.median(flat[usable_index]) + margin
 
 
