@@ -189,15 +189,12 @@ def pad(image: np.ndarray) -> np.ndarray:
     return np.pad(image, PAD, mode="edge")
 
 
-def _central_beam(image: np.ndarray, r_min_px: float, sigma_bg: float) -> float:
-    """Integrated intensity of the central beam (0 when a beam stop hides it)."""
+def _central_pixel(image: np.ndarray, r_min_px: float) -> int:
+    """Flat index of the central beam's brightest pixel, or -1 when a beam stop hides it."""
     centre = _disc_index(image.shape, -1.0, min(r_min_px, 3.0), True)
     if not len(centre):
-        return 0.0
-    k = int(centre[np.argmax(image.ravel()[centre])])
-    value, _ = integrate(image, np.array([k // image.shape[1]]), np.array([k % image.shape[1]]),
-                         sigma_bg=sigma_bg, counts=False)
-    return max(float(value[0]), 0.0)
+        return -1
+    return int(centre[np.argmax(image.ravel()[centre])])
 
 
 def _above_floor(flat: np.ndarray, usable: np.ndarray, usable_index: np.ndarray, ordered: np.ndarray,
@@ -252,15 +249,20 @@ def find_spots(image: np.ndarray, *, r_min_px: float, r_max_px: float, counts: b
     image32 = image.astype(np.float32)
     maxima = np.flatnonzero(searched & (image32 >= cv2.dilate(image32, _NMS_KERNEL, borderType=cv2.BORDER_REPLICATE)))
     maxima = maxima[_above_floor(flat, usable, usable_index, ordered, 3 * sigma_bg, flat[maxima])]
-    rows, cols = np.divmod(maxima, n_cols)
+    # the central beam's integrated intensity (a threshold below) in the same integration call
+    beam = _central_pixel(image, r_min_px)
+    rows, cols = np.divmod(maxima if beam < 0 else np.concatenate((maxima, [beam])), n_cols)
     value, sigma = integrate(image, rows, cols, sigma_bg=sigma_bg, counts=counts)
+    central = 0.0
+    if beam >= 0:
+        central = max(float(value[-1]), 0.0)
+        rows, cols, value, sigma = rows[:-1], cols[:-1], value[:-1], sigma[:-1]
     if len(value):
         top = np.sort(value)[-min(5, len(value)):]
         reference = stats.median(top)
     else:
         reference = 0.0
     typical_sigma = stats.median(sigma) if len(sigma) else 0.0
-    central = _central_beam(image, r_min_px, sigma_bg)
     threshold = max(DETECT_SIGMA * typical_sigma, DETECT_RELATIVE * max(reference, 0.0),
                     DETECT_CENTRAL * central)
     keep = (value > threshold) & (value > DETECT_SIGMA * sigma)
