@@ -170,23 +170,27 @@ def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattic
     for _ in range(2):
         idx, resid = _index(points, basis)
         use = resid <= INDEX_TOLERANCE_PX
-        if use.sum() < 2 or _rank_deficient(idx[use]):
+        nodes = idx[use]
+        if len(nodes) < 2 or _rank_deficient(nodes):
             return None
-        n = idx[use].astype(float)
+        n = nodes.astype(float)
         w = weights[use]
         sw = (np.sqrt(np.maximum(w, 0.0) / max(float(w.max()), 1e-300)) + 1e-3)[:, None]
         basis = _lstsq(n * sw, points[use] * sw)
     idx, resid = _index(points, basis)
     use = resid <= INDEX_TOLERANCE_PX
     n = idx[use].astype(float)
-    dof = max(2 * int(use.sum()) - 4, 1)
-    scatter = math.sqrt(max(float((resid[use] ** 2).sum()) / dof * 2, POSITION_FLOOR_PX**2))
+    count = len(n)
+    squares = float((resid[use] ** 2).sum())
+    scatter = math.sqrt(max(squares / max(2 * count - 4, 1) * 2, POSITION_FLOOR_PX**2))
     normal = n.T @ n
     if _det2(normal) == 0:  # integer entries: exactly singular or not
         return None
-    cov = inverse2(normal)
-    sigma = scatter / math.sqrt(2) * np.sqrt(np.maximum(np.diag(cov), 0.0))[:, None] * np.ones((1, 2))
-    rms = float(np.sqrt(np.mean(resid[use] ** 2))) if use.any() else float("nan")
+    (c00, _), (_, c11) = inverse2(normal).tolist()
+    # Python floats (sqrt is correctly rounded either way): the same numbers as the array expression
+    s0, s1 = (scatter / math.sqrt(2) * math.sqrt(max(c, 0.0)) * 1.0 for c in (c00, c11))
+    sigma = np.array([[s0, s0], [s1, s1]])
+    rms = math.sqrt(squares / count) if count else float("nan")  # np.mean: the sum over the count
     return Lattice2D(basis_px=basis, sigma_px=sigma, indices=idx, indexed=use, residual_px=resid, rms_px=rms)
 
 
