@@ -177,7 +177,7 @@ def _subpixel(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np
         para = np.where(ok & (den < 0), 0.5 * (llo - lhi) / den, np.nan)
         total = lo + centre + hi
         lin = (hi - lo) / np.where(total > 0, total, 1)
-    offsets = np.clip(np.where(np.isfinite(para), para, lin), -0.5, 0.5)
+    offsets = np.minimum(np.maximum(np.where(np.isfinite(para), para, lin), -0.5), 0.5)  # = np.clip, cheaper
     return cols + offsets[0], rows + offsets[1]
 
 
@@ -302,6 +302,6 @@ def measure_at(image: np.ndarray, x_px: np.ndarray, y_px: np.ndarray, *,
     shape = image.shape
     cx, cy = beam_centre(shape)
     # round half up, not to even: mirror-related nodes then get mirror-related boxes
-    cols = np.clip(np.floor(np.asarray(x_px) + cx + 0.5).astype(np.int64), 0, shape[1] - 1)
-    rows = np.clip(np.floor(np.asarray(y_px) + cy + 0.5).astype(np.int64), 0, shape[0] - 1)
+    cols = np.minimum(np.maximum(np.floor(np.asarray(x_px) + cx + 0.5).astype(np.int64), 0), shape[1] - 1)
+    rows = np.minimum(np.maximum(np.floor(np.asarray(y_px) + cy + 0.5).astype(np.int64), 0), shape[0] - 1)
     return integrate(image, rows, cols, sigma_bg=sigma_bg, counts=counts)

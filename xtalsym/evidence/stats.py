@@ -128,7 +128,7 @@ def log_below_ratio(threshold: np.ndarray, sigma: np.ndarray, scale: np.ndarray)
 def pair_llr(i1: np.ndarray, s1: np.ndarray, i2: np.ndarray, s2: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """log p(pair | equal intensities) − log p(pair | independent), per pair."""
     d = np.asarray(i1) - np.asarray(i2)
-    mean = 0.5 * (np.clip(i1, 0, None) + np.clip(i2, 0, None))
+    mean = 0.5 * (np.maximum(i1, 0.0) + np.maximum(i2, 0.0))
     s = np.sqrt(np.asarray(s1) ** 2 + np.asarray(s2) ** 2 + (SYM_SYSTEMATIC * mean) ** 2
                 + (SYSTEMATIC * np.asarray(scale)) ** 2) + 1e-300
     b = np.maximum(np.asarray(scale, float), 1e-300)
