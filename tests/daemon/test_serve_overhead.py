@@ -47,14 +47,25 @@ def test_shape_timed_writes_the_same_dp_into_its_slot():
     geometry = DetectorGeometry(pixels_x=256, pixels_y=256)
     structure = structures.load_structure(shipped_structures() / "NaCl.cif").structure
     counts = to_counts(render(structure, geometry, axes=("z",))["z"], None)
-    job = workers.FrameJob(frame=counts, frame_geometry=cal.FrameGeometry(**geometry.stream_geometry()),
-                           training=cal.TrainingGeometry(3.5e-12, 0.4, 75e-6, 256), method="bilinear", mask_path=None,
-                           saturation_value=None, axis="z", shaping_method="fast", size=224, evidence=False)
+    job = workers.FrameJob(
+        frame=counts,
+        frame_geometry=cal.FrameGeometry(**geometry.stream_geometry()),
+        training=cal.TrainingGeometry(3.5e-12, 0.4, 75e-6, 256),
+        method="bilinear",
+        mask_path=None,
+        saturation_value=None,
+        axis="z",
+        shaping_method="fast",
+        size=224,
+        evidence=False,
+    )
     want, *_ = workers.shape_timed(job)
     slots = ResultSlots(3, want.shape)
     try:
         slot = slots.take()
-        shaped, seconds, cpu, found, *_ = workers.shape_timed(dataclasses.replace(job, result_slot=slots.job_slot(slot)))
+        shaped, seconds, cpu, found, *_ = workers.shape_timed(
+            dataclasses.replace(job, result_slot=slots.job_slot(slot))
+        )
         assert shaped is None and seconds > 0 and found is None
         np.testing.assert_array_equal(slots.read(slot), want)
     finally:
@@ -62,10 +73,18 @@ def test_shape_timed_writes_the_same_dp_into_its_slot():
 
 
 def test_thread_roles_and_cpu_by_role():
-    assert [thread_role(threading.Thread(name=n)) for n in
-            ("xtalsym-ingest", "xtalsym-inference", "xtalsym-combine_0", "QueueFeederThread",
-             "Thread-7 (process_request_thread)", "Thread-1 (_monitor)", "xtalsym-reload")] == \
-        ["ingest", "inference", "combine", "worker_pool", "http", "log", "other"]
+    assert [
+        thread_role(threading.Thread(name=n))
+        for n in (
+            "xtalsym-ingest",
+            "xtalsym-inference",
+            "xtalsym-combine_0",
+            "QueueFeederThread",
+            "Thread-7 (process_request_thread)",
+            "Thread-1 (_monitor)",
+            "xtalsym-reload",
+        )
+    ] == ["ingest", "inference", "combine", "worker_pool", "http", "log", "other"]
 
     def spin(seconds: float) -> None:
         t = time.thread_time()
@@ -93,10 +112,20 @@ def test_encode_gives_what_json_of_jsonable_gives():
 
     odd = type("Odd", (), {"__str__": lambda self: "odd!"})()
     messages = [
-        {"evidence": {"group_loglik": [0.0, float("-inf"), -3.25], "rms": float("nan"), "zones": {"x": {"ok": True}}},
-         "top": [{"probability": np.float32(0.25), "space_group": np.int64(225)}], "flag": np.bool_(False),
-         "embedding": np.zeros((2, 960), np.float32), "raw": b"\x00\x01", "pair": (1, "a"), "other": odd,
-         "timestamps": {"received": 1764644400.123456}},
+        {
+            "evidence": {
+                "group_loglik": [0.0, float("-inf"), -3.25],
+                "rms": float("nan"),
+                "zones": {"x": {"ok": True}},
+            },
+            "top": [{"probability": np.float32(0.25), "space_group": np.int64(225)}],
+            "flag": np.bool_(False),
+            "embedding": np.zeros((2, 960), np.float32),
+            "raw": b"\x00\x01",
+            "pair": (1, "a"),
+            "other": odd,
+            "timestamps": {"received": 1764644400.123456},
+        },
         {1: "a non-string key", "big": 2**70},  # what orjson refuses: the general path
     ]
     for message in messages:

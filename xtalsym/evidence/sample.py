@@ -307,7 +307,9 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         prefix = "first-order reflections only: " if first_only else ""
         warnings_.append(f"{prefix}{'/'.join(close)} not separable from these zones ({cells})")
     if not system_ok:
-        warnings_.append(f"crystal system not decided: {'/'.join(_within_reach(system_ll))} remain possible")
+        reach = _within_reach(system_ll)
+        verb = "remains" if len(reach) == 1 else "remain"
+        warnings_.append(f"crystal system not decided: {'/'.join(reach)} {verb} possible")
     if best_metric == "monoclinic":
         warnings_.append("cell from zones x and y only: z is not a zone axis of a monoclinic cell")
     if best_fit.partial:
