@@ -212,7 +212,8 @@ def quantise_view_graph(
     info = {
         "file": out.name,
         "format": quant_format,
-        "weights": f"{weights} per {'channel' if per_channel else 'tensor'}" + (" (7-bit range)" if reduce_range else ""),
+        "weights": f"{weights} per {'channel' if per_channel else 'tensor'}"
+        + (" (7-bit range)" if reduce_range else ""),
         "activations": f"{activations} per tensor",
         "kept_fp32": ", ".join(KEEP_FP32[part] for part in KEEP_FP32 if part in keep_fp32) or "nothing",
         "calibration": {
