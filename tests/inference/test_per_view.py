@@ -308,6 +308,34 @@ def test_int8_bundle_option(int8_bundle, monkeypatch):
     assert np.abs(r8.probabilities - r32.probabilities).max() < 0.25  # quantised, not a different model
 
 
+def test_int8_parts_kept_fp32(int8_bundle, tmp_path):
+    import onnx
+
+    from xtalsym.inference import quantise
+
+    b, data = int8_bundle
+
+    def stem_weight_producer(path):  # DequantizeLinear when the stem's weights are int8, None when fp32
+        graph = onnx.load(str(path)).graph
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        stem = next(n for n in graph.node if n.op_type == "Conv")
+        return producers.get(stem.input[1])
+
+    default = tmp_path / "default.onnx"
+    quantise.quantise_view_graph(b.view_onnx_path, default, calibration_dataset=data, samples=2)
+    assert stem_weight_producer(default) == "DequantizeLinear"
+    kept = tmp_path / "kept.onnx"
+    info = quantise.quantise_view_graph(b.view_onnx_path, kept, calibration_dataset=data, samples=2,
+                                        keep_fp32=("heads", "stem", "pool"), percentile=99.99)
+    assert stem_weight_producer(kept) is None
+    assert info["kept_fp32"] == "heads (960 -> C), stem convolution, average pooling"
+    assert info["calibration"]["method"] == "percentile 99.99"
+    for bad, match in (({"keep_fp32": ("trunk",)}, "keep_fp32"), ({"activations": "int4"}, "activations"),
+                       ({"percentile": 0}, "percentile"), ({"quant_format": "QX"}, "quant_format")):
+        with pytest.raises(ValueError, match=match):
+            quantise.quantise_view_graph(b.view_onnx_path, tmp_path / "x.onnx", calibration_dataset=data, **bad)
+
+
 def test_int8_pays_by_cpu_flags(tmp_path):
     from xtalsym.inference.cpu_flags import cpu_flags, int8_pays
 
