@@ -45,7 +45,8 @@ FORMATTED := xtalsym/cli/__init__.py xtalsym/cli/data.py xtalsym/cli/index.py xt
              tests/test_layers.py tests/index/test_index.py tests/daemon/test_daemon_e2e.py \
              tests/daemon/test_combine_aside.py tests/daemon/test_classify_recorded.py \
              tests/daemon/test_daemon_field_behaviours.py tests/daemon/test_robustness_daemon.py \
-             benchmarks/daemon.py benchmarks/soak.py xtalsym/daemon/result_slots.py tests/daemon/test_serve_overhead.py
+             benchmarks/daemon.py benchmarks/soak.py xtalsym/daemon/result_slots.py tests/daemon/test_serve_overhead.py \
+             xtalsym/inference/cpu_flags.py benchmarks/int8_levers.py
 
 lint: setup
 	$(BIN)/ruff check xtalsym tests benchmarks

@@ -372,6 +372,7 @@ def build_bundle(
     int8_calibration: str | os.PathLike | None = None,
     int8_samples: int | None = None,
     int8_method: str = "percentile",
+    int8_options: dict | None = None,
     int8_test: str | os.PathLike | None = None,
     int8_test_limit: int | None = None,
     int8_test_split: str = "test",
@@ -444,8 +445,8 @@ def build_bundle(
                                      "outputs": list(onnx_export.VIEW_OUTPUT_NAMES)}
             if int8_calibration is not None:
                 onnx_info["int8"] = _build_int8(tmp, classes, calibration=int8_calibration, samples=int8_samples,
-                                                method=int8_method, test=int8_test, test_limit=int8_test_limit,
-                                                test_split=int8_test_split)
+                                                method=int8_method, options=int8_options or {}, test=int8_test,
+                                                test_limit=int8_test_limit, test_split=int8_test_split)
         index_info = None
         if index_dir is not None:
             _copy_index(Path(index_dir), tmp / INDEX_DIR, model_id)
@@ -489,13 +490,15 @@ def _drop_int8_card(tmp: Path) -> None:
         md.write_text(text[: cut + 1])
 
 
-def _build_int8(tmp: Path, classes: list[int], *, calibration, samples, method, test, test_limit, test_split) -> dict:
-    """Quantise tmp/model_view.onnx into tmp/model_view_int8.onnx, measure it, write it into the card."""
+def _build_int8(tmp: Path, classes: list[int], *, calibration, samples, method, options, test, test_limit,
+                test_split) -> dict:
+    """Quantise tmp/model_view.onnx into tmp/model_view_int8.onnx, measure it, write it into the card.
+    ``options``: further keyword arguments of quantise_view_graph (percentile, keep_fp32, ...)."""
     from xtalsym.inference import quantise
 
     info = quantise.quantise_view_graph(
         tmp / VIEW_ONNX_FILE, tmp / INT8_ONNX_FILE, calibration_dataset=calibration,
-        samples=samples or quantise.DEFAULT_CALIBRATION_SAMPLES, method=method)
+        samples=samples or quantise.DEFAULT_CALIBRATION_SAMPLES, method=method, **options)
     if test is not None:
         info["accuracy"] = quantise.compare_accuracy(tmp / VIEW_ONNX_FILE, tmp / INT8_ONNX_FILE, test_dataset=test,
                                                      classes=classes, limit=test_limit, split=test_split)

@@ -199,6 +199,15 @@ def test_train_with_a_missing_dataset_folder(tmp_path, capsys):
     assert "does not exist" in line and "nowhere" in line
 
 
+@pytest.mark.parametrize(
+    ("option", "named"), [(["--int8-keep-fp32", "heads,trunk"], "trunk"), (["--int8-percentile", "0"], "percentile")]
+)
+def test_bad_int8_options_are_one_line_before_any_work(tmp_path, capsys, option, named):
+    argv = ["bundle", "build", "--release", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]
+    assert main([*argv, "--int8-calibration", str(tmp_path), *option]) == 2
+    assert named in _one_line_error(capsys.readouterr().err)
+
+
 # --------------------------------------------------------------------------- the bundle a user holds
 
 

@@ -271,7 +271,10 @@ def int8_bundle(tmp_path_factory):
     return bundles.load_bundle(out), data
 
 
-def test_int8_bundle_option(int8_bundle):
+def test_int8_bundle_option(int8_bundle, monkeypatch):
+    from xtalsym.inference import cpu_flags
+
+    monkeypatch.setattr(cpu_flags, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512_vnni"})
     b, data = int8_bundle
     assert b.int8_onnx_path is not None and b.int8_onnx_path.name == "model_view_int8.onnx"
     assert b.int8_onnx_path.stat().st_size < b.view_onnx_path.stat().st_size / 2  # int8 weights
@@ -282,11 +285,16 @@ def test_int8_bundle_option(int8_bundle):
     assert b.card["int8"]["accuracy"]["samples"] == info["accuracy"]["samples"]
     md = (b.path / "MODEL_CARD.md").read_text()
     assert "## int8 (CPU)" in md and "int8 − fp32" in md
-    # auto picks int8 on the CPU; fp32 keeps fp32; int8 runs everything through the quantised view graph
+    # auto picks int8 on a CPU with VNNI; fp32 keeps fp32; int8 runs everything through the quantised view graph
     auto = select_backend(b, "auto", device="cpu")
     assert (auto.name, auto.precision) == ("onnxruntime", "int8") and supports_views(auto)
     fp32 = select_backend(b, "auto", device="cpu", precision="fp32")
     assert fp32.precision == "fp32"
+    # without VNNI / AMX (AVX2 only, or flags unknown) auto keeps fp32; int8 still runs when asked for
+    for flags in ({"avx2", "fma"}, set()):
+        monkeypatch.setattr(cpu_flags, "cpu_flags", lambda cpuinfo=None, f=flags: f)
+        assert select_backend(b, "auto", device="cpu").precision == "fp32"
+        assert select_backend(b, "auto", device="cpu", precision="int8").precision == "int8"
     import onnx
 
     proto = onnx.load(str(b.int8_onnx_path))
@@ -298,6 +306,48 @@ def test_int8_bundle_option(int8_bundle):
     assert r8.probabilities.shape == r32.probabilities.shape
     np.testing.assert_allclose(r8.probabilities.sum(1), 1, atol=1e-5)
     assert np.abs(r8.probabilities - r32.probabilities).max() < 0.25  # quantised, not a different model
+
+
+def test_int8_parts_kept_fp32(int8_bundle, tmp_path):
+    import onnx
+
+    from xtalsym.inference import quantise
+
+    b, data = int8_bundle
+
+    def stem_weight_producer(path):  # DequantizeLinear when the stem's weights are int8, None when fp32
+        graph = onnx.load(str(path)).graph
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        stem = next(n for n in graph.node if n.op_type == "Conv")
+        return producers.get(stem.input[1])
+
+    default = tmp_path / "default.onnx"
+    quantise.quantise_view_graph(b.view_onnx_path, default, calibration_dataset=data, samples=2)
+    assert stem_weight_producer(default) == "DequantizeLinear"
+    kept = tmp_path / "kept.onnx"
+    info = quantise.quantise_view_graph(b.view_onnx_path, kept, calibration_dataset=data, samples=2,
+                                        keep_fp32=("heads", "stem", "pool"), percentile=99.99)
+    assert stem_weight_producer(kept) is None
+    assert info["kept_fp32"] == "heads (960 -> C), stem convolution, average pooling"
+    assert info["calibration"]["method"] == "percentile 99.99"
+    for bad, match in (({"keep_fp32": ("trunk",)}, "keep_fp32"), ({"activations": "int4"}, "activations"),
+                       ({"percentile": 0}, "percentile"), ({"quant_format": "QX"}, "quant_format")):
+        with pytest.raises(ValueError, match=match):
+            quantise.quantise_view_graph(b.view_onnx_path, tmp_path / "x.onnx", calibration_dataset=data, **bad)
+
+
+def test_int8_pays_by_cpu_flags(tmp_path):
+    from xtalsym.inference.cpu_flags import cpu_flags, int8_pays
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512_vnni amx_int8\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx2", "avx512_vnni", "amx_int8"}  # the first processor's
+    assert int8_pays({"avx2", "avx_vnni"}) == (True, "CPU has avx_vnni")
+    assert int8_pays({"avx2", "fma"})[0] is False and "none of" in int8_pays({"avx2"})[1]
+    assert int8_pays(set())[0] is False
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert cpu_flags(tmp_path / "arm") == set() and cpu_flags(tmp_path / "missing") == set()
 
 
 def _shaped(data):

@@ -213,6 +213,32 @@ def _int8_arguments(parser: argparse.ArgumentParser) -> None:
         default="percentile",
         help="activation ranges from the calibration data (default %(default)s)",
     )
+    parser.add_argument(
+        "--int8-percentile",
+        type=float,
+        default=99.999,
+        metavar="P",
+        help="with --int8-method percentile: the percentile of each activation kept in range (default %(default)s)",
+    )
+    parser.add_argument(
+        "--int8-keep-fp32",
+        default="heads",
+        metavar="PARTS",
+        help="comma-separated parts left fp32: heads, stem, concat, pool, or none (default %(default)s)",
+    )
+
+
+def _int8_options(args: argparse.Namespace) -> dict:
+    """quantise_view_graph's keyword arguments from the --int8-* options."""
+    from xtalsym.inference.quantise import KEEP_FP32
+
+    parts = tuple(p.strip() for p in args.int8_keep_fp32.split(",") if p.strip() and p.strip() != "none")
+    unknown = [p for p in parts if p not in KEEP_FP32]
+    if unknown:  # before the export and calibration, not minutes into them
+        raise ValueError(f"--int8-keep-fp32: unknown part {unknown[0]!r}; known: {', '.join(KEEP_FP32)}, none")
+    if not 0 < args.int8_percentile <= 100:
+        raise ValueError(f"--int8-percentile must be in (0, 100], got {args.int8_percentile}")
+    return {"percentile": args.int8_percentile, "keep_fp32": parts}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -221,6 +247,7 @@ def _export(args: argparse.Namespace) -> int:
     from xtalsym import model as models
     from xtalsym.inference import export as onnx_export
 
+    int8_options = _int8_options(args) if args.int8_calibration else {}
     if args.bundle:
         from xtalsym.bundle import load_bundle
 
@@ -258,6 +285,7 @@ def _export(args: argparse.Namespace) -> int:
             calibration_dataset=args.int8_calibration,
             samples=args.int8_samples or quantise.DEFAULT_CALIBRATION_SAMPLES,
             method=args.int8_method,
+            **int8_options,
         )
         print(
             f"int8 (QDQ) -> {int8_out} ({int8_out.stat().st_size / 1e6:.1f} MB), calibrated on "
@@ -295,6 +323,7 @@ def _build(args: argparse.Namespace) -> int:
         int8_calibration=args.int8_calibration,
         int8_samples=args.int8_samples,
         int8_method=args.int8_method,
+        int8_options=_int8_options(args),
         int8_test=args.int8_test,
         int8_test_limit=args.int8_test_limit,
     )

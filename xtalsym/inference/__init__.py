@@ -28,8 +28,8 @@ from xtalsym.inference.base import (
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-# "auto": int8 on the CPU when the bundle carries the quantised per-view graph (ONNX Runtime),
-# fp16 on GPUs, fp32 otherwise; "fp32" keeps the CPU at full precision; "int8" insists on it.
+# "auto": int8 on the CPU when the bundle carries the quantised per-view graph (ONNX Runtime)
+# and the CPU has VNNI / AMX (cpu_flags.int8_pays: without them int8 was not faster), fp16 on GPUs, fp32 otherwise; "fp32" keeps the CPU at full precision; "int8" insists on it.
 PRECISIONS = ("auto", "fp32", "int8")
 
 # (backend, device) in the order `auto` tries them. GPU first: native TensorRT, then the

@@ -5,7 +5,8 @@ A bundle with the per-view graph (``model_view.onnx``) gets a second session for
 uses to put each view through the network once. With ``precision="int8"`` (CPU only) the
 backend runs the statically quantised per-view graph (``model_view_int8.onnx``) for both
 ``run_views`` and ``run`` (the sum of the present views' rows). ``precision="auto"``
-takes int8 on the CPU when the bundle carries it, fp32 otherwise.
+takes int8 on the CPU when the bundle carries it and the CPU has u8×s8 dot products
+(VNNI / AMX: :mod:`xtalsym.inference.cpu_flags`), fp32 otherwise.
 
 Provider choice follows ``onnxruntime.get_available_providers()``: ``device="cpu"`` uses
 the CPU EP; ``device="cuda"`` uses the TensorRT EP (fp16, engine cache in the bundle's
@@ -121,8 +122,9 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def from_bundle(cls, bundle, *, precision: str = "auto", **kwargs) -> OnnxRuntimeBackend:
-        """``precision``: "auto" (int8 on the CPU when the bundle carries the quantised graph,
-        else fp32; fp16 with the TensorRT EP), "fp32", or "int8" (CPU; refused without it)."""
+        """``precision``: "auto" (int8 on the CPU when the bundle carries the quantised graph
+        and the CPU has VNNI / AMX, :func:`xtalsym.inference.cpu_flags.int8_pays`; else fp32;
+        fp16 with the TensorRT EP), "fp32", or "int8" (CPU; refused without it)."""
         if precision not in ("auto", "fp32", "int8"):
             raise ValueError(f"onnxruntime precision must be auto, fp32 or int8, got {precision!r}")
         device = kwargs.get("device", "cpu")
@@ -130,6 +132,11 @@ class OnnxRuntimeBackend:
         if precision == "int8" and int8_path is None:
             raise BackendUnavailable(f"bundle {bundle.path} has no int8 graph (build it with --int8-calibration)")
         int8 = device == "cpu" and int8_path is not None and precision in ("auto", "int8")
+        if int8 and precision == "auto":  # only where it is faster: CPUs with u8×s8 dot products
+            from xtalsym.inference.cpu_flags import int8_pays
+
+            int8, why = int8_pays()
+            log.info("bundle has an int8 graph; precision auto -> %s (%s)", "int8" if int8 else "fp32", why)
         if precision == "int8" and device != "cpu":
             raise BackendUnavailable("the int8 graph runs on the CPU only")
         if not int8 and bundle.onnx_path is None:

@@ -28,6 +28,19 @@ from xtalsym import dataset_format
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+QUANT_TYPES = ("uint8", "int8")
+QUANT_FORMATS = ("QDQ", "QOperator")
+# Parts of the per-view graph left out of ONNX Runtime's quantiser (nodes_to_exclude), with how
+# the card names them. Only the heads then run fp32: a Conv / Concat / AveragePool left out
+# between quantised tensors is still fused into its QLinear op by ORT's graph optimiser (which
+# quantises an fp32 weight between DQ and Q itself, ORT 1.32 checked), so for those parts this
+# changes how their weights and ranges are quantised, not the kernels that run.
+KEEP_FP32 = {
+    "heads": "heads (960 -> C)",
+    "stem": "stem convolution",
+    "concat": "concatenations",
+    "pool": "average pooling",
+}
 DEFAULT_CALIBRATION_SAMPLES = (
     128  # 384 views; ORT keeps every activation of every batch while calibrating (~9 GB RSS at 256)
 )
@@ -102,12 +115,21 @@ class _CalibrationReader:
         return next(self._batches, None)
 
 
-def _head_nodes(model_path: Path) -> list[str]:
-    """Names of the nodes of the heads (MatMul / Gemm on the 960-wide embedding): kept fp32."""
+def _kept_nodes(model_path: Path, parts) -> list[str]:
+    """Names of the nodes of ``parts`` (:data:`KEEP_FP32`) in the graph: left fp32."""
     import onnx
 
     proto = onnx.load(str(model_path), load_external_data=False)
-    return [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    names = []
+    if "heads" in parts:  # MatMul / Gemm on the 960-wide embedding
+        names += [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    if "stem" in parts:  # the first convolution, on the raw image scale
+        names += [n.name for n in proto.graph.node if n.op_type == "Conv"][:1]
+    if "concat" in parts:  # each dense layer's growing concatenation
+        names += [n.name for n in proto.graph.node if n.op_type == "Concat"]
+    if "pool" in parts:  # transitions' average pooling: ORT's QLinearAveragePool is a slow generic kernel
+        names += [n.name for n in proto.graph.node if n.op_type in ("AveragePool", "GlobalAveragePool")]
+    return names
 
 
 def quantise_view_graph(
@@ -118,21 +140,39 @@ def quantise_view_graph(
     classes: list[int] | None = None,
     samples: int = DEFAULT_CALIBRATION_SAMPLES,
     method: str = "percentile",
+    percentile: float = 99.999,
     reduce_range: bool = False,
+    per_channel: bool = True,
+    activations: str = "uint8",
+    weights: str = "int8",
+    keep_fp32: tuple[str, ...] = ("heads",),
+    quant_format: str = "QDQ",
     split: str = "train",
 ) -> dict:
     """Write the QDQ int8 version of ``view_onnx`` to ``out`` (atomically); returns what was done.
 
     Calibration: the shaped DPs of the first ``samples`` ``split`` samples of
     ``calibration_dataset`` (all three views of each). ``method``: ``minmax``,
-    ``percentile`` (99.999th) or ``entropy``. ``reduce_range`` quantises weights to 7 bits,
-    for x86 CPUs without VNNI where u8×s8 products can saturate.
+    ``percentile`` (``percentile``-th) or ``entropy``. ``reduce_range`` quantises weights to
+    7 bits, for x86 CPUs without VNNI where u8×s8 products can saturate. ``activations`` /
+    ``weights``: ``uint8`` or ``int8`` (:data:`QUANT_TYPES`); ``keep_fp32``: parts left in
+    fp32 (:data:`KEEP_FP32`); ``quant_format``: ``QDQ`` or ``QOperator``.
     """
     q = _require_ort_quantization()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    for name, value in (("activations", activations), ("weights", weights)):
+        if value not in QUANT_TYPES:
+            raise ValueError(f"{name} must be one of {', '.join(QUANT_TYPES)}, got {value!r}")
+    unknown = set(keep_fp32) - set(KEEP_FP32)
+    if unknown:
+        raise ValueError(f"keep_fp32 parts must be among {', '.join(KEEP_FP32)}, got {', '.join(sorted(unknown))}")
+    if quant_format not in QUANT_FORMATS:
+        raise ValueError(f"quant_format must be one of {', '.join(QUANT_FORMATS)}, got {quant_format!r}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     import onnx
 
     view_onnx, out = Path(view_onnx), Path(out)
@@ -153,36 +193,39 @@ def quantise_view_graph(
         }[method]
         extra = {"CalibMovingAverage": False}
         if method == "percentile":
-            extra["CalibPercentile"] = 99.999
+            extra["CalibPercentile"] = float(percentile)
         staged = Path(tmp) / "int8.onnx"
+        qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
+        excluded = _kept_nodes(prepared, keep_fp32)
         q.quantize_static(
             str(prepared),
             str(staged),
             _CalibrationReader(calibration_dataset, chosen, image_size),
-            quant_format=q.QuantFormat.QDQ,
-            activation_type=q.QuantType.QUInt8,
-            weight_type=q.QuantType.QInt8,
-            per_channel=True,
+            quant_format=q.QuantFormat.QDQ if quant_format == "QDQ" else q.QuantFormat.QOperator,
+            activation_type=qtype[activations],
+            weight_type=qtype[weights],
+            per_channel=per_channel,
             reduce_range=reduce_range,
             calibrate_method=calibrate,
             op_types_to_quantize=None if QUANTISED_OPS is None else list(QUANTISED_OPS),
-            nodes_to_exclude=_head_nodes(prepared),
+            nodes_to_exclude=excluded,
             extra_options=extra,
         )
         os.chmod(staged, 0o644)
         os.replace(staged, out)
     info = {
         "file": out.name,
-        "format": "QDQ",
-        "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
-        "activations": "uint8 per tensor",
-        "kept_fp32": "heads (960 -> C)",
+        "format": quant_format,
+        "weights": f"{weights} per {'channel' if per_channel else 'tensor'}"
+        + (" (7-bit range)" if reduce_range else ""),
+        "activations": f"{activations} per tensor",
+        "kept_fp32": ", ".join(KEEP_FP32[part] for part in KEEP_FP32 if part in keep_fp32) or "nothing",
         "calibration": {
             "dataset": str(calibration_dataset),
             "split": split,
             "samples": len(chosen),
             "views": 3 * len(chosen),
-            "method": method,
+            "method": method + (f" {percentile:g}" if method == "percentile" else ""),
         },
     }
     log.info("int8 per-view graph %s: calibrated on %d %s samples (%s)", out, len(chosen), split, method)
@@ -325,6 +368,9 @@ def card_section(info: dict) -> str:
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "KEEP_FP32",
+    "QUANT_FORMATS",
+    "QUANT_TYPES",
     "DEFAULT_CALIBRATION_SAMPLES",
     "card_section",
     "compare_accuracy",
