@@ -51,6 +51,15 @@ DECIDE_LOG_ODDS = 5.0  # ≈ 99.3 % posterior under a uniform prior over classes
 NODE_TOLERANCE_PX = 1.5
 SPURIOUS_SPOT = 0.02
 PRUNE_METRIC_NATS = 200.0
+# The share of zones whose nodes no group's rules explain (a pseudo-translation that leaves a class of
+# allowed nodes empty, rods of other layers or a finer cell putting spots on forbidden nodes, a cell
+# the zones' lattices give wrongly): such a zone costs a group at most −log ZONE_OUTLIER nats against
+# the zone's best explanation, so no single zone rules out the truth. Calibrated on the validation
+# split (docs/RESULTS.md, issue 15, soft absences).
+ZONE_OUTLIER = 0.01
+# The share of cells the zones measure off their class's metric (peak shifts, a zone vector of a
+# wrong lattice): a class's cell misfit costs at most −log METRIC_OUTLIER against the best class.
+METRIC_OUTLIER = 0.0
 
 
 def logsumexp(values) -> float:
@@ -460,12 +469,14 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     out = np.full(230, -np.inf)
     scales: list[tuple[int, int, int]] = [(1, 1, 1)] * 230
     best_metric = max(f.loglik for f in fits.values() if f.feasible)
+    metric_ll = {m: float(stats.zone_outlier_mixture(f.loglik, best_metric, METRIC_OUTLIER))
+                 for m, f in fits.items() if f.feasible}
     # what to score: the frame's own lattice in every zone, then the lattices of the scored batches
     requests: dict[str, list[np.ndarray]] = {a: [zd.frame.basis / zd.frame.q_per_pixel] for a, zd in prepared.items()}
     plan = []
     for batch in tables.batches:
         fit = fits[batch.metric]
-        if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
+        if not fit.feasible or metric_ll[batch.metric] < best_metric - PRUNE_METRIC_NATS:
             continue
         if fit.partial:
             plan.append((batch, fit, None))
@@ -486,32 +497,47 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
     codes = {a: tables.rule_sets[a].codes(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
     sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
+    # a zone's term for a group: its absence score on the group's lattice plus its symmetry term (a
+    # zone that is no zone plane of the class: its own lattice). First every such term of every
+    # (batch, cell choice, group), then per zone the best of them: the reference of the outlier mixture
+    per_batch = []
+    best_zone = dict(own)
     for batch, fit, scored in plan:
-        index = batch.index
-        if scored is None:  # the class is not tested: every usable zone by its own lattice
-            out[index] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+        if scored is None:
+            per_batch.append(None)
             continue
         true_zones, choices = scored
-        other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
-        sym_term = 0.0
-        for a in true_zones:
-            sym_term = sym_term + sym[a][batch.ops_index[a]]
-        best = np.full(len(index), -np.inf)
+        per_choice = []
         for slots in choices:
-            total = np.zeros(len(index))
+            terms = {}
             for a in true_zones:
-                if a not in slots:  # rank < 2: not a zone plane of this class
-                    total = total + own[a]
-                else:
+                if a in slots:
                     rules, pick = batch.rules_unique[a]
                     ns, j = node_sets[a], slots[a]
                     lo, hi = ns.bounds[j], ns.bounds[j + 1]
                     absent = tables.rule_sets[a].absent_at((codes[a][0][lo:hi], codes[a][1][lo:hi]), rules)
                     score = ns.score[lo:hi]
-                    sums = np.array([float(score[~row].sum()) for row in absent])
-                    total = total + sums[pick]
+                    terms[a] = np.array([float(score[~row].sum()) for row in absent])[pick] + sym[a][batch.ops_index[a]]
+                else:  # rank < 2: not a zone plane of this class
+                    terms[a] = own[a] + sym[a][batch.ops_index[a]]
+                best_zone[a] = max(best_zone[a], float(terms[a].max()))
+            per_choice.append(terms)
+        per_batch.append(per_choice)
+    mixed_own = {a: float(stats.zone_outlier_mixture(own[a], best_zone[a], ZONE_OUTLIER)) for a in own}
+    for (batch, fit, scored), per_choice in zip(plan, per_batch):
+        index = batch.index
+        if scored is None:  # the class is not tested: every usable zone by its own lattice
+            out[index] = metric_ll[batch.metric] + sum(mixed_own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            continue
+        true_zones, _ = scored
+        other = sum(mixed_own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
+        best = np.full(len(index), -np.inf)
+        for terms in per_choice:
+            total = np.zeros(len(index))
+            for a in true_zones:
+                total = total + stats.zone_outlier_mixture(terms[a], best_zone[a], ZONE_OUTLIER)
             best = np.maximum(best, total)
-        out[index] = fit.loglik + best + other + sym_term
+        out[index] = metric_ll[batch.metric] + best + other
         for i in index:
             scales[i] = batch.divisors
     return out, scales

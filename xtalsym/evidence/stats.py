@@ -15,6 +15,8 @@ reflections at that |q| (the Wilson scale, fitted per frame).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.special import log_ndtr
 
@@ -108,6 +110,16 @@ def log_below_ratio(threshold: np.ndarray, sigma: np.ndarray, scale: np.ndarray)
     log Φ(T/σ) computed once: the same numbers as the two calls, in about 2/3 of the time."""
     absent, allowed = _log_below_absent_and_allowed(threshold, sigma, scale)
     return allowed - absent
+
+
+def zone_outlier_mixture(score, reference: float, outlier: float) -> np.ndarray:
+    """log[(1 − ε)·exp(score) + ε·exp(reference)]: a zone's absence score under a group, mixed with
+    an "outlier zone" model (probability ε) that explains the zone as well as its best explanation
+    ``reference`` does, whatever the group; the mixture is never more than −log ε below it."""
+    score = np.asarray(score, float)
+    if outlier <= 0.0:
+        return score
+    return np.logaddexp(math.log1p(-outlier) + score, math.log(outlier) + reference)
 
 
 def pair_llr(i1: np.ndarray, s1: np.ndarray, i2: np.ndarray, s2: np.ndarray, scale: np.ndarray) -> np.ndarray:
