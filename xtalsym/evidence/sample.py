@@ -56,10 +56,7 @@ PRUNE_METRIC_NATS = 200.0
 # the zones' lattices give wrongly): such a zone costs a group at most −log ZONE_OUTLIER nats against
 # the zone's best explanation, so no single zone rules out the truth. Calibrated on the validation
 # split (docs/RESULTS.md, issue 15, soft absences).
-ZONE_OUTLIER = 0.01
-# The share of cells the zones measure off their class's metric (peak shifts, a zone vector of a
-# wrong lattice): a class's cell misfit costs at most −log METRIC_OUTLIER against the best class.
-METRIC_OUTLIER = 0.0
+ZONE_OUTLIER = 0.1
 
 
 def logsumexp(values) -> float:
@@ -289,10 +286,12 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     if not feasible:
         return _undecided(frames, warnings_, "; ".join(f"{m}: {f.reason}" for m, f in fits.items()))
     prepared = {a: _prepare(ev) for a, ev in usable.items()}
-    group_ll, group_scale = _group_logliks(fits, prepared)
+    group_ll, hard_ll, group_scale = _group_logliks(fits, prepared)
     tables = _tables()
-    system_ll = _class_logliks(group_ll, tables.system_members)
-    bravais_ll = _class_logliks(group_ll, tables.bravais_members)
+    # the classes and their decision keep the likelihoods without the outlier mixture: the decision
+    # rule's thresholds were calibrated on those (≤ 1 % wrong decisions, docs/RESULTS.md issue 14)
+    system_ll = _class_logliks(hard_ll, tables.system_members)
+    bravais_ll = _class_logliks(hard_ll, tables.bravais_members)
     verdict = decision.decide(system_ll=system_ll, bravais_ll=bravais_ll, frames=usable)
     system, system_ok = verdict.system, verdict.system_ok
     bravais, bravais_ok = verdict.bravais, verdict.bravais_ok
@@ -302,9 +301,9 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     best_fit = feasible[best_metric]
     cell_by_bravais = {}
     for name, members in tables.bravais_members.items():
-        g = int(members[np.argmax(group_ll[members])]) + 1  # the first of the best, like max()
+        g = int(members[np.argmax(hard_ll[members])]) + 1  # the first of the best, like max()
         fit = fits[symmetry.metric_class(int(g))]
-        if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(group_ll[g - 1]):
+        if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(hard_ll[g - 1]):
             s = group_scale[g - 1]
             a, b, c, al, be, ga = fit.cell
             cell_by_bravais[name] = (a * s[0], b * s[1], c * s[2], al, be, ga)
@@ -459,24 +458,24 @@ def _symmetry_term(frame: FrameEvidence, ops: zonerules.IntensityOps) -> float:
 
 
 def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData]
-                   ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """Log-likelihood of every group, and the cell multiple that gave it.
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+    """Log-likelihood of every group with the outlier-zone mixture, the same without it (what the
+    calibrated decision rule and the class likelihoods take), and the cell multiple that gave it.
 
     Groups come in batches sharing a metric class and divisors: each cell choice's node lattice
     in each true zone is scored once (all lattices of a zone together), and each distinct
     absence rule set sums it once."""
     tables = _tables()
     out = np.full(230, -np.inf)
+    hard = np.full(230, -np.inf)
     scales: list[tuple[int, int, int]] = [(1, 1, 1)] * 230
     best_metric = max(f.loglik for f in fits.values() if f.feasible)
-    metric_ll = {m: float(stats.zone_outlier_mixture(f.loglik, best_metric, METRIC_OUTLIER))
-                 for m, f in fits.items() if f.feasible}
     # what to score: the frame's own lattice in every zone, then the lattices of the scored batches
     requests: dict[str, list[np.ndarray]] = {a: [zd.frame.basis / zd.frame.q_per_pixel] for a, zd in prepared.items()}
     plan = []
     for batch in tables.batches:
         fit = fits[batch.metric]
-        if not fit.feasible or metric_ll[batch.metric] < best_metric - PRUNE_METRIC_NATS:
+        if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
             continue
         if fit.partial:
             plan.append((batch, fit, None))
@@ -497,9 +496,9 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
     codes = {a: tables.rule_sets[a].codes(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
     sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
-    # a zone's term for a group: its absence score on the group's lattice plus its symmetry term (a
-    # zone that is no zone plane of the class: its own lattice). First every such term of every
-    # (batch, cell choice, group), then per zone the best of them: the reference of the outlier mixture
+    # every zone term of every (batch, cell choice, group) first: absence score on the group's lattice
+    # plus its symmetry term (a zone that is no zone plane of the class: its own lattice); then per
+    # zone the best of them, the reference of the outlier mixture
     per_batch = []
     best_zone = dict(own)
     for batch, fit, scored in plan:
@@ -507,9 +506,10 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             per_batch.append(None)
             continue
         true_zones, choices = scored
+        sym_of = {a: sym[a][batch.ops_index[a]] for a in true_zones}
         per_choice = []
         for slots in choices:
-            terms = {}
+            absence = {}
             for a in true_zones:
                 if a in slots:
                     rules, pick = batch.rules_unique[a]
@@ -517,27 +517,39 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                     lo, hi = ns.bounds[j], ns.bounds[j + 1]
                     absent = tables.rule_sets[a].absent_at((codes[a][0][lo:hi], codes[a][1][lo:hi]), rules)
                     score = ns.score[lo:hi]
-                    terms[a] = np.array([float(score[~row].sum()) for row in absent])[pick] + sym[a][batch.ops_index[a]]
+                    absence[a] = np.array([float(score[~row].sum()) for row in absent])[pick]
                 else:  # rank < 2: not a zone plane of this class
-                    terms[a] = own[a] + sym[a][batch.ops_index[a]]
-                best_zone[a] = max(best_zone[a], float(terms[a].max()))
-            per_choice.append(terms)
-        per_batch.append(per_choice)
+                    absence[a] = np.full(len(batch.index), own[a])
+                best_zone[a] = max(best_zone[a], float((absence[a] + sym_of[a]).max()))
+            per_choice.append(absence)
+        per_batch.append((per_choice, sym_of))
     mixed_own = {a: float(stats.zone_outlier_mixture(own[a], best_zone[a], ZONE_OUTLIER)) for a in own}
-    for (batch, fit, scored), per_choice in zip(plan, per_batch):
+    for (batch, fit, scored), entry in zip(plan, per_batch):
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice
-            out[index] = metric_ll[batch.metric] + sum(mixed_own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            occam = cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            hard[index] = fit.loglik + sum(own.values()) + occam
+            out[index] = fit.loglik + sum(mixed_own.values()) + occam
             continue
         true_zones, _ = scored
-        other = sum(mixed_own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
+        per_choice, sym_of = entry
+        other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
+        other_mixed = sum(mixed_own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
+        sym_term = 0.0
+        for a in true_zones:
+            sym_term = sym_term + sym_of[a]
         best = np.full(len(index), -np.inf)
-        for terms in per_choice:
+        best_mixed = np.full(len(index), -np.inf)
+        for absence in per_choice:
             total = np.zeros(len(index))
+            mixed = np.zeros(len(index))
             for a in true_zones:
-                total = total + stats.zone_outlier_mixture(terms[a], best_zone[a], ZONE_OUTLIER)
+                total = total + absence[a]
+                mixed = mixed + stats.zone_outlier_mixture(absence[a] + sym_of[a], best_zone[a], ZONE_OUTLIER)
             best = np.maximum(best, total)
-        out[index] = metric_ll[batch.metric] + best + other
+            best_mixed = np.maximum(best_mixed, mixed)
+        hard[index] = fit.loglik + best + other + sym_term
+        out[index] = fit.loglik + best_mixed + other_mixed
         for i in index:
             scales[i] = batch.divisors
-    return out, scales
+    return out, hard, scales
