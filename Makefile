@@ -39,7 +39,13 @@ FORMATTED := xtalsym/cli/__init__.py xtalsym/cli/data.py xtalsym/cli/index.py xt
              xtalsym/cli/train.py xtalsym/index xtalsym/testing.py xtalsym/progress.py xtalsym/offline/samples.py \
              xtalsym/offline/images.py xtalsym/daemon/endpoints.py xtalsym/daemon/client.py \
              xtalsym/daemon/overload.py xtalsym/daemon/series_files.py \
-             tests/daemon/conftest.py tests/cli/test_user_errors.py tests/test_install.py
+             tests/daemon/conftest.py tests/cli/test_user_errors.py tests/test_install.py \
+             xtalsym/dataset_format.py xtalsym/offline/dataset.py xtalsym/offline/embed.py \
+             xtalsym/inference/quantise.py xtalsym/cli/options.py xtalsym/daemon/publish.py \
+             tests/test_layers.py tests/index/test_index.py tests/daemon/test_daemon_e2e.py \
+             tests/daemon/test_combine_aside.py tests/daemon/test_classify_recorded.py \
+             tests/daemon/test_daemon_field_behaviours.py tests/daemon/test_robustness_daemon.py \
+             benchmarks/daemon.py benchmarks/soak.py
 
 lint: setup
 	$(BIN)/ruff check xtalsym tests benchmarks

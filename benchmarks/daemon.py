@@ -52,12 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def tiny_bundle(tmp: Path) -> Path:
-    from xtalsym.testing import tiny_bundle as make
-
-    return make(tmp, index=True)
-
-
 def stage_costs(sim, n: int = 5) -> dict:
     """Per-frame CPU seconds of decode, calibrate, shape on this machine (one core), as the daemon
     runs them: the ingest thread's decode (payload left compressed), the worker's decompression
@@ -89,8 +83,12 @@ def stage_costs(sim, n: int = 5) -> dict:
         t_unz, frame = per(lambda: materialise(lazy))
         t_cal, raw = per(lambda: cal.to_uint8(prepared.apply(frame)))
     t_shape, _ = per(lambda: shaping.shape(raw, "x"))
-    return {"decode (ingest thread)": t_dec, "decompress (worker)": t_unz, "calibrate (worker)": t_cal,
-            "shape (worker)": t_shape}
+    return {
+        "decode (ingest thread)": t_dec,
+        "decompress (worker)": t_unz,
+        "calibrate (worker)": t_cal,
+        "shape (worker)": t_shape,
+    }
 
 
 def cached_encoder() -> None:
@@ -166,8 +164,11 @@ def daemon_stage_means(port: int) -> dict:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     sums: dict = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in ("xtalsym_stage_latency_seconds", "xtalsym_end_to_end_latency_seconds",
-                               "xtalsym_batch_size"):
+        if family.name not in (
+            "xtalsym_stage_latency_seconds",
+            "xtalsym_end_to_end_latency_seconds",
+            "xtalsym_batch_size",
+        ):
             continue
         for sample in family.samples:
             key = sample.labels.get("stage", family.name.removeprefix("xtalsym_"))
@@ -176,8 +177,9 @@ def daemon_stage_means(port: int) -> dict:
     return {k: v["sum"] / v["count"] for k, v in sums.items() if v.get("count")}
 
 
-def inference_cost(bundle_path: str, *, per_view: bool, precision: str = "fp32", batch: int = 16,
-                   seconds: float = 2.0) -> dict:
+def inference_cost(
+    bundle_path: str, *, per_view: bool, precision: str = "fp32", batch: int = 16, seconds: float = 2.0
+) -> dict:
     """CPU seconds (one thread) the backend spends per frame, on one core: the previous path
     classifies every frame's request with the whole graph over its present views (1 + 2 + 3
     views per sample: 2 views per frame on average), the new path runs each view once."""
@@ -275,11 +277,25 @@ def _toml_value(value) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, workers: int, view_inference: str,
-               precision: str, tmp: Path, backend: str = "onnxruntime", device: str = "cpu",
-               overload: str = "block", warm_messages: list = (), n_warm_finals: int = 0,
-               max_wait_s: float = 900.0, evidence: bool = True,
-               variant: tuple[str, dict] = ("default", {})) -> dict:
+def run_daemon(
+    *,
+    bundle: str,
+    messages: list,
+    n_images: int,
+    rate: float,
+    workers: int,
+    view_inference: str,
+    precision: str,
+    tmp: Path,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    overload: str = "block",
+    warm_messages: list = (),
+    n_warm_finals: int = 0,
+    max_wait_s: float = 900.0,
+    evidence: bool = True,
+    variant: tuple[str, dict] = ("default", {}),
+) -> dict:
     """One `xtalsym serve` subprocess fed ``messages`` at ``rate`` (0 = as fast as accepted);
     ``variant``: (label, extra config settings by section, applied over ``evidence``)."""
     import psutil
@@ -293,26 +309,44 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
     pub_port, metrics_port = free_port(), free_port()
     config = tmp / f"bench-{view_inference}-{precision}-{rate:g}-{abs(hash(variant[0])):x}.toml"
-    sections = {"bundle": {"path": bundle, "backend": backend, "device": device, "precision": precision},
-                "ingest": {"address": frames_ep},
-                "pipeline": {"workers": workers, "overload": overload,  # block: lossless
-                             "view_inference": view_inference, "evidence": evidence},
-                "publish": {"address": f"tcp://127.0.0.1:{pub_port}", "metrics_interval_seconds": 1.0},
-                "metrics": {"port": metrics_port}}  # a free port, never the default 9855
+    sections = {
+        "bundle": {"path": bundle, "backend": backend, "device": device, "precision": precision},
+        "ingest": {"address": frames_ep},
+        "pipeline": {
+            "workers": workers,
+            "overload": overload,  # block: lossless
+            "view_inference": view_inference,
+            "evidence": evidence,
+        },
+        "publish": {"address": f"tcp://127.0.0.1:{pub_port}", "metrics_interval_seconds": 1.0},
+        "metrics": {"port": metrics_port},
+    }  # a free port, never the default 9855
     for section, settings in variant[1].items():
         sections.setdefault(section, {}).update(settings)
-    config.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
-                              for name, table in sections.items()))
+    config.write_text(
+        "".join(
+            f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+            for name, table in sections.items()
+        )
+    )
     load_before = uptime()
-    serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc = psutil.Process(serve.pid)
     stop, ready = threading.Event(), threading.Event()
     result: dict = {}
     # the listener runs until stopped: with a dropping overload policy some samples never get a
     # final prediction, so the run ends when the daemon has accounted for every message (below)
-    t_listen = threading.Thread(target=lambda: result.update(s=listen(
-        f"tcp://127.0.0.1:{pub_port}", stop=stop, ready=ready, duration=max_wait_s + 600)))
+    t_listen = threading.Thread(
+        target=lambda: result.update(
+            s=listen(f"tcp://127.0.0.1:{pub_port}", stop=stop, ready=ready, duration=max_wait_s + 600)
+        )
+    )
     t_listen.start()
     ready.wait()
     _wait_ready(metrics_port, serve)
@@ -352,8 +386,11 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     wall = time.perf_counter() - t0
     accounted = all_accounted(acc, expected)
     if not accounted:
-        print(f"WARNING: after {max_wait_s:.0f} s the daemon had received {acc.get('received', 0):.0f} of "
-              f"{expected} messages and still held {acc.get('inside')}", flush=True)
+        print(
+            f"WARNING: after {max_wait_s:.0f} s the daemon had received {acc.get('received', 0):.0f} of "
+            f"{expected} messages and still held {acc.get('inside')}",
+            flush=True,
+        )
     time.sleep(1.5)  # the last predictions and a metrics message reach the listener
     stop.set()
     t_listen.join(30)
@@ -369,15 +406,29 @@ def run_daemon(*, bundle: str, messages: list, n_images: int, rate: float, worke
     lat = np.array([m["timestamps"]["published"] - m["timestamps"]["received"] for m in measured] or [np.nan])
     return {
         "variant": variant[0],
-        "view_inference": view_inference, "precision": precision, "rate": rate, "frames": n_images,
-        "final": sum(1 for m in measured if m["final"]), "send_s": t_sent, "wall_s": wall,
-        "rejected": {k: v - rejected0.get(k, 0.0) for k, v in acc.get("rejected", {}).items()
-                     if v - rejected0.get(k, 0.0) > 0},
-        "accounted": accounted, "complete": sum(1 for m in measured if m["final"] and m.get("status") == "complete"),
-        "fps": n_images / wall, "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
-        "cpu_s": cpu1 - cpu0, "main_cpu_s": main_cpu, "peak_rss_mib": peak_rss / 2**20, "stage_means": stage_means,
+        "view_inference": view_inference,
+        "precision": precision,
+        "rate": rate,
+        "frames": n_images,
+        "final": sum(1 for m in measured if m["final"]),
+        "send_s": t_sent,
+        "wall_s": wall,
+        "rejected": {
+            k: v - rejected0.get(k, 0.0) for k, v in acc.get("rejected", {}).items() if v - rejected0.get(k, 0.0) > 0
+        },
+        "accounted": accounted,
+        "complete": sum(1 for m in measured if m["final"] and m.get("status") == "complete"),
+        "fps": n_images / wall,
+        "p50_ms": float(np.percentile(lat, 50) * 1000),
+        "p99_ms": float(np.percentile(lat, 99) * 1000),
+        "cpu_s": cpu1 - cpu0,
+        "main_cpu_s": main_cpu,
+        "peak_rss_mib": peak_rss / 2**20,
+        "stage_means": stage_means,
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
-        "views_inferred": views1 - views0, "load_before": load_before, "load_after": uptime(),
+        "views_inferred": views1 - views0,
+        "load_before": load_before,
+        "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
         "device": (s.messages[-1]["model"] if s.messages else {}).get("device", "?"),
     }
@@ -406,12 +457,21 @@ def main() -> int:
     ap.add_argument("--bundle")
     ap.add_argument("--images", type=int, default=300, help="frames to send per run (multiple of 3)")
     ap.add_argument("--pixels", type=int, default=512)
-    ap.add_argument("--rates", default="0,150", help="frames/s offered, one run per rate and path (0 = as fast as accepted)")
+    ap.add_argument(
+        "--rates", default="0,150", help="frames/s offered, one run per rate and path (0 = as fast as accepted)"
+    )
     ap.add_argument("--rate", type=float, default=None, help="a single rate (overrides --rates)")
-    ap.add_argument("--paths", default="whole,view",
-                    help="whole = the previous path (whole graph over each request's views), view = each view once")
-    ap.add_argument("--precision", default="fp32", help="bundle.precision of the runs: fp32, int8, auto; "
-                    "comma-separated for several (each with every path that can run it)")
+    ap.add_argument(
+        "--paths",
+        default="whole,view",
+        help="whole = the previous path (whole graph over each request's views), view = each view once",
+    )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        help="bundle.precision of the runs: fp32, int8, auto; "
+        "comma-separated for several (each with every path that can run it)",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--backend", default="onnxruntime", help="bundle.backend of the runs (default %(default)s)")
     ap.add_argument("--device", default="cpu", help="bundle.device of the runs: cpu, cuda, auto (default %(default)s)")
@@ -419,16 +479,31 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/xtalsym/detector-sim"))
     ap.add_argument("--warmup", type=int, default=6, help="frames of a warm-up series sent first (0 = none)")
     ap.add_argument("--overload", default="block", choices=("block", "drop_oldest", "drop_new"))
-    ap.add_argument("--variants", default="default",
-                    help="';'-separated daemon settings to run side by side, each ','-separated section.key=value "
-                         "or 'default', e.g. \"default;pipeline.evidence=false;index.query=every\"")
-    ap.add_argument("--evidence", default="on", choices=("on", "off"),
-                    help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the combine "
-                    "thread combines it); off shows what it costs")
-    ap.add_argument("--max-wait", type=float, default=900.0,
-                    help="seconds after the last message to wait for the daemon to account for every message")
-    ap.add_argument("--load-limit", type=float, default=None,
-                    help="1-minute load average above which the wall figures are flagged (default: the core count)")
+    ap.add_argument(
+        "--variants",
+        default="default",
+        help="';'-separated daemon settings to run side by side, each ','-separated section.key=value "
+        "or 'default', e.g. \"default;pipeline.evidence=false;index.query=every\"",
+    )
+    ap.add_argument(
+        "--evidence",
+        default="on",
+        choices=("on", "off"),
+        help="pipeline.evidence: the symmetry evidence per frame (workers) and per sample (the combine "
+        "thread combines it); off shows what it costs",
+    )
+    ap.add_argument(
+        "--max-wait",
+        type=float,
+        default=900.0,
+        help="seconds after the last message to wait for the daemon to account for every message",
+    )
+    ap.add_argument(
+        "--load-limit",
+        type=float,
+        default=None,
+        help="1-minute load average above which the wall figures are flagged (default: the core count)",
+    )
     args = ap.parse_args()
 
     from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, eiger2_geometry, eiger2_layout
@@ -436,14 +511,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-bench-"))
     bundle = args.bundle
     if bundle is None:
-        from xtalsym.bundle import BundleError, default_bundle_path, load_bundle
+        from xtalsym.testing import shipped_or_tiny_bundle
 
-        try:
-            bundle = str(default_bundle_path())
-            load_bundle(bundle)
-        except (BundleError, FileNotFoundError):
-            print("no shipped bundle: building a tiny untrained one (model cost is NOT the default model's)")
-            bundle = str(tiny_bundle(tmp))
+        bundle, tiny = shipped_or_tiny_bundle(tmp)
+        if tiny:
+            print("no shipped bundle: built a tiny untrained one (model cost is NOT the default model's)")
     rates = [args.rate] if args.rate is not None else [float(r) for r in args.rates.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -456,11 +528,21 @@ def main() -> int:
     else:
         geometry, layout = DetectorGeometry(args.pixels, args.pixels), None
     repeat = max(1, args.images // (3 * len(structures)))
-    sim = DetectorSim(structures, geometry=geometry, layout=layout, repeat=repeat, cache_dir=args.cache_dir,
-                      series_id=2)
-    warm = DetectorSim(structures, geometry=geometry, layout=layout,
-                       repeat=max(1, round(args.warmup / (3 * len(structures)))), cache_dir=args.cache_dir,
-                       series_id=1) if args.warmup else None
+    sim = DetectorSim(
+        structures, geometry=geometry, layout=layout, repeat=repeat, cache_dir=args.cache_dir, series_id=2
+    )
+    warm = (
+        DetectorSim(
+            structures,
+            geometry=geometry,
+            layout=layout,
+            repeat=max(1, round(args.warmup / (3 * len(structures)))),
+            cache_dir=args.cache_dir,
+            series_id=1,
+        )
+        if args.warmup
+        else None
+    )
     warm_messages = list(warm.messages()) if warm is not None else []
     n_warm_finals = warm.number_of_images() // 3 if warm is not None else 0
     n_images = sim.number_of_images()
@@ -473,23 +555,45 @@ def main() -> int:
                     continue  # the int8 graph is a per-view graph
                 mode = {"whole": "off", "view": "auto"}[path]
                 for variant in variants:
-                    print(f"run: {path} path, {precision}, {variant[0]}, {'max' if not rate else rate} frames/s ... "
-                          f"{uptime()}", flush=True)
-                    runs.append(run_daemon(bundle=bundle, messages=messages, n_images=n_images, rate=rate,
-                                           workers=args.workers, view_inference=mode, precision=precision, tmp=tmp,
-                                           backend=args.backend, device=args.device, overload=args.overload,
-                                           warm_messages=warm_messages, n_warm_finals=n_warm_finals,
-                                           max_wait_s=args.max_wait, evidence=args.evidence == "on",
-                                           variant=variant))
+                    print(
+                        f"run: {path} path, {precision}, {variant[0]}, {'max' if not rate else rate} frames/s ... "
+                        f"{uptime()}",
+                        flush=True,
+                    )
+                    runs.append(
+                        run_daemon(
+                            bundle=bundle,
+                            messages=messages,
+                            n_images=n_images,
+                            rate=rate,
+                            workers=args.workers,
+                            view_inference=mode,
+                            precision=precision,
+                            tmp=tmp,
+                            backend=args.backend,
+                            device=args.device,
+                            overload=args.overload,
+                            warm_messages=warm_messages,
+                            n_warm_finals=n_warm_finals,
+                            max_wait_s=args.max_wait,
+                            evidence=args.evidence == "on",
+                            variant=variant,
+                        )
+                    )
     cores = os.cpu_count() or 1
-    print(f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
-          f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
-          f"{args.backend} on {args.device}, overload = {args.overload}, evidence {args.evidence}, bundle {bundle}; "
-          "warm-up series of "
-          f"{n_warm_finals * 3} frames first")
-    head = [f"{r['view_inference'] == 'auto' and 'each view once' or 'whole graph per request'} {r['precision']}"
-            + ("" if r["variant"] == "default" else f" {r['variant']}")
-            + f" @ {'max' if not r['rate'] else int(r['rate'])}" for r in runs]
+    print(
+        f"\ndaemon benchmark: {n_images} frames {geometry.pixels_x}x{geometry.pixels_y} uint16 stream V2 bslz4"
+        f"{' (' + args.layout + ' layout)' if args.layout else ''} per run, {args.workers} workers, backend "
+        f"{args.backend} on {args.device}, overload = {args.overload}, evidence {args.evidence}, bundle {bundle}; "
+        "warm-up series of "
+        f"{n_warm_finals * 3} frames first"
+    )
+    head = [
+        f"{r['view_inference'] == 'auto' and 'each view once' or 'whole graph per request'} {r['precision']}"
+        + ("" if r["variant"] == "default" else f" {r['variant']}")
+        + f" @ {'max' if not r['rate'] else int(r['rate'])}"
+        for r in runs
+    ]
     print("| metric | " + " | ".join(head) + " |")
     print("|---|" + "---|" * len(runs))
 
@@ -497,22 +601,39 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(fmt(r) for r in runs) + " |")
 
     row("backend served", lambda r: f"{r['backend']} {r['device']}")
-    row("load before → after (uptime)", lambda r: r["load_before"].split("load average:")[-1].strip() + " → "
-        + r["load_after"].split("load average:")[-1].strip())
-    row("frames sent / final predictions (complete) / rejected", lambda r: f"{r['frames']} / {r['final']} "
-        f"({r['complete']}) / {sum(r['rejected'].values()):.0f}")
-    row("rejected by reason (overload = lost to load)", lambda r: ", ".join(
-        f"{k} {v:.0f}" for k, v in sorted(r["rejected"].items())) or "none")
+    row(
+        "load before → after (uptime)",
+        lambda r: (
+            r["load_before"].split("load average:")[-1].strip()
+            + " → "
+            + r["load_after"].split("load average:")[-1].strip()
+        ),
+    )
+    row(
+        "frames sent / final predictions (complete) / rejected",
+        lambda r: f"{r['frames']} / {r['final']} ({r['complete']}) / {sum(r['rejected'].values()):.0f}",
+    )
+    row(
+        "rejected by reason (overload = lost to load)",
+        lambda r: ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["rejected"].items())) or "none",
+    )
     row("every message accounted for", lambda r: "yes" if r["accounted"] else "NO (timed out)")
     row("frames/s (all accounted for)", lambda r: f"{r['fps']:.1f}")
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
-    row("... of which the serve process / the workers", lambda r: f"{r['main_cpu_s'] / r['frames'] * 1000:.1f} / "
-        f"{(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms")
+    row(
+        "... of which the serve process / the workers",
+        lambda r: (
+            f"{r['main_cpu_s'] / r['frames'] * 1000:.1f} / {(r['cpu_s'] - r['main_cpu_s']) / r['frames'] * 1000:.1f} ms"
+        ),
+    )
     for stage in ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse"):
         row(f"CPU per frame: {stage}", lambda r, st=stage: f"{r['stage_cpu_per_frame'].get(st, 0) * 1000:.2f} ms")
-    row("wall ms per call: stage means", lambda r: str({k: round(v*1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}))
+    row(
+        "wall ms per call: stage means",
+        lambda r: str({k: round(v * 1000, 2) if k != "batch_size" else v for k, v in r["stage_means"].items()}),
+    )
     row("mean batch (requests)", lambda r: f"{r['stage_means'].get('batch_size', 0):.1f}")
     row("peak RSS (all processes)", lambda r: f"{r['peak_rss_mib']:.0f} MiB")
 
@@ -536,28 +657,42 @@ def main() -> int:
             infer[(path, c["precision"])] = c["cpu_per_frame"]
             label = "each view once" if path == "view" else "whole graph per request (2 views/frame avg)"
             print(f"| inference, {label}, {c['precision']}, batch 16 | {c['cpu_per_frame'] * 1000:.2f} |")
-    print(f"\nfloor (decode + calibrate + shape, inference free): {floor * 1000:.2f} CPU-ms per frame "
-          f"-> at most {cores / floor:.0f} frames/s on {cores} cores")
+    print(
+        f"\nfloor (decode + calibrate + shape, inference free): {floor * 1000:.2f} CPU-ms per frame "
+        f"-> at most {cores / floor:.0f} frames/s on {cores} cores"
+    )
     for r in runs:  # the same from the daemon's own stage CPU, per run
         st = r["stage_cpu_per_frame"]
         own = st.get("decode", 0) + st.get("calibrate_shape", 0)
         total = r["cpu_s"] / r["frames"]
         if own:
-            print(f"daemon {r['view_inference'] == 'auto' and 'view' or 'whole'} {r['precision']} {r['variant']} @ "
-                  f"{'max' if not r['rate'] else int(r['rate'])}: floor {own * 1000:.2f} CPU-ms/frame "
-                  f"(-> {cores / own:.0f} frames/s), all processes {total * 1000:.2f} CPU-ms/frame "
-                  f"(-> {cores / total:.0f} frames/s on {cores} cores)")
+            print(
+                f"daemon {r['view_inference'] == 'auto' and 'view' or 'whole'} {r['precision']} {r['variant']} @ "
+                f"{'max' if not r['rate'] else int(r['rate'])}: floor {own * 1000:.2f} CPU-ms/frame "
+                f"(-> {cores / own:.0f} frames/s), all processes {total * 1000:.2f} CPU-ms/frame "
+                f"(-> {cores / total:.0f} frames/s on {cores} cores)"
+            )
     for (path, precision), c in infer.items():
         total = floor + c
-        print(f"budget {path} {precision}: {total * 1000:.2f} CPU-ms per frame "
-              f"(inference {c / total:.0%}) -> at most {cores / total:.0f} frames/s on {cores} cores")
-    load = max(os.getloadavg()[0], *(float(r["load_before"].split("load average:")[-1].split(",")[0])
-                                    for r in runs if "load average:" in r["load_before"]))
+        print(
+            f"budget {path} {precision}: {total * 1000:.2f} CPU-ms per frame "
+            f"(inference {c / total:.0%}) -> at most {cores / total:.0f} frames/s on {cores} cores"
+        )
+    load = max(
+        os.getloadavg()[0],
+        *(
+            float(r["load_before"].split("load average:")[-1].split(",")[0])
+            for r in runs
+            if "load average:" in r["load_before"]
+        ),
+    )
     limit = args.load_limit if args.load_limit is not None else float(cores)
     if load > limit:
-        print(f"\nWARNING: load average reached {load:.1f} on {cores} cores (other jobs): the wall-clock figures "
-              "(frames/s, latency) are not this daemon's; compare the CPU-seconds per frame, and rerun on a quiet "
-              "machine:\n  python benchmarks/daemon.py " + " ".join(sys.argv[1:]))
+        print(
+            f"\nWARNING: load average reached {load:.1f} on {cores} cores (other jobs): the wall-clock figures "
+            "(frames/s, latency) are not this daemon's; compare the CPU-seconds per frame, and rerun on a quiet "
+            "machine:\n  python benchmarks/daemon.py " + " ".join(sys.argv[1:])
+        )
     return 0
 
 

@@ -188,10 +188,13 @@ def main() -> None:
     ap.add_argument("--dump", default="", help="write every row (with the decision features) to this JSONL file")
     ap.add_argument("--show-wrong", action="store_true", help="list the wrong decisions")
     ap.add_argument("--speed", action="store_true",
-                    help="only time analyse_frame (x, y, z) and combine on the shipped structures (min of 20)")
+                    help="only time analyse_frame (x, y, z) and combine on the shipped structures (min of 20); "
+                         "with --realism, on patterns with those options at their realistic level together")
     args = ap.parse_args()
     if args.speed:
-        speed()
+        names = list(REALISM) if args.realism == "all" else [r for r in args.realism.split(",") if r]
+        options = {k: v for name in names for k, v in REALISM[name][0].items()}
+        speed(realism=simulate.Realism(**options, seed=args.seed) if options else None)
         return
 
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
@@ -243,9 +246,13 @@ def main() -> None:
                   f"({len(v)} calls, one thread; load average {load[0]:.1f} on {os.cpu_count()} cores)")
 
 
-def speed(repeats: int = 20) -> None:
+def speed(repeats: int = 20, realism: simulate.Realism | None = None) -> None:
     """CPU ms per analyse_frame call (each zone) and per combine call (the three zones) on each
-    shipped structure's patterns, minimum over ``repeats`` (the least disturbed run), and the load."""
+    shipped structure's patterns (noise-free, or with ``realism``), minimum over ``repeats`` (the
+    least disturbed run), and the load."""
+    import cv2
+
+    cv2.setNumThreads(1)  # one core, as the daemon's workers run it (cv2's own pool would add its CPU time)
     geometry = simulate.Geometry()
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
     ref = np.random.default_rng(0).random((256, 256))
@@ -258,13 +265,14 @@ def speed(repeats: int = 20) -> None:
     per_frame, per_combine = [], []
     for path in sorted(structures.shipped_structures_dir().glob("*.cif")):
         lab = structures.load_structure(path)
-        patterns = simulate.simulate_axes(lab.structure, geometry=geometry, **simulate.DATASET_OPTIONS)
+        patterns = simulate.simulate_axes(lab.structure, geometry=geometry, realism=realism, **simulate.DATASET_OPTIONS)
         frames, frame_ms = {}, {}
         for axis, p in patterns.items():
             times = []
             for _ in range(repeats):
                 t0 = time.process_time()
-                frames[axis] = analyse_frame(p, axis=axis, q_per_pixel=geometry.q_per_pixel)
+                frames[axis] = analyse_frame(p, axis=axis, q_per_pixel=geometry.q_per_pixel,
+                                             beam_stop_radius_px=realism.beam_stop_radius_px if realism else 0.0)
                 times.append(time.process_time() - t0)
             frame_ms[axis] = 1e3 * min(times)
         times = []

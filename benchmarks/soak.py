@@ -76,8 +76,11 @@ class Listener(threading.Thread):
             lat = np.array([lat for t, lat in self.latencies if t >= since])
         if lat.size == 0:
             return {"predictions": 0, "p50_ms": None, "p99_ms": None}
-        return {"predictions": int(lat.size), "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 1),
-                "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 1)}
+        return {
+            "predictions": int(lat.size),
+            "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 1),
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 1),
+        }
 
 
 def usage(proc) -> tuple[int, float]:
@@ -143,8 +146,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=600.0, help="soak seconds")
     ap.add_argument("--fraction", type=float, default=0.8, help="soak rate as a fraction of the measured capacity")
     ap.add_argument("--overload-seconds", type=float, default=30.0, help="0: no overload phase (needs --rate)")
-    ap.add_argument("--rate", type=float, default=0.0,
-                    help="soak at this many messages/s instead of --fraction x the measured capacity")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="soak at this many messages/s instead of --fraction x the measured capacity",
+    )
     ap.add_argument("--sample-seconds", type=float, default=60.0)
     ap.add_argument("--pixels", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
@@ -159,16 +166,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="xtalsym-soak-"))
     bundle = args.bundle
     if bundle is None:
-        from xtalsym.bundle import BundleError, default_bundle_path, load_bundle
+        from xtalsym.testing import shipped_or_tiny_bundle
 
-        try:
-            bundle = str(default_bundle_path())
-            load_bundle(bundle)
-        except (BundleError, FileNotFoundError):
-            from xtalsym.testing import tiny_bundle
-
+        bundle, tiny = shipped_or_tiny_bundle(tmp)
+        if tiny:
             print("no shipped bundle: a tiny untrained one (the model costs less than the default one)")
-            bundle = str(tiny_bundle(tmp))
     structures = sorted((ROOT / "xtalsym/data/structures").glob("*.cif"))
     geometry = DetectorGeometry(args.pixels, args.pixels)
     ctx = zmq.Context.instance()
@@ -176,24 +178,39 @@ def main() -> int:
     frames_ep = push.getsockopt(zmq.LAST_ENDPOINT).decode()
     pub_port = 20000 + os.getpid() % 20000
     config = tmp / "soak.toml"
-    config.write_text(f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
-                      f'[pipeline]\nworkers = {args.workers}\n[metrics]\nenabled = false\n'
-                      f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n')
-    serve = subprocess.Popen([sys.executable, "-m", "xtalsym", "serve", "--config", str(config)], cwd=ROOT,
-                             stderr=open(tmp / "serve.log", "w"))
+    config.write_text(
+        f'[bundle]\npath = "{bundle}"\n[ingest]\naddress = "{frames_ep}"\n'
+        f"[pipeline]\nworkers = {args.workers}\n[metrics]\nenabled = false\n"
+        f'[publish]\naddress = "tcp://127.0.0.1:{pub_port}"\nmetrics_interval_seconds = 1.0\n'
+    )
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "xtalsym", "serve", "--config", str(config)],
+        cwd=ROOT,
+        stderr=open(tmp / "serve.log", "w"),
+    )
     proc = psutil.Process(serve.pid)
     listener = Listener(ctx, f"tcp://127.0.0.1:{pub_port}")
     listener.start()
     sender = Sender(lambda sid: DetectorSim(structures, geometry=geometry, series_id=sid), push)
     time.sleep(10.0)  # serve: load the bundle, spawn the workers; PUB/SUB join
-    report: dict = {"bundle": bundle, "pixels": args.pixels, "workers": args.workers, "cpu_count": os.cpu_count(),
-                    "loadavg_start": os.getloadavg()[0], "samples": []}
+    report: dict = {
+        "bundle": bundle,
+        "pixels": args.pixels,
+        "workers": args.workers,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg()[0],
+        "samples": [],
+    }
 
     def counts() -> dict:
         with listener.lock:
             m = listener.metrics or {}
-        return {"counts": m.get("counts", {}), "bad_frames": m.get("bad_frames", {}), "series": m.get("series", {}),
-                "open_samples": m.get("open_samples")}
+        return {
+            "counts": m.get("counts", {}),
+            "bad_frames": m.get("bad_frames", {}),
+            "series": m.get("series", {}),
+            "open_samples": m.get("open_samples"),
+        }
 
     # ---- 1. overload
     peak = [0]
@@ -211,12 +228,20 @@ def main() -> int:
         c = counts()
         views = c["counts"].get("views", 0)
         capacity = views / (over_end - t0)
-        report["overload"] = {"seconds": args.overload_seconds, "offered_msgs_per_s": round(offered, 1),
-                              "sent": sender.sent, "sustained_views_per_s": round(capacity, 2),
-                              "peak_rss_mib": round(peak[0] / 2**20, 1), "rss_before_mib": round(rss0 / 2**20, 1),
-                              **c}
-        print(f"overload: offered {offered:.1f} msg/s, sustained {capacity:.2f} views/s, peak RSS "
-              f"{peak[0] / 2**20:.0f} MiB, drops {c['bad_frames']}", flush=True)
+        report["overload"] = {
+            "seconds": args.overload_seconds,
+            "offered_msgs_per_s": round(offered, 1),
+            "sent": sender.sent,
+            "sustained_views_per_s": round(capacity, 2),
+            "peak_rss_mib": round(peak[0] / 2**20, 1),
+            "rss_before_mib": round(rss0 / 2**20, 1),
+            **c,
+        }
+        print(
+            f"overload: offered {offered:.1f} msg/s, sustained {capacity:.2f} views/s, peak RSS "
+            f"{peak[0] / 2**20:.0f} MiB, drops {c['bad_frames']}",
+            flush=True,
+        )
 
     # ---- 2. recovery and soak at a fraction of capacity (or the given rate)
     rate = args.rate if args.rate > 0 else max(0.5, args.fraction * capacity)
@@ -226,13 +251,21 @@ def main() -> int:
     def sample():
         now = time.time()
         rss, cpu = usage(proc)
-        entry = {"t": round(now - t0, 1), "rss_mib": round(rss / 2**20, 1),
-                 "cpu_cores": round((cpu - last[1]) / (now - last[0]), 2), **listener.window(last[0]), **counts()}
+        entry = {
+            "t": round(now - t0, 1),
+            "rss_mib": round(rss / 2**20, 1),
+            "cpu_cores": round((cpu - last[1]) / (now - last[0]), 2),
+            **listener.window(last[0]),
+            **counts(),
+        }
         last[:] = [now, cpu]
         report["samples"].append(entry)
-        print(f"t={entry['t']:.0f}s rss={entry['rss_mib']} MiB cpu={entry['cpu_cores']} "
-              f"preds={entry['predictions']} p50={entry['p50_ms']} p99={entry['p99_ms']} ms "
-              f"bad={entry['bad_frames']}", flush=True)
+        print(
+            f"t={entry['t']:.0f}s rss={entry['rss_mib']} MiB cpu={entry['cpu_cores']} "
+            f"preds={entry['predictions']} p50={entry['p50_ms']} p99={entry['p99_ms']} ms "
+            f"bad={entry['bad_frames']}",
+            flush=True,
+        )
 
     sample()  # the start of the soak (right after the overload)
     sender.run(args.duration, rate, on_tick=sample, tick=args.sample_seconds)
@@ -241,10 +274,21 @@ def main() -> int:
     time.sleep(8.0)  # > assembly timeout: open samples closed and published
     final = counts()
     cnt, bad, series = final["counts"], final["bad_frames"], final["series"]
-    accounted = (series.get("start", 0) + series.get("end", 0) + cnt.get("stale_end", 0) + cnt.get("views", 0)
-                 + sum(bad.values()))
-    report["end"] = {**final, "sent": sender.sent, "received": cnt.get("messages", 0), "accounted": accounted,
-                     "listener_missed": listener.missed, "cpu_s_total": round(usage(proc)[1] - cpu0, 1)}
+    accounted = (
+        series.get("start", 0)
+        + series.get("end", 0)
+        + cnt.get("stale_end", 0)
+        + cnt.get("views", 0)
+        + sum(bad.values())
+    )
+    report["end"] = {
+        **final,
+        "sent": sender.sent,
+        "received": cnt.get("messages", 0),
+        "accounted": accounted,
+        "listener_missed": listener.missed,
+        "cpu_s_total": round(usage(proc)[1] - cpu0, 1),
+    }
     serve.terminate()
     serve.wait(60)
     listener.stop.set()
@@ -257,10 +301,14 @@ def main() -> int:
     print(f"\nsoak: {args.pixels}x{args.pixels} stream V2 bslz4, {args.workers} workers, bundle {bundle}; JSON {out}")
     print("| t (s) | RSS MiB | CPU cores | predictions | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
     for e in s:
-        print(f"| {e['t']:.0f} | {e['rss_mib']} | {e['cpu_cores']} | {e['predictions']} | {e['p50_ms']} | {e['p99_ms']} |")
+        print(
+            f"| {e['t']:.0f} | {e['rss_mib']} | {e['cpu_cores']} | {e['predictions']} | {e['p50_ms']} | {e['p99_ms']} |"
+        )
     e = report["end"]
-    print(f"\nsent {e['sent']} messages, daemon received {e['received']}, accounted {e['accounted']} "
-          f"(starts+ends+stale ends+views+bad); bad {e['bad_frames']}; listener missed {e['listener_missed']}")
+    print(
+        f"\nsent {e['sent']} messages, daemon received {e['received']}, accounted {e['accounted']} "
+        f"(starts+ends+stale ends+views+bad); bad {e['bad_frames']}; listener missed {e['listener_missed']}"
+    )
     return 0 if e["received"] == e["accounted"] == e["sent"] else 1
 
 

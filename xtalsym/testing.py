@@ -118,6 +118,19 @@ def tiny_bundle(
     return out
 
 
+def shipped_or_tiny_bundle(tmp: str | os.PathLike) -> tuple[str, bool]:
+    """(path, tiny): the shipped bundle when it verifies, else a tiny untrained one built in
+    ``tmp`` (for benchmarks that measure the daemon, not the model)."""
+    from xtalsym.bundle import BundleError, default_bundle_path, load_bundle
+
+    try:
+        path = str(default_bundle_path())
+        load_bundle(path)
+        return path, False
+    except (BundleError, FileNotFoundError):
+        return str(tiny_bundle(tmp)), True
+
+
 # --------------------------------------------------------------------------- the daemon in-process
 
 
@@ -151,7 +164,8 @@ def daemon_overrides(frame_endpoint: str, *, bundle: str | os.PathLike | None = 
 class InProcessDaemon:
     """A :class:`~xtalsym.daemon.service.Service` in this process, a listener thread on its
     predictions (``live``: readable while it runs) and, unless ``frame_endpoint`` is given,
-    a detector PUSH socket of its own (``push``, ``endpoint``).
+    a detector PUSH socket of its own (``push``, ``endpoint``). A context manager: leaving
+    ``with`` stops it, and ``summary`` is then what the listener saw.
 
     ``components``: (bundle, backend, index) already loaded (fast), else ``bundle`` is
     loaded; ``next_config`` is what a SIGHUP reload reads.
@@ -197,11 +211,32 @@ class InProcessDaemon:
     def pipeline(self):
         return self.service.pipeline
 
+    def __enter__(self) -> InProcessDaemon:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def send(self, sources, *, series_id: int = 1, geometry=None) -> int:
         """Stream the structures as one series on this daemon's own detector socket."""
         from xtalsym.daemon.sim import DetectorSim
 
         return DetectorSim(sources, geometry=geometry or small_detector(), series_id=series_id).send(self.push)
+
+    def send_messages(self, messages) -> int:
+        """Send ZeroMQ multipart messages (e.g. ``DetectorSim.messages()``) on the own detector socket."""
+        n = 0
+        for n, message in enumerate(messages, 1):
+            self.push.send_multipart(message)
+        return n
+
+    def run_sim(self, sim, *, finals: int, timeout: float = 60.0):
+        """Stream a :class:`~xtalsym.daemon.sim.DetectorSim` on the own detector socket, wait for
+        ``finals`` final predictions, stop the daemon; returns what the listener saw."""
+        with self:
+            sim.send(self.push)
+            self.wait_final(finals, timeout)
+        return self.summary
 
     def summary_messages(self) -> list[dict]:
         return list(self.live.messages)
@@ -213,13 +248,29 @@ class InProcessDaemon:
         """Final predictions published (complete, or closed by end, restart, timeout, ...)."""
         return self.pipeline.metrics.snapshot()["counts"].get("predictions_final", 0)
 
+    def accounting(self) -> tuple[int, int]:
+        """(messages received, messages accounted for) from the daemon's own counters: every
+        message is a start, an end, a stale end, a shaped view or a rejected frame."""
+        snap = self.pipeline.metrics.snapshot()
+        c, bad, ev = snap["counts"], snap["bad_frames"], self.pipeline.tracker.events
+        accounted = ev["start"] + ev["end"] + c.get("stale_end", 0) + c.get("views", 0) + sum(bad.values())
+        return c.get("messages", 0), accounted
+
     def wait_predictions(self, n: int, timeout: float = 60.0) -> None:
-        self._wait(lambda: self.predictions() >= n, timeout, f"{n} predictions")
+        self.wait_until(lambda: self.predictions() >= n, f"{n} predictions", timeout)
 
     def wait_final(self, n: int, timeout: float = 60.0) -> None:
-        self._wait(lambda: self.finals() >= n, timeout, f"{n} final predictions")
+        self.wait_until(lambda: self.finals() >= n, f"{n} final predictions", timeout)
 
-    def _wait(self, done, timeout: float, what: str) -> None:
+    def settle(self, n_messages: int, *, finals: int | None = None, timeout: float = 90.0) -> None:
+        """Wait until ``n_messages`` are received and accounted for (and ``finals`` final predictions are out)."""
+        self.wait_until(
+            lambda: self.accounting() == (n_messages, n_messages), f"{n_messages} messages accounted", timeout
+        )
+        if finals is not None:
+            self.wait_final(finals, timeout)
+
+    def wait_until(self, done, what: str, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if done():
@@ -235,7 +286,9 @@ class InProcessDaemon:
         self.thread.join(5)
         if self.push is not None:
             self.push.close(linger=0)
-        return self.summary if self.summary is not None else self.live
+        if self.summary is None:  # the listener did not stop in time: what it saw so far
+            self.summary = self.live
+        return self.summary
 
 
 # --------------------------------------------------------------------------- systemd

@@ -22,15 +22,28 @@ from xtalsym.daemon.classify import classify_recorded  # noqa: E402
 from xtalsym.daemon.config import load_config  # noqa: E402
 from xtalsym.daemon.protocols import materialise  # noqa: E402
 from xtalsym.daemon.recorded import RecordedError, open_recorded  # noqa: E402
-from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket  # noqa: E402
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim  # noqa: E402
 from xtalsym.offline import structures  # noqa: E402
 from xtalsym.testing import InProcessDaemon, tiny_bundle  # noqa: E402
 
 SHIPPED = structures.shipped_structures_dir()
-GEOMETRY = DetectorGeometry(pixels_x=300, pixels_y=290, pixel_size_m=55e-6, distance_m=0.33,
-                            wavelength_m=3.5e-12, beam_center_x_px=150.5, beam_center_y_px=140.5)
-GEOMETRY_TOML = {"beam_center_x_px": 150.5, "beam_center_y_px": 140.5, "pixel_size_x_m": 55e-6,
-                 "pixel_size_y_m": 55e-6, "wavelength_m": 3.5e-12, "detector_distance_m": 0.33}
+GEOMETRY = DetectorGeometry(
+    pixels_x=300,
+    pixels_y=290,
+    pixel_size_m=55e-6,
+    distance_m=0.33,
+    wavelength_m=3.5e-12,
+    beam_center_x_px=150.5,
+    beam_center_y_px=140.5,
+)
+GEOMETRY_TOML = {
+    "beam_center_x_px": 150.5,
+    "beam_center_y_px": 140.5,
+    "pixel_size_x_m": 55e-6,
+    "pixel_size_y_m": 55e-6,
+    "wavelength_m": 3.5e-12,
+    "detector_distance_m": 0.33,
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +62,11 @@ def components(bundle_path):
 
 
 def config(bundle_path, **sections):
-    overrides = {"bundle": {"path": str(bundle_path), "backend": "onnxruntime", "device": "cpu"},
-                 "pipeline": {"workers": 1}, "assembly": {"axis_from": "image_id"}}
+    overrides = {
+        "bundle": {"path": str(bundle_path), "backend": "onnxruntime", "device": "cpu"},
+        "pipeline": {"workers": 1},
+        "assembly": {"axis_from": "image_id"},
+    }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     return load_config(overrides=overrides)
@@ -72,7 +88,10 @@ def read_jsonl(path):
 
 def test_eiger_master_and_data_files_read_back(sim, master):
     assert sorted(p.name for p in master.parent.iterdir()) == [
-        "series1_data_000001.h5", "series1_data_000002.h5", "series1_master.h5"]
+        "series1_data_000001.h5",
+        "series1_data_000002.h5",
+        "series1_master.h5",
+    ]
     with h5py.File(master) as f:  # the EIGER layout: external links, bitshuffle/LZ4 one-frame chunks
         link = f["/entry/data"].get("data_000002", getlink=True)
         assert isinstance(link, h5py.ExternalLink) and link.filename == "series1_data_000002.h5"
@@ -99,32 +118,34 @@ def test_offline_equals_live_through_the_daemon(sim, master, bundle_path, compon
     """The same frames: recorded (HDF5) and classified offline, and streamed live (stream V2 over a
     real PUSH socket into the daemon): the same predictions for the same images."""
     out = tmp_path / "offline.jsonl"
-    summary = classify_recorded([master], config=config(bundle_path), components=components, jsonl_path=out,
-                                csv_path=tmp_path / "offline.csv", progress=False)
+    summary = classify_recorded(
+        [master],
+        config=config(bundle_path),
+        components=components,
+        jsonl_path=out,
+        csv_path=tmp_path / "offline.csv",
+        progress=False,
+    )
     assert summary.frames == 6 and summary.samples == 2 and summary.complete == 2 and not summary.bad_frames
     offline = {tuple(f["image_id"] for f in m["frames"]): m for m in read_jsonl(out)}
 
-    sock = push_socket(zmq.Context.instance(), "tcp://127.0.0.1:*")
-    run = InProcessDaemon(components=components, frame_endpoint=sock.getsockopt(zmq.LAST_ENDPOINT).decode(),
-                          assembly={"axis_from": "image_id"})
-    try:
-        sim.send(sock)
-        run.wait_final(2)
-    finally:
-        sock.close(linger=0)
-        live_summary = run.close()
+    live_summary = InProcessDaemon(components=components, assembly={"axis_from": "image_id"}).run_sim(sim, finals=2)
     live = {tuple(f["image_id"] for f in m["frames"]): m for m in live_summary.messages if m["final"]}
     assert set(live) == set(offline) == {(0, 1, 2), (3, 4, 5)}
     for ids, m in live.items():
         o = offline[ids]
         assert [t["space_group"] for t in o["top"]] == [t["space_group"] for t in m["top"]]
-        np.testing.assert_allclose([t["probability"] for t in o["top"]], [t["probability"] for t in m["top"]],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [t["probability"] for t in o["top"]], [t["probability"] for t in m["top"]], atol=1e-5
+        )
         assert o["status"] == m["status"] == "complete" and o["axes"] == m["axes"]
-        assert (o["open_set"]["space_group"], o["open_set"]["unknown"]) == \
-            (m["open_set"]["space_group"], m["open_set"]["unknown"])
-        assert [n["material_id"] for n in o["open_set"]["neighbours"]] == \
-            [n["material_id"] for n in m["open_set"]["neighbours"]]
+        assert (o["open_set"]["space_group"], o["open_set"]["unknown"]) == (
+            m["open_set"]["space_group"],
+            m["open_set"]["unknown"],
+        )
+        assert [n["material_id"] for n in o["open_set"]["neighbours"]] == [
+            n["material_id"] for n in m["open_set"]["neighbours"]
+        ]
         assert o["schema"] == m["schema"] and set(m) <= set(o)  # the daemon's schema, field for field
     rows = list(csv.DictReader((tmp_path / "offline.csv").open()))
     assert [r["image_ids"] for r in rows] == ["0 1 2", "3 4 5"]
@@ -151,8 +172,12 @@ def test_images_in_every_format_give_the_hdf5_predictions(bundle_path, component
         fabio.cbfimage.CbfImage(data=f.astype(np.int32)).write(str(tmp_path / f"f{i}.cbf"))
         Image.fromarray(f).save(tmp_path / f"f{i}.png")
         np.save(tmp_path / f"f{i}.npy", f)
-    inputs = {"tiff": [tmp_path / "stack.tif"], "cbf": sorted(tmp_path.glob("f*.cbf")),
-              "png": sorted(tmp_path.glob("f*.png")), "npy": sorted(tmp_path.glob("f*.npy"))}
+    inputs = {
+        "tiff": [tmp_path / "stack.tif"],
+        "cbf": sorted(tmp_path.glob("f*.cbf")),
+        "png": sorted(tmp_path.glob("f*.png")),
+        "npy": sorted(tmp_path.glob("f*.npy")),
+    }
     cfg = config(bundle_path, geometry=GEOMETRY_TOML)
     for kind, paths in inputs.items():
         out = tmp_path / f"{kind}.jsonl"
@@ -160,18 +185,25 @@ def test_images_in_every_format_give_the_hdf5_predictions(bundle_path, component
         assert summary.frames == 3 and not summary.bad_frames, (kind, summary)
         (got,) = read_jsonl(out)
         assert [t["space_group"] for t in got["top"]] == [t["space_group"] for t in want["top"]], kind
-        np.testing.assert_allclose([t["probability"] for t in got["top"]],
-                                   [t["probability"] for t in want["top"]], atol=1e-6, err_msg=kind)
+        np.testing.assert_allclose(
+            [t["probability"] for t in got["top"]], [t["probability"] for t in want["top"]], atol=1e-6, err_msg=kind
+        )
 
 
 def test_geometry_from_the_toml_overrides_and_missing_keys_named(sim, bundle_path, components, tmp_path, caplog):
     master = sim.write_hdf5(tmp_path / "nodist", omit=("detector_distance_m",))
     with pytest.raises(RecordedError, match=r"detector_distance_m not given.*\[geometry\]"):
-        classify_recorded([master], config=config(bundle_path), components=components,
-                          jsonl_path=tmp_path / "x.jsonl", progress=False)
+        classify_recorded(
+            [master], config=config(bundle_path), components=components, jsonl_path=tmp_path / "x.jsonl", progress=False
+        )
     caplog.set_level(logging.INFO, logger="xtalsym.daemon.classify")
-    summary = classify_recorded([master], config=config(bundle_path, geometry={"detector_distance_m": 0.33}),
-                                components=components, jsonl_path=tmp_path / "y.jsonl", progress=False)
+    summary = classify_recorded(
+        [master],
+        config=config(bundle_path, geometry={"detector_distance_m": 0.33}),
+        components=components,
+        jsonl_path=tmp_path / "y.jsonl",
+        progress=False,
+    )
     assert summary.samples == 2 and not summary.bad_frames
     assert "detector_distance_m = 0.33 from the configuration's [geometry]" in caplog.text
     assert "wavelength_m from /entry/instrument/beam/incident_wavelength = 0.035 angstrom" in caplog.text
@@ -212,8 +244,9 @@ def test_cli_classify_writes_jsonl_and_csv(master, bundle_path, tmp_path, capsys
     from xtalsym.cli import main
 
     cfg = tmp_path / "daemon.toml"
-    cfg.write_text(f'[bundle]\npath = "{bundle_path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n'
-                   '[pipeline]\nworkers = 1\n')
+    cfg.write_text(
+        f'[bundle]\npath = "{bundle_path}"\nbackend = "onnxruntime"\ndevice = "cpu"\n[pipeline]\nworkers = 1\n'
+    )
     prefix = tmp_path / "run"
     assert main(["classify", str(master), "--config", str(cfg), "-o", str(prefix)]) == 0
     err = capsys.readouterr().err

@@ -13,12 +13,11 @@ pytest.importorskip("onnx")
 pytest.importorskip("zmq")
 
 from xtalsym.daemon import pipeline as pipeline_module
-from xtalsym.daemon.sim import DetectorSim, push_socket
+from xtalsym.daemon.sim import DetectorSim
 from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector
 
 
 def test_final_evidence_is_combined_off_the_inference_thread(components, monkeypatch):
-    import zmq
 
     threads: list[str] = []
     real = pipeline_module.combine_timed
@@ -31,15 +30,8 @@ def test_final_evidence_is_combined_off_the_inference_thread(components, monkeyp
 
     monkeypatch.setattr(pipeline_module, "combine_timed", spying)
     sim = DetectorSim([shipped_structures() / "NaCl.cif", shipped_structures() / "Si.cif"], geometry=small_detector())
-    ctx = zmq.Context.instance()
-    sock = push_socket(ctx, "tcp://127.0.0.1:*")
-    run = InProcessDaemon(components=components, frame_endpoint=sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-    try:
-        sim.send(sock)
-        run.wait_final(2)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+    run = InProcessDaemon(components=components)
+    summary = run.run_sim(sim, finals=2)
     finals = [m for m in summary.messages if m["final"]]
     assert len(finals) == 2 and all(m["status"] == "complete" and m["top"] for m in finals)
     assert len(threads) == 2 and all(name.startswith("xtalsym-combine") for name in threads), threads

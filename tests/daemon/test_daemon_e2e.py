@@ -16,7 +16,7 @@ zmq = pytest.importorskip("zmq")
 from xtalsym.daemon.client import listen
 from xtalsym.daemon.config import load_config
 from xtalsym.daemon.service import Service
-from xtalsym.daemon.sim import DetectorGeometry, DetectorSim, push_socket
+from xtalsym.daemon.sim import DetectorGeometry, DetectorSim
 from xtalsym.offline import structures
 from xtalsym.testing import (
     REPO_ROOT,
@@ -33,27 +33,10 @@ SHIPPED = shipped_structures()
 GEOMETRY = small_detector()
 
 
-def wait_until(predicate, timeout=30.0):
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"not reached in {timeout} s")
-        time.sleep(0.05)
-
-
 def test_end_to_end(components):
-    sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, gap_rows=(200, 204),
-                      bad_every=2)
-    ctx = zmq.Context.instance()
-    sock = push_socket(ctx, "tcp://127.0.0.1:*")
-    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint)
-    try:
-        sim.send(sock)
-        run.wait_final(2)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+    sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, gap_rows=(200, 204), bad_every=2)
+    run = InProcessDaemon(components=components)
+    summary = run.run_sim(sim, finals=2)
     msgs = summary.messages
     finals = [m for m in msgs if m["final"]]
     assert sorted(m["user_data"]["formula"] for m in finals) == ["NaCl", "Si"]
@@ -73,8 +56,7 @@ def test_end_to_end(components):
         e = final["evidence"]
         assert e["schema"] == "xtalsym.evidence/1" and len(e["group_loglik"]) == 230
         assert set(e["zones"]) == {"x", "y", "z"} and all(z["decided"] for z in e["zones"].values())
-        assert e["crystal_system"] in (None, "cubic") and e["cell"]["a"] == pytest.approx(
-            e["cell"]["b"], rel=0.01)
+        assert e["crystal_system"] in (None, "cubic") and e["cell"]["a"] == pytest.approx(e["cell"]["b"], rel=0.01)
         sg = final["user_data"]["space_group"]
         assert e["group_loglik"][sg - 1] >= max(e["group_loglik"]) - 5  # the true group is in the top set
     assert all(p["evidence"]["partial"] and p["evidence"]["zones"] for p in partial)
@@ -87,26 +69,33 @@ def test_end_to_end(components):
 def test_partial_timeout_and_stale_end(components):
     """A sample missing an axis is published as a final partial after the timeout; a stale
     end of an earlier series is ignored; an image before any start is counted and dropped."""
-    sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol="native",
-                      axis_order="zxy", skip_axes={"NaCl": "y"}, series_id=7)
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0})
-    try:
-        from xtalsym.daemon import protocols as proto
+    sim = DetectorSim(
+        [SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"],
+        geometry=GEOMETRY,
+        protocol="native",
+        axis_order="zxy",
+        skip_axes={"NaCl": "y"},
+        series_id=7,
+    )
+    from xtalsym.daemon import protocols as proto
 
+    with InProcessDaemon(
+        components=components, ingest={"protocol": "native"}, assembly={"timeout_seconds": 1.0}
+    ) as run:
         image_id, array, ud = next(sim.images())
-        sock.send_multipart(proto.encode_native_image(series_id=6, image_id=0, array=array, user_data=ud))
-        sock.send_multipart(proto.encode_native_end(series_id=6))  # stale: no series open
+        run.send_messages(
+            [
+                proto.encode_native_image(series_id=6, image_id=0, array=array, user_data=ud),
+                proto.encode_native_end(series_id=6),
+            ]
+        )  # stale: no series open
         messages = list(sim.messages())
-        for m in messages[:-1]:
-            sock.send_multipart(m)
-        sock.send_multipart(proto.encode_native_end(series_id=5))  # stale: another series
+        run.send_messages(messages[:-1])
+        run.send_messages([proto.encode_native_end(series_id=5)])  # stale: another series
         run.wait_final(2, timeout=30)  # the series' own end comes later: NaCl is closed by the timeout
-        sock.send_multipart(messages[-1])
-        wait_until(lambda: run.service.pipeline.tracker.events["end"] == 1)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+        run.send_messages(messages[-1:])
+        run.wait_until(lambda: run.service.pipeline.tracker.events["end"] == 1, "the series' end", 30)
+    summary = run.summary
     finals = {m["user_data"]["formula"]: m for m in summary.messages if m["final"]}
     assert finals["Si"]["status"] == "complete" and finals["Si"]["closed_by"] == "complete"
     nacl = finals["NaCl"]
@@ -122,18 +111,13 @@ def test_image_id_axes_and_restart(components, protocol):
     """Axes from image_id order; a detector restart (new start mid-series) is survived."""
     first = DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY, protocol=protocol, series_id=1)
     second = DetectorSim([SHIPPED / "Si.cif"], geometry=GEOMETRY, protocol=protocol, series_id=2)
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"})
-    try:
-        m1 = list(first.messages())
-        for m in m1[:2]:  # start + one image, then the detector is re-armed
-            sock.send_multipart(m)
-        for m in second.messages():
-            sock.send_multipart(m)
+    with InProcessDaemon(
+        components=components, ingest={"protocol": protocol}, assembly={"axis_from": "image_id"}
+    ) as run:
+        run.send_messages(list(first.messages())[:2])  # start + one image, then the detector is re-armed
+        run.send_messages(second.messages())
         run.wait_final(1)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
+    summary = run.summary
     assert run.service.pipeline.tracker.events["restart"] == 1
     finals = [m for m in summary.messages if m["final"]]
     by = {m["user_data"]["formula"]: m for m in finals}
@@ -152,8 +136,15 @@ def test_other_geometry_classifies_the_same(components):
 
     bundle, backend, _ = components
     s = structures.load_structure(SHIPPED / "NaCl.cif").structure
-    det = DetectorGeometry(pixels_x=380, pixels_y=340, pixel_size_m=55e-6, distance_m=0.5, wavelength_m=2.5e-12,
-                           beam_center_x_px=190.5, beam_center_y_px=160.5)
+    det = DetectorGeometry(
+        pixels_x=380,
+        pixels_y=340,
+        pixel_size_m=55e-6,
+        distance_m=0.5,
+        wavelength_m=2.5e-12,
+        beam_center_x_px=190.5,
+        beam_center_y_px=160.5,
+    )
     sampling = cal.build_map(cal.FrameGeometry(**det.stream_geometry()), cal.TrainingGeometry.from_bundle(bundle))
     frames = render(s, det)
     ref = sim.simulate_axes(s, **sim.DATASET_OPTIONS)
@@ -161,8 +152,9 @@ def test_other_geometry_classifies_the_same(components):
     x = np.zeros((2, 3, 3, size, size), np.uint8)
     for i, axis in enumerate("xyz"):
         x[0, i] = shaping.shape(sim.to_raw_uint8(ref[axis]), axis, size=size).transpose(2, 0, 1)
-        x[1, i] = shaping.shape(cal.calibrate(to_counts(frames[axis], None), sampling), axis,
-                                size=size).transpose(2, 0, 1)
+        x[1, i] = shaping.shape(cal.calibrate(to_counts(frames[axis], None), sampling), axis, size=size).transpose(
+            2, 0, 1
+        )
     result = backend.run(x)
     p = result.probabilities
     assert p[0].argmax() == p[1].argmax()
@@ -177,11 +169,14 @@ def test_sub_bind_ingest_and_pub_connect(components):
     collector.setsockopt(zmq.SUBSCRIBE, b"xtalsym.prediction")
     collector.bind("tcp://127.0.0.1:*")
     collector_endpoint = collector.getsockopt(zmq.LAST_ENDPOINT).decode()
-    config = load_config(overrides={
-        "ingest": {"socket": "sub", "mode": "bind", "address": "tcp://127.0.0.1:*"},
-        "publish": {"mode": "connect", "address": collector_endpoint, "metrics_interval_seconds": 0},
-        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
-        "metrics": {"port": 0}})
+    config = load_config(
+        overrides={
+            "ingest": {"socket": "sub", "mode": "bind", "address": "tcp://127.0.0.1:*"},
+            "publish": {"mode": "connect", "address": collector_endpoint, "metrics_interval_seconds": 0},
+            "pipeline": {"workers": 1, "latency_budget_seconds": 0.01},
+            "metrics": {"port": 0},
+        }
+    )
     service = Service(config, components=components).start()
     source = ctx.socket(zmq.PUB)
     try:
@@ -212,18 +207,30 @@ def test_shipped_config_serves_real_dectris_captures():
     the daemon run from the shipped example config and the shipped bundle: with the
     geometry from the config, every image is calibrated, shaped, classified and published."""
     sock, endpoint = detector_socket()
-    config = load_config(REPO_ROOT / "systemd" / "xtalsym.example.toml", overrides={
-        "ingest": {"address": endpoint, "frames_before_start": "config"},
-        # EIGER2 500K: 1030 x 514 pixels of 75 um; beam centre, wavelength and distance as a user would set them
-        "geometry": {"beam_center_x_px": 515.0, "beam_center_y_px": 257.0, "pixel_size_x_m": 75e-6,
-                     "pixel_size_y_m": 75e-6, "wavelength_m": 1.0e-10, "detector_distance_m": 0.1},
-        "assembly": {"axis_from": "image_id", "timeout_seconds": 1.0},
-        "publish": {"address": "tcp://127.0.0.1:*"}, "metrics": {"port": 0}})
+    config = load_config(
+        REPO_ROOT / "systemd" / "xtalsym.example.toml",
+        overrides={
+            "ingest": {"address": endpoint, "frames_before_start": "config"},
+            # EIGER2 500K: 1030 x 514 pixels of 75 um; beam centre, wavelength and distance as a user would set them
+            "geometry": {
+                "beam_center_x_px": 515.0,
+                "beam_center_y_px": 257.0,
+                "pixel_size_x_m": 75e-6,
+                "pixel_size_y_m": 75e-6,
+                "wavelength_m": 1.0e-10,
+                "detector_distance_m": 0.1,
+            },
+            "assembly": {"axis_from": "image_id", "timeout_seconds": 1.0},
+            "publish": {"address": "tcp://127.0.0.1:*"},
+            "metrics": {"port": 0},
+        },
+    )
     service = Service(config).start()
     stop, ready = threading.Event(), threading.Event()
     result = {}
-    listener = threading.Thread(target=lambda: result.update(s=listen(
-        service.pipeline.publish_endpoint, stop=stop, ready=ready)), daemon=True)
+    listener = threading.Thread(
+        target=lambda: result.update(s=listen(service.pipeline.publish_endpoint, stop=stop, ready=ready)), daemon=True
+    )
     listener.start()
     ready.wait(5)
     time.sleep(0.3)
@@ -233,7 +240,8 @@ def test_shipped_config_serves_real_dectris_captures():
             sock.send(path.read_bytes())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and service.pipeline.metrics.snapshot()["counts"].get(
-                "timed_out_samples", 0) < len(images):
+            "timed_out_samples", 0
+        ) < len(images):
             time.sleep(0.2)
     finally:
         sock.close(linger=0)
@@ -247,7 +255,8 @@ def test_shipped_config_serves_real_dectris_captures():
     finals = [m for m in result["s"].messages if m["final"]]
     assert len(finals) == len(images)  # one sample per capture (each its own series), closed by the timeout
     assert {m["frames"][0]["series_unique_id"] for m in finals} == {
-        ev.series_unique_id for ev in (decode_v2(p) for p in images)}
+        ev.series_unique_id for ev in (decode_v2(p) for p in images)
+    }
     for m in finals:
         assert m["status"] == "partial" and m["closed_by"] == "timeout" and m["axes"] == ["x"]
         assert m["model"]["model_id"] == service.pipeline.bundle.model_id and len(m["top"]) == 5
@@ -273,20 +282,37 @@ def test_stream_flatfield_applied_when_the_detector_did_not(components, protocol
         if protocol == "stream_v2":
             extra = {} if applied is None else {"flatfield_enabled": applied}
             start = proto.encode_stream_v2_start(
-                series_id=sid, series_unique_id=sim.series_unique_id, geometry=geo, channels=["threshold_1"],
-                image_dtype="uint16", number_of_images=3, extra=extra,
-                flatfield=None if flatfield is None else {"threshold_1": flatfield})
+                series_id=sid,
+                series_unique_id=sim.series_unique_id,
+                geometry=geo,
+                channels=["threshold_1"],
+                image_dtype="uint16",
+                number_of_images=3,
+                extra=extra,
+                flatfield=None if flatfield is None else {"threshold_1": flatfield},
+            )
         else:
-            config = {"beam_center_x": geo["beam_center_x_px"], "beam_center_y": geo["beam_center_y_px"],
-                      "x_pixel_size": geo["pixel_size_x_m"], "y_pixel_size": geo["pixel_size_y_m"],
-                      "wavelength": geo["wavelength_m"] * 1e10, "detector_distance": geo["detector_distance_m"],
-                      "x_pixels_in_detector": geo["image_size_x_px"], "y_pixels_in_detector": geo["image_size_y_px"],
-                      "nimages": 3, "ntrigger": 1, "bit_depth_image": 16,
-                      **({} if applied is None else {"flatfield_correction_applied": applied})}
-            start = proto.encode_stream_v1_header(series_id=sid, config=config, flatfield=flatfield,
-                                                  header_detail="all" if flatfield is not None else "basic")
-        images = [sim.image_message(i, frames(a), {**ud, "sample_id": f"s{sid}"})
-                  for i, a, ud in sim.images()]
+            config = {
+                "beam_center_x": geo["beam_center_x_px"],
+                "beam_center_y": geo["beam_center_y_px"],
+                "x_pixel_size": geo["pixel_size_x_m"],
+                "y_pixel_size": geo["pixel_size_y_m"],
+                "wavelength": geo["wavelength_m"] * 1e10,
+                "detector_distance": geo["detector_distance_m"],
+                "x_pixels_in_detector": geo["image_size_x_px"],
+                "y_pixels_in_detector": geo["image_size_y_px"],
+                "nimages": 3,
+                "ntrigger": 1,
+                "bit_depth_image": 16,
+                **({} if applied is None else {"flatfield_correction_applied": applied}),
+            }
+            start = proto.encode_stream_v1_header(
+                series_id=sid,
+                config=config,
+                flatfield=flatfield,
+                header_detail="all" if flatfield is not None else "basic",
+            )
+        images = [sim.image_message(i, frames(a), {**ud, "sample_id": f"s{sid}"}) for i, a, ud in sim.images()]
         return [start, *images, sim.end_message()]
 
     def weak(array):
@@ -296,19 +322,18 @@ def test_stream_flatfield_applied_when_the_detector_did_not(components, protocol
 
     flatfield = np.ones((GEOMETRY.pixels_y, GEOMETRY.pixels_x), np.float32)
     flatfield[:, :150] = 4.0
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, ingest={"protocol": protocol})
-    try:
-        for messages in (series(1, lambda a: a), series(2, weak, flatfield, applied=False),
-                         series(3, weak, flatfield, applied=True)):
-            for m in messages:
-                sock.send_multipart(m)
+    with InProcessDaemon(components=components, ingest={"protocol": protocol}) as run:
+        for messages in (
+            series(1, lambda a: a),
+            series(2, weak, flatfield, applied=False),
+            series(3, weak, flatfield, applied=True),
+        ):
+            run.send_messages(messages)
         run.wait_final(3)
-    finally:
-        sock.close(linger=0)
-        summary = run.close()
-    finals = {m["sample_id"]: {t["space_group"]: t["probability"] for t in m["top"]}
-              for m in summary.messages if m["final"]}
+    summary = run.summary
+    finals = {
+        m["sample_id"]: {t["space_group"]: t["probability"] for t in m["top"]} for m in summary.messages if m["final"]
+    }
     clean, corrected, uncorrected = finals["s1"], finals["s2"], finals["s3"]
     # (the tiny untrained model's probabilities are flat, so compare the two differences)
     off_corrected = max(abs(clean[g] - corrected.get(g, 0)) for g in clean)
@@ -337,14 +362,8 @@ def test_backend_warmed_with_a_full_batch_before_serving(components):
             return self.inner.run_views(views, axes)
 
     recording = Recording(backend)
-    sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=(bundle, recording, index), frame_endpoint=endpoint, pipeline={"max_batch": 7})
-    try:
-        assert recording.sizes == [7]
-        DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY).send(sock)
-        run.wait_final(1)
-    finally:
-        sock.close(linger=0)
-        run.close()
+    run = InProcessDaemon(components=(bundle, recording, index), pipeline={"max_batch": 7})
+    assert recording.sizes == [7]  # before any frame
+    run.run_sim(DetectorSim([SHIPPED / "NaCl.cif"], geometry=GEOMETRY), finals=1)
     # whole graph: at most max_batch requests; per-view: at most 3 x max_batch new views
     assert len(recording.sizes) > 1 and all(1 <= n <= 21 for n in recording.sizes)

@@ -36,30 +36,10 @@ N_FUZZ = int(os.environ.get("XTALSYM_DAEMON_FUZZ", "600"))
 @pytest.fixture(scope="module")
 def sims():
     """Rendered once: NaCl and Si, series 1 and 2 (new series ids and unique ids)."""
-    return {sid: DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=sid)
-            for sid in (1, 2, 3)}
-
-
-def accounting(pipeline) -> tuple[int, int]:
-    """(messages received, messages accounted for)."""
-    snap = pipeline.metrics.snapshot()
-    c, bad, ev = snap["counts"], snap["bad_frames"], pipeline.tracker.events
-    return c.get("messages", 0), (ev["start"] + ev["end"] + c.get("stale_end", 0) + c.get("views", 0)
-                                  + sum(bad.values()))
-
-
-def wait_for(predicate, timeout=60.0, what="condition", pipeline=None):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return
-        time.sleep(0.05)
-    snap = pipeline.metrics.snapshot() if pipeline else ""
-    raise AssertionError(f"{what} not reached in {timeout} s: {snap}")
-
-
-def wait_accounted(pipeline, sent: int, timeout=90.0):
-    wait_for(lambda: accounting(pipeline) == (sent, sent), timeout, f"{sent} messages accounted", pipeline)
+    return {
+        sid: DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=sid)
+        for sid in (1, 2, 3)
+    }
 
 
 def finals(summary_or_run) -> dict:
@@ -81,14 +61,24 @@ def bad_messages(sim: DetectorSim, n: int, seed: int = 0) -> list[list[bytes]]:
     rng = random.Random(seed)
     _, array, ud = next(sim.images())
     ud = {**ud, "sample_id": "fuzz"}
-    good = proto.encode_stream_v2_image(series_id=sim.series_id, series_unique_id=sim.series_unique_id,
-                                        image_id=999, data={"threshold_1": array}, user_data=ud)[0]
+    good = proto.encode_stream_v2_image(
+        series_id=sim.series_id,
+        series_unique_id=sim.series_unique_id,
+        image_id=999,
+        data={"threshold_1": array},
+        user_data=ud,
+    )[0]
     h, w = array.shape
 
     def image(data, **kw):
-        return proto.encode_stream_v2_image(series_id=sim.series_id, series_unique_id=sim.series_unique_id,
-                                            image_id=999, data={"threshold_1": data}, user_data={**ud, **kw},
-                                            compression="lz4")
+        return proto.encode_stream_v2_image(
+            series_id=sim.series_id,
+            series_unique_id=sim.series_unique_id,
+            image_id=999,
+            data={"threshold_1": data},
+            user_data={**ud, **kw},
+            compression="lz4",
+        )
 
     nan = np.full((h, w), np.nan, np.float32)
     inf = np.full((h, w), np.inf, np.float32)
@@ -100,20 +90,59 @@ def bad_messages(sim: DetectorSim, n: int, seed: int = 0) -> list[list[bytes]]:
         lambda: [good, good],  # two frames
         lambda: [b""],  # one empty frame (an empty multipart cannot be sent)
         lambda: [b"\xd9\xd9\xf7" + cbor.dumps({"type": "image", "series_id": "one", "image_id": 0, "data": {}})],
-        lambda: [b"\xd9\xd9\xf7" + cbor.dumps({"type": rng.choice(["image", "start", "end", "calibration"]),
-                                                "series_id": rng.choice([-1, None, 1.5, [1], "1"])})],
-        lambda: [b"\xd9\xd9\xf7" + cbor.dumps({"type": "image", "series_id": 1, "image_id": 0, "data": {
-            "c": cbor.CBORTag(40, [[h, w], cbor.CBORTag(69, cbor.CBORTag(
-                56500, ["bslz4", 2, rng.randbytes(rng.randint(12, 200))]))])}})],  # garbage bslz4
-        lambda: [b"\xd9\xd9\xf7" + cbor.dumps({"type": "image", "series_id": 1, "image_id": 0, "data": {
-            "c": cbor.CBORTag(40, [[2**20, 2**20], cbor.CBORTag(69, b"")])}})],  # oversized
+        lambda: [
+            b"\xd9\xd9\xf7"
+            + cbor.dumps(
+                {
+                    "type": rng.choice(["image", "start", "end", "calibration"]),
+                    "series_id": rng.choice([-1, None, 1.5, [1], "1"]),
+                }
+            )
+        ],
+        lambda: [
+            b"\xd9\xd9\xf7"
+            + cbor.dumps(
+                {
+                    "type": "image",
+                    "series_id": 1,
+                    "image_id": 0,
+                    "data": {
+                        "c": cbor.CBORTag(
+                            40,
+                            [
+                                [h, w],
+                                cbor.CBORTag(
+                                    69, cbor.CBORTag(56500, ["bslz4", 2, rng.randbytes(rng.randint(12, 200))])
+                                ),
+                            ],
+                        )
+                    },
+                }
+            )
+        ],  # garbage bslz4
+        lambda: [
+            b"\xd9\xd9\xf7"
+            + cbor.dumps(
+                {
+                    "type": "image",
+                    "series_id": 1,
+                    "image_id": 0,
+                    "data": {"c": cbor.CBORTag(40, [[2**20, 2**20], cbor.CBORTag(69, b"")])},
+                }
+            )
+        ],  # oversized
         lambda: proto.encode_stream_v2_image(series_id=77, image_id=0, data={"c": array}),  # wrong series
         lambda: proto.encode_stream_v2_end(series_id=55),  # stale end
     ]
     # well-formed messages whose frames calibration refuses (they reach the workers: few of them)
-    in_workers = [lambda: image(nan), lambda: image(inf), lambda: image(-inf),
-                  lambda: image(np.zeros((h, w), np.int8)), lambda: image(array[:-3]),  # wrong shape
-                  lambda: image(np.zeros((h, w), np.uint64))]
+    in_workers = [
+        lambda: image(nan),
+        lambda: image(inf),
+        lambda: image(-inf),
+        lambda: image(np.zeros((h, w), np.int8)),
+        lambda: image(array[:-3]),  # wrong shape
+        lambda: image(np.zeros((h, w), np.uint64)),
+    ]
     out = [rng.choice(kinds)() for _ in range(n)]
     for i, make in enumerate(in_workers):
         out.insert((i + 1) * len(out) // (len(in_workers) + 1), make())
@@ -128,7 +157,9 @@ def test_fuzz_running_daemon(components, sims):
     good = list(sim.messages())  # start, 6 images, end
     bad = bad_messages(sim, N_FUZZ)
     sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 30.0})
+    run = InProcessDaemon(
+        components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 30.0}
+    )
     try:
         sent = send_all(sock, good[:1])
         chunks = np.array_split(np.arange(len(bad)), 6)
@@ -136,15 +167,17 @@ def test_fuzz_running_daemon(components, sims):
             sent += send_all(sock, [bad[i] for i in idx])
             sent += send_all(sock, [image])
         sent += send_all(sock, good[-1:])
-        wait_accounted(run.service.pipeline, sent, timeout=120)
+        run.settle(sent, timeout=120)
         run.wait_final(2)
     finally:
         sock.close(linger=0)
         summary = run.close()
     snap = run.service.pipeline.metrics.snapshot()
     bad_counts = snap["bad_frames"]
-    print(f"daemon fuzz: {len(bad)} bad messages in {sent} sent; bad_frames {bad_counts}; "
-          f"stale_end {snap['counts'].get('stale_end', 0)}; views {snap['counts']['views']}")
+    print(
+        f"daemon fuzz: {len(bad)} bad messages in {sent} sent; bad_frames {bad_counts}; "
+        f"stale_end {snap['counts'].get('stale_end', 0)}; views {snap['counts']['views']}"
+    )
     assert "internal_error" not in bad_counts and "worker_error" not in bad_counts, bad_counts
     got = finals(summary)
     assert {"NaCl", "Si"} <= set(got) and all(got[k]["status"] == "complete" for k in ("NaCl", "Si"))
@@ -153,8 +186,16 @@ def test_fuzz_running_daemon(components, sims):
     stale = snap["counts"].get("stale_end", 0)
     fuzz_views = snap["counts"]["views"] - 6
     assert fuzz_views >= 0 and sum(bad_counts.values()) + stale + fuzz_views == len(bad), (bad_counts, stale)
-    for reason in ("not_cbor", "bad_frames", "bad_field", "bad_compression", "too_large", "wrong_series",
-                   "empty_frame", "size_mismatch"):
+    for reason in (
+        "not_cbor",
+        "bad_frames",
+        "bad_field",
+        "bad_compression",
+        "too_large",
+        "wrong_series",
+        "empty_frame",
+        "size_mismatch",
+    ):
         assert bad_counts.get(reason, 0) > 0, (reason, bad_counts)
 
 
@@ -173,9 +214,13 @@ def test_overload_bounded_and_recovers(components, sims, policy):
     flood_sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=5, repeat=40)
     flood = list(flood_sim.messages())  # 240 images (5.3 MB decoded each side of the pool)
     sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, pipeline={"workers": 1, "queue_size": 8, "overload": policy,
-                                                  "latency_budget_seconds": 0.01},
-                  assembly={"timeout_seconds": 2.0})
+    run = InProcessDaemon(
+        components=components,
+        frame_endpoint=endpoint,
+        metrics={"enabled": False},
+        pipeline={"workers": 1, "queue_size": 8, "overload": policy, "latency_budget_seconds": 0.01},
+        assembly={"timeout_seconds": 2.0},
+    )
     rss0 = rss_total()
     peak = [rss0]
     stop = threading.Event()
@@ -191,16 +236,21 @@ def test_overload_bounded_and_recovers(components, sims, policy):
         t0 = time.monotonic()
         sent = send_all(sock, flood)
         offered = len(flood) / (time.monotonic() - t0)
-        wait_accounted(run.service.pipeline, sent, timeout=180)
+        run.settle(sent, timeout=180)
         snap = run.service.pipeline.metrics.snapshot()
         after = list(sims[2].messages())  # recovery: a new series at a gentle pace
         for m in after:
             sock.send_multipart(m)
             time.sleep(0.05)
         sent += len(after)
-        wait_accounted(run.service.pipeline, sent)
-        wait_for(lambda: {"NaCl", "Si"} <= {m["sample_id"] for m in run.summary_messages() if m["final"]
-                                              and m["series_id"] == 2}, 30, "recovery samples", run.service.pipeline)
+        run.settle(sent)
+        run.wait_until(
+            lambda: (
+                {"NaCl", "Si"} <= {m["sample_id"] for m in run.summary_messages() if m["final"] and m["series_id"] == 2}
+            ),
+            "recovery samples",
+            30,
+        )
     finally:
         stop.set()
         sock.close(linger=0)
@@ -225,16 +275,30 @@ def test_open_samples_capped(components, sims):
     start, *_ = list(sim.messages())
     _, array, ud = next(sim.images())
     sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"max_open_samples": 5, "timeout_seconds": 60.0})
+    run = InProcessDaemon(
+        components=components,
+        frame_endpoint=endpoint,
+        metrics={"enabled": False},
+        assembly={"max_open_samples": 5, "timeout_seconds": 60.0},
+    )
     try:
         sock.send_multipart(start)
         for i in range(20):
-            sock.send_multipart(proto.encode_stream_v2_image(
-                series_id=3, series_unique_id=sim.series_unique_id, image_id=i, data={"threshold_1": array},
-                user_data={**ud, "sample_id": f"s{i}", "axis": "x"}))
-        wait_accounted(run.service.pipeline, 21)
-        wait_for(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("overflowed_samples") == 15, 10,
-                 "15 overflowed samples", run.service.pipeline)
+            sock.send_multipart(
+                proto.encode_stream_v2_image(
+                    series_id=3,
+                    series_unique_id=sim.series_unique_id,
+                    image_id=i,
+                    data={"threshold_1": array},
+                    user_data={**ud, "sample_id": f"s{i}", "axis": "x"},
+                )
+            )
+        run.settle(21)
+        run.wait_until(
+            lambda: run.service.pipeline.metrics.snapshot()["counts"].get("overflowed_samples") == 15,
+            "15 overflowed samples",
+            10,
+        )
         assert len(run.service.pipeline.assembler.open) == 5
     finally:
         sock.close(linger=0)
@@ -251,24 +315,29 @@ def test_detector_restart_and_reconnect(components, sims):
     daemon's PULL reconnects by itself, the interrupted series is closed by the new start."""
     first, second = list(sims[1].messages()), list(sims[2].messages())
     sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 1.0})
+    run = InProcessDaemon(
+        components=components, frame_endpoint=endpoint, metrics={"enabled": False}, assembly={"timeout_seconds": 1.0}
+    )
     try:
         send_all(sock, first[:3])  # start + 2 images of NaCl, then the detector goes away
-        wait_accounted(run.service.pipeline, 3)
-        wait_for(lambda: any(m["final"] for m in run.summary_messages()), 10, "NaCl timed out", run.service.pipeline)
+        run.settle(3)
+        run.wait_until(lambda: any(m["final"] for m in run.summary_messages()), "NaCl timed out", 10)
         sock.close(linger=0)
         time.sleep(0.5)
         sock = push_socket(zmq.Context.instance(), endpoint)  # same port, new socket
         send_all(sock, second)
-        wait_accounted(run.service.pipeline, 3 + len(second))
-        wait_for(lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2, 30,
-                 "second series", run.service.pipeline)
+        run.settle(3 + len(second))
+        run.wait_until(
+            lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2, "second series", 30
+        )
     finally:
         sock.close(linger=0)
         summary = run.close()
     assert run.service.pipeline.tracker.events["restart"] == 1
     assert {m["sample_id"]: m["status"] for m in summary.messages if m["final"] and m["series_id"] == 2} == {
-        "NaCl": "complete", "Si": "complete"}
+        "NaCl": "complete",
+        "Si": "complete",
+    }
     nacl1 = [m for m in summary.messages if m["final"] and m["series_id"] == 1]
     assert nacl1 and nacl1[0]["status"] == "partial" and nacl1[0]["closed_by"] == "timeout"
 
@@ -281,22 +350,23 @@ def test_daemon_restart_mid_series(components, sims):
     run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False})
     try:
         send_all(sock, first[:3])
-        wait_accounted(run.service.pipeline, 3)
+        run.settle(3)
     finally:
         run.close()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False})  # the detector's PUSH stays bound, as a detector's does
+    run = InProcessDaemon(
+        components=components, frame_endpoint=endpoint, metrics={"enabled": False}
+    )  # the detector's PUSH stays bound, as a detector's does
     try:
         send_all(sock, first[3:])  # 4 images + end of the series the new daemon never saw start
         send_all(sock, second)
-        wait_accounted(run.service.pipeline, len(first) - 3 + len(second))
+        run.settle(len(first) - 3 + len(second))
         run.wait_final(2)
     finally:
         sock.close(linger=0)
         summary = run.close()
     snap = run.service.pipeline.metrics.snapshot()
     assert snap["bad_frames"] == {"no_start": 4} and snap["counts"]["stale_end"] == 1
-    assert sorted((m["series_id"], m["sample_id"]) for m in summary.messages if m["final"]) == [
-        (2, "NaCl"), (2, "Si")]
+    assert sorted((m["series_id"], m["sample_id"]) for m in summary.messages if m["final"]) == [(2, "NaCl"), (2, "Si")]
 
 
 def test_slow_and_vanished_subscribers_never_block(components):
@@ -304,11 +374,16 @@ def test_slow_and_vanished_subscribers_never_block(components):
     the fast listener gets every prediction, the slow one sees the gap in ``seq``."""
     sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=4, repeat=12)
     pad = "p" * 500_000  # echoed in each prediction's user_data: 72 x 500 kB overflow the kernel's buffers
-    messages = [sim.start_message(), *(sim.image_message(i, a, {**ud, "pad": pad}) for i, a, ud in sim.images()),
-                sim.end_message()]  # 72 images -> 72 predictions
+    messages = [
+        sim.start_message(),
+        *(sim.image_message(i, a, {**ud, "pad": pad}) for i, a, ud in sim.images()),
+        sim.end_message(),
+    ]  # 72 images -> 72 predictions
     sock, endpoint = detector_socket()
     # send_hwm above max_batch (16): a listener that reads keeps up with a whole batch
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, publish={"send_hwm": 24})
+    run = InProcessDaemon(
+        components=components, frame_endpoint=endpoint, metrics={"enabled": False}, publish={"send_hwm": 24}
+    )
     ctx = zmq.Context.instance()
     slow = ctx.socket(zmq.SUB)
     slow.setsockopt(zmq.RCVHWM, 2)
@@ -322,9 +397,10 @@ def test_slow_and_vanished_subscribers_never_block(components):
     gone.close(linger=0)
     try:
         send_all(sock, messages)
-        wait_accounted(run.service.pipeline, len(messages))
-        wait_for(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("predictions", 0) == 72, 60,
-                 "72 predictions", run.service.pipeline)
+        run.settle(len(messages))
+        run.wait_until(
+            lambda: run.service.pipeline.metrics.snapshot()["counts"].get("predictions", 0) == 72, "72 predictions", 60
+        )
         time.sleep(0.5)
         seqs = []
         while slow.poll(200):
@@ -333,7 +409,7 @@ def test_slow_and_vanished_subscribers_never_block(components):
         send_all(sock, list(more.messages()))  # the slow one reads again: the next seq shows the gap
         assert slow.poll(30000)
         next_seq = json.loads(slow.recv_multipart()[1])["seq"]
-        wait_accounted(run.service.pipeline, len(messages) + 5)
+        run.settle(len(messages) + 5)
     finally:
         slow.close(linger=0)
         sock.close(linger=0)
@@ -350,20 +426,30 @@ def test_worker_killed(components, sims):
     flood_sim = DetectorSim([SHIPPED / "NaCl.cif", SHIPPED / "Si.cif"], geometry=GEOMETRY, series_id=6, repeat=6)
     flood = list(flood_sim.messages())
     sock, endpoint = detector_socket()
-    run = InProcessDaemon(components=components, frame_endpoint=endpoint, metrics={"enabled": False}, pipeline={"workers": 1, "overload": "block"},
-                  assembly={"timeout_seconds": 1.0})
+    run = InProcessDaemon(
+        components=components,
+        frame_endpoint=endpoint,
+        metrics={"enabled": False},
+        pipeline={"workers": 1, "overload": "block"},
+        assembly={"timeout_seconds": 1.0},
+    )
     try:
         pool = run.service.pipeline.pool
         send_all(sock, flood)
-        wait_for(lambda: run.service.pipeline.metrics.snapshot()["counts"].get("views", 0) >= 2, 30, "first views")
+        run.wait_until(
+            lambda: run.service.pipeline.metrics.snapshot()["counts"].get("views", 0) >= 2, "first views", 30
+        )
         for pid in list(pool._processes):
             os.kill(pid, signal.SIGKILL)
-        wait_accounted(run.service.pipeline, len(flood), timeout=120)
+        run.settle(len(flood), timeout=120)
         after = list(sims[2].messages())
         send_all(sock, after)
-        wait_accounted(run.service.pipeline, len(flood) + len(after))
-        wait_for(lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2, 30,
-                 "series after the crash", run.service.pipeline)
+        run.settle(len(flood) + len(after))
+        run.wait_until(
+            lambda: sum(m["final"] and m["series_id"] == 2 for m in run.summary_messages()) == 2,
+            "series after the crash",
+            30,
+        )
     finally:
         sock.close(linger=0)
         summary = run.close()
@@ -372,7 +458,9 @@ def test_worker_killed(components, sims):
     crashed = snap["bad_frames"].get("worker_crashed", 0)
     assert crashed > 0 and snap["counts"]["views"] + crashed == 36 + 6, snap  # both series' images
     assert {m["sample_id"]: m["status"] for m in summary.messages if m["final"] and m["series_id"] == 2} == {
-        "NaCl": "complete", "Si": "complete"}
+        "NaCl": "complete",
+        "Si": "complete",
+    }
 
 
 def test_frame_errors_cross_the_process_boundary():
@@ -383,7 +471,10 @@ def test_frame_errors_cross_the_process_boundary():
     from xtalsym.daemon.assemble import AssemblyError
     from xtalsym.daemon.calibrate import CalibrationError
 
-    for error in (CalibrationError("empty_frame", "all NaN"), AssemblyError("no_axis", "x"),
-                  proto.BadMessage("truncated", "12 bytes")):
+    for error in (
+        CalibrationError("empty_frame", "all NaN"),
+        AssemblyError("no_axis", "x"),
+        proto.BadMessage("truncated", "12 bytes"),
+    ):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and again.reason == error.reason and str(again) == str(error)

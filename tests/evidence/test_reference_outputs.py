@@ -79,9 +79,14 @@ def test_outputs_match_the_recorded_reference(current, reference):
 
 
 def test_group_order_and_ties_are_the_same(current, reference):
-    """Equal likelihoods (groups the evidence cannot separate) stay exactly equal: the fusion and
-    the reported top groups break ties by group order."""
+    """Groups the evidence cannot separate stay tied and every other pair keeps its order: the
+    fusion and the reported top groups break ties by group order. A tie is equality to RTOL,
+    not bit equality: on the recording machine some tied groups differed by 1e-13 (the same sum
+    in another order), on another machine they are exactly equal."""
     for mine, ref in zip(current, reference):
         x, y = np.array(ref["group_loglik"]), np.array(mine["group_loglik"])
-        assert np.array_equal(x[:, None] == x[None], y[:, None] == y[None]), ref["id"]
-        assert np.array_equal(np.argsort(-x, kind="stable"), np.argsort(-y, kind="stable")), ref["id"]
+        tol = RTOL * max(1.0, float(np.abs(x).max()))
+        dx, dy = x[:, None] - x[None], y[:, None] - y[None]
+        tied_x, tied_y = np.abs(dx) <= tol, np.abs(dy) <= tol
+        assert np.array_equal(tied_x, tied_y), (ref["id"], np.argwhere(tied_x != tied_y)[:5].tolist())
+        assert np.array_equal(np.sign(dx[~tied_x]), np.sign(dy[~tied_x])), ref["id"]

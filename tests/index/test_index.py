@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 from xtalsym import index as ix
 from xtalsym.cli import index as index_cli
 from xtalsym.offline import dataset as ds
+from xtalsym.offline import embed as offline_embed
 from xtalsym.offline import structures
 
 torch.set_num_threads(1)
@@ -31,7 +32,10 @@ def _random_embeddings(n: int, seed: int = 0, *, nonneg: bool = True) -> np.ndar
 
 
 def _entries(groups) -> list[dict]:
-    return [{"material_id": f"m-{i}", "formula": "X", "space_group": int(g), "source": "synthetic"} for i, g in enumerate(groups)]
+    return [
+        {"material_id": f"m-{i}", "formula": "X", "space_group": int(g), "source": "synthetic"}
+        for i, g in enumerate(groups)
+    ]
 
 
 # --------------------------------------------------------------------------- vectors
@@ -75,8 +79,9 @@ def test_exact_search_equals_brute_force():
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_kinds_find_the_exact_neighbour_of_a_stored_vector(kind):
     v = ix.normalise_views(_random_embeddings(400, 3, nonneg=False))
-    index = ix.ReferenceIndex.build(v, _entries(np.arange(400) % 5 + 1), kind=kind, gpu="off",
-                                    params={"nprobe": 64} if kind == "ivf" else None)
+    index = ix.ReferenceIndex.build(
+        v, _entries(np.arange(400) % 5 + 1), kind=kind, gpu="off", params={"nprobe": 64} if kind == "ivf" else None
+    )
     _, idx = index.search(v[:50], 1)
     assert (idx[:, 0] == np.arange(50)).mean() >= 0.95
 
@@ -102,7 +107,9 @@ def test_save_load_roundtrip_metadata_and_corruption(tmp_path):
     v = ix.normalise_views(_random_embeddings(40, 4))
     groups = [225] * 20 + [14] * 20
     th = ix.Thresholds(0.3, 2.1, calibrated=True, method="test")
-    index = ix.ReferenceIndex.build(v, _entries(groups), model_id="a" * 64, model_source="m.pt", thresholds=th, gpu="off")
+    index = ix.ReferenceIndex.build(
+        v, _entries(groups), model_id="a" * 64, model_source="m.pt", thresholds=th, gpu="off"
+    )
     index.save(tmp_path / "idx")
     files = sorted(p.name for p in (tmp_path / "idx").iterdir())
     assert files == ["class_vectors.npy", "entries.jsonl", "index.faiss", "index.json"]
@@ -110,8 +117,14 @@ def test_save_load_roundtrip_metadata_and_corruption(tmp_path):
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert meta["format"] == ix.FORMAT and meta["kind"] == "flat" and meta["dim"] == 2880 and meta["count"] == 40
     assert meta["model_id"] == "a" * 64 and meta["classes"] == [14, 225] and meta["thresholds"]["tau_p"] == 0.3
-    assert back.entries[0] == {"material_id": "m-0", "formula": "X", "space_group": 225, "symbol": "Fm-3m",
-                               "crystal_system": "cubic", "source": "synthetic"}
+    assert back.entries[0] == {
+        "material_id": "m-0",
+        "formula": "X",
+        "space_group": 225,
+        "symbol": "Fm-3m",
+        "crystal_system": "cubic",
+        "source": "synthetic",
+    }
     assert back.thresholds.tau_s == 2.1 and back.thresholds.calibrated
     assert np.array_equal(back.class_vectors, index.class_vectors)
     q = v[:5]
@@ -157,7 +170,12 @@ def test_vote_is_similarity_weighted():
     tie = ix.vote([2.0, 1.5, 0.5], [20, 30, 30])  # equal weight 2.0: best single similarity wins
     assert tie[0]["space_group"] == 20
     assert ix.vote([1.0, 1.0], [-1, 5])[0]["space_group"] == 5  # missing neighbours (-1) are ignored
-    assert ix.ranking_from_neighbours(np.array([2.9, 2.0, 1.9, 1.8, 1.7]), np.array([14, 62, 62, 3, 4]), 3, 5) == [62, 14, 3, 4]
+    assert ix.ranking_from_neighbours(np.array([2.9, 2.0, 1.9, 1.8, 1.7]), np.array([14, 62, 62, 3, 4]), 3, 5) == [
+        62,
+        14,
+        3,
+        4,
+    ]
 
 
 def test_unknown_rule_and_calibration_on_synthetic_scores():
@@ -167,9 +185,21 @@ def test_unknown_rule_and_calibration_on_synthetic_scores():
     share = np.array([0.2, 0.9, 0.9, 0.3, 1.0])
     assert th.is_unknown(p, s, share).tolist() == [False, False, True, True, True]
     rng = np.random.default_rng(0)
-    known = {"p_max": rng.uniform(0.6, 1.0, 200), "top_similarity": rng.uniform(0.5, 1.5, 200), "top_share": np.full(200, 0.4)}
-    indexed = {"p_max": rng.uniform(0.0, 0.4, 200), "top_similarity": rng.uniform(2.5, 3.0, 200), "top_share": np.ones(200)}
-    unknown = {"p_max": rng.uniform(0.0, 0.4, 200), "top_similarity": rng.uniform(1.0, 2.0, 200), "top_share": np.ones(200)}
+    known = {
+        "p_max": rng.uniform(0.6, 1.0, 200),
+        "top_similarity": rng.uniform(0.5, 1.5, 200),
+        "top_share": np.full(200, 0.4),
+    }
+    indexed = {
+        "p_max": rng.uniform(0.0, 0.4, 200),
+        "top_similarity": rng.uniform(2.5, 3.0, 200),
+        "top_share": np.ones(200),
+    }
+    unknown = {
+        "p_max": rng.uniform(0.0, 0.4, 200),
+        "top_similarity": rng.uniform(1.0, 2.0, 200),
+        "top_share": np.ones(200),
+    }
     cal = ix.calibrate(unknown, [known, indexed])
     assert cal.calibrated and 0.4 <= cal.tau_p <= 0.6 and 2.0 <= cal.tau_s <= 2.5
     assert cal.details["balanced_accuracy"] == 1.0
@@ -182,14 +212,17 @@ def test_query_results_on_synthetic_index():
     centres = np.abs(rng.normal(size=(3, 3, 960))).astype(np.float32)
     groups = np.repeat([10, 20, 30], 10)
     e = centres[np.arange(30) // 10] + 0.05 * np.abs(rng.normal(size=(30, 3, 960))).astype(np.float32)
-    index = ix.ReferenceIndex.build(ix.normalise_views(e), _entries(groups), gpu="off",
-                                    thresholds=ix.Thresholds(tau_p=0.5, tau_s=2.9))
+    index = ix.ReferenceIndex.build(
+        ix.normalise_views(e), _entries(groups), gpu="off", thresholds=ix.Thresholds(tau_p=0.5, tau_s=2.9)
+    )
     q = ix.normalise_views(centres[[1]] + 0.05 * np.abs(rng.normal(size=(1, 3, 960))).astype(np.float32))
     probs = np.array([[0.2, 0.8]])
     r = index.query(q, probabilities=probs, classes=[1, 2], k=4)[0]
     assert [n["space_group"] for n in r.neighbours] == [20] * 4 and r.neighbours[0]["similarity"] > 2.9
     assert r.vote[0]["space_group"] == 20 and r.vote[0]["share"] == 1.0
-    assert r.class_scores[0]["space_group"] == 20 and sum(c["gamma"] for c in r.class_scores) == pytest.approx(1.0, abs=1e-5)
+    assert r.class_scores[0]["space_group"] == 20 and sum(c["gamma"] for c in r.class_scores) == pytest.approx(
+        1.0, abs=1e-5
+    )
     assert r.decision == {**r.decision, "space_group": 2, "by": "classifier"} and not r.unknown
     r2 = index.query(q, probabilities=np.array([[0.35, 0.45]]), classes=[1, 2], k=4)[0]
     assert r2.decision["by"] == "reference vote" and r2.decision["space_group"] == 20
@@ -234,8 +267,9 @@ def tiny(tmp_path_factory):
     ckpt = root / "msdn.pt"
     model_module.save_checkpoint(ckpt, model, extra={"classes": classes, "config": {"dataset": str(data)}})
     other = root / "other.pt"
-    model_module.save_checkpoint(other, model_module.build_model("msdn", len(classes), input_size=32),
-                                 extra={"classes": classes})
+    model_module.save_checkpoint(
+        other, model_module.build_model("msdn", len(classes), input_size=32), extra={"classes": classes}
+    )
     return {"data": data, "ckpt": ckpt, "other": other, "classes": classes, "root": root}
 
 
@@ -247,18 +281,50 @@ def _run(argv: list[str]) -> int:
 
 
 def test_embedder_from_checkpoint(tiny):
-    emb = ix.Embedder.from_checkpoint(tiny["ckpt"])
+    emb = offline_embed.embedder_from_checkpoint(tiny["ckpt"])
     assert emb.classes == tiny["classes"] and emb.model_id == ix.sha256_file(tiny["ckpt"])
     x = np.zeros((2, 3, 3, 224, 224), np.uint8)
     e, p = emb(x, np.array([[True, False, True]] * 2))
     assert e.shape == (2, 3, 960) and e.dtype == np.float32 and p.shape == (2, len(tiny["classes"]))
     assert np.all(e[:, 1] == 0) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    # the settings the training dataset was built with (its dataset.json) travel with the embedder
+    trained = ds.load_metadata(tiny["data"])["config"]
+    config = offline_embed.build_config(emb)
+    assert config.to_json()["geometry"] == trained["geometry"] and config.shaping_method == trained["shaping_method"]
+
+
+def test_structures_are_simulated_with_the_embedders_dataset_settings():
+    def fn(x, present):
+        raise AssertionError("not called")
+
+    emb = ix.Embedder(fn, [1], None, "test", dataset_config={"geometry": {"distance_m": 0.3}, "symprec": 0.05})
+    config = offline_embed.build_config(emb)
+    assert config.geometry.distance_m == 0.3 and config.symprec == 0.05
+    assert config.geometry.pixels == ds.BuildConfig().geometry.pixels  # the rest: defaults
+    assert offline_embed.build_config(ix.Embedder(fn, [1], None, "test")) == ds.BuildConfig()
 
 
 def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
     data, ckpt = str(tiny["data"]), str(tiny["ckpt"])
     out = tmp_path / "idx"
-    assert _run(["index", "build", "--checkpoint", ckpt, "--dataset", data, "--out", str(out), "--no-progress", "--gpu", "off"]) == 0
+    assert (
+        _run(
+            [
+                "index",
+                "build",
+                "--checkpoint",
+                ckpt,
+                "--dataset",
+                data,
+                "--out",
+                str(out),
+                "--no-progress",
+                "--gpu",
+                "off",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "index.json").read_text())
     n = sum(1 for _ in ds.iter_sample_metadata(data))
     assert meta["count"] == n and meta["model_id"] == ix.sha256_file(ckpt) and meta["kind"] == "flat"
@@ -270,9 +336,29 @@ def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
     # a stored material queried from its structure finds itself (same simulation settings)
     cif = SHIPPED / "NaCl.cif"
     capsys.readouterr()
-    assert _run(["index", "query", str(cif), "--checkpoint", ckpt, "--index", str(out), "--k", "3", "--json", "--gpu", "off"]) == 0
+    assert (
+        _run(
+            [
+                "index",
+                "query",
+                str(cif),
+                "--checkpoint",
+                ckpt,
+                "--index",
+                str(out),
+                "--k",
+                "3",
+                "--json",
+                "--gpu",
+                "off",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
-    assert result["neighbours"][0]["space_group"] == 225 and result["neighbours"][0]["similarity"] == pytest.approx(3.0, abs=1e-3)
+    assert result["neighbours"][0]["space_group"] == 225 and result["neighbours"][0]["similarity"] == pytest.approx(
+        3.0, abs=1e-3
+    )
     assert len(result["neighbours"]) == 3 and len(result["class_scores"]) == 5 and result["decision"]["by"]
     assert _run(["index", "query", str(cif), "--checkpoint", ckpt, "--index", str(out), "--gpu", "off"]) == 0
     text = capsys.readouterr().out
@@ -284,8 +370,26 @@ def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
 
     # open-set evaluation on the two pyxtal groups
     ev_out = tmp_path / "ev"
-    assert _run(["index", "evaluate", "--checkpoint", ckpt, "--dataset", data, "--out", str(ev_out),
-                 "--space-groups", ",".join(map(str, OPEN)), "--no-progress", "--gpu", "off"]) == 0
+    assert (
+        _run(
+            [
+                "index",
+                "evaluate",
+                "--checkpoint",
+                ckpt,
+                "--dataset",
+                data,
+                "--out",
+                str(ev_out),
+                "--space-groups",
+                ",".join(map(str, OPEN)),
+                "--no-progress",
+                "--gpu",
+                "off",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "nearest-neighbour vote" in printed and "paper (Fig. 3f)" in printed
     metrics = json.loads((ev_out / "metrics.json").read_text())
@@ -299,25 +403,63 @@ def test_cli_build_query_evaluate_end_to_end(tiny, tmp_path, capsys):
     saved = json.loads((ev_out / "index" / "index.json").read_text())
     assert saved["thresholds"] == unknown["thresholds"] and saved["count"] == metrics["references"]
     for s in ix.select_samples(data, space_groups=OPEN):  # the split is the documented hash
-        in_ref = any(e["material_id"] == s["material_id"] for e in
-                     map(json.loads, (ev_out / "index" / "entries.jsonl").read_text().splitlines()))
+        in_ref = any(
+            e["material_id"] == s["material_id"]
+            for e in map(json.loads, (ev_out / "index" / "entries.jsonl").read_text().splitlines())
+        )
         assert in_ref == ix.reference_half(s["material_id"])
 
     # thresholds carried into a new index from the evaluation's metrics.json
     out2 = tmp_path / "idx2"
-    assert _run(["index", "build", "--checkpoint", ckpt, "--structures", str(SHIPPED / "Si.cif"), str(cif), "--out", str(out2),
-                 "--calibration", str(ev_out / "metrics.json"), "--kind", "hnsw", "--no-progress", "--gpu", "off"]) == 0
+    assert (
+        _run(
+            [
+                "index",
+                "build",
+                "--checkpoint",
+                ckpt,
+                "--structures",
+                str(SHIPPED / "Si.cif"),
+                str(cif),
+                "--out",
+                str(out2),
+                "--calibration",
+                str(ev_out / "metrics.json"),
+                "--kind",
+                "hnsw",
+                "--no-progress",
+                "--gpu",
+                "off",
+            ]
+        )
+        == 0
+    )
     meta2 = json.loads((out2 / "index.json").read_text())
     assert meta2["count"] == 2 and meta2["kind"] == "hnsw" and meta2["thresholds"] == unknown["thresholds"]
     with pytest.raises(ix.ModelMismatchError):
-        _run(["index", "build", "--checkpoint", str(tiny["other"]), "--structures", str(cif), "--out", str(tmp_path / "x"),
-              "--calibration", str(ev_out / "metrics.json"), "--no-progress"])
+        _run(
+            [
+                "index",
+                "build",
+                "--checkpoint",
+                str(tiny["other"]),
+                "--structures",
+                str(cif),
+                "--out",
+                str(tmp_path / "x"),
+                "--calibration",
+                str(ev_out / "metrics.json"),
+                "--no-progress",
+            ]
+        )
 
 
 def test_build_from_structures_matches_dataset_embeddings(tiny):
-    emb = ix.Embedder.from_checkpoint(tiny["ckpt"])
-    from_structures = ix.embed_structures(emb, [SHIPPED / "ZnO.cif"])
-    samples = [s for s in ix.select_samples(tiny["data"]) if s["material_id"] == from_structures.entries[0]["material_id"]]
+    emb = offline_embed.embedder_from_checkpoint(tiny["ckpt"])
+    from_structures = offline_embed.embed_structures(emb, [SHIPPED / "ZnO.cif"])
+    samples = [
+        s for s in ix.select_samples(tiny["data"]) if s["material_id"] == from_structures.entries[0]["material_id"]
+    ]
     from_dataset = ix.embed_dataset(emb, tiny["data"], samples)
     assert from_structures.entries[0] == from_dataset.entries[0]
     assert float(from_structures.vectors[0] @ from_dataset.vectors[0]) == pytest.approx(3.0, abs=1e-4)
@@ -341,8 +483,24 @@ def test_bundle_embedder_build_and_query(tiny, tmp_path, capsys):
     emb = ix.Embedder.from_bundle(path)
     assert emb.model_id == ix.sha256_file(release / "model.pt") and emb.classes == tiny["classes"]
     idx = tmp_path / "idx"
-    assert _run(["index", "build", "--bundle", str(path), "--structures", str(SHIPPED / "NaCl.cif"), "--out", str(idx),
-                 "--no-progress", "--gpu", "off"]) == 0
+    assert (
+        _run(
+            [
+                "index",
+                "build",
+                "--bundle",
+                str(path),
+                "--structures",
+                str(SHIPPED / "NaCl.cif"),
+                "--out",
+                str(idx),
+                "--no-progress",
+                "--gpu",
+                "off",
+            ]
+        )
+        == 0
+    )
     bundle.add_index(path, idx)
     capsys.readouterr()
     assert _run(["index", "query", str(SHIPPED / "NaCl.cif"), "--bundle", str(path), "--json", "--gpu", "off"]) == 0

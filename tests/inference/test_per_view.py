@@ -103,7 +103,9 @@ BACKENDS = [("onnxruntime", "cpu"), ("torch", "cpu"), ("onnxruntime", "cuda"), (
 @pytest.mark.parametrize("name, device", BACKENDS, ids=[f"{n}-{d}" for n, d in BACKENDS])
 def test_run_views_sums_to_the_whole_graph(bundle, name, device):
     """Rows of run_views summed per sample = run() on the same samples, for 1, 2 and 3 views
-    (fp32 within 1e-6 in probabilities; fp16 GPU engines within 1e-2)."""
+    (fp32 within 1e-5 in probabilities; fp16 GPU engines within 1e-2). fp32 is not bit-exact: the
+    per-view graph adds the views' logits in another order than the whole graph, and torch's
+    oneDNN picks convolution kernels by batch size and CPU (1.25e-6 seen on one Xeon)."""
     try:
         backend = make_backend(bundle, name, device=device)
     except BackendUnavailable as exc:
@@ -113,7 +115,7 @@ def test_run_views_sums_to_the_whole_graph(bundle, name, device):
     present = onnx_export.example_masks(14)
     whole = backend.run(x, present)
     by_views = run_by_views(backend, x, present)
-    tol = 1e-6 if backend.precision == "fp32" else 1e-2
+    tol = 1e-5 if backend.precision == "fp32" else 1e-2
     np.testing.assert_allclose(by_views.probabilities, whole.probabilities, rtol=0, atol=tol)
     np.testing.assert_allclose(by_views.logits, whole.logits, rtol=tol * 10, atol=tol * 10)
     np.testing.assert_allclose(by_views.embeddings, whole.embeddings, rtol=tol * 10, atol=tol * 10)

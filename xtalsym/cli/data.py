@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from xtalsym.cli import options
+
 SYMPREC_HELP = (
     "spglib symmetry tolerance in Å (distance within which atoms count as symmetric images; "
     "default %(default)s, as Materials Project uses)"
@@ -97,13 +99,7 @@ def _register_simulate(commands) -> None:
     pattern.set_defaults(handler=_cmd_simulate_pattern)
 
     data = sub.add_parser("dataset", help="simulate and shape many structures into a sharded, resumable dataset")
-    data.add_argument(
-        "--structures",
-        nargs="*",
-        default=[],
-        metavar="SRC",
-        help="structure files (CIF, POSCAR, ...), folders of them, or JSON-lines files (.jsonl[.xz])",
-    )
+    data.add_argument("--structures", nargs="*", default=[], metavar="SRC", help=options.STRUCTURES_HELP)
     data.add_argument(
         "--random-space-groups",
         metavar="LIST",
@@ -131,9 +127,7 @@ def _register_simulate(commands) -> None:
         "--split-seed", type=int, default=0, help="seed of the train/val/test split by material (default %(default)s)"
     )
     data.add_argument("--overwrite", action="store_true", help="discard an existing dataset in --out")
-    data.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (on a terminal) or progress log lines (otherwise)"
-    )
+    options.no_progress(data)
     _add_geometry_arguments(data)
     data.set_defaults(handler=_cmd_simulate_dataset)
 
@@ -303,7 +297,7 @@ def _register_dataset(commands) -> None:
     data = commands.add_parser("dataset", help="inspect datasets")
     sub = data.add_subparsers(dest="dataset_command", metavar="WHAT", required=True)
     show = sub.add_parser("show", help="counts per space group and crystal system, and a PNG grid of examples")
-    show.add_argument("dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
+    show.add_argument("dataset", metavar="DIR", help=options.DATASET_HELP)
     show.add_argument("--out", help="PNG grid with Å⁻¹ scale bars (default DIR/examples.png)")
     show.add_argument("--examples", type=int, default=8, help="rows in the grid (default %(default)s)")
     show.add_argument("--seed", type=int, default=0, help="seed of the choice of examples (default %(default)s)")

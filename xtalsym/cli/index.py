@@ -11,23 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
+from xtalsym.cli import options
+
 
 def _model_args(parser: argparse.ArgumentParser, *, default_bundle: bool = False) -> None:
-    group = parser.add_mutually_exclusive_group(required=not default_bundle)
-    group.add_argument(
-        "--checkpoint",
-        metavar="FILE",
-        help="training checkpoint (RUN/best.pt; a model.pt inside a bundle is verified as that bundle)",
-    )
-    group.add_argument(
-        "--bundle",
-        metavar="DIR",
-        help="model bundle, verified against its manifest.json"
-        + (" (default: the shipped bundle, or $XTALSYM_BUNDLE)" if default_bundle else ""),
-    )
-    parser.add_argument(
-        "--device", default="auto", help="torch device for --checkpoint: auto, cpu, cuda (default %(default)s)"
-    )
+    options.model_source(parser, required=not default_bundle, device_for="--checkpoint")
     parser.add_argument("--batch-size", type=int, default=32, help="materials per forward pass (default %(default)s)")
     parser.add_argument(
         "--gpu",
@@ -66,14 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "and shaped on the fly with the model's settings) and write a FAISS reference index.",
     )
     _model_args(build)
-    source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
-    source.add_argument(
-        "--structures",
-        nargs="+",
-        metavar="SRC",
-        help="structure files (CIF, POSCAR, ...), folders of them, or JSON-lines files",
-    )
+    options.dataset_or_structures(build)
     build.add_argument("--split", default="all", help="dataset split(s), comma-separated, or all (default %(default)s)")
     build.add_argument("--space-groups", help="only these space groups, e.g. 1-230 or 3,69,76")
     build.add_argument("--real-only", action="store_true", help="leave out random (pyxtal) crystals")
@@ -92,7 +73,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--tau-s", type=float, help="unknown threshold on the nearest similarity, the sum of 3 cosines, 0-3"
     )
     build.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
-    build.add_argument("--no-progress", action="store_true")
+    options.no_progress(build)
     build.set_defaults(handler=_cmd_build)
 
     query = sub.add_parser(
@@ -106,16 +87,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--index", help="index directory (default: the bundle's index/)")
     query.add_argument("--k", type=int, default=5, help="neighbours (default %(default)s)")
     query.add_argument("--json", action="store_true", help="print the result as JSON")
-    query.add_argument(
-        "--prior",
-        default=None,
-        help="prior of the bundle's fusion: training (default), flat, or a JSON file {space group: weight}",
-    )
-    query.add_argument(
-        "--no-evidence",
-        action="store_true",
-        help="fuse without the symmetry evidence measured in the patterns (as `xtalsym predict --no-evidence`)",
-    )
+    options.prior(query)
+    options.no_evidence(query)
     query.set_defaults(handler=_cmd_query)
 
     ev = sub.add_parser(
@@ -140,7 +113,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="calibrate for the best unknown recall with false-unknown rates <= this (default: balanced accuracy)",
     )
     _kind_args(ev)
-    ev.add_argument("--no-progress", action="store_true")
+    options.no_progress(ev)
     ev.set_defaults(handler=_cmd_evaluate)
 
 
@@ -166,9 +139,10 @@ def _embedder(args):
 
         args.bundle = args.bundle or str(default_bundle_path())
         return ix.Embedder.from_bundle(args.bundle, batch_size=args.batch_size)
+    from xtalsym.offline.embed import embedder_from_checkpoint
     from xtalsym.offline.evaluate import resolve_device
 
-    return ix.Embedder.from_checkpoint(args.checkpoint, device=resolve_device(args.device), batch_size=args.batch_size)
+    return embedder_from_checkpoint(args.checkpoint, device=resolve_device(args.device), batch_size=args.batch_size)
 
 
 def _fusion_model(args):
@@ -250,7 +224,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
             "real_only": args.real_only,
         }
     else:
-        embedded = ix.embed_structures(embedder, args.structures, progress=progress)
+        from xtalsym.offline.embed import embed_structures
+
+        embedded = embed_structures(embedder, args.structures, progress=progress)
         built_from = {"structures": [str(s) for s in args.structures]}
     if not embedded.entries:
         raise ValueError("no references to index (empty selection, or every structure failed)")
@@ -289,7 +265,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
     index = ix.ReferenceIndex.load(index_dir, expected_model_id=embedder.model_id, gpu=args.gpu)
     loaded = _fusion_model(args)
     if loaded is None:  # a checkpoint, or a bundle without fusion.json: the index's own answer
-        vec, probs, labelled = ix.embed_structure(embedder, args.structure)
+        from xtalsym.offline.embed import embed_structure
+
+        vec, probs, labelled = embed_structure(embedder, args.structure)
         fused_result = None
     else:  # simulate once: the same patterns feed the fused answer (as `xtalsym predict`) and the index
         import numpy as np

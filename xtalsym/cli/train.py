@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from xtalsym.cli import options
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     _register_train(commands)
@@ -62,27 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _model_source(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--bundle",
-        metavar="DIR",
-        help="model bundle, verified against its manifest.json (default: the shipped bundle, or $XTALSYM_BUNDLE)",
-    )
-    group.add_argument(
-        "--checkpoint",
-        metavar="FILE",
-        help="training checkpoint, e.g. RUN/best.pt (a model.pt inside a bundle is verified as that bundle)",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="torch device: auto (CUDA when available), cpu, cuda, cuda:N (default %(default)s)",
-    )
-    parser.add_argument(
-        "--prior",
-        default=None,
-        help="prior of the bundle's fusion: training (default), flat, or a JSON file {space group: weight}",
-    )
+    options.model_source(parser, required=False)
+    options.prior(parser)
     parser.add_argument(
         "--axes", help="zone axes to classify with, comma-separated, e.g. x,z (multi-view models; default all three)"
     )
@@ -96,14 +79,7 @@ def _register_evaluate(commands: argparse._SubParsersAction) -> None:
         "the fly; writes metrics.json, predictions.csv and the crystal-system confusion PNG.",
     )
     _model_source(evaluate)
-    source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="DIR", help="dataset directory (xtalsym simulate dataset)")
-    source.add_argument(
-        "--structures",
-        nargs="+",
-        metavar="SRC",
-        help="structure files (CIF, POSCAR, XSF, ...), folders of them, or JSON-lines files",
-    )
+    options.dataset_or_structures(evaluate)
     evaluate.add_argument("--split", default="test", help="dataset split (default %(default)s)")
     evaluate.add_argument(
         "--out",
@@ -111,9 +87,7 @@ def _register_evaluate(commands: argparse._SubParsersAction) -> None:
         help="output folder (default: evaluation-<split|structures> in the working directory; never inside a bundle)",
     )
     evaluate.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default %(default)s)")
-    evaluate.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (on a terminal) or progress log lines (otherwise)"
-    )
+    options.no_progress(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     pr = commands.add_parser(
@@ -130,11 +104,7 @@ def _register_evaluate(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print JSON lines: one object per structure, one line each",
     )
-    pr.add_argument(
-        "--no-evidence",
-        action="store_true",
-        help="skip the symmetry evidence (cell, Bravais lattice, absences) measured in the patterns",
-    )
+    options.no_evidence(pr)
     pr.set_defaults(handler=_cmd_predict)
 
 
@@ -201,11 +171,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 row["evidence"] = found.to_json()
             print(json.dumps(row))  # JSON lines: one object per structure
             continue
-        known = "" if labelled.space_group in loaded.classes else " - not one of the model's classes"
-        print(
-            ("\n" if n else "") + f"{labelled.material_id} {labelled.formula}: spglib space group "
-            f"{labelled.space_group} ({labelled.symbol}){known}"
-        )
+        print(("\n" if n else "") + _structure_line(labelled, loaded.classes))
         print(f"{'rank':>4}  {'SG':>3}  {'symbol':<10} {'crystal system':<14} {'probability':>11}")
         for row in top:
             print(
@@ -220,6 +186,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if failed == len(results):
         raise ValueError(f"no structure of {args.structure} could be classified ({failed} failed)")
     return 0
+
+
+def _structure_line(labelled, classes) -> str:
+    """The heading of one structure's prediction: what it is and whether the model knows its group."""
+    known = "" if labelled.space_group in classes else " - not one of the model's classes"
+    return f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}"
 
 
 def print_fused(labelled, result, classes, *, as_json: bool) -> None:
@@ -239,10 +211,7 @@ def print_fused(labelled, result, classes, *, as_json: bool) -> None:
         }
         print(json.dumps(payload))  # JSON lines: one object per structure
         return
-    known = "" if labelled.space_group in classes else " - not one of the model's classes"
-    print(
-        f"{labelled.material_id} {labelled.formula}: spglib space group {labelled.space_group} ({labelled.symbol}){known}"
-    )
+    print(_structure_line(labelled, classes))
     print(f"prediction: {prediction.headline()}")
     print(f"truth {labelled.symbol}: {_VERDICT_TEXT[verdict]}")
     print(

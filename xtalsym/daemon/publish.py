@@ -59,9 +59,13 @@ def jsonable(value: Any, depth: int = 0) -> Any:
 def top_classes(probabilities: np.ndarray, classes: list[int], k: int = TOP_K) -> list[dict]:
     order = np.argsort(-probabilities, kind="stable")[:k]
     return [
-        {"rank": r + 1, "space_group": int(classes[c]), "symbol": spacegroups.symbol(int(classes[c])),
-         "crystal_system": spacegroups.crystal_system(int(classes[c])),
-         "probability": round(float(probabilities[c]), 6)}
+        {
+            "rank": r + 1,
+            "space_group": int(classes[c]),
+            "symbol": spacegroups.symbol(int(classes[c])),
+            "crystal_system": spacegroups.crystal_system(int(classes[c])),
+            "probability": round(float(probabilities[c]), 6),
+        }
         for r, c in enumerate(order)
     ]
 
@@ -82,13 +86,24 @@ def open_set_result(query) -> dict:
 
 def evidence_partial(frames: dict) -> dict:
     """The ``evidence`` object of a partial (non-final) prediction: per-zone evidence only."""
-    return {"schema": "xtalsym.evidence/1", "partial": True,
-            "zones": {axis: ev.to_json() for axis, ev in sorted(frames.items())}}
+    return {
+        "schema": "xtalsym.evidence/1",
+        "partial": True,
+        "zones": {axis: ev.to_json() for axis, ev in sorted(frames.items())},
+    }
 
 
-def prediction_message(request: Request, *, probabilities: np.ndarray, classes: list[int], model: dict,
-                       open_set: dict | None, published: float | None = None, evidence: dict | None = None,
-                       fused: dict | None = None) -> dict:
+def prediction_message(
+    request: Request,
+    *,
+    probabilities: np.ndarray,
+    classes: list[int],
+    model: dict,
+    open_set: dict | None,
+    published: float | None = None,
+    evidence: dict | None = None,
+    fused: dict | None = None,
+) -> dict:
     views = [request.views[a] for a in request.axes]
     trigger = request.trigger
     return {
@@ -99,8 +114,13 @@ def prediction_message(request: Request, *, probabilities: np.ndarray, classes: 
         "closed_by": request.closed_by,
         "axes": request.axes,
         "frames": [
-            {"axis": v.axis, "series_id": v.series_id, "series_unique_id": v.series_unique_id,
-             "image_id": v.image_id, "received": v.received}
+            {
+                "axis": v.axis,
+                "series_id": v.series_id,
+                "series_unique_id": v.series_unique_id,
+                "image_id": v.image_id,
+                "received": v.received,
+            }
             for v in views
         ],
         "series_id": trigger.series_id,
@@ -123,34 +143,32 @@ class CurveError(ValueError):
     """A CURVE key file or directory that cannot be used (names the path)."""
 
 
-def load_secret_certificate(path: str | Path) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys of a zmq.auth secret certificate (``*.key_secret``)."""
+def _load_certificate(path: Path, kind: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) of a zmq.auth certificate file; CurveError naming ``kind`` and the path."""
     import zmq.auth
 
-    path = Path(path)
     if not path.is_file():
-        raise CurveError(f"CURVE secret certificate {str(path)!r}: no such file")
+        raise CurveError(f"CURVE {kind} certificate {str(path)!r}: no such file")
     try:
-        public, secret = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except Exception as exc:  # noqa: BLE001 - zmq.auth raises ValueError/OSError on bad files
-        raise CurveError(f"CURVE secret certificate {str(path)!r}: {exc}") from None
+        raise CurveError(f"CURVE {kind} certificate {str(path)!r}: {exc}") from None
+
+
+def load_secret_certificate(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a zmq.auth secret certificate (``*.key_secret``)."""
+    path = Path(path)
+    public, secret = _load_certificate(path, "secret")
     if not secret:
-        raise CurveError(f"CURVE certificate {str(path)!r} holds no secret key (use the .key_secret file "
-                         "written by zmq.auth.create_certificates)")
+        raise CurveError(
+            f"CURVE certificate {str(path)!r} holds no secret key (use the .key_secret file "
+            "written by zmq.auth.create_certificates)"
+        )
     return public, secret
 
 
 def load_public_certificate(path: str | Path) -> bytes:
-    import zmq.auth
-
-    path = Path(path)
-    if not path.is_file():
-        raise CurveError(f"CURVE public certificate {str(path)!r}: no such file")
-    try:
-        public, _ = zmq.auth.load_certificate(path)
-    except Exception as exc:  # noqa: BLE001 - zmq.auth raises ValueError/OSError on bad files
-        raise CurveError(f"CURVE public certificate {str(path)!r}: {exc}") from None
-    return public
+    return _load_certificate(Path(path), "public")[0]
 
 
 def curve_server(context: zmq.Context, socket: zmq.Socket, secret_key_file: str, public_keys_dir: str):
@@ -159,8 +177,10 @@ def curve_server(context: zmq.Context, socket: zmq.Socket, secret_key_file: str,
 
     public, secret = load_secret_certificate(secret_key_file)
     if not public_keys_dir or not Path(public_keys_dir).is_dir():
-        raise CurveError(f"publish.curve_public_keys_dir = {public_keys_dir!r}: not a directory of the "
-                         "subscribers' public certificates (every subscriber must be authorised)")
+        raise CurveError(
+            f"publish.curve_public_keys_dir = {public_keys_dir!r}: not a directory of the "
+            "subscribers' public certificates (every subscriber must be authorised)"
+        )
     auth = ThreadAuthenticator(context)
     auth.start()
     auth.configure_curve(domain="*", location=str(public_keys_dir))
@@ -184,9 +204,18 @@ def curve_client(socket: zmq.Socket, server_public_file: str, client_secret_file
 class Publisher:
     """A PUB socket (bound or connected); owned by one thread. ``send`` never blocks."""
 
-    def __init__(self, context: zmq.Context, *, address: str, mode: str = "bind", topic: str = "xtalsym.prediction",
-                 metrics_topic: str = "xtalsym.metrics", send_hwm: int = 10000, curve_secret_key_file: str = "",
-                 curve_public_keys_dir: str = "") -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        *,
+        address: str,
+        mode: str = "bind",
+        topic: str = "xtalsym.prediction",
+        metrics_topic: str = "xtalsym.metrics",
+        send_hwm: int = 10000,
+        curve_secret_key_file: str = "",
+        curve_public_keys_dir: str = "",
+    ) -> None:
         self.socket = context.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, send_hwm)
         self.socket.setsockopt(zmq.LINGER, 1000)

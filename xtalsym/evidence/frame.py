@@ -132,11 +132,11 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
                                              f"(need at least {MIN_FRAME_PX} per side)")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         return _undecided(axis, q_per_pixel, f"frame has non-numeric dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not math.isfinite(float(arr.sum())):  # one pass; finite values can still overflow the sum
+    arr = np.ascontiguousarray(arr, dtype=np.float64)  # flat offsets index it (no copy when it already is)
+    peak = float(arr.max())  # NaN when any pixel is; with the minimum, every pixel is finite or not
+    if not (math.isfinite(peak) and math.isfinite(float(arr.min()))):
         bad = ~np.isfinite(arr)
-        if bad.any():
-            return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
+        return _undecided(axis, q_per_pixel, f"frame has {int(bad.sum())} non-finite pixels (NaN/inf)")
     if counts is None:
         sample = arr.ravel()[::97]  # a float frame shows non-integers at once; counts need the full check
         counts = bool(np.all(sample == np.rint(sample))) and bool(np.all(arr == np.rint(arr)))
@@ -145,10 +145,9 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     r_max = r_edge if d_min_angstrom is None else min(r_edge, 1.0 / (d_min_angstrom * q_per_pixel))
     r_min = max(CENTRAL_RADIUS_PX, beam_stop_radius_px + spotfind.RING_OUTER)
     base = dict(q_min=r_min * q_per_pixel, q_max=r_max * q_per_pixel)
-    if float(arr.max()) <= 0:
+    if peak <= 0:
         return _undecided(axis, q_per_pixel, "empty frame: no positive intensity", **base)
-    padded = spotfind.pad(arr)
-    found = spotfind.find_spots(arr, padded, r_min_px=r_min, r_max_px=r_max, counts=counts)
+    found = spotfind.find_spots(arr, r_min_px=r_min, r_max_px=r_max, counts=counts)
     spot_fields = dict(spots_x_px=found.x_px, spots_y_px=found.y_px, spots_intensity=found.intensity,
                        spots_sigma=found.sigma, spots_index=np.zeros((len(found), 2), np.int64),
                        spots_indexed=np.zeros(len(found), bool), spots_residual_px=np.full(len(found), np.nan),
@@ -170,7 +169,7 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
                        basis=lat.basis_px * q_per_pixel, basis_sigma=lat.sigma_px * q_per_pixel,
                        rms_px=lat.rms_px, **spot_fields)
     ev.max_order = int(np.abs(lat.indices[lat.indexed]).max())
-    _measure_nodes(ev, arr, padded, lat.basis_px, r_min, r_max, counts)
+    _measure_nodes(ev, arr, lat.basis_px, r_min, r_max, counts)
     _conditions(ev)
     _symmetry(ev, lat.basis_px)
     if ev.max_order <= 1:
@@ -178,28 +177,32 @@ def analyse_frame(image, *, axis: str, q_per_pixel: float, d_min_angstrom: float
     return ev
 
 
-def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, padded: np.ndarray, basis_px: np.ndarray,
+def _measure_nodes(ev: FrameEvidence, arr: np.ndarray, basis_px: np.ndarray,
                    r_min: float, r_max: float, counts: bool) -> None:
     """Integrated intensity at every node and half-node of the lattice inside the annulus."""
-    short = float(min(np.hypot(*basis_px.T)))
-    binv = np.linalg.inv(basis_px)
-    span = int(math.ceil(r_max * np.abs(binv).sum(axis=0).max())) + 1
+    binv = lattice2d.inverse2(basis_px)
+    (i00, i01), (i10, i11) = binv.tolist()
+    span = int(math.ceil(r_max * max(abs(i00) + abs(i10), abs(i01) + abs(i11)))) + 1
     half = lattice2d.disc_nodes(basis_px / 2.0, r_max, 2 * span)  # the half-grid's disc, not its square
     pos = half @ basis_px / 2.0
     r = np.hypot(pos[:, 0], pos[:, 1])
     keep = (r >= r_min) & (r <= r_max)
     half, pos, r = half[keep], pos[keep], r[keep]
     if len(half) > MAX_HALF_NODES:  # big cells: integer nodes first, then half-nodes by |q|
-        integer = np.all(half % 2 == 0, axis=1)
+        integer = _integer_nodes(half)
         order = np.lexsort((r, ~integer))[:MAX_HALF_NODES]
         half, pos, r = half[order], pos[order], r[order]
-    value, sigma = spotfind.measure_at(padded, arr.shape, pos[:, 0], pos[:, 1],
+    value, sigma = spotfind.measure_at(arr, pos[:, 0], pos[:, 1],
                                        sigma_bg=ev.background_sigma, counts=counts)
     ev.nodes_half, ev.nodes_q = half, r * ev.q_per_pixel
     ev.nodes_intensity, ev.nodes_sigma = value, sigma
-    integer = np.all(half % 2 == 0, axis=1)
+    integer = _integer_nodes(half)
     ev.wilson_q, ev.wilson_mean = stats.wilson_scale(ev.nodes_q[integer], value[integer])
-    del short
+
+
+def _integer_nodes(half: np.ndarray) -> np.ndarray:
+    """Which half-grid nodes (2m, 2n) are lattice nodes: both even (two's complement: & 1 is the parity)."""
+    return ((half[:, 0] | half[:, 1]) & 1) == 0
 
 
 def _node_llrs(ev: FrameEvidence) -> np.ndarray:
@@ -220,30 +223,40 @@ def _verdict(llr: float, n: int) -> str:
     return "cannot decide: the intensities are ambiguous"
 
 
+_CONDITIONS = ("row u: odd orders absent", "row v: odd orders absent", "row u+v: odd orders absent",
+               "row u-v: odd orders absent", "half-nodes (u/2) absent", "half-nodes (v/2) absent",
+               "half-nodes ((u+v)/2) absent")
+
+
 def _conditions(ev: FrameEvidence) -> None:
     h = ev.nodes_half
     m2, n2 = h[:, 0], h[:, 1]
-    integer = (m2 % 2 == 0) & (n2 % 2 == 0)
+    odd_m2, odd_n2 = m2 % 2 == 1, n2 % 2 == 1
     m, n = m2 // 2, n2 // 2
-    tests = {
-        "row u: odd orders absent": integer & (n == 0) & (m % 2 == 1),
-        "row v: odd orders absent": integer & (m == 0) & (n % 2 == 1),
-        "row u+v: odd orders absent": integer & (m == n) & (m % 2 == 1),
-        "row u-v: odd orders absent": integer & (m == -n) & (m % 2 == 1),
-        "half-nodes (u/2) absent": (m2 % 2 == 1) & (n2 % 2 == 0),
-        "half-nodes (v/2) absent": (m2 % 2 == 0) & (n2 % 2 == 1),
-        "half-nodes ((u+v)/2) absent": (m2 % 2 == 1) & (n2 % 2 == 1),
-    }
+    odd_m = m % 2 == 1
+    # the classes are disjoint (a node is in at most one row, and half-nodes by parity), so one
+    # class code per node and a weighted count give every condition's sum; 7 = in none
+    code = np.full(len(h), 7, np.int64)
+    integer = ~odd_m2 & ~odd_n2
+    code[integer & (n == 0) & odd_m] = 0
+    code[integer & (m == 0) & (n % 2 == 1)] = 1
+    code[integer & (m == n) & odd_m] = 2
+    code[integer & (m == -n) & odd_m] = 3
+    code[odd_m2 & ~odd_n2] = 4
+    code[~odd_m2 & odd_n2] = 5
+    code[odd_m2 & odd_n2] = 6
     per_node = _node_llrs(ev) if len(h) else np.zeros(0)
-    for name, sel in tests.items():
-        llr, k = float(per_node[sel].sum()), int(sel.sum())
+    llrs = np.bincount(code, weights=per_node, minlength=8).tolist()
+    counts = np.bincount(code, minlength=8).tolist()
+    for i, name in enumerate(_CONDITIONS):
+        llr, k = llrs[i], counts[i]
         ev.conditions[name] = {"log_likelihood_ratio": round(llr, 3), "nodes": k, "verdict": _verdict(llr, k)}
 
 
 def _symmetry(ev: FrameEvidence, basis_px: np.ndarray) -> None:
     """Log-likelihood ratio (equal vs independent intensities) for each lattice operation."""
     h = ev.nodes_half
-    integer = np.all(h % 2 == 0, axis=1)
+    integer = _integer_nodes(h)
     nodes = h[integer] // 2
     value, sigma, q = ev.nodes_intensity[integer], ev.nodes_sigma[integer], ev.nodes_q[integer]
     scale = ev.scale_at(q)
@@ -254,22 +267,17 @@ def _symmetry(ev: FrameEvidence, basis_px: np.ndarray) -> None:
     keys = (nodes[:, 0] + span) * width + (nodes[:, 1] + span)
     lookup[keys] = np.arange(len(nodes))
     ops = lattice2d.lattice_operations(basis_px)
-    a_all = np.arange(len(nodes))
-    pairs = []
-    for op in ops:
-        image = nodes @ op.matrix
-        inside = np.all(np.abs(image) <= span, axis=1)
-        partner = np.full(len(nodes), -1, np.int64)
-        partner[inside] = lookup[(image[inside, 0] + span) * width + (image[inside, 1] + span)]
-        use = (partner > a_all) & (significant | significant[np.maximum(partner, 0)])
-        pairs.append((a_all[use], partner[use]))
+    # every operation at once, (ops, nodes): each node's image under each operation and its partner
+    images = nodes @ np.array([op.matrix for op in ops], np.int64).reshape(-1, 2, 2)
+    inside = np.all(np.abs(images) <= span, axis=2)
+    partner = np.where(inside, lookup[np.where(inside, (images[..., 0] + span) * width + (images[..., 1] + span), 0)], -1)
+    use = (partner > np.arange(len(nodes))) & (significant | significant[np.maximum(partner, 0)])
+    op_of_pair, a = np.nonzero(use)  # operation-major, nodes ascending within one
+    b = partner[op_of_pair, a]
     # every operation's pairs in one likelihood call (elementwise: the same numbers), summed per operation
-    a = np.concatenate([p for p, _ in pairs]) if pairs else np.zeros(0, np.int64)
-    b = np.concatenate([p for _, p in pairs]) if pairs else np.zeros(0, np.int64)
     llr_all = stats.pair_llr(value[a], sigma[a], value[b], sigma[b], np.maximum(scale[a], scale[b]))
     start = 0
-    for op, (pa, _) in zip(ops, pairs):
-        n_pairs = len(pa)
+    for op, n_pairs in zip(ops, use.sum(axis=1).tolist()):
         total = float(llr_all[start:start + n_pairs].sum())
         start += n_pairs
         ev.symmetry[op.name] = {"kind": op.kind, "angle_deg": round(op.angle_deg, 2),

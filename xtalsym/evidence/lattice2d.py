@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import lapack
 
 INDEX_TOLERANCE_PX = 1.2  # a spot farther than this from its node is not indexed
 FRACTION_TOLERANCE = 0.15  # ... nor one farther than this fraction of the cell in either index
@@ -76,8 +77,18 @@ def _candidates(points: np.ndarray) -> np.ndarray:
     return vecs[np.sort(first)][:MAX_CANDIDATES]
 
 
+def inverse2(m: np.ndarray) -> np.ndarray:
+    """Inverse of a 2×2 matrix by its cofactors, in Python floats (np.linalg.inv costs 5 µs of call
+    overhead, and the frame analysis inverts a handful per frame); raises like np.linalg.inv."""
+    (a, b), (c, d) = m.tolist()
+    det = a * d - b * c
+    if det == 0:
+        raise np.linalg.LinAlgError("Singular matrix")
+    return np.array([[d / det, -b / det], [-c / det, a / det]])
+
+
 def _index(points: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    frac = points @ np.linalg.inv(basis)
+    frac = points @ inverse2(basis)
     idx = np.rint(frac)
     resid = np.hypot(*((frac - idx) @ basis).T)
     return idx.astype(np.int64), resid
@@ -88,7 +99,7 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     if len(points) < 2:
         return None
     order = np.argsort(-weights, kind="stable")[:MAX_SCORED_SPOTS]
-    top, w = points[order], np.sqrt(np.clip(weights[order], 0, None)) + 1e-12
+    top, w = points[order], np.sqrt(np.maximum(weights[order], 0.0)) + 1e-12
     cand = _candidates(top)
     if len(cand) < 2:
         return None
@@ -120,10 +131,32 @@ def find_lattice(points: np.ndarray, weights: np.ndarray) -> Lattice2D | None:
     refined = refine(points, weights, basis)
     if refined is None:
         return None
-    area0, area1 = abs(np.linalg.det(basis)), abs(np.linalg.det(refined.basis_px))
+    area0, area1 = abs(_det2(basis)), abs(_det2(refined.basis_px))
     if min(np.hypot(*refined.basis_px.T)) < MIN_VECTOR_PX or abs(area1 / area0 - 1) > 0.05:
         return None  # least squares ran away from the lattice it started on
     return refined
+
+
+def _det2(m: np.ndarray) -> float:
+    (a, b), (c, d) = m.tolist()
+    return a * d - b * c
+
+
+@functools.lru_cache(maxsize=256)
+def _gelsd_work(rows: int) -> tuple[int, int]:
+    lwork, iwork, _ = lapack.dgelsd_lwork(rows, 2, 2)
+    return int(lwork), int(iwork)
+
+
+def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.linalg.lstsq(a, b, rcond=None)[0]`` for a (K, 2) and b (K, 2): the same LAPACK routine
+    (gelsd, SVD) with numpy's default cut-off, called directly (a third of the cost). The normal
+    equations would be cheaper still but lose up to 1e-8 on these bases."""
+    lwork, iwork = _gelsd_work(len(a))
+    x, _, _, info = lapack.dgelsd(a, b, lwork, iwork, cond=np.finfo(float).eps * max(a.shape))
+    if info != 0:
+        raise np.linalg.LinAlgError(f"SVD did not converge in least squares (gelsd info {info})")
+    return x[:2]
 
 
 def _rank_deficient(n: np.ndarray) -> bool:
@@ -137,23 +170,27 @@ def refine(points: np.ndarray, weights: np.ndarray, basis: np.ndarray) -> Lattic
     for _ in range(2):
         idx, resid = _index(points, basis)
         use = resid <= INDEX_TOLERANCE_PX
-        if use.sum() < 2 or _rank_deficient(idx[use]):
+        nodes = idx[use]
+        if len(nodes) < 2 or _rank_deficient(nodes):
             return None
-        n = idx[use].astype(float)
-        sw = np.sqrt(np.clip(weights[use], 0, None) / max(float(np.max(weights[use])), 1e-300)) + 1e-3
-        sol, *_ = np.linalg.lstsq(n * sw[:, None], points[use] * sw[:, None], rcond=None)
-        basis = sol
+        n = nodes.astype(float)
+        w = weights[use]
+        sw = (np.sqrt(np.maximum(w, 0.0) / max(float(w.max()), 1e-300)) + 1e-3)[:, None]
+        basis = _lstsq(n * sw, points[use] * sw)
     idx, resid = _index(points, basis)
     use = resid <= INDEX_TOLERANCE_PX
     n = idx[use].astype(float)
-    dof = max(2 * int(use.sum()) - 4, 1)
-    scatter = math.sqrt(max(float((resid[use] ** 2).sum()) / dof * 2, POSITION_FLOOR_PX**2))
-    try:
-        cov = np.linalg.inv(n.T @ n)
-    except np.linalg.LinAlgError:
+    count = len(n)
+    squares = float((resid[use] ** 2).sum())
+    scatter = math.sqrt(max(squares / max(2 * count - 4, 1) * 2, POSITION_FLOOR_PX**2))
+    normal = n.T @ n
+    if _det2(normal) == 0:  # integer entries: exactly singular or not
         return None
-    sigma = scatter / math.sqrt(2) * np.sqrt(np.clip(np.diag(cov), 0, None))[:, None] * np.ones((1, 2))
-    rms = float(np.sqrt(np.mean(resid[use] ** 2))) if use.any() else float("nan")
+    (c00, _), (_, c11) = inverse2(normal).tolist()
+    # Python floats (sqrt is correctly rounded either way): the same numbers as the array expression
+    s0, s1 = (scatter / math.sqrt(2) * math.sqrt(max(c, 0.0)) * 1.0 for c in (c00, c11))
+    sigma = np.array([[s0, s0], [s1, s1]])
+    rms = math.sqrt(squares / count) if count else float("nan")  # np.mean: the sum over the count
     return Lattice2D(basis_px=basis, sigma_px=sigma, indices=idx, indexed=use, residual_px=resid, rms_px=rms)
 
 
@@ -191,6 +228,9 @@ _UNIMODULAR = _ALL[np.abs(_DETS) == 1]
 _UNIMODULAR_DET = _DETS[np.abs(_DETS) == 1]
 
 
+_UNIMODULAR_F = _UNIMODULAR.astype(float)
+
+
 @dataclass(frozen=True)
 class LatticeOp:
     """A point operation of the 2D lattice: integer action on node indices, and its geometry."""
@@ -211,15 +251,19 @@ def lattice_operations(basis: np.ndarray, tolerance: float = OP_TOLERANCE) -> li
 
     Rotations are listed by their smallest positive angle (one per cyclic generator
     order: 4 or 6 and 3); mirrors by their line direction."""
-    binv = np.linalg.inv(basis)
     ops: list[LatticeOp] = []
     seen_rot: set[int] = set()
     seen_mirror: set[int] = set()
-    qs = np.einsum("ij,mjk,kl->mil", binv, _UNIMODULAR, basis)  # Cartesian row action p -> p @ q
-    dev = np.abs(np.einsum("mji,mjk->mik", qs, qs) - np.eye(2)).max(axis=(1, 2))
-    for m, det, q in zip(_UNIMODULAR[dev <= tolerance], _UNIMODULAR_DET[dev <= tolerance], qs[dev <= tolerance]):
+    qs = inverse2(basis) @ _UNIMODULAR_F @ basis  # B⁻¹ M B: the Cartesian row action p -> p @ q of each M
+    # |QᵀQ − I| entrywise, each of the (few dozen) matrices' four entries as one array
+    q00, q01, q10, q11 = qs[:, 0, 0], qs[:, 0, 1], qs[:, 1, 0], qs[:, 1, 1]
+    off = q00 * q01 + q10 * q11
+    dev = np.maximum(np.maximum(np.abs(q00 * q00 + q10 * q10 - 1.0), np.abs(off)),
+                     np.abs(q01 * q01 + q11 * q11 - 1.0))
+    near = dev <= tolerance
+    for m, det, q in zip(_UNIMODULAR[near], _UNIMODULAR_DET[near].tolist(), qs[near].tolist()):
         if det == 1:
-            angle = math.degrees(math.atan2(q[0, 1], q[0, 0])) % 360
+            angle = math.degrees(math.atan2(q[0][1], q[0][0])) % 360
             if min(angle, 360 - angle) < 1 or abs(angle - 180) < 1:
                 continue
             order = round(360 / min(angle, 360 - angle))
@@ -229,7 +273,7 @@ def lattice_operations(basis: np.ndarray, tolerance: float = OP_TOLERANCE) -> li
             ops.append(LatticeOp(matrix=m, kind="rotation", angle_deg=360.0 / order))
         else:
             # a reflection's matrix is [[cos 2θ, sin 2θ], [sin 2θ, −cos 2θ]], θ the line's angle
-            line = 0.5 * math.degrees(math.atan2(q[0, 1], q[0, 0])) % 180
+            line = 0.5 * math.degrees(math.atan2(q[0][1], q[0][0])) % 180
             if line > 179.5:
                 line -= 180
             key = round(line) % 180

@@ -5,7 +5,8 @@ One module per job, re-exported here so ``from xtalsym import index as ix`` reac
 
 - :mod:`~xtalsym.index.scoring`: vectors, per-class score, γ, vote, thresholds (numpy only);
 - :mod:`~xtalsym.index.store`: the FAISS index, built, saved, loaded, queried (the daemon's part);
-- :mod:`~xtalsym.index.embed`: embeddings of dataset samples and structures via a backend;
+- :mod:`~xtalsym.index.embed`: embeddings of stored dataset samples via a backend (structures,
+  which need the simulator, are :mod:`xtalsym.offline.embed`'s);
 - :mod:`~xtalsym.index.open_set`: the paper's open-set experiment and its report.
 """
 
@@ -17,8 +18,6 @@ from xtalsym.index.embed import (
     Embedder,
     EmbedFn,
     embed_dataset,
-    embed_structure,
-    embed_structures,
     select_samples,
 )
 from xtalsym.index.open_set import (
@@ -89,8 +88,6 @@ __all__ = [
     "check_model_id",
     "class_vectors",
     "embed_dataset",
-    "embed_structure",
-    "embed_structures",
     "evaluate_open_set",
     "format_open_set",
     "gamma",

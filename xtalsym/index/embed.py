@@ -2,9 +2,11 @@
 
 :class:`Embedder` is ``embed(x uint8 (B,3,3,H,W), present bool (B,3)) -> (embeddings
 (B,3,960) float32, probabilities (B,C))`` plus the identity of the model (``model_id`` =
-sha256 of the weights file), its classes and simulation settings; built from a bundle
-(its fastest :class:`~xtalsym.inference.InferenceBackend`), a training checkpoint or a
-model in memory. ``embed_*`` turn dataset samples or structures into normalised vectors.
+sha256 of the weights file), its classes and dataset settings; built from a bundle (its
+fastest :class:`~xtalsym.inference.InferenceBackend`) or a model in memory.
+:func:`embed_dataset` turns stored dataset samples into normalised vectors. What needs the
+simulator (structures -> vectors, an embedder from a training checkpoint) is offline/'s:
+:mod:`xtalsym.offline.embed`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from xtalsym.checksums import sha256_file
+from xtalsym import dataset_format
 from xtalsym.index.scoring import DIM, VIEWS, ReferenceIndexError, normalise_views, reference_entry
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,15 @@ EmbedFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 class Embedder:
     """``embed(x, present) -> (embeddings (B,3,960) float32, probabilities (B,C))`` and
     what identifies the model: ``model_id`` (sha256 of the weights file), its
-    ``classes`` (space groups of the probability columns), the dataset ``config`` its
-    inputs must be simulated/shaped with, and ``source`` (a path, for messages)."""
+    ``classes`` (space groups of the probability columns), ``dataset_config`` (the dataset
+    settings its inputs must be simulated/shaped with, as dataset.json and a bundle's
+    settings record them; None: the defaults) and ``source`` (a path, for messages)."""
 
     embed: EmbedFn
     classes: list[int]
     model_id: str | None
     source: str
-    config: Any = None  # xtalsym.offline.dataset.BuildConfig
+    dataset_config: dict | None = None
     batch_size: int = 32
 
     def __call__(self, x: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -46,24 +48,9 @@ class Embedder:
         return self.embed(x, present)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "cpu", batch_size: int = 32) -> Embedder:
-        from xtalsym.bundle import verify_checkpoint
-        from xtalsym.offline import evaluate as ev
-
-        verify_checkpoint(path)  # a model.pt inside a bundle only if the bundle verifies
-        model, classes, extra = ev.load_model(path, device=device)
-        return cls.from_model(
-            model,
-            classes,
-            model_id=sha256_file(path),
-            source=str(path),
-            config=ev.build_config_from(extra),
-            device=device,
-            batch_size=batch_size,
-        )
-
-    @classmethod
-    def from_model(cls, model, classes, *, model_id, source, config=None, device="cpu", batch_size=32) -> Embedder:
+    def from_model(
+        cls, model, classes, *, model_id, source, dataset_config=None, device="cpu", batch_size=32
+    ) -> Embedder:
         """From a torch model in memory, run by the torch :class:`~xtalsym.inference.InferenceBackend`
         (the same forward pass and softmax the daemon's torch backend runs)."""
         from xtalsym import shaping
@@ -74,7 +61,7 @@ class Embedder:
                 f"the reference index needs a three-stream shaped-DP model (msdn); {source} is {getattr(model, 'name', '?')}"
             )
         runner = TorchBackend(model, [int(c) for c in classes], image_size=shaping.MODEL_SIZE, device=device)
-        return cls(_backend_embed(runner), [int(c) for c in classes], model_id, source, config, batch_size)
+        return cls(_backend_embed(runner), [int(c) for c in classes], model_id, source, dataset_config, batch_size)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32) -> Embedder:
@@ -82,14 +69,18 @@ class Embedder:
         ``xtalsym.inference.select_backend``) and takes its classes, settings and model_id."""
         from xtalsym import bundle as bundle_module
         from xtalsym.inference import select_backend
-        from xtalsym.offline import evaluate as ev
 
         b = bundle_module.load_bundle(path)  # verifies the manifest (and the index against the model)
         runner = select_backend(b, backend)
-
         settings = getattr(b, "settings", None) or {}
-        config = ev.build_config_from({"dataset_config": settings.get("dataset_config")})
-        return cls(_backend_embed(runner), [int(c) for c in b.classes], b.model_id, str(path), config, batch_size)
+        return cls(
+            _backend_embed(runner),
+            [int(c) for c in b.classes],
+            b.model_id,
+            str(path),
+            settings.get("dataset_config"),
+            batch_size,
+        )
 
 
 def _backend_embed(runner) -> EmbedFn:
@@ -127,11 +118,9 @@ def select_samples(
     real_only: bool = False,
 ) -> list[dict]:
     """Sample metadata of a dataset, filtered by split(s), space groups and source."""
-    from xtalsym.offline import dataset as ds
-
-    samples = list(ds.iter_sample_metadata(root))
+    samples = list(dataset_format.iter_sample_metadata(root))
     if splits:
-        assigned = ds.load_splits(root)
+        assigned = dataset_format.load_splits(root)
         samples = [s for s in samples if assigned.get(s["material_id"]) in set(splits)]
     if space_groups is not None:
         wanted = set(int(g) for g in space_groups)
@@ -145,9 +134,7 @@ def embed_dataset(
     embedder: Embedder, root: str | os.PathLike, samples: Sequence[dict], *, progress: bool = False
 ) -> Embedded:
     """Embed stored shaped DPs of ``samples`` (from :func:`select_samples`), in batches."""
-    from xtalsym.offline import dataset as ds
-
-    reader = ds.ShardReader(root)
+    reader = dataset_format.ShardReader(root)
     vecs, probs = [], []
     bar = _progress(len(samples), "embed", progress)
     try:
@@ -166,48 +153,3 @@ def embed_dataset(
         np.concatenate(probs) if probs else np.zeros((0, len(embedder.classes)), np.float32),
         [reference_entry(s) for s in samples],
     )
-
-
-def embed_structures(embedder: Embedder, sources: Sequence[str | os.PathLike], *, progress: bool = False) -> Embedded:
-    """Read, label, simulate and shape structures with the model's settings, then embed them."""
-    from xtalsym.offline import dataset as ds
-    from xtalsym.offline import samples as sm
-
-    config = embedder.config or ds.BuildConfig()
-    records = sm.read_records(sources)
-    vecs, probs, entries, failed = [], [], [], []
-    bar = _progress(len(records), "simulate+embed", progress)
-    for i in range(0, len(records), embedder.batch_size):
-        chunk = records[i : i + embedder.batch_size]
-        inputs, labelled, bad = sm.model_inputs(chunk, config, "shaped")
-        failed += bad
-        if inputs:
-            e, p = embedder(np.stack(inputs))
-            vecs.append(normalise_views(e))
-            probs.append(np.asarray(p, dtype=np.float32))
-            entries += [reference_entry(vars(item)) for item in labelled]
-        bar.update(len(chunk))
-    bar.close()
-    return Embedded(
-        np.concatenate(vecs) if vecs else np.zeros((0, DIM), np.float32),
-        np.concatenate(probs) if probs else np.zeros((0, len(embedder.classes)), np.float32),
-        entries,
-        failed,
-    )
-
-
-def embed_structure(embedder: Embedder, structure) -> tuple[np.ndarray, np.ndarray, Any]:
-    """One structure (path or LabelledStructure) -> ((1, 2880) vector, (1, C) probabilities, labelled)."""
-    from xtalsym.offline import dataset as ds
-    from xtalsym.offline import samples as sm
-    from xtalsym.offline import structures
-
-    config = embedder.config or ds.BuildConfig()
-    labelled = (
-        structure
-        if isinstance(structure, structures.LabelledStructure)
-        else structures.load_structure(structure, symprec=config.symprec)
-    )
-    raws, shaped = sm.make_sample(labelled, config)
-    e, p = embedder(sm.model_input(raws, shaped, "shaped")[None])
-    return normalise_views(e), np.asarray(p, np.float32), labelled

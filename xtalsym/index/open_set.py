@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xtalsym import spacegroups
+from xtalsym import dataset_format, spacegroups
 from xtalsym.index.embed import Embedder, embed_dataset, select_samples
 from xtalsym.index.scoring import ReferenceIndexError, Thresholds, calibrate, vote
 from xtalsym.index.store import ReferenceIndex
@@ -166,11 +166,9 @@ def evaluate_open_set(
             "class_score_top1": round(float(np.mean([class_rank[i][:1] == [g] for i in np.where(rows)[0]])), 6),
         }
     # unknown detection
-    from xtalsym.offline import dataset as ds
-
     try:
         known = select_samples(root, splits=[calibration_split], space_groups=known_classes)[:calibration_limit]
-    except ds.DatasetError:  # no splits.json: nothing to calibrate on
+    except dataset_format.DatasetError:  # no splits.json: nothing to calibrate on
         known = []
     if known:
         e_known = embed_dataset(embedder, root, known, progress=progress)

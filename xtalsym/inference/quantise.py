@@ -23,10 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from xtalsym import dataset_format
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-DEFAULT_CALIBRATION_SAMPLES = 128  # 384 views; ORT keeps every activation of every batch while calibrating (~9 GB RSS at 256)
+DEFAULT_CALIBRATION_SAMPLES = (
+    128  # 384 views; ORT keeps every activation of every batch while calibrating (~9 GB RSS at 256)
+)
 VIEWS_PER_CALIBRATION_BATCH = 24
 # Every op ONNX Runtime can quantise, heads excepted. Measured on the shipped model (200
 # training samples, percentile ranges): convolutions + ReLU only lost 1.5 points of top-1
@@ -43,16 +47,15 @@ def _require_ort_quantization():
     return quantization
 
 
-def dataset_samples(root: str | os.PathLike, split: str, *, limit: int | None = None,
-                    classes: list[int] | None = None) -> list[dict]:
+def dataset_samples(
+    root: str | os.PathLike, split: str, *, limit: int | None = None, classes: list[int] | None = None
+) -> list[dict]:
     """Metadata of the samples of ``split`` in a dataset directory (``xtalsym simulate
     dataset``), in shard order; only space groups in ``classes`` when given; at most ``limit``."""
-    from xtalsym.offline import dataset as ds
-
-    splits = ds.load_splits(root)
+    splits = dataset_format.load_splits(root)
     inside = None if classes is None else {int(c) for c in classes}
     chosen = []
-    for sample in ds.iter_sample_metadata(root):
+    for sample in dataset_format.iter_sample_metadata(root):
         if splits.get(sample["material_id"]) != split:
             continue
         if inside is not None and int(sample["space_group"]) not in inside:
@@ -67,9 +70,7 @@ def dataset_samples(root: str | os.PathLike, split: str, *, limit: int | None = 
 
 def shaped_views(root: str | os.PathLike, samples: list[dict]) -> Iterator[np.ndarray]:
     """(3 axes, 3 channels, S, S) uint8 per sample: the layout the graphs take."""
-    from xtalsym.offline import dataset as ds
-
-    reader = ds.ShardReader(root)
+    reader = dataset_format.ShardReader(root)
     try:
         for sample in samples:
             yield np.ascontiguousarray(reader.read(sample["shard"], sample["position"], "shaped").transpose(0, 3, 1, 2))
@@ -142,18 +143,31 @@ def quantise_view_graph(
     with tempfile.TemporaryDirectory(prefix="xtalsym-int8-", dir=out.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference + constant folding first, as ONNX Runtime's quantisation guide asks
-        quant_pre_process(str(view_onnx), str(prepared), skip_symbolic_shape=True)  # ORT's symbolic pass fails on the pooling gathers
-        calibrate = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
-                     "entropy": q.CalibrationMethod.Entropy}[method]
+        quant_pre_process(
+            str(view_onnx), str(prepared), skip_symbolic_shape=True
+        )  # ORT's symbolic pass fails on the pooling gathers
+        calibrate = {
+            "minmax": q.CalibrationMethod.MinMax,
+            "percentile": q.CalibrationMethod.Percentile,
+            "entropy": q.CalibrationMethod.Entropy,
+        }[method]
         extra = {"CalibMovingAverage": False}
         if method == "percentile":
             extra["CalibPercentile"] = 99.999
         staged = Path(tmp) / "int8.onnx"
         q.quantize_static(
-            str(prepared), str(staged), _CalibrationReader(calibration_dataset, chosen, image_size),
-            quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-            per_channel=True, reduce_range=reduce_range, calibrate_method=calibrate,
-            op_types_to_quantize=None if QUANTISED_OPS is None else list(QUANTISED_OPS), nodes_to_exclude=_head_nodes(prepared), extra_options=extra,
+            str(prepared),
+            str(staged),
+            _CalibrationReader(calibration_dataset, chosen, image_size),
+            quant_format=q.QuantFormat.QDQ,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            per_channel=True,
+            reduce_range=reduce_range,
+            calibrate_method=calibrate,
+            op_types_to_quantize=None if QUANTISED_OPS is None else list(QUANTISED_OPS),
+            nodes_to_exclude=_head_nodes(prepared),
+            extra_options=extra,
         )
         os.chmod(staged, 0o644)
         os.replace(staged, out)
@@ -163,8 +177,13 @@ def quantise_view_graph(
         "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
         "activations": "uint8 per tensor",
         "kept_fp32": "heads (960 -> C)",
-        "calibration": {"dataset": str(calibration_dataset), "split": split, "samples": len(chosen),
-                        "views": 3 * len(chosen), "method": method},
+        "calibration": {
+            "dataset": str(calibration_dataset),
+            "split": split,
+            "samples": len(chosen),
+            "views": 3 * len(chosen),
+            "method": method,
+        },
     }
     log.info("int8 per-view graph %s: calibrated on %d %s samples (%s)", out, len(chosen), split, method)
     return info
@@ -217,9 +236,16 @@ def paired_difference(right_a: np.ndarray, right_b: np.ndarray) -> dict:
     else:
         k = min(only_a, only_b)
         p = min(1.0, 2 * sum(math.comb(discordant, i) for i in range(k + 1)) / 2**discordant)
-    return {"n": n, "top1_a": float(right_a.mean()), "top1_b": float(right_b.mean()), "delta": delta,
-            "ci95": [delta - half, delta + half], "only_a_right": only_a, "only_b_right": only_b,
-            "mcnemar_p": p}
+    return {
+        "n": n,
+        "top1_a": float(right_a.mean()),
+        "top1_b": float(right_b.mean()),
+        "delta": delta,
+        "ci95": [delta - half, delta + half],
+        "only_a_right": only_a,
+        "only_b_right": only_b,
+        "mcnemar_p": p,
+    }
 
 
 def compare_accuracy(
@@ -243,10 +269,17 @@ def compare_accuracy(
     p8 = _sample_probabilities(_view_session(int8_view_onnx, threads), test_dataset, samples, batch)
     stats = paired_difference(p32.argmax(1) == targets, p8.argmax(1) == targets)
     return {
-        "dataset": str(test_dataset), "split": split, "samples": len(samples), "views": "x, y, z",
-        "top1_fp32": stats["top1_a"], "top1_int8": stats["top1_b"], "delta_top1": stats["delta"],
-        "delta_top1_ci95": stats["ci95"], "mcnemar_p": stats["mcnemar_p"],
-        "only_fp32_right": stats["only_a_right"], "only_int8_right": stats["only_b_right"],
+        "dataset": str(test_dataset),
+        "split": split,
+        "samples": len(samples),
+        "views": "x, y, z",
+        "top1_fp32": stats["top1_a"],
+        "top1_int8": stats["top1_b"],
+        "delta_top1": stats["delta"],
+        "delta_top1_ci95": stats["ci95"],
+        "mcnemar_p": stats["mcnemar_p"],
+        "only_fp32_right": stats["only_a_right"],
+        "only_int8_right": stats["only_b_right"],
         "top1_agreement": float((p32.argmax(1) == p8.argmax(1)).mean()),
         "max_abs_probability_difference": float(np.abs(p32 - p8).max()),
     }
@@ -255,11 +288,15 @@ def compare_accuracy(
 def card_section(info: dict) -> str:
     """The model card's int8 paragraph (Markdown) from :func:`quantise_view_graph` + :func:`compare_accuracy`."""
     cal = info["calibration"]
-    lines = ["", "## int8 (CPU)", "",
-             f"- `{info['file']}`: the per-view graph quantised statically by ONNX Runtime ({info['format']}: "
-             f"{info['weights']} weights, {info['activations']} activations; {info['kept_fp32']} kept fp32)",
-             f"- Calibration: {cal['samples']} samples ({cal['views']} shaped DPs) of the `{cal['split']}` split "
-             f"of `{cal['dataset']}`, {cal['method']} ranges"]
+    lines = [
+        "",
+        "## int8 (CPU)",
+        "",
+        f"- `{info['file']}`: the per-view graph quantised statically by ONNX Runtime ({info['format']}: "
+        f"{info['weights']} weights, {info['activations']} activations; {info['kept_fp32']} kept fp32)",
+        f"- Calibration: {cal['samples']} samples ({cal['views']} shaped DPs) of the `{cal['split']}` split "
+        f"of `{cal['dataset']}`, {cal['method']} ranges",
+    ]
     acc = info.get("accuracy")
     if acc is None:
         lines.append("- Accuracy: not measured at build time (no --int8-test dataset given)")
@@ -269,7 +306,8 @@ def card_section(info: dict) -> str:
             f"- Accuracy on {acc['samples']} held-out `{acc['split']}` samples of `{acc['dataset']}` (3 views each), "
             "fp32 and int8 on the same samples:",
             "",
-            "| graph | top-1 |", "|---|---|",
+            "| graph | top-1 |",
+            "|---|---|",
             f"| fp32 | {acc['top1_fp32'] * 100:.2f} % |",
             f"| int8 | {acc['top1_int8'] * 100:.2f} % |",
             "",
@@ -278,8 +316,10 @@ def card_section(info: dict) -> str:
             f"{acc['only_int8_right']} only in int8); top-1 agreement {acc['top1_agreement'] * 100:.2f} %, "
             f"largest probability difference {acc['max_abs_probability_difference']:.3f}",
         ]
-    lines.append("- Served by `onnxruntime` on the CPU when `bundle.precision` is `auto` (default) or `int8`; "
-                 "`fp32` keeps the fp32 graphs")
+    lines.append(
+        "- Served by `onnxruntime` on the CPU when `bundle.precision` is `auto` (default) or `int8`; "
+        "`fp32` keeps the fp32 graphs"
+    )
     return "\n".join(lines) + "\n"
 
 

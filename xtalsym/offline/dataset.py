@@ -19,14 +19,12 @@ chunks and skips every shard whose files are complete: that is the resume. A sha
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import time
-import zipfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,20 +34,27 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from xtalsym import __version__
+
+# The layout and the reader live below offline/ (index/ and inference/ read datasets too);
+# re-exported: ds.ShardReader, ds.DatasetError, ... are how the offline code and tests name them.
+from xtalsym.dataset_format import (  # noqa: F401
+    FORMAT_VERSION,
+    METADATA_FILE,
+    SHARD_DIR,
+    SPLITS_FILE,
+    DatasetError,
+    ShardReader,
+    iter_sample_metadata,
+    load_metadata,
+    load_splits,
+    shard_paths,
+)
 from xtalsym.offline import simulate, structures
 from xtalsym.offline.samples import SampleFailure, make_sample, sample_from_record  # noqa: F401 (make_sample: callers use ds.make_sample)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-METADATA_FILE = "dataset.json"
-SPLITS_FILE = "splits.json"
-SHARD_DIR = "shards"
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
-
-
-class DatasetError(ValueError):
-    """A dataset directory that is missing, incomplete or built with other settings."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,9 @@ def _sample_metadata(labelled: structures.LabelledStructure) -> dict:
     }
 
 
-def build_shard(index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig) -> ShardResult:
+def build_shard(
+    index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig
+) -> ShardResult:
     """Simulate and shape one chunk of records and write its shard (runs in a worker)."""
     # One BLAS/OpenCV thread per worker process: the parallelism is the processes, and
     # nested thread pools on the same cores slow the small matrix products ~20x.
@@ -174,7 +181,9 @@ def build_shard(index: int, records: Sequence[structures.StructureRecord], out: 
         return _build_shard(index, records, out, config)
 
 
-def _build_shard(index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig) -> ShardResult:
+def _build_shard(
+    index: int, records: Sequence[structures.StructureRecord], out: str, config: BuildConfig
+) -> ShardResult:
     start = time.perf_counter()
     shard_dir = Path(out) / SHARD_DIR
     if shard_complete(shard_dir, index):
@@ -197,11 +206,6 @@ def _build_shard(index: int, records: Sequence[structures.StructureRecord], out:
         samples.append(_sample_metadata(sample.labelled))
     _write_shard(shard_dir, index, arrays, {"samples": samples, "errors": errors})
     return ShardResult(index, len(samples), errors, time.perf_counter() - start, attempts=attempts, requested=requested)
-
-
-def shard_paths(shard_dir: Path, index: int) -> tuple[Path, Path]:
-    stem = shard_dir / f"shard-{index:06d}"
-    return stem.with_suffix(".npz"), stem.with_suffix(".json")
 
 
 def shard_complete(shard_dir: Path, index: int) -> bool:
@@ -405,73 +409,3 @@ def write_splits(out: Path, config: BuildConfig) -> dict[str, str]:
     }
     _atomic_write_bytes(out / SPLITS_FILE, json.dumps(payload, indent=0).encode())
     return splits
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def load_metadata(out: str | Path) -> dict:
-    path = Path(out) / METADATA_FILE
-    if not path.is_file():
-        raise DatasetError(f"not an xtalsym dataset (no {METADATA_FILE}): {out}")
-    return json.loads(path.read_text())
-
-
-def iter_sample_metadata(out: str | Path) -> Iterable[dict]:
-    """Metadata of every sample of every complete shard, with its shard and position."""
-    shard_dir = Path(out) / SHARD_DIR
-    for npz in sorted(shard_dir.glob("shard-*.npz")):
-        index = int(npz.stem.split("-")[1])
-        meta = json.loads(shard_paths(shard_dir, index)[1].read_text())
-        for position, sample in enumerate(meta["samples"]):
-            yield {**sample, "shard": index, "position": position}
-
-
-def _default_max_open() -> int:
-    """Archives kept open: reopening one re-parses its zip directory (~1.7 ms, more than
-    inflating a sample), so keep as many as a quarter of the file-descriptor limit allows."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, ValueError, OSError):
-        soft = 1024
-    return max(8, min(4096, soft // 4))
-
-
-class ShardReader:
-    """Reads single samples from shards, keeping up to ``max_open`` zip archives open."""
-
-    def __init__(self, out: str | Path, max_open: int | None = None):
-        self.shard_dir = Path(out) / SHARD_DIR
-        self.max_open = max_open or _default_max_open()
-        self._open: dict[int, zipfile.ZipFile] = {}
-
-    def _archive(self, shard: int) -> zipfile.ZipFile:
-        archive = self._open.get(shard)
-        if archive is None:
-            if len(self._open) >= self.max_open:
-                self._open.pop(next(iter(self._open))).close()
-            archive = zipfile.ZipFile(shard_paths(self.shard_dir, shard)[0])
-            self._open[shard] = archive
-        return archive
-
-    def read(self, shard: int, position: int, kind: str) -> np.ndarray:
-        """kind: 'raw' (3, 256, 256) or 'shaped' (3, 224, 224, 3), uint8."""
-        with self._archive(shard).open(f"{kind}-{position}.npy") as member:
-            return np.lib.format.read_array(io.BytesIO(member.read()), allow_pickle=False)
-
-    def close(self) -> None:
-        for archive in self._open.values():
-            archive.close()
-        self._open.clear()
-
-    def __getstate__(self):  # DataLoader workers each open their own handles
-        return {"shard_dir": self.shard_dir, "max_open": self.max_open, "_open": {}}
-
-
-def load_splits(out: str | Path) -> dict[str, str]:
-    path = Path(out) / SPLITS_FILE
-    if not path.is_file():
-        raise DatasetError(f"dataset has no {SPLITS_FILE} (build it with `xtalsym simulate dataset`): {out}")
-    return json.loads(path.read_text())["materials"]
