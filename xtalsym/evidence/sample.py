@@ -284,10 +284,13 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     if not feasible:
         return _undecided(frames, warnings_, "; ".join(f"{m}: {f.reason}" for m, f in fits.items()))
     prepared = {a: _prepare(ev) for a, ev in usable.items()}
-    group_ll, group_scale = _group_logliks(fits, prepared)
+    group_ll, plain_ll, group_scale = _group_logliks(fits, prepared)
     tables = _tables()
-    system_ll = _class_logliks(group_ll, tables.system_members)
-    bravais_ll = _class_logliks(group_ll, tables.bravais_members)
+    # the classes and their decision keep the likelihoods without the monoclinic pseudo-zone: the
+    # rule's thresholds were calibrated on those (≤ 1 % wrong); with it, orthorhombic test crystals
+    # were named monoclinic at log-odds up to 220 (docs/RESULTS.md, issue 15, i16soft)
+    system_ll = _class_logliks(plain_ll, tables.system_members)
+    bravais_ll = _class_logliks(plain_ll, tables.bravais_members)
     verdict = decision.decide(system_ll=system_ll, bravais_ll=bravais_ll, frames=usable)
     system, system_ok = verdict.system, verdict.system_ok
     bravais, bravais_ok = verdict.bravais, verdict.bravais_ok
@@ -297,9 +300,9 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     best_fit = feasible[best_metric]
     cell_by_bravais = {}
     for name, members in tables.bravais_members.items():
-        g = int(members[np.argmax(group_ll[members])]) + 1  # the first of the best, like max()
+        g = int(members[np.argmax(plain_ll[members])]) + 1  # the first of the best, like max()
         fit = fits[symmetry.metric_class(int(g))]
-        if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(group_ll[g - 1]):
+        if fit.feasible and not fit.partial and fit.cell is not None and np.isfinite(plain_ll[g - 1]):
             s = group_scale[g - 1]
             a, b, c, al, be, ga = fit.cell
             cell_by_bravais[name] = (a * s[0], b * s[1], c * s[2], al, be, ga)
@@ -484,14 +487,16 @@ def _beta_deg(lattice: np.ndarray) -> float:
 
 
 def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData]
-                   ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """Log-likelihood of every group, and the cell multiple that gave it.
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+    """Log-likelihood of every group, the same without the monoclinic pseudo-zone (what the
+    calibrated decision rule and the class likelihoods take), and the cell multiple that gave it.
 
     Groups come in batches sharing a metric class and divisors: each cell choice's node lattice
     in each true zone is scored once (all lattices of a zone together), and each distinct
     absence rule set sums it once."""
     tables = _tables()
     out = np.full(230, -np.inf)
+    plain = np.full(230, -np.inf)
     scales: list[tuple[int, int, int]] = [(1, 1, 1)] * 230
     best_metric = max(f.loglik for f in fits.values() if f.feasible)
     # what to score: the frame's own lattice in every zone, then the lattices of the scored batches
@@ -535,6 +540,7 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice
             out[index] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            plain[index] = out[index]
             continue
         true_zones, choices = scored
         other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
@@ -542,6 +548,7 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         for a in true_zones:
             sym_term = sym_term + sym[a][batch.ops_index[a]]
         best = np.full(len(index), -np.inf)
+        best_pseudo = np.full(len(index), -np.inf)
         for slots in choices:
             total = np.zeros(len(index))
             for a in true_zones:
@@ -555,6 +562,7 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                     score = ns.score[lo:hi]
                     sums = np.array([float(score[~row].sum()) for row in absent])
                     total = total + sums[pick]
+            best = np.maximum(best, total)
             if PSEUDO_SLOT in slots:  # z as a zone of this β ≈ 90° cell, where that explains z better
                 rules, pick = batch.pseudo_unique
                 ns, j = node_sets[pz], slots[PSEUDO_SLOT]
@@ -563,8 +571,9 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                 score = ns.score[lo:hi]
                 zone = np.array([float(score[~row].sum()) for row in absent])[pick] + pseudo_sym[batch.pseudo_ops_index]
                 total = total + np.maximum(zone - (own[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
-            best = np.maximum(best, total)
-        out[index] = fit.loglik + best + other + sym_term
+            best_pseudo = np.maximum(best_pseudo, total)
+        plain[index] = fit.loglik + best + other + sym_term
+        out[index] = fit.loglik + best_pseudo + other + sym_term
         for i in index:
             scales[i] = batch.divisors
-    return out, scales
+    return out, plain, scales
