@@ -104,8 +104,6 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", default=None, help="frames folder (default: <features>/frames)")
     ap.add_argument("--out", default=None, help="combine: evidence folder to write")
     ap.add_argument("--bundle", default="reference_index")
-    ap.add_argument("--zone-outlier", type=float, default=None,
-                    help="combine: override sample.ZONE_OUTLIER (calibration sweeps on the validation split)")
     ap.add_argument("--loop", action="store_true", help="frames: keep going while the feature job adds chunks")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -128,10 +126,6 @@ def main(argv=None) -> int:
                 time.sleep(60)
     if not args.out:
         ap.error("combine needs --out")
-    if args.zone_outlier is not None:
-        from xtalsym.evidence import sample
-
-        sample.ZONE_OUTLIER = args.zone_outlier
     start, total = time.process_time(), 0
     for path in sorted(frames_dir.glob("chunk-*.pkl")):
         total += combine_chunk(path, Path(args.out))
