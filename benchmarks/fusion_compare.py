@@ -9,7 +9,7 @@ and crystal system, the MSDN's mass on the set, and the evidence scaled by the M
 cross-validation over the validation materials (out-of-fold NLL), then both are refitted on all
 of validation and measured on the test split.
 
-    python benchmarks/fusion_compare.py --features data/fusion [--folds 5]
+    python benchmarks/fusion_compare.py --features data/fusion [--evidence DIR] [--folds 5]
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evidence", default=None, help="evidence folder (default: <features>/evidence)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from xtalsym.bundle import load_bundle
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     counts, prior_source = fusion_data.prior_counts_of(args.features, feats)
     log_prior = np.log(fusion.training_prior(counts))
     tables = fusion.symmetry_tables(True)
-    rows, evidence = fusion_data.load_evidence(Path(args.features) / fusion_data.EVIDENCE_DIR, feats.material_id)
+    rows, evidence = fusion_data.load_evidence(Path(args.evidence or Path(args.features) / fusion_data.EVIDENCE_DIR),
+                                              feats.material_id)
     ev_all = evidence[(True, True, True)]
     where = {r: i for i, r in enumerate(rows)}
     val = np.array([r for r in rows if feats.split[r] == "val"])

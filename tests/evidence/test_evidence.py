@@ -255,6 +255,27 @@ def test_zone_rules_examples():
     assert zonerules.apparent_divisors(229) == (1, 1, 1)
 
 
+def test_monoclinic_pseudo_zone_rules_match_the_full_operations():
+    """z of a β ≈ 90° monoclinic cell is scored as its hk0 plane: the fast rules there are the
+    absences of the group's full operations (symmetry.absent_mask) on those nodes, and the pattern
+    has the mirrors along a* and b* (the 2-fold along b, with Friedel's law)."""
+    g = np.arange(-4, 5)
+    mm, nn = (x.ravel() for x in np.meshgrid(g, g, indexing="ij"))
+    keep = (mm != 0) | (nn != 0)
+    mm, nn = mm[keep], nn[keep]
+    hkl = np.stack([mm, nn, np.zeros_like(mm)], 1)
+    for group in range(3, 16):
+        mine = zonerules.pseudo_zone_rules(group).absent(mm, nn)
+        assert np.array_equal(mine, symmetry.absent_mask(group, hkl)), group
+        ops = zonerules.pseudo_zone_ops(group)
+        assert ops.rotation_order == 2 and sorted(round(a) for a in ops.mirror_angles_deg) == [0, 90], group
+    # P2_1/c: only 0k0 with k odd; C2/c: h + k odd
+    assert zonerules.pseudo_zone_rules(14).absent(np.array([0, 0, 1, 1]), np.array([1, 2, 0, 1])).tolist() == \
+        [True, False, False, False]
+    assert zonerules.pseudo_zone_rules(15).absent(np.array([1, 1, 2]), np.array([0, 1, 1])).tolist() == \
+        [True, False, True]
+
+
 @pytest.mark.slow
 def test_shape_cli_overlays_the_indexed_lattice(tmp_path, capsys):
     from xtalsym.cli import main

@@ -166,7 +166,22 @@ def absence_rules(group: int, zone: str) -> AbsenceRules:
     plane = zone_plane(symmetry.metric_class(group), zone)
     if plane.rank < 2:
         return AbsenceRules((), ())
-    a = np.array(plane.basis_hkl, np.int64)  # (2, 3)
+    return _absence_rules_in(group, plane.basis_hkl)
+
+
+# A monoclinic cell (b unique) whose β is close to 90° has z as a zone axis too: c* ∥ c within the
+# tolerance, and the zone is the hk0 plane, as for an orthorhombic cell.
+PSEUDO_ZONE = {"monoclinic": ("z", ((1, 0, 0), (0, 1, 0)))}
+
+
+@cache
+def pseudo_zone_rules(group: int) -> AbsenceRules:
+    """The rules of ``group`` in the hk0 plane of a monoclinic cell with β ≈ 90° (z as a zone)."""
+    return _absence_rules_in(group, PSEUDO_ZONE["monoclinic"][1])
+
+
+def _absence_rules_in(group: int, basis_hkl) -> AbsenceRules:
+    a = np.array(basis_hkl, np.int64)  # (2, 3)
     plane_rules: set[tuple[float, float]] = set()
     line_rules: set[tuple[int, int, float]] = set()
     for rot, t in zip(*_operations(group)):
@@ -211,8 +226,20 @@ def intensity_ops(group: int, zone: str) -> IntensityOps:
     plane = zone_plane(metric, zone)
     if plane.rank < 2:
         return IntensityOps(0, ())
-    a = np.array(plane.basis_hkl, float)
-    rec = np.linalg.inv(symmetry.vesta_lattice(*symmetry.GENERIC_CELLS[metric])).T
+    return _intensity_ops_in(group, zone, plane.basis_hkl, symmetry.GENERIC_CELLS[metric])
+
+
+@cache
+def pseudo_zone_ops(group: int) -> IntensityOps:
+    """The intensity operations of ``group`` in the hk0 plane of a monoclinic cell with β = 90°."""
+    zone, basis = PSEUDO_ZONE["monoclinic"]
+    a, b, c, al, _, ga = symmetry.GENERIC_CELLS["monoclinic"]
+    return _intensity_ops_in(group, zone, basis, (a, b, c, al, 90.0, ga))
+
+
+def _intensity_ops_in(group: int, zone: str, basis_hkl, cell) -> IntensityOps:
+    a = np.array(basis_hkl, float)
+    rec = np.linalg.inv(symmetry.vesta_lattice(*cell)).T
     _, ix, iy = (np.array(v) for v in symmetry.zone_image_axes(zone))
     p = a @ rec @ np.stack([ix, iy], 1)  # (2, 2): node index -> image coordinates
     pinv = np.linalg.inv(p)
