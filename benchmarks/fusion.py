@@ -8,6 +8,10 @@ labels and the paper's figure.
 
     python benchmarks/fusion.py --features data/fusion --out runs/fusion \
         [--write-params reference_index/fusion.json]
+
+``--params reference_index/fusion.json`` measures given parameters instead of fitting (its
+no-evidence weights serve the "no evidence" rows; ``decide_at`` as stored), e.g. the shipped
+fusion on features of another graph (``fusion_data --from-cache ... --precision int8``).
 """
 
 from __future__ import annotations
@@ -83,8 +87,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="stacked",
                         help="features of the conditional logit: stacked (the default, chosen by cross-validation in "
                         "benchmarks/fusion_compare.py) or product (the product of experts alone)")
+    parser.add_argument("--params", default=None, help="measure these fusion parameters (fusion.json) instead of fitting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.params and args.write_params:
+        parser.error("--params measures given parameters; --write-params writes fitted ones: use one of them")
 
     from xtalsym.bundle import load_bundle
 
@@ -106,6 +113,17 @@ def main(argv=None) -> int:
     def ev_of(idx):
         pos = {r: i for i, r in enumerate(ev_rows)}
         return {k: v[[pos[i] for i in idx]] for k, v in evidence.items()}
+
+    if args.params:
+        try:
+            given = fusion.FusionParams.load(args.params)
+        except (OSError, ValueError, KeyError, fusion.FusionError) as exc:
+            parser.error(f"--params {args.params}: {exc}")
+        if list(given.classes) != list(classes):
+            parser.error(f"--params {args.params}: its classes are not the bundle's ({len(given.classes)} vs {len(classes)})")
+        log.info("measuring %s (not fitted here; decide_at %.2f as stored)", args.params, given.decide_at)
+        return _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
+                       {"msdn": None, "fusion, no evidence": given, "fusion": given})
 
     cpu = time.process_time()
     no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
@@ -140,6 +158,14 @@ def main(argv=None) -> int:
                                                ev_of(idx)[(True, True, True)] if name == "fusion" else None)
         params.decide_at = fusion_fit.choose_decide_at(post, feats.space_group[idx], tables)
         log.info("%s: decide_at %.2f (validation)", name, params.decide_at)
+    return _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
+                   fitted)
+
+
+def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
+            fitted) -> int:
+    """Measure every method of ``fitted`` on the test split; print the table, write metrics.json."""
+    tables = fusion.symmetry_tables(True)
     masks = {"xyz": [np.ones(3, dtype=bool)], "1 view": fusion_fit.SUBSETS[1], "2 views": fusion_fit.SUBSETS[2]}
 
     def subsets_of(idx):
@@ -166,8 +192,13 @@ def main(argv=None) -> int:
                     results[(tier, subset, name, views)] = m
                     rows.append((tier, subset, views, name, m, ceiling))
 
-    print(f"\nFusion on the MP test split (by material). Fitted on val: {len(val)} materials "
-          f"({len(val_ev)} with evidence). Prior: frequencies of {int(counts.sum())} materials of the {prior_source}.\n")
+    if args.params:
+        print(f"\nFusion on the MP test split (by material). Parameters of {args.params} (not refitted; "
+              f"fitted on {fitted['fusion'].fitted.get('materials', '?')} val materials, prior: "
+              f"{fitted['fusion'].fitted.get('prior', '?')}). Features: {args.features}.\n")
+    else:
+        print(f"\nFusion on the MP test split (by material). Fitted on val: {len(val)} materials "
+              f"({len(val_ev)} with evidence). Prior: frequencies of {int(counts.sum())} materials of the {prior_source}.\n")
     print("| materials | test | views | method | n | group top-1 | set top-1 | crystal system | Bravais | group top-5 | NLL | ECE | decided / set right when decided | ceiling (cell known / unknown) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tier, subset, views, name, m, ceiling in rows:

@@ -15,6 +15,9 @@ what the fusion needs:
 Work is cut into fixed chunks (val and test interleaved, so a partial run has both); each
 chunk is one ``chunk-NNNNN.npz`` written atomically, so a rerun skips finished chunks.
 Run: ``python -m xtalsym.offline.fusion_data --out data/fusion --val 1500``.
+``--precision`` picks the graph (default fp32, what the fusion is fitted on; "auto" would take
+the int8 graph on CPUs with VNNI / AMX); ``--from-cache DIR --precision int8`` recomputes the
+logits of an existing cache from its stored patterns instead of simulating again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SPARSE_FLOOR = 1e-5  # relative to the view's peak; weaker pixels are dropped from the cache
 CHUNK_SIZE = 32
+RELOGIT_TOL = 1e-4  # |logit| agreement that counts as "reproduced" when recomputing a cache
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mp_structures" / "structures.jsonl.xz"
 
 
@@ -114,7 +118,7 @@ def dense_pattern(indices: np.ndarray, values: np.ndarray, peak: float, pixels: 
 class _Model:
     """The bundle's graph plus its per-view heads (one per worker process)."""
 
-    def __init__(self, bundle_path: str):
+    def __init__(self, bundle_path: str, precision: str = "fp32"):
         import torch
 
         from xtalsym.bundle import load_bundle
@@ -122,12 +126,19 @@ class _Model:
 
         torch.set_num_threads(1)
         self.bundle = load_bundle(bundle_path)
-        self.backend = make_backend(self.bundle, "onnxruntime", intra_op_threads=1)
+        self.backend = make_backend(self.bundle, "onnxruntime", precision=precision, intra_op_threads=1)
         heads = self.bundle.load_model().heads  # the MSDN's linear per-view heads
         self.weights = np.stack([h.weight.detach().numpy() for h in heads]).astype(np.float32)
         self.biases = np.stack([h.bias.detach().numpy() for h in heads]).astype(np.float32)
 
     def view_logits(self, x: np.ndarray) -> np.ndarray:
+        if self.backend.precision == "int8":
+            # the quantised graph's own per-view logits, which its run() sums: its view_embeddings
+            # output is not exactly what its heads see (up to 0.26 logit apart, measured)
+            batch = len(x)
+            views = x.reshape(batch * 3, *x.shape[2:])
+            result = self.backend.run_views(views, np.tile(np.arange(3, dtype=np.int64), batch))
+            return result.logits.reshape(batch, 3, -1).astype(np.float32)
         result = self.backend.run(x)
         view = np.einsum("bvd,vcd->bvc", result.embeddings, self.weights) + self.biases[None]
         gap = np.abs(view.sum(axis=1) - result.logits).max()
@@ -139,14 +150,15 @@ class _Model:
 _MODEL: _Model | None = None
 
 
-def _model(bundle_path: str) -> _Model:
+def _model(bundle_path: str, precision: str = "fp32") -> _Model:
     global _MODEL
-    if _MODEL is None:
-        _MODEL = _Model(bundle_path)
+    if _MODEL is None or _MODEL.backend.precision != precision:
+        _MODEL = _Model(bundle_path, precision)
     return _MODEL
 
 
-def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig) -> tuple[int, int, int, float]:
+def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precision: str = "fp32"
+            ) -> tuple[int, int, int, float]:
     """Simulate, shape and classify one chunk; write its npz. (index, ok, failed, cpu s)."""
     import cv2
     from threadpoolctl import threadpool_limits
@@ -159,7 +171,7 @@ def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig) -> tup
     start = time.process_time()
     with threadpool_limits(1):
         cv2.setNumThreads(1)
-        model = _model(bundle_path)
+        model = _model(bundle_path, precision)
         rows, inputs, sparse, errors = [], [], [], []
         for record in job.records:
             try:
@@ -402,6 +414,79 @@ def label_all(source: str | Path, out: str | Path, *, symprec: float = structure
     return labels
 
 
+def relogit_chunk(path: Path, out: Path, bundle_path: str, shaping_method: str, precision: str
+                  ) -> tuple[int, int, float, float]:
+    """Copy of one feature chunk with ``view_logits`` recomputed by the ``precision`` graph from
+    the chunk's float patterns (8-bit raw, shaped, as :func:`run_job`); (rows, rows whose logits
+    are within ``RELOGIT_TOL`` of the cached ones, max |new - cached| logit, CPU s). Skips a
+    chunk already written."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    from xtalsym import shaping
+
+    target = chunk_path(out, int(path.stem.split("-")[1]))
+    if target.is_file():
+        return 0, 0, float("nan"), 0.0
+    start = time.process_time()
+    with threadpool_limits(1):
+        cv2.setNumThreads(1)
+        model = _model(bundle_path, precision)
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        gap, close = 0.0, 0
+        if "view_logits" in arrays:
+            inputs = []
+            for _, _, views in iter_patterns(path.parent, only=path):
+                shaped = np.stack([shaping.shape(simulate.to_raw_uint8(views[a]), a, method=shaping_method)
+                                   for a in simulate.AXES])
+                inputs.append(np.ascontiguousarray(shaped.transpose(0, 3, 1, 2)))
+            logits = np.concatenate([model.view_logits(np.stack(inputs[i : i + 16])) for i in range(0, len(inputs), 16)])
+            per_row = np.abs(logits - arrays["view_logits"]).max(axis=(1, 2))
+            gap, close = float(per_row.max()), int((per_row <= RELOGIT_TOL).sum())
+            arrays["view_logits"] = logits
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    os.replace(tmp, target)
+    return len(arrays["space_group"]) if "space_group" in arrays else 0, close, gap, time.process_time() - start
+
+
+def relogit_cache(source: str | Path, out: str | Path, *, bundle_path: str | Path = "reference_index",
+                  precision: str = "int8", workers: int = 1, max_jobs: int | None = None) -> tuple[float, float]:
+    """A copy of the feature cache ``source`` under ``out`` whose per-view logits come from the
+    ``precision`` graph (recomputed from the cached patterns, no simulation); labels, cells and
+    patterns are copied unchanged (the evidence stays in ``source``). Returns the largest
+    |recomputed - cached| logit seen and the share of materials within ``RELOGIT_TOL`` (with fp32
+    this checks the recomputation: the patterns are stored as float16, so a pixel near a grey
+    level's rounding edge can move by one level and some materials differ)."""
+    from xtalsym.bundle import load_bundle
+    from xtalsym.offline.evaluate import build_config_from
+
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve():
+        raise ValueError("--from-cache and --out are the same folder; the copy must go elsewhere")
+    chunks = sorted(source.glob("chunk-*.npz"))[: max_jobs or None]
+    if not chunks:
+        raise FileNotFoundError(f"no feature chunks under {source}")
+    bundle = load_bundle(bundle_path)
+    method = build_config_from({"dataset_config": bundle.settings["dataset_config"]}).shaping_method
+    out.mkdir(parents=True, exist_ok=True)
+    plan = json.loads((source / "plan.json").read_text()) if (source / "plan.json").is_file() else {}
+    (out / "plan.json").write_text(json.dumps({**plan, "bundle": bundle.model_id, "precision": precision,
+                                               "logits_recomputed_from": str(source)}, indent=1))
+    worst, rows_all, close_all = 0.0, 0, 0
+    n = len(chunks)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for path, (rows, close, gap, seconds) in zip(chunks, pool.map(relogit_chunk, chunks, [out] * n, [str(bundle_path)] * n,
+                                                               [method] * n, [precision] * n)):
+            if rows:
+                worst, rows_all, close_all = max(worst, gap), rows_all + rows, close_all + close
+                log.info("%s: %d materials (%d within %g of the cached logits), max |%s - cached| logit %.3g, "
+                         "%.3f CPU-s per material", path.name, rows, close, RELOGIT_TOL, precision, gap, seconds / rows)
+    return worst, close_all / max(rows_all, 1)
+
+
 def build(
     out: str | Path,
     *,
@@ -411,6 +496,7 @@ def build(
     test: int | None = None,
     workers: int = 2,
     max_jobs: int | None = None,
+    precision: str = "fp32",
 ) -> None:
     from xtalsym.bundle import load_bundle
     from xtalsym.offline.evaluate import build_config_from
@@ -421,7 +507,7 @@ def build(
     config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
     chosen = select_records(source, split_counts={"val": val, "test": test})
     _run_jobs(out, make_jobs(chosen), {"splits": {k: len(v) for k, v in chosen.items()}}, bundle_path=bundle_path,
-              model_id=bundle.model_id, config=config, workers=workers, max_jobs=max_jobs)
+              model_id=bundle.model_id, config=config, workers=workers, max_jobs=max_jobs, precision=precision)
 
 
 def open_set_ids(labels: dict[str, dict], *, groups, seed: int = 0, exclude_splits: Sequence[str] = ("val",)) -> set[str]:
@@ -470,9 +556,10 @@ def build_open_set(
 
 
 def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: str, config: ds.BuildConfig,
-              workers: int, max_jobs: int | None) -> None:
+              workers: int, max_jobs: int | None, precision: str = "fp32") -> None:
     """Run the chunks of ``jobs`` not yet on disk (resumable), after writing the plan."""
-    (out / "plan.json").write_text(json.dumps({**plan, "chunks": len(jobs), "bundle": model_id}, indent=1))
+    (out / "plan.json").write_text(json.dumps({**plan, "chunks": len(jobs), "bundle": model_id,
+                                               "precision": precision}, indent=1))
     todo = [j for j in jobs if not chunk_path(out, j.index).is_file()][: max_jobs or None]
     log.info("%d chunks planned, %d to do", len(jobs), len(todo))
     done = ok = failed = 0
@@ -480,7 +567,8 @@ def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: 
     wall = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for index, n_ok, n_failed, seconds in pool.map(
-            run_job, todo, [str(out)] * len(todo), [str(bundle_path)] * len(todo), [config] * len(todo)
+            run_job, todo, [str(out)] * len(todo), [str(bundle_path)] * len(todo), [config] * len(todo),
+            [precision] * len(todo)
         ):
             done += 1
             ok += max(n_ok, 0)
@@ -508,8 +596,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the test half of the paper's 30 unseen groups (xtalsym index evaluate's split), "
                         "outside the validation split; needs --labels (fusion_data --labels-only)")
     parser.add_argument("--labels", default=None, help="mp_labels.json of --labels-only (default: <out>/mp_labels.json)")
+    parser.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
+                        help="graph for the logits (fp32: what the fusion is fitted on)")
+    parser.add_argument("--from-cache", default=None,
+                        help="recompute the logits of this cache's patterns with --precision into --out (no simulation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.from_cache:
+        from xtalsym.inference import BackendUnavailable
+
+        if not Path(args.from_cache).is_dir():
+            parser.error(f"--from-cache: no folder {args.from_cache}")
+        try:
+            worst, share = relogit_cache(args.from_cache, args.out, bundle_path=args.bundle, precision=args.precision,
+                                  workers=args.workers, max_jobs=args.max_chunks)
+        except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
+            parser.error(str(exc))
+        log.info("logits recomputed (%s) into %s; largest |new - cached| logit %.3g; %.1f %% of the materials within %g",
+                 args.precision, args.out, worst, 100 * share, RELOGIT_TOL)
+        return 0
     if args.evidence:
         from xtalsym.bundle import load_bundle
         from xtalsym.offline.evaluate import build_config_from
@@ -534,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        source=args.source, bundle_path=args.bundle, workers=args.workers, max_jobs=args.max_chunks)
         return 0
     build(args.out, source=args.source, bundle_path=args.bundle, val=args.val, test=args.test,
-          workers=args.workers, max_jobs=args.max_chunks)
+          workers=args.workers, max_jobs=args.max_chunks, precision=args.precision)
     return 0
 
 
