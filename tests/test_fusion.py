@@ -318,3 +318,39 @@ def test_open_set_selection_is_the_index_evaluate_test_half_outside_validation()
         expected = (entry["space_group"] in (3, 69) and entry["split"] != "val" and not reference_half(mid))
         assert (mid in chosen) == expected, mid
     assert fusion_data.open_set_ids(labels, groups=[3, 69], exclude_splits=()) > chosen
+
+
+def test_from_cache_recomputes_a_chunk_with_either_graph(tmp_path):
+    """fusion_data --from-cache: a copy of a cache whose logits come from the fp32 or int8 graph,
+    everything else unchanged; fp32 agrees with the cached logits, int8 is a different graph."""
+    from xtalsym.bundle import default_bundle_path, load_bundle
+    from xtalsym.offline import fusion_data
+    from xtalsym.offline.evaluate import build_config_from
+    from xtalsym.offline.structures import StructureRecord, shipped_structures_dir
+
+    bundle_path = str(default_bundle_path())
+    bundle = load_bundle(bundle_path)
+    if getattr(bundle, "int8_onnx_path", None) is None:
+        pytest.skip("the shipped bundle has no int8 graph")
+    config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
+    records = tuple(StructureRecord("cif", name, None, cif=(shipped_structures_dir() / f"{name}.cif").read_text())
+                    for name in ("NaCl", "Si"))
+    src = tmp_path / "src"
+    src.mkdir()
+    _, ok, failed, _ = fusion_data.run_job(fusion_data.Job(0, "test", records), str(src), bundle_path, config)
+    assert (ok, failed) == (2, 0)
+    worst, share = fusion_data.relogit_cache(src, tmp_path / "fp32", bundle_path=bundle_path, precision="fp32")
+    assert worst < 0.5 and 0.0 <= share <= 1.0  # float16 patterns: a grey level may move, little more
+    worst8, _ = fusion_data.relogit_cache(src, tmp_path / "int8", bundle_path=bundle_path, precision="int8")
+    assert worst8 > 1e-3
+    with np.load(src / "chunk-00000.npz") as a, np.load(tmp_path / "int8" / "chunk-00000.npz") as b:
+        assert set(a.files) == set(b.files)
+        for key in a.files:
+            if key != "view_logits":
+                assert np.array_equal(a[key], b[key]), key
+        assert (a["view_logits"].sum(axis=1).argmax(axis=1) == b["view_logits"].sum(axis=1).argmax(axis=1)).all()
+    assert json.loads((tmp_path / "int8" / "plan.json").read_text())["precision"] == "int8"
+    with pytest.raises(ValueError, match="same folder"):
+        fusion_data.relogit_cache(src, src, bundle_path=bundle_path)
+    with pytest.raises(SystemExit):
+        fusion_data.main(["--from-cache", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
