@@ -6,6 +6,10 @@ and the same with ``int8``), so the only difference between them is the graph. T
 fusion parameters are applied to both, not refitted; the evidence is the source cache's.
 Paired differences (int8 − fp32, 95 % CI, McNemar's exact p) on the same materials.
 
+``--int8-params`` applies other parameters to the int8 logits (e.g. a fusion fitted on int8
+validation logits by ``benchmarks/fusion.py --features data/fusion_int8 --write-params ...``),
+so that each graph is measured with its own fit.
+
 ``--resimulate K`` first checks the recomputation itself: it simulates the first K cached
 materials again and compares the logits of their exact float patterns with the cached ones.
 
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cached", default=None, help="the source cache (its own fp32 logits: a third row)")
     parser.add_argument("--evidence", required=True, help="evidence folder of the source cache")
     parser.add_argument("--params", default="reference_index/fusion.json")
+    parser.add_argument("--int8-params", default=None, help="parameters for the int8 logits (default: --params)")
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--resimulate", type=int, default=0, help="re-simulate this many cached materials first")
     parser.add_argument("--json", default=None, help="write every figure here")
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
 
     try:
         params = fusion.FusionParams.load(args.params)
+        params_int8 = fusion.FusionParams.load(args.int8_params) if args.int8_params else params
         caches = {"fp32": fusion_data.load_features(args.fp32), "int8": fusion_data.load_features(args.int8)}
         if args.cached:
             caches["fp32 as cached"] = fusion_data.load_features(args.cached)
@@ -89,7 +95,9 @@ def main(argv=None) -> int:
     for name, feats in caches.items():
         if feats.material_id != base.material_id:
             parser.error(f"{name} cache holds other materials than --fp32 (not copies of one cache)")
-    report: dict = {"params": args.params, "features": {k: str(v) for k, v in
+    if list(params_int8.classes) != list(params.classes):
+        parser.error("--int8-params has other classes than --params")
+    report: dict = {"params": args.params, "int8_params": args.int8_params or args.params, "features": {k: str(v) for k, v in
                                                         (("fp32", args.fp32), ("int8", args.int8), ("cached", args.cached))}}
     if args.resimulate:
         report["resimulate"] = resimulate_check(Path(args.cached or args.fp32), args.bundle, args.resimulate)
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
     labels = base.space_group[test]
     inside = np.isin(labels, params.classes)
     tables = fusion.symmetry_tables(True)
-    fuse = fusion.Fusion(params)
+    fuses = {name: fusion.Fusion(params_int8 if name == "int8" else params) for name in caches}
     subsets = {"72 groups, natural": inside, "every group (natural)": np.ones(len(test), dtype=bool)}
     methods = {"fusion": True, "fusion, no evidence": False, "msdn": None}
     rows, rights = [], {}
@@ -111,15 +119,17 @@ def main(argv=None) -> int:
             if with_ev is None:
                 post = fusion_fit.msdn_posterior(logits.sum(axis=1), params.classes)
             else:
-                post = fuse.posterior(logits, None, ev if with_ev else None)
+                post = fuses[name].posterior(logits, None, ev if with_ev else None)
             rights[(method, name)] = right_of(post, labels, tables)
             for subset, sel in subsets.items():
-                m = fusion_fit.posterior_metrics(post[sel], labels[sel], tables=tables, decide_at=params.decide_at)
+                decide_at = (params_int8 if name == "int8" else params).decide_at
+                m = fusion_fit.posterior_metrics(post[sel], labels[sel], tables=tables, decide_at=decide_at)
                 rows.append({"method": method, "precision": name, "subset": subset, "n": m["n"],
                              **{k: m[k] for k in KEYS}, "decided_share": m["decided_share"],
                              "set_top1_when_decided": m["set_top1_when_decided"]})
     report["rows"] = rows
-    print(f"\nShipped fusion ({args.params}, not refitted) on {len(test)} test materials with evidence, 3 views\n")
+    print(f"\nFusion {args.params} (int8 logits: {args.int8_params or args.params}; not refitted here) on {len(test)} "
+          "test materials with evidence, 3 views\n")
     print("| method | logits | test | n | group top-1 | set top-1 | crystal system | Bravais | group top-5 | NLL | ECE |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
