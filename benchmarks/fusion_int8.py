@@ -40,7 +40,7 @@ def right_of(post: np.ndarray, labels: np.ndarray, tables: fusion.SymmetryTables
     set_mass = np.zeros((len(labels), len(tables.sets)))
     np.add.at(set_mass.T, tables.set_of, post.T)
     return {"group_top1": post.argmax(axis=1) + 1 == labels,
-            "set_top1": set_mass.argmax(axis=1) == tables.set_of[labels - 1]}
+            "set_top1": set_mass.argmax(axis=1) == tables.set_of[labels - 1], "set": set_mass.argmax(axis=1)}
 
 
 def resimulate_check(source: Path, bundle_path: str, k: int) -> dict:
@@ -149,6 +149,16 @@ def main(argv=None) -> int:
                           f"{100 * d['delta']:+.2f} ({100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f}) | "
                           f"{d['only_a_right']} / {d['only_b_right']} | {d['mcnemar_p']:.2g} |")
     report["paired"] = paired
+    # which sets the fused answer moves between (every group): true set -> fp32's / int8's set
+    a, b = rights[("fusion", "fp32")], rights[("fusion", "int8")]
+    moved = np.flatnonzero(a["set_top1"] != b["set_top1"])
+    label = lambda s: fusion.set_label(tables.sets[s])  # noqa: E731
+    changes = [{"material_id": base.material_id[test[i]], "true": label(tables.set_of[labels[i] - 1]),
+                "fp32": label(a["set"][i]), "int8": label(b["set"][i])} for i in moved]
+    report["set_changes"] = changes
+    print(f"\nfused set right in one precision only ({len(changes)}; every group): true set: fp32's -> int8's\n")
+    for c in sorted(changes, key=lambda c: (c["true"], c["fp32"])):
+        print(f"  {c['material_id']:12s} {c['true']:28s} fp32 {c['fp32']:28s} int8 {c['int8']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
