@@ -104,11 +104,11 @@ class Service:
 
     def start(self) -> Service:
         self.pipeline.start()
-        log.info("xtalsym daemon: frames %s %s (%s, %s), predictions PUB %s %s, model %s, backend %s",
+        log.info("xtalsym daemon: frames %s %s (%s, %s), predictions PUB %s %s, model %s, backend %s %s",
                  self.config.ingest.socket.upper(), self.config.ingest.mode, self.pipeline.ingest_endpoint
                  if self.config.ingest.mode == "bind" else self.config.ingest.address, self.config.ingest.protocol,
                  self.config.publish.mode, self.pipeline.publish_endpoint, self.pipeline.bundle.model_id[:12],
-                 self.pipeline.model_info["backend"])
+                 self.pipeline.model_info["backend"], self.pipeline.model_info["precision"])
         return self
 
     def shutdown(self) -> None:

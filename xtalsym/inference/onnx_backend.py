@@ -136,7 +136,8 @@ class OnnxRuntimeBackend:
             from xtalsym.inference.cpu_flags import int8_pays
 
             int8, why = int8_pays()
-            log.info("bundle has an int8 graph; precision auto -> %s (%s)", "int8" if int8 else "fp32", why)
+            # DEBUG: a command's output stays one line; the daemon's start line names the precision
+            log.debug("bundle has an int8 graph; precision auto -> %s (%s)", "int8" if int8 else "fp32", why)
         if precision == "int8" and device != "cpu":
             raise BackendUnavailable("the int8 graph runs on the CPU only")
         if not int8 and bundle.onnx_path is None:
