@@ -486,6 +486,17 @@ def _beta_deg(lattice: np.ndarray) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ c) / float(np.linalg.norm(a) * np.linalg.norm(c))))))
 
 
+def _rule_sums(rule_set: zonerules.RuleSet, codes, node_set, slot: int, unique) -> np.ndarray:
+    """Per group of a batch: the node score of one scored lattice (``slot`` of ``node_set``) summed
+    over the nodes its absence rules allow. ``unique`` = (distinct rule indices, each group's
+    position among them): each distinct rule set is summed once."""
+    rules, pick = unique
+    lo, hi = node_set.bounds[slot], node_set.bounds[slot + 1]
+    absent = rule_set.absent_at((codes[0][lo:hi], codes[1][lo:hi]), rules)
+    score = node_set.score[lo:hi]
+    return np.array([float(score[~row].sum()) for row in absent])[pick]
+
+
 def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData]
                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
     """Log-likelihood of every group, the same without the monoclinic pseudo-zone (what the
@@ -555,21 +566,12 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                 if a not in slots:  # rank < 2: not a zone plane of this class
                     total = total + own[a]
                 else:
-                    rules, pick = batch.rules_unique[a]
-                    ns, j = node_sets[a], slots[a]
-                    lo, hi = ns.bounds[j], ns.bounds[j + 1]
-                    absent = tables.rule_sets[a].absent_at((codes[a][0][lo:hi], codes[a][1][lo:hi]), rules)
-                    score = ns.score[lo:hi]
-                    sums = np.array([float(score[~row].sum()) for row in absent])
-                    total = total + sums[pick]
+                    total = total + _rule_sums(tables.rule_sets[a], codes[a], node_sets[a], slots[a],
+                                               batch.rules_unique[a])
             best = np.maximum(best, total)
             if PSEUDO_SLOT in slots:  # z as a zone of this β ≈ 90° cell, where that explains z better
-                rules, pick = batch.pseudo_unique
-                ns, j = node_sets[pz], slots[PSEUDO_SLOT]
-                lo, hi = ns.bounds[j], ns.bounds[j + 1]
-                absent = tables.pseudo_rules.absent_at((pseudo_codes[0][lo:hi], pseudo_codes[1][lo:hi]), rules)
-                score = ns.score[lo:hi]
-                zone = np.array([float(score[~row].sum()) for row in absent])[pick] + pseudo_sym[batch.pseudo_ops_index]
+                zone = _rule_sums(tables.pseudo_rules, pseudo_codes, node_sets[pz], slots[PSEUDO_SLOT],
+                                  batch.pseudo_unique) + pseudo_sym[batch.pseudo_ops_index]
                 total = total + np.maximum(zone - (own[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
             best_pseudo = np.maximum(best_pseudo, total)
         plain[index] = fit.loglik + best + other + sym_term
