@@ -488,6 +488,15 @@ class Fusion:
         self.log_prior_shift = np.log(self.prior) - self.log_prior_train
         self._inside = set(int(c) for c in params.classes)
 
+    def uses_evidence(self, n_views: int) -> bool:
+        """Whether evidence moves the posterior with ``n_views`` views: some evidence feature has
+        a weight there. A fit where the evidence of that many zones bought nothing on validation
+        keeps the no-evidence weights for it (benchmarks/fusion.py), and a caller may then skip
+        combining those zones (the daemon's partial predictions: milliseconds per request)."""
+        k = int(n_views)
+        weights = self.params.weights.get(k if k > 0 else 1, {})
+        return any(weights.get(f, 0.0) != 0.0 for f in EVIDENCE_FEATURES)
+
     def posterior(self, view_logits: np.ndarray, present: np.ndarray | None = None,
                   evidence_loglik: np.ndarray | None = None) -> np.ndarray:
         """(B, 230) posterior from per-view MSDN logits (B, 3, C), views present (B, 3)
@@ -520,12 +529,13 @@ class Fusion:
             if ev.shape not in ((N_GROUPS,), (batch, N_GROUPS)):
                 raise FusionError(f"evidence log-likelihoods must have shape ({batch}, 230), got {ev.shape}")
             ev = np.broadcast_to(ev, (batch, N_GROUPS))
-        with_ev = ev is not None or not self.params.weights_no_evidence
-        weights = self.params.weights if with_ev else self.params.weights_no_evidence
-        temperature = self.params.temperature if with_ev else self.params.temperature_no_evidence
         out = np.zeros((batch, N_GROUPS))
         for k in np.unique(counts):
             rows = np.flatnonzero(counts == k)
+            # evidence the weights of k views ignore is no evidence: the no-evidence fit, exactly
+            with_ev = (ev is not None and self.uses_evidence(int(k))) or not self.params.weights_no_evidence
+            weights = self.params.weights if with_ev else self.params.weights_no_evidence
+            temperature = self.params.temperature if with_ev else self.params.temperature_no_evidence
             if k == 0:
                 s = np.zeros((len(rows), N_GROUPS)) + self.log_prior_train
                 if ev is not None:
@@ -536,7 +546,8 @@ class Fusion:
                     w = self.params.weights[1]
                     s = s + sum(w[f] * feats[..., COLUMN[f]] for f in EVIDENCE_FEATURES)
             else:
-                feats = feature_tensor(logits[rows], None if ev is None else ev[rows], classes=self.params.classes,
+                feats = feature_tensor(logits[rows], ev[rows] if ev is not None and with_ev else None,
+                                       classes=self.params.classes,
                                        temperature=temperature[int(k)], evidence_clip=self.params.evidence_clip,
                                        log_prior_train=self.log_prior_train, tables=self.tables)
                 s = scores(feats, weights[int(k)])
@@ -550,8 +561,9 @@ class Fusion:
         """One sample's prediction (view_logits (3, C), present (3,), evidence (230,))."""
         post = self.posterior(np.asarray(view_logits)[None], None if present is None else np.asarray(present)[None],
                               None if evidence_loglik is None else np.asarray(evidence_loglik)[None])[0]
-        return self.describe(post, views=views, evidence_used=evidence_loglik is not None, warnings=warnings,
-                             evidence_decided=evidence_decided)
+        n_views = 3 if present is None else int(np.asarray(present, dtype=bool).sum())
+        return self.describe(post, views=views, evidence_used=evidence_loglik is not None and self.uses_evidence(n_views),
+                             warnings=warnings, evidence_decided=evidence_decided)
 
     def _group(self, g: int, p: float) -> GroupScore:
         return GroupScore(int(g), spacegroups.symbol(int(g)), float(p), int(g) in self._inside)

@@ -92,7 +92,7 @@ class BatchResult:
     fusion_error: Exception | None = None  # the fusion failed: messages with "fusion" null
     message_seconds: float = 0.0  # building the messages (the publisher's encoding and send come after)
     message_cpu_seconds: float = 0.0
-    combine_seconds: list[float] = field(default_factory=list)  # per final request with evidence
+    combine_seconds: list[tuple[float, float]] = field(default_factory=list)  # (wall, thread CPU) per combine here
     evidence_errors: list[tuple[str, Exception]] = field(default_factory=list)  # messages then carry none
 
 
@@ -102,10 +102,10 @@ def evidence_frames(request: Request) -> dict:
 
 
 def combine_timed(frames: dict) -> tuple[dict, float, float]:
-    """The combined evidence of one final sample as the message's JSON, its wall and thread CPU
+    """The combined evidence of one sample's zones as the message's JSON, its wall and thread CPU
     seconds. The daemon runs it on its own thread (:meth:`Pipeline._combine_aside`): it costs
-    tens of milliseconds per sample, which on the inference thread delayed every request of
-    the batch behind it."""
+    milliseconds per sample, which on the inference thread delayed every request of the batch
+    behind it."""
     from xtalsym.evidence import combine
 
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -113,32 +113,50 @@ def combine_timed(frames: dict) -> tuple[dict, float, float]:
     return out, time.perf_counter() - t0, time.thread_time() - c0
 
 
-def request_evidence(request: Request, result: BatchResult) -> dict | None:
-    """The message's ``evidence`` object: the zones combined for a final prediction, the per-zone
-    evidence for a partial one (combining costs milliseconds: once per sample). A final request
-    combined before the batch (``request.combined``, the daemon does it in a worker) is used as
-    it is. Never raises."""
-    if request.final and request.combined is not None:
+def wants_combined(request: Request, fusion=None) -> bool:
+    """Whether the request's zones are combined: a final one always (its message carries the
+    combined evidence); a partial one when ``fusion`` weighs evidence at its number of views
+    (its prediction is then fused with the combined evidence of the zones it has, as the fusion
+    was fitted: issue 15). Otherwise a partial message carries the per-zone evidence only."""
+    if request.final:
+        return True
+    return fusion is not None and fusion.uses_evidence(len(request.views))
+
+
+def request_evidence(request: Request, result: BatchResult, fusion=None) -> dict | None:
+    """The message's ``evidence`` object: the zones combined (for a partial prediction marked
+    ``"partial": true``) when :func:`wants_combined`, else the per-zone evidence of the partial
+    one. A request combined before the batch (``request.combined``: the daemon's combine thread)
+    is used as it is; else it is combined here (``xtalsym classify``, shutdown), once. Never raises."""
+    if request.combined is not None:
         evidence, exc = request.combined
         if exc is not None:
             result.evidence_errors.append((request.sample_key, exc))
-        return evidence
+        return evidence_object(evidence, request)
     frames = evidence_frames(request)
     if not frames:
         return None
     try:
-        if not request.final:
+        if not wants_combined(request, fusion):
             return evidence_partial(frames)
         from xtalsym.evidence import combine
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = combine(frames).to_json()
-        result.combine_seconds.append(time.perf_counter() - t0)
-        return out
+        result.combine_seconds.append((time.perf_counter() - t0, time.thread_time() - c0))
+        return evidence_object(out, request)
     except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
         log.exception("evidence of sample %s failed", request.sample_key)
         result.evidence_errors.append((request.sample_key, exc))
         return None
+
+
+def evidence_object(combined: dict | None, request: Request) -> dict | None:
+    """The combined evidence as a message carries it: a partial prediction's marked ``partial``
+    (its ``zones`` are the per-zone objects the partial messages always carried)."""
+    if combined is None or request.final:
+        return combined
+    return {**combined, "partial": True}
 
 
 def classify_batch(batch: list[Request], *, backend, size: int, model: dict, index=None,
@@ -183,7 +201,7 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
             result.match_cpu_seconds = time.thread_time() - c0
         except Exception as exc:  # noqa: BLE001
             result.index_error = exc
-    evidences = [request_evidence(request, result) for request in batch]
+    evidences = [request_evidence(request, result, fusion) for request in batch]
     fused: list[dict | None] = [None] * len(batch)
     if fusion is not None:
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -205,20 +223,23 @@ def classify_batch(batch: list[Request], *, backend, size: int, model: dict, ind
 
 def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.ndarray,
                evidences: list[dict | None] | None = None) -> list[dict]:
-    """The fusion's prediction for each request, from the summed logits of its views and, for a
-    final prediction, the combined symmetry evidence of its zones (the message's ``evidence``
-    object, combined once by :func:`request_evidence`); partial ones fuse without evidence."""
+    """The fusion's prediction for each request, from the summed logits of its views and the
+    combined symmetry evidence of its zones (the message's ``evidence`` object, combined once by
+    :func:`request_evidence` or the combine thread), final or partial; a request without
+    combined evidence (a partial one the fusion weighs none for, no evidence) fuses without."""
     out: list[dict] = []
     for i, request in enumerate(batch):
         ev = (evidences or [None] * len(batch))[i]
         loglik = None
         if ev is not None and isinstance(ev.get("group_loglik"), list) and len(ev["group_loglik"]) == 230:
             loglik = np.asarray(ev["group_loglik"], dtype=np.float64)
-        post = fusion.posterior_summed(np.asarray(logits[i], dtype=np.float64)[None], int(present[i].sum()),
+        n_views = int(present[i].sum())
+        post = fusion.posterior_summed(np.asarray(logits[i], dtype=np.float64)[None], n_views,
                                        None if loglik is None else loglik[None])[0]
-        prediction = fusion.describe(post, views=request.axes, evidence_used=loglik is not None,
-                                     warnings=list(ev.get("warnings", [])) if loglik is not None else [],
-                                     evidence_decided=bool(ev.get("decided", True)) if loglik is not None else True)
+        used = loglik is not None and fusion.uses_evidence(n_views)  # as xtalsym predict says it
+        prediction = fusion.describe(post, views=request.axes, evidence_used=used,
+                                     warnings=list(ev.get("warnings", [])) if used else [],
+                                     evidence_decided=bool(ev.get("decided", True)) if used else True)
         out.append(prediction.to_json())
     return out
 

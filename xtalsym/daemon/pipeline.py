@@ -15,9 +15,10 @@ Threads and processes (docs/DAEMON.md, "Inside the daemon"):
   requests (flush at ``max_batch`` requests or when the oldest waited
   ``latency_budget_seconds``, whichever first), runs the backend, queries the reference
   index, publishes, closes timed-out samples and sends metrics.
-* **combine thread**: combines the zones' symmetry evidence of each final sample (tens of
-  ms per sample) before its request joins a batch, so that it runs beside the network
-  (ONNX Runtime releases the GIL) instead of in front of every request of the batch.
+* **combine thread**: combines the zones' symmetry evidence of each final sample, and of each
+  partial one whose evidence the fusion weighs (milliseconds per request), before its request
+  joins a batch, so that it runs beside the network (ONNX Runtime releases the GIL) instead of
+  in front of every request of the batch.
 
 Bad frames (BadMessage, CalibrationError, ShapingError, AssemblyError, series drops) are
 counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies on a frame.
@@ -43,7 +44,15 @@ import zmq
 from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
-from xtalsym.daemon.infer import classify_batch, combine_timed, evidence_frames, load_fusion, model_info, uses_per_view
+from xtalsym.daemon.infer import (
+    classify_batch,
+    combine_timed,
+    evidence_frames,
+    load_fusion,
+    model_info,
+    uses_per_view,
+    wants_combined,
+)
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.overload import WorkerSlots
@@ -565,9 +574,10 @@ class Pipeline:
                 self.finished.set()
 
     def _combine_aside(self, request: Request) -> bool:
-        """Hand a final request with evidence to the combine thread; False when it goes to the
-        batch as it is (not final, no evidence, no combine thread, or that thread is shut)."""
-        if self.combiner is None or not request.final or request.combined is not None:
+        """Hand a request with evidence whose zones are combined (final, or partial where the
+        fusion weighs their evidence: :func:`wants_combined`) to the combine thread; False when it
+        goes to the batch as it is (nothing to combine, no combine thread, or that thread is shut)."""
+        if self.combiner is None or request.combined is not None or not wants_combined(request, self.fusion):
             return False
         frames = evidence_frames(request)
         if not frames:
@@ -679,8 +689,8 @@ class Pipeline:
         if result.fusion_error is not None:
             exc = result.fusion_error
             self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
-        for seconds in result.combine_seconds:
-            self.metrics.stage("combine", seconds)
+        for seconds, cpu_seconds in result.combine_seconds:
+            self.metrics.stage("combine", seconds, cpu_seconds)
         for key, exc in result.evidence_errors:
             self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
         self.metrics.batch(len(batch))

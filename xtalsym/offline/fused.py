@@ -84,9 +84,11 @@ def predict_patterns(model, engine: fusion.Fusion | None, patterns: Mapping[str,
     if engine is not None:
         ev = None if evidence is None else np.asarray(evidence.group_loglik, dtype=np.float64)
         post = engine.posterior_summed(summed[None], int(present.sum()), None if ev is None else ev[None])[0]
-        warnings = list(getattr(evidence, "warnings", []) or [])
-        prediction = engine.describe(post, views=axes, evidence_used=ev is not None, warnings=warnings,
-                                     evidence_decided=bool(getattr(evidence, "decided", True)))
+        # as the daemon: evidence the fusion gives no weight at this many views is not "used"
+        used = ev is not None and engine.uses_evidence(int(present.sum()))
+        warnings = list(getattr(evidence, "warnings", []) or []) if used else []
+        prediction = engine.describe(post, views=axes, evidence_used=used, warnings=warnings,
+                                     evidence_decided=bool(getattr(evidence, "decided", True)) if used else True)
     return FusedResult(prediction, probs, view, evidence, present)
 
 

@@ -1,0 +1,134 @@
+"""A partial prediction is fused with the combined evidence of the zones it has wherever the
+bundle's fusion weighs evidence at that number of views (issue 15): over real sockets
+(127.0.0.1) the daemon's 2-view partial prediction equals the offline Fusion.predict with those
+two zones' combined evidence, the combine runs on the combine thread, and the batch path
+(``xtalsym classify``, shutdown) gives the same answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("zmq")
+
+from xtalsym import fusion, symmetry
+from xtalsym.daemon import pipeline as pipeline_module
+from xtalsym.daemon.infer import classify_batch, evidence_frames
+from xtalsym.daemon.sim import DetectorSim
+from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector, tiny_bundle
+
+AXES = ("x", "y", "z")
+
+
+def fusion_params(classes) -> fusion.FusionParams:
+    """Evidence weighed at 2 and 3 views, not at 1 (as a fit where one zone buys nothing), and
+    other weights and temperature without evidence: fusing without it would give another answer."""
+    plain = {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -4.0, "prior": 0.5}
+    with_evidence = plain | {"evidence": 0.3, "evidence_top": 1.0, "evidence_8": 0.5}
+    return fusion.FusionParams(
+        classes=list(classes), prior_counts=np.ones(230), weights={1: plain, 2: with_evidence, 3: with_evidence},
+        temperature={1: 1.0, 2: 1.3, 3: 1.0}, weights_no_evidence={k: plain for k in (1, 2, 3)},
+        temperature_no_evidence={1: 1.0, 2: 1.0, 3: 1.0}, sets=[[g] for g in range(1, 231)],
+        bravais=[symmetry.bravais_lattice(g) for g in range(1, 231)])
+
+
+@pytest.fixture(scope="module")
+def fused_components(tmp_path_factory):
+    import torch
+
+    from xtalsym.bundle import add_fusion, load_bundle
+    from xtalsym.daemon.config import load_config
+    from xtalsym.daemon.service import load_components
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("partial_evidence")
+    path = tiny_bundle(tmp)
+    add_fusion(path, fusion_params(load_bundle(path).classes).save(tmp / "fusion.json"))
+    cfg = load_config(overrides={"bundle": {"path": str(path), "backend": "onnxruntime", "device": "cpu"}})
+    return load_components(cfg)
+
+
+def offline_prediction(engine, backend, request, size: int) -> dict:
+    """Fusion.predict from the request's views (the whole graph) and its zones' combined evidence
+    in the message's JSON form."""
+    from xtalsym.evidence import combine
+
+    x, present = request.tensors(size)
+    summed = backend.run(x[None], present[None]).logits[0]
+    view_logits = np.zeros((3, len(summed)))
+    view_logits[int(np.flatnonzero(present)[0])] = summed  # the fusion sums the present rows
+    loglik = np.asarray(combine(evidence_frames(request)).to_json()["group_loglik"], dtype=np.float64)
+    return engine.predict(view_logits, present, loglik, views=request.axes).to_json()
+
+
+def assert_same_fusion(got: dict, expected: dict, tol: float = 2e-5) -> None:
+    assert got["evidence_used"] == expected["evidence_used"] and got["views"] == expected["views"]
+    assert [g["space_group"] for g in got["top_groups"]] == [g["space_group"] for g in expected["top_groups"]]
+    assert [g["probability"] for g in got["top_groups"]] == pytest.approx(
+        [g["probability"] for g in expected["top_groups"]], abs=tol)
+    assert got["set"]["label"] == expected["set"]["label"]
+    assert got["set"]["probability"] == pytest.approx(expected["set"]["probability"], abs=tol)
+    assert got["decided"] == expected["decided"]
+
+
+def test_partial_predictions_fuse_the_evidence_of_their_zones(fused_components, monkeypatch):
+    bundle, backend, _ = fused_components
+    requests, combined = [], []
+    real_classify, real_combine = pipeline_module.classify_batch, pipeline_module.combine_timed
+
+    def classify_spy(batch, **kwargs):
+        requests.extend(batch)
+        return real_classify(batch, **kwargs)
+
+    def combine_spy(frames):
+        combined.append((sorted(frames), threading.current_thread().name))
+        return real_combine(frames)
+
+    monkeypatch.setattr(pipeline_module, "classify_batch", classify_spy)
+    monkeypatch.setattr(pipeline_module, "combine_timed", combine_spy)
+    sim = DetectorSim([shipped_structures() / "NaCl.cif"], geometry=small_detector())
+    run = InProcessDaemon(components=fused_components)
+    messages = run.run_sim(sim, finals=1).messages
+    by_axes = {tuple(m["axes"]): m for m in messages}
+    assert set(by_axes) == {("x",), ("x", "y"), AXES}, list(by_axes)
+
+    # the combine thread combined the 2-view partial and the final sample, not the 1-view one
+    assert [axes for axes, _ in combined] == [["x", "y"], ["x", "y", "z"]]
+    assert all(name.startswith("xtalsym-combine") for _, name in combined), combined
+
+    two = by_axes[("x", "y")]
+    assert two["final"] is False and two["evidence"]["partial"] is True
+    assert len(two["evidence"]["group_loglik"]) == 230 and set(two["evidence"]["zones"]) == {"x", "y"}
+    assert two["fusion"]["evidence_used"] is True
+    request = next(r for r in requests if not r.final and r.axes == ["x", "y"])
+    engine = pipeline_module.load_fusion(bundle)
+    expected = offline_prediction(engine, backend, request, int(bundle.image_size))
+    assert_same_fusion(two["fusion"], expected)
+    # ... and the same answer without its evidence would differ (the check can fail)
+    x, present = request.tensors(int(bundle.image_size))
+    summed = backend.run(x[None], present[None]).logits[0]
+    plain = engine.describe(engine.posterior_summed(summed[None], 2)[0]).to_json()
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(plain["top_groups"], expected["top_groups"])) > 1e-3
+
+    # the batch path (xtalsym classify, a shutdown) combines it itself: the same message
+    again = classify_batch([dataclasses.replace(request, combined=None)], backend=backend,
+                           size=int(bundle.image_size), model={}, fusion=engine)
+    message = again.messages[0][1]
+    assert message["evidence"]["group_loglik"] == two["evidence"]["group_loglik"] and message["evidence"]["partial"]
+    assert_same_fusion(message["fusion"], two["fusion"])
+    assert len(again.combine_seconds) == 1
+
+    # one view: this fusion weighs no evidence there, so the zone is not combined and not "used"
+    one = by_axes[("x",)]
+    assert one["fusion"]["evidence_used"] is False and "group_loglik" not in one["evidence"]
+    assert one["evidence"]["partial"] is True and set(one["evidence"]["zones"]) == {"x"}
+
+    final = by_axes[AXES]
+    assert final["final"] is True and "partial" not in final["evidence"] and final["fusion"]["evidence_used"] is True
+    request = next(r for r in requests if r.final)
+    assert_same_fusion(final["fusion"], offline_prediction(engine, backend, request, int(bundle.image_size)))
