@@ -140,9 +140,23 @@ def main(argv=None) -> int:
                                  fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source,
                                          "model": args.model})
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
-        # the views without evidence, and the no-evidence fallback, from the larger validation set
+        # the views without evidence, and the no-evidence fallback, from the larger validation set;
+        # and where a number of views' evidence does not pay on validation (AIC), no evidence there:
+        # the daemon then does not combine those zones for its partial predictions
+        n_extra = sum(f in fusion.EVIDENCE_FEATURES for f in MODELS[args.model])
         for k in (1, 2):
-            if not with_ev.fitted["per_views"][str(k)]["evidence"]:
+            report, without = with_ev.fitted["per_views"][str(k)], no_ev.fitted["per_views"][str(k)]
+            if not report["evidence"]:
+                pays = False
+            elif len(val_ev) < len(val):
+                pays = True  # the fits saw other materials, not comparable: kept, as before this rule
+            else:
+                pays = fusion_fit.evidence_pays(report, without, n_extra)
+            log.info("%d view(s): evidence %s (validation NLL %.4f with, %.4f without, AIC penalty %.4f)", k,
+                     "kept" if pays else "not used", report["nll"], without["nll"],
+                     n_extra / report["samples"])
+            report["evidence_kept"] = bool(pays)
+            if not pays:
                 with_ev.weights[k], with_ev.temperature[k] = no_ev.weights[k], no_ev.temperature[k]
         with_ev.weights_no_evidence = dict(no_ev.weights)
         with_ev.temperature_no_evidence = dict(no_ev.temperature)
@@ -185,9 +199,8 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
                        fusion_fit.symmetry_ceiling(feats.space_group[sub], space, False))
             for name in methods:
                 params = fitted[name]
-                m_masks = masks if subset == "72 groups, natural" else {"xyz": masks["xyz"]}
                 res = evaluate(name, params, sub, feats, classes, tables,
-                               ev_rows if name == "fusion" else None, evidence if name == "fusion" else None, m_masks)
+                               ev_rows if name == "fusion" else None, evidence if name == "fusion" else None, masks)
                 for views, m in res.items():
                     results[(tier, subset, name, views)] = m
                     rows.append((tier, subset, views, name, m, ceiling))
@@ -226,9 +239,10 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
     if args.write_params:
         params = fitted[best]
         params.fitted["test"] = {
-            f"{t} | {sub}": {k: round(results[(t, sub, best, "xyz")][k], 4) for k in ("group_top1", "set_top1", "ece")}
-            | {"n": results[(t, sub, best, "xyz")]["n"]}
-            for (t, sub, name, views) in results if name == best and views == "xyz"}
+            f"{t} | {sub}" + ("" if views == "xyz" else f" | {views}"):
+            {k: round(results[(t, sub, best, views)][k], 4) for k in ("group_top1", "set_top1", "ece")}
+            | {"n": results[(t, sub, best, views)]["n"]}
+            for (t, sub, name, views) in results if name == best}
         params.save(args.write_params)
         print(f"\nwrote {args.write_params}")
     return 0

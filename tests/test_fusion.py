@@ -91,6 +91,33 @@ def test_views_absent_are_ignored_and_no_view_gives_the_prior():
     np.testing.assert_allclose(none, engine.train_prior)
 
 
+def test_evidence_the_weights_ignore_is_no_evidence():
+    """A view count whose fit kept no evidence (the daemon then skips combining its zones) gives
+    exactly the no-evidence posterior with or without evidence, and says it used none."""
+    plain = {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -9.0}
+    params = make_params(weights={1: plain, 2: plain | {"evidence": 1.0}, 3: plain | {"evidence_top": 2.0}},
+                         weights_no_evidence={k: plain | {"msdn": 2.0} for k in (1, 2, 3)},
+                         temperature_no_evidence={1: 1.5, 2: 1.0, 3: 1.0})
+    engine = fusion.Fusion(params)
+    assert [engine.uses_evidence(k) for k in (1, 2, 3)] == [False, True, True]
+    ev = np.zeros(230)
+    ev[[14 - 1, 62 - 1]] = [-40.0, 0.0]
+    summed = logits_for(14).sum(axis=0)[None]
+    np.testing.assert_array_equal(engine.posterior_summed(summed, 1, ev[None]), engine.posterior_summed(summed, 1))
+    assert not np.allclose(engine.posterior_summed(summed, 2, ev[None]), engine.posterior_summed(summed, 2))
+    one = np.array([True, False, False])
+    assert engine.predict(logits_for(14), one, ev).evidence_used is False
+    assert engine.predict(logits_for(14), None, ev).evidence_used is True
+
+
+def test_evidence_pays_only_beyond_the_aic_penalty():
+    # last session's validation fits (9 evidence weights, 3 x 1,500 samples): 1 view no, 2 views yes
+    assert not fusion_fit.evidence_pays({"nll": 2.369, "samples": 4500}, {"nll": 2.370, "samples": 4500}, 9)
+    assert fusion_fit.evidence_pays({"nll": 1.557, "samples": 4500}, {"nll": 1.930, "samples": 4500}, 9)
+    with pytest.raises(ValueError, match="different samples"):
+        fusion_fit.evidence_pays({"nll": 1.0, "samples": 10}, {"nll": 2.0, "samples": 20}, 9)
+
+
 def test_prior_swap_is_bayes_rule():
     params = make_params()
     trained = fusion.Fusion(params).posterior(logits_for(62)[None])[0]
@@ -208,6 +235,8 @@ def test_bundle_carries_fusion_parameters_checksummed_and_old_bundles_still_load
     params = make_params(classes=classes, weights={k: {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -9.0}
                                                    for k in (1, 2, 3)})
     params.prior_counts = np.ones(230)
+    params.fitted = {"split": "val", "per_views": {"1": {"evidence": True, "evidence_kept": False},
+                                                   "2": {"evidence": True, "evidence_kept": True}, "3": {"evidence": True}}}
     if bundle.fusion_path is None:  # an old bundle: loads, and predicts with the model alone
         assert fusion.load_fusion(bundle) is None
     path = params.save(tmp_path / "fusion.json")
@@ -215,6 +244,8 @@ def test_bundle_carries_fusion_parameters_checksummed_and_old_bundles_still_load
     bundle = load_bundle(root)
     assert bundle.fusion_path is not None and bundle.manifest["fusion"]["file"] == "fusion.json"
     assert fusion.load_fusion(bundle) is not None
+    card = (root / "MODEL_CARD.md").read_text()
+    assert "evidence of the zones present is weighed with 2 and 3 views (not 1: there it bought nothing" in card
     # a changed byte is refused by the manifest check
     text = (root / "fusion.json").read_text()
     (root / "fusion.json").write_text(text.replace('"decide_at": 0.5', '"decide_at": 0.6'))

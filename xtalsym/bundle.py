@@ -591,8 +591,9 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
              f"`{FUSION_FILE}`: calibrated posterior over all 230 groups (MSDN + symmetry evidence + prior), "
              f"fitted on the `{fitted.get('split', '?')}` split ({fitted.get('materials', '?')} materials, evidence: "
              f"{fitted.get('evidence', '?')}; prior: {fitted.get('prior', 'training frequencies')}). "
-             "Measured on the test split (by material), 3 views; details and the command in docs/RESULTS.md "
-             "\"Fusion (issue 15)\".", "",
+             "Measured on the test split (by material), 3 views unless a row names 1 or 2 (then every subset of "
+             "that many views of each material, averaged)" + _evidence_views(fitted)
+             + "; details and the command in docs/RESULTS.md \"Fusion (issue 15)\".", "",
              "| test | n | group top-1 | set top-1 | ECE |", "|---|---|---|---|---|"]
     for name, row in (fitted.get("test") or {}).items():
         lines.append(f"| {name.replace(' | ', ', ')} | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
@@ -610,6 +611,20 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
             lines.append(f"| {row.get('chosen_as', '?')} | {row.get('threshold', 0):.3f} | "
                          f"{row.get('false_alarms_known_test', 0):.1%} | {row.get('recall_open_set', 0):.1%} |")
     md_path.write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
+
+
+def _evidence_views(fitted: dict) -> str:
+    """"; the evidence ... weighed with 2 and 3 views (not 1: ...)" from a fit's per-view record."""
+    per = {k: fitted.get("per_views", {}).get(k) or {} for k in ("1", "2", "3")}
+    used = [k for k, r in per.items() if r.get("evidence_kept", r.get("evidence"))]
+    if not used:
+        return ""
+    dropped = [k for k, r in per.items() if r.get("evidence") and not r.get("evidence_kept", True)]
+    absent = [k for k, r in per.items() if not r.get("evidence")]
+    notes = ([f"{' or '.join(dropped)}: there it bought nothing on validation"] if dropped else []) + (
+        [f"{' or '.join(absent)}: fitted without that evidence"] if absent else [])
+    return f"; the evidence of the zones present is weighed with {' and '.join(used)} views" + (
+        f" (not {'; not '.join(notes)})" if notes else "")
 
 
 # --------------------------------------------------------------------------- default bundle

@@ -155,6 +155,17 @@ def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables,
     return weights, temperature, report
 
 
+def evidence_pays(with_evidence: Mapping, without: Mapping, n_extra: int) -> bool:
+    """Whether one number of views' evidence pays on validation: the fit with it (its
+    ``fitted["per_views"][k]`` report) has a mean NLL below the fit without it, on the same
+    samples, by more than Akaike's penalty for its ``n_extra`` weights (n_extra / samples per
+    sample). Where it does not, the fusion keeps the no-evidence weights for that many views and
+    a caller need not combine those zones (one zone: no cell, every class the same partial fit)."""
+    if with_evidence["samples"] != without["samples"]:
+        raise ValueError(f"the two fits saw different samples ({with_evidence['samples']} vs {without['samples']})")
+    return without["nll"] - with_evidence["nll"] > n_extra / with_evidence["samples"]
+
+
 DECIDED_SET_ACCURACY = 0.97  # a decided prediction's set must be right this often (on validation)
 
 
