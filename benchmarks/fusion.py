@@ -9,6 +9,10 @@ labels and the paper's figure.
     python benchmarks/fusion.py --features data/fusion --out runs/fusion \
         [--write-params reference_index/fusion.json]
 
+``--against reference_index/fusion.json`` also prints, per test subset and number of views, the
+paired differences (this fit minus those parameters, same materials, both with the evidence of
+the zones present) with their standard errors over materials.
+
 ``--params reference_index/fusion.json`` measures given parameters instead of fitting (its
 no-evidence weights serve the "no evidence" rows; ``decide_at`` as stored), e.g. the shipped
 fusion on features of another graph (``fusion_data --from-cache ... --precision int8``).
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
                         help="features of the conditional logit: stacked (the default, chosen by cross-validation in "
                         "benchmarks/fusion_compare.py) or product (the product of experts alone)")
     parser.add_argument("--params", default=None, help="measure these fusion parameters (fusion.json) instead of fitting")
+    parser.add_argument("--against", default=None, help="paired differences against these parameters (fusion.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.params and args.write_params:
@@ -229,6 +234,9 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
             n = results[(tier, "every group (natural)", next(iter(curves)), "xyz")]["n"]
             fusion_fit.save_reliability_png(curves, out / f"reliability_{key}.png",
                                             title=f"MP test, every group, 3 views ({tier}, n={n})")
+    if args.against:
+        _paired(args.against, fitted["fusion" if "fusion" in fitted else "fusion, no evidence"], subsets_of(test_ev), masks,
+                feats, ev_rows, evidence, tables)
     serial = {" | ".join(k): {kk: vv for kk, vv in v.items()} for k, v in results.items()}
     (out / "metrics.json").write_text(json.dumps(serial, indent=1))
     best = "fusion" if "fusion" in fitted else "fusion, no evidence"
@@ -246,6 +254,41 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
         params.save(args.write_params)
         print(f"\nwrote {args.write_params}")
     return 0
+
+
+def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables) -> dict[str, np.ndarray]:
+    """Per material of ``idx``, averaged over the view subsets: group top-1 right, set right, -log p(truth)."""
+    pos = {r: i for i, r in enumerate(ev_rows)}
+    truth = feats.space_group[idx]
+    out = {"group": 0.0, "set": 0.0, "nll": 0.0}
+    for mask in mask_list:
+        ev = evidence[tuple(bool(v) for v in mask)][[pos[i] for i in idx]]
+        post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
+        set_mass = np.zeros((len(idx), len(tables.sets)))
+        np.add.at(set_mass.T, tables.set_of, post.T)
+        out["group"] = out["group"] + (post.argmax(axis=1) + 1 == truth)
+        out["set"] = out["set"] + (set_mass.argmax(axis=1) == tables.set_of[truth - 1])
+        out["nll"] = out["nll"] - np.log(np.maximum(post[np.arange(len(idx)), truth - 1], 1e-12))
+    return {k: np.asarray(v, dtype=np.float64) / len(mask_list) for k, v in out.items()}
+
+
+def _paired(against: str, params, subsets: dict, masks: dict, feats, ev_rows, evidence, tables) -> None:
+    """This fit minus ``against`` on the same test materials: mean difference ± its standard error
+    over materials (the view subsets of one material averaged first: they are not independent)."""
+    other = fusion.FusionParams.load(against)
+    print(f"\npaired differences on the same test materials (this fit minus {against}; ± one standard error):\n")
+    print("| test | views | n | group top-1 | set top-1 | NLL |")
+    print("|---|---|---|---|---|---|")
+    for subset, idx in subsets.items():
+        for views, mask_list in masks.items():
+            a = _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables)
+            b = _per_material(other, idx, mask_list, feats, ev_rows, evidence, tables)
+            cells = []
+            for key, scale, fmt in (("group", 100, "{:+.1f} ± {:.1f} points"), ("set", 100, "{:+.1f} ± {:.1f} points"),
+                                    ("nll", 1, "{:+.3f} ± {:.3f}")):
+                d = (a[key] - b[key]) * scale
+                cells.append(fmt.format(d.mean(), d.std(ddof=1) / np.sqrt(len(d))))
+            print(f"| {subset} | {views} | {len(idx)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 bundle's fusion weighs evidence at that number of views (issue 15): over real sockets
 (127.0.0.1) the daemon's 2-view partial prediction equals the offline Fusion.predict with those
 two zones' combined evidence, the combine runs on the combine thread, and the batch path
-(``xtalsym classify``, shutdown) gives the same answer."""
+(``xtalsym classify``, shutdown) gives the same answer. A partial request superseded on the
+combine thread by a newer one of its sample is not combined."""
 
 from __future__ import annotations
 
@@ -91,9 +92,13 @@ def test_partial_predictions_fuse_the_evidence_of_their_zones(fused_components, 
 
     monkeypatch.setattr(pipeline_module, "classify_batch", classify_spy)
     monkeypatch.setattr(pipeline_module, "combine_timed", combine_spy)
-    sim = DetectorSim([shipped_structures() / "NaCl.cif"], geometry=small_detector())
-    run = InProcessDaemon(components=fused_components)
-    messages = run.run_sim(sim, finals=1).messages
+    frames = list(DetectorSim([shipped_structures() / "NaCl.cif"], geometry=small_detector()).messages())
+    with InProcessDaemon(components=fused_components) as run:
+        run.send_messages(frames[:-2])  # start, x, y: the 2-view partial goes out before z comes
+        run.wait_until(lambda: any(m["axes"] == ["x", "y"] for m in run.summary_messages()), "the 2-view partial")
+        run.send_messages(frames[-2:])
+        run.wait_final(1)
+    messages = run.summary.messages
     by_axes = {tuple(m["axes"]): m for m in messages}
     assert set(by_axes) == {("x",), ("x", "y"), AXES}, list(by_axes)
 
@@ -132,3 +137,32 @@ def test_partial_predictions_fuse_the_evidence_of_their_zones(fused_components, 
     assert final["final"] is True and "partial" not in final["evidence"] and final["fusion"]["evidence_used"] is True
     request = next(r for r in requests if r.final)
     assert_same_fusion(final["fusion"], offline_prediction(engine, backend, request, int(bundle.image_size)))
+
+
+def test_a_partial_request_superseded_on_the_combine_thread_is_not_combined(fused_components, monkeypatch):
+    """While the combine thread is behind, a sample's 2-view partial request waits there behind
+    its own final one: it goes out fused without evidence and its combine is saved."""
+    combined, release = [], threading.Event()
+    real_combine = pipeline_module.combine_timed
+
+    def combine_spy(frames):
+        combined.append(sorted(frames))
+        if len(combined) == 1:
+            release.wait(60)  # the first sample's 2-view partial holds the thread
+        return real_combine(frames)
+
+    monkeypatch.setattr(pipeline_module, "combine_timed", combine_spy)
+    sim = DetectorSim([shipped_structures() / "NaCl.cif", shipped_structures() / "Si.cif"], geometry=small_detector())
+    with InProcessDaemon(components=fused_components) as run:
+        sim.send(run.push)
+        # NaCl's partial (running), NaCl's final, Si's partial and Si's final on the thread
+        run.wait_until(lambda: run.pipeline._combining >= 4, "four requests on the combine thread")
+        release.set()
+        run.wait_final(2)
+        counts = run.pipeline.metrics.snapshot()["counts"]
+    two = [m for m in run.summary.messages if m["axes"] == ["x", "y"]]
+    assert combined == [["x", "y"], ["x", "y", "z"], ["x", "y", "z"]], combined
+    assert counts.get("partial_evidence_superseded") == 1, counts
+    assert [m["fusion"]["evidence_used"] for m in two] == [True, False]
+    assert "group_loglik" not in two[1]["evidence"] and set(two[1]["evidence"]["zones"]) == {"x", "y"}
+    assert all(m["fusion"]["evidence_used"] for m in run.summary.messages if m["final"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import logging
 import logging.handlers
 import multiprocessing
@@ -57,7 +58,7 @@ from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_s
 from xtalsym.daemon.metrics import Metrics
 from xtalsym.daemon.overload import WorkerSlots
 from xtalsym.daemon.protocols import BadMessage, decode_parts
-from xtalsym.daemon.publish import Publisher
+from xtalsym.daemon.publish import Publisher, evidence_partial
 from xtalsym.daemon.result_slots import ResultSlots
 from xtalsym.daemon.series_files import SeriesSideFiles
 from xtalsym.daemon.workers import frame_job, init_worker, shape_timed, warm
@@ -108,10 +109,11 @@ class _Done:
 
 @dataclass
 class _Combined:
-    """A final request whose evidence the combine thread has finished (``future``)."""
+    """A request whose evidence the combine thread has finished (``future``)."""
 
     request: Request
     future: cf.Future
+    ticket: int = -1  # its number among the combine thread's requests (Pipeline._newest_combine)
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,11 @@ class Pipeline:
         self.pool: cf.ProcessPoolExecutor | None = None
         self.result_slots: ResultSlots | None = None  # shaped DPs back from the workers (shared memory)
         self.combiner: cf.ThreadPoolExecutor | None = None  # the combine thread (pipeline.evidence)
-        self._combining = 0  # final requests on the combine thread (inference thread's count)
+        self._combining = 0  # requests on the combine thread (inference thread's count)
+        # per sample, the ticket of its newest request handed to the combine thread: a partial one
+        # superseded there by a newer one of its sample is not combined (_combine_unless_superseded)
+        self._newest_combine: dict[tuple[int, str], int] = {}
+        self._tickets = itertools.count()
         self._threads: list[threading.Thread] = []
         self.finished = threading.Event()
         # time.monotonic() of each loop's latest iteration (the systemd watchdog reads them)
@@ -582,26 +588,51 @@ class Pipeline:
         frames = evidence_frames(request)
         if not frames:
             return False
+        key, ticket = request.trigger.key, next(self._tickets)
+        previous = self._newest_combine.get(key)
+        self._newest_combine[key] = ticket  # before the job can start
         try:
-            future = self.combiner.submit(combine_timed, frames)
+            if request.final:
+                future = self.combiner.submit(combine_timed, frames)
+            else:
+                future = self.combiner.submit(self._combine_unless_superseded, frames, key, ticket)
         except RuntimeError:  # shut down: the batch combines it
+            if previous is None:
+                self._newest_combine.pop(key, None)
+            else:
+                self._newest_combine[key] = previous
             return False
         self._combining += 1
-        future.add_done_callback(lambda f, request=request: self._results.put(_Combined(request, f)))
+        future.add_done_callback(lambda f, r=request, t=ticket: self._results.put(_Combined(r, f, t)))
         return True
+
+    def _combine_unless_superseded(self, frames: dict, key: tuple[int, str], ticket: int):
+        """Combine thread: a partial request's zones, unless a newer request of its sample already
+        waits here (the thread is behind: the partial prediction is superseded within moments, so it
+        goes out fused without evidence, as before issue 15's partial evidence, and the combine is saved)."""
+        if self._newest_combine.get(key, ticket) != ticket:
+            return None
+        return combine_timed(frames)
 
     def _took_combined(self, item: _Combined) -> Request:
         """The request of a finished combine, its evidence (or the error) on it."""
         self._combining -= 1
         request = item.request
+        if self._newest_combine.get(request.trigger.key) == item.ticket:
+            del self._newest_combine[request.trigger.key]
         try:
-            evidence, seconds, cpu_seconds = item.future.result()
+            out = item.future.result()
         except cf.CancelledError:  # shutting down: the batch combines it
             return request
         except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
             log.error("evidence of sample %s failed: %s: %s", request.sample_key, type(exc).__name__, exc)
             request.combined = (None, exc)
             return request
+        if out is None:  # a superseded partial request: its zones' own evidence, no fused evidence
+            self.metrics.count("partial_evidence_superseded")
+            request.combined = (evidence_partial(evidence_frames(request)), None)
+            return request
+        evidence, seconds, cpu_seconds = out
         self.metrics.stage("combine", seconds, cpu_seconds)
         request.combined = (evidence, None)
         return request
