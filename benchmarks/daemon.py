@@ -510,6 +510,10 @@ def run_daemon(
         "stage_cpu_per_frame": {k: (stage1.get(k, 0.0) - stage0.get(k, 0.0)) / n_images for k in stage1},
         "thread_cpu_per_frame": {k: (thread1.get(k, 0.0) - thread0.get(k, 0.0)) / n_images for k in thread1},
         "views_inferred": views1 - views0,
+        # issue 15: partial predictions fused with their zones' combined evidence (the rest were
+        # superseded on the combine thread, or the fusion weighs none at their number of views)
+        "partial": sum(1 for m in measured if not m["final"]),
+        "partial_with_evidence": sum(1 for m in measured if not m["final"] and (m.get("fusion") or {}).get("evidence_used")),
         "load_before": load_before,
         "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
@@ -704,6 +708,7 @@ def main() -> int:
     row("frames/s (all accounted for)", lambda r: f"{r['fps']:.1f}")
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
+    row("partial predictions fused with evidence", lambda r: f"{r['partial_with_evidence']} of {r['partial']}")
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
     row(
         "... of which the serve process / the workers",

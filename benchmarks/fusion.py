@@ -93,6 +93,9 @@ def main(argv=None) -> int:
                         "benchmarks/fusion_compare.py) or product (the product of experts alone)")
     parser.add_argument("--params", default=None, help="measure these fusion parameters (fusion.json) instead of fitting")
     parser.add_argument("--against", default=None, help="paired differences against these parameters (fusion.json)")
+    parser.add_argument("--prior-from", default=None, metavar="FUSION_JSON",
+                        help="the prior counts of this fusion.json (e.g. the shipped one: the training-split "
+                        "frequencies) instead of <features>/mp_labels.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.params and args.write_params:
@@ -104,6 +107,14 @@ def main(argv=None) -> int:
     classes = bundle.classes
     feats = fusion_data.load_features(args.features)
     counts, prior_source = fusion_data.prior_counts_of(args.features, feats)
+    if args.prior_from:
+        try:
+            source = fusion.FusionParams.load(args.prior_from)
+        except fusion.FusionError as exc:
+            parser.error(f"--prior-from: {exc}")
+        counts = source.prior_counts.astype(np.int64)
+        prior_source = source.fitted.get("prior", f"prior of {args.prior_from}")  # the messages' "prior" text
+        log.info("prior counts from %s (%d materials: %s)", args.prior_from, int(counts.sum()), prior_source)
     ev_rows, evidence = fusion_data.load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
     has_ev = np.zeros(len(feats), dtype=bool)
     has_ev[ev_rows] = True
