@@ -268,10 +268,12 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
 
 
 def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables) -> dict[str, np.ndarray]:
-    """Per material of ``idx``, averaged over the view subsets: group top-1 right, set right, -log p(truth)."""
+    """Per material of ``idx``: group top-1 right, set right, -log p(truth) averaged over the view
+    subsets, and per subset (columns) the top-1 probability and whether it is right (for the ECE)."""
     pos = {r: i for i, r in enumerate(ev_rows)}
     truth = feats.space_group[idx]
     out = {"group": 0.0, "set": 0.0, "nll": 0.0}
+    conf, right = [], []
     for mask in mask_list:
         ev = evidence[tuple(bool(v) for v in mask)][[pos[i] for i in idx]]
         post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
@@ -280,16 +282,29 @@ def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables) -> d
         out["group"] = out["group"] + (post.argmax(axis=1) + 1 == truth)
         out["set"] = out["set"] + (set_mass.argmax(axis=1) == tables.set_of[truth - 1])
         out["nll"] = out["nll"] - np.log(np.maximum(post[np.arange(len(idx)), truth - 1], 1e-12))
-    return {k: np.asarray(v, dtype=np.float64) / len(mask_list) for k, v in out.items()}
+        conf.append(post.max(axis=1))
+        right.append(post.argmax(axis=1) + 1 == truth)
+    return {k: np.asarray(v, dtype=np.float64) / len(mask_list) for k, v in out.items()} | {
+        "conf": np.stack(conf, axis=1), "right": np.stack(right, axis=1)}
+
+
+ECE_DRAWS = 300
+
+
+def _ece_rows(m: dict, rows: np.ndarray) -> float:
+    return fusion_fit.expected_calibration_error(m["conf"][rows].ravel(), m["right"][rows].ravel())[0]
 
 
 def _paired(against: str, params, subsets: dict, masks: dict, feats, ev_rows, evidence, tables) -> None:
     """This fit minus ``against`` on the same test materials: mean difference ± its standard error
-    over materials (the view subsets of one material averaged first: they are not independent)."""
+    over materials (the view subsets of one material averaged first: they are not independent),
+    and the ECE difference with a 95 % interval from a paired bootstrap over materials."""
     other = fusion.FusionParams.load(against)
-    print(f"\npaired differences on the same test materials (this fit minus {against}; ± one standard error):\n")
-    print("| test | views | n | group top-1 | set top-1 | NLL |")
-    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    print(f"\npaired differences on the same test materials (this fit minus {against}; ± one standard error; "
+          f"ECE: 95 % interval of {ECE_DRAWS} paired bootstrap draws over materials):\n")
+    print("| test | views | n | group top-1 | set top-1 | NLL | ECE (theirs → this) | ECE difference [95 %] |")
+    print("|---|---|---|---|---|---|---|---|")
     for subset, idx in subsets.items():
         for views, mask_list in masks.items():
             a = _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables)
@@ -299,6 +314,14 @@ def _paired(against: str, params, subsets: dict, masks: dict, feats, ev_rows, ev
                                     ("nll", 1, "{:+.3f} ± {:.3f}")):
                 d = (a[key] - b[key]) * scale
                 cells.append(fmt.format(d.mean(), d.std(ddof=1) / np.sqrt(len(d))))
+            every = np.arange(len(idx))
+            boot = []
+            for _ in range(ECE_DRAWS):
+                rows = rng.integers(0, len(idx), len(idx))
+                boot.append(_ece_rows(a, rows) - _ece_rows(b, rows))
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            cells.append(f"{_ece_rows(b, every):.3f} → {_ece_rows(a, every):.3f}")
+            cells.append(f"{_ece_rows(a, every) - _ece_rows(b, every):+.3f} [{lo:+.3f}, {hi:+.3f}]")
             print(f"| {subset} | {views} | {len(idx)} | " + " | ".join(cells) + " |")
 
 
