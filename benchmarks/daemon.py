@@ -513,7 +513,9 @@ def run_daemon(
         # issue 15: partial predictions fused with their zones' combined evidence (the rest were
         # superseded on the combine thread, or the fusion weighs none at their number of views)
         "partial": sum(1 for m in measured if not m["final"]),
-        "partial_with_evidence": sum(1 for m in measured if not m["final"] and (m.get("fusion") or {}).get("evidence_used")),
+        "partial_with_evidence": sum(
+            1 for m in measured if not m["final"] and (m.get("fusion") or {}).get("evidence_used")
+        ),
         "load_before": load_before,
         "load_after": uptime(),
         "backend": (s.messages[-1]["model"] if s.messages else {}).get("backend", "?"),
