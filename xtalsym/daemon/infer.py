@@ -229,15 +229,26 @@ def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.nda
                evidences: list[dict | None] | None = None) -> list[dict]:
     """The fusion's prediction for each request, from the summed logits of its views and, for a
     final prediction, the combined symmetry evidence of its zones (the message's ``evidence``
-    object, combined once by :func:`request_evidence`); partial ones fuse without evidence."""
+    object, combined once by :func:`request_evidence`); partial ones fuse without evidence.
+    The posteriors of the requests with and without evidence are two batched calls (per request
+    they cost more than the arithmetic: ~0.1 ms each); each row is computed as alone."""
+    evidences = evidences or [None] * len(batch)
+    logliks: list[np.ndarray | None] = []
+    for ev in evidences:
+        ok = ev is not None and isinstance(ev.get("group_loglik"), list) and len(ev["group_loglik"]) == 230
+        logliks.append(np.asarray(ev["group_loglik"], dtype=np.float64) if ok else None)
+    logits = np.asarray(logits, dtype=np.float64)
+    views = present.sum(axis=1)
+    posts: list[np.ndarray | None] = [None] * len(batch)
+    for with_evidence in (False, True):
+        rows = [i for i, ll in enumerate(logliks) if (ll is not None) == with_evidence]
+        if rows:
+            post = fusion.posterior_summed(logits[rows], views[rows],
+                                           np.stack([logliks[i] for i in rows]) if with_evidence else None)
+            for i, p in zip(rows, post):
+                posts[i] = p
     out: list[dict] = []
-    for i, request in enumerate(batch):
-        ev = (evidences or [None] * len(batch))[i]
-        loglik = None
-        if ev is not None and isinstance(ev.get("group_loglik"), list) and len(ev["group_loglik"]) == 230:
-            loglik = np.asarray(ev["group_loglik"], dtype=np.float64)
-        post = fusion.posterior_summed(np.asarray(logits[i], dtype=np.float64)[None], int(present[i].sum()),
-                                       None if loglik is None else loglik[None])[0]
+    for request, ev, loglik, post in zip(batch, evidences, logliks, posts):
         prediction = fusion.describe(post, views=request.axes, evidence_used=loglik is not None,
                                      warnings=list(ev.get("warnings", [])) if loglik is not None else [],
                                      evidence_decided=bool(ev.get("decided", True)) if loglik is not None else True)
