@@ -62,3 +62,25 @@ def test_config_default_and_refusal():
     assert load_config().pipeline.publish_thread is True
     with pytest.raises(ValueError, match="publish_thread"):
         load_config(overrides={"pipeline": {"publish_thread": "yes"}})
+
+
+def test_a_batch_that_fails_to_publish_is_counted_and_the_thread_goes_on(components, monkeypatch):
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 1:
+            raise RuntimeError("bug on purpose")
+        return FINISH_BATCH(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "finish_batch", failing_once)
+    sim = DetectorSim([shipped_structures() / s for s in STRUCTURES], geometry=small_detector())
+    requests = 3 * len(STRUCTURES)  # x, x+y, x+y+z per sample
+    with InProcessDaemon(components=components) as run:
+        sim.send(run.push)
+
+        def lost() -> int:
+            return run.pipeline.metrics.snapshot()["bad_frames"].get("internal_error", 0)
+
+        run.wait_until(lambda: run.predictions() + lost() == requests, f"{requests} requests published or counted")
+        assert lost() == calls[0] >= 1 and run.predictions() == requests - calls[0] >= 1

@@ -745,10 +745,13 @@ class Pipeline:
                     self.metrics.count("publish_dropped")
             self.metrics.stage("publish", result.message_seconds + time.perf_counter() - t0,
                                result.message_cpu_seconds + time.thread_time() - c0)
-        except Exception:
+        except Exception as exc:
             if not queued:
                 raise
-            log.exception("publishing a batch of %d failed", len(batch))  # a bug: never stop the thread
+            log.exception("publishing a batch of %d failed", len(batch))  # a bug: count it, keep the thread
+            for request in batch:
+                self.metrics.bad_frame("internal_error", f"sample {request.sample_key} not published: "
+                                       f"{type(exc).__name__}: {exc}", quiet=True)
         finally:
             if queued:
                 self._queued_for_publishing(-len(batch))
