@@ -11,10 +11,11 @@ Threads and processes (docs/DAEMON.md, "Inside the daemon"):
 * **worker processes** (``workers``, spawned): calibrate to the training grid and shape
   (:mod:`xtalsym.daemon.workers`). The sampling map is built once per series geometry in each
   worker (cached); the series' pixel mask travels once, through a file.
-* **inference thread** (owns the PUB socket): assembles views into samples, micro-batches
-  requests (flush at ``max_batch`` requests or when the oldest waited
-  ``latency_budget_seconds``, whichever first), runs the backend, queries the reference
-  index, publishes, closes timed-out samples and sends metrics.
+* **inference thread** (owns the PUB socket unless the publish thread does): assembles views
+  into samples, micro-batches requests (flush at ``max_batch`` requests or when the oldest
+  waited ``latency_budget_seconds``, whichever first), runs the backend, closes timed-out
+  samples; queries the reference index, publishes and sends metrics itself only with
+  ``pipeline.publish_thread = false``.
 * **combine thread**: combines the zones' symmetry evidence of each final sample (tens of
   ms per sample) before its request joins a batch, so that it runs beside the network
   (ONNX Runtime releases the GIL) instead of in front of every request of the batch.
