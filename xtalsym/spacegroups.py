@@ -59,7 +59,15 @@ def _standard_settings() -> dict[int, tuple[int, str]]:
 
 def symbol(number: int) -> str:
     """Short Hermann-Mauguin symbol of space group ``number``, e.g. 225 -> 'Fm-3m'."""
+    if type(number) is int and 0 < number <= 230:  # a plain int needs no check (a fused message names ~140)
+        return _symbols()[number]
     return _standard_settings()[check_number(number)][1]
+
+
+@lru_cache(maxsize=1)
+def _symbols() -> tuple[str, ...]:
+    settings = _standard_settings()
+    return ("",) + tuple(settings[g][1] for g in range(1, 231))
 
 
 def standard_hall_number(number: int) -> int:

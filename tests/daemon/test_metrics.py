@@ -214,7 +214,7 @@ def test_live_counts_histograms_and_info(live):
     assert value(p, "xtalsym_reference_index_entries") == 4
     assert value(p, "xtalsym_queue_capacity", queue="workers") == 64
     assert {dict(labels)["queue"] for (name, labels) in p if name == "xtalsym_queue_depth"} == \
-        {"workers", "results", "open_samples", "combine", "batch"}
+        {"workers", "results", "open_samples", "combine", "batch", "publish"}
     assert value(p, "process_resident_memory_bytes") > 10e6
     assert value(p, "xtalsym_uptime_seconds") > 0
     assert total(p, "xtalsym_build_info") == 1

@@ -80,17 +80,17 @@ def assert_same_fusion(got: dict, expected: dict, tol: float = 2e-5) -> None:
 def test_partial_predictions_fuse_the_evidence_of_their_zones(fused_components, monkeypatch):
     bundle, backend, _ = fused_components
     requests, combined = [], []
-    real_classify, real_combine = pipeline_module.classify_batch, pipeline_module.combine_timed
+    real_infer, real_combine = pipeline_module.infer_batch, pipeline_module.combine_timed
 
-    def classify_spy(batch, **kwargs):
+    def infer_spy(batch, **kwargs):  # the inference thread's network step sees every request
         requests.extend(batch)
-        return real_classify(batch, **kwargs)
+        return real_infer(batch, **kwargs)
 
     def combine_spy(frames):
         combined.append((sorted(frames), threading.current_thread().name))
         return real_combine(frames)
 
-    monkeypatch.setattr(pipeline_module, "classify_batch", classify_spy)
+    monkeypatch.setattr(pipeline_module, "infer_batch", infer_spy)
     monkeypatch.setattr(pipeline_module, "combine_timed", combine_spy)
     frames = list(DetectorSim([shipped_structures() / "NaCl.cif"], geometry=small_detector()).messages())
     with InProcessDaemon(components=fused_components) as run:

@@ -161,6 +161,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),
         # measure the symmetry evidence of every frame (workers) and publish it per sample
         "evidence": (True, _bool),
+        # a batch's open-set match, fusion and messages on a thread of their own, while the
+        # inference thread runs the next batch's network (false: all on the inference thread)
+        "publish_thread": (True, _bool),
     },
     "index": {
         "enabled": (True, _bool),

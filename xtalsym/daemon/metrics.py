@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 STAGES = ("decode", "calibrate_shape", "evidence", "combine", "infer", "match", "fuse", "publish")
-QUEUES = ("workers", "results", "open_samples", "combine", "batch")
+QUEUES = ("workers", "results", "open_samples", "combine", "batch", "publish")
 
 # Metrics.count() keys with a metric of their own; any other key goes to xtalsym_events_total{event}.
 _COUNTED = {
@@ -208,7 +208,7 @@ class _ModelCollector:
 
 
 # Thread roles of the serve process (xtalsym_thread_cpu_seconds{thread}): a bounded label set.
-THREAD_ROLES = ("ingest", "inference", "combine", "worker_pool", "http", "log", "main", "other", "zeromq", "native",
+THREAD_ROLES = ("ingest", "inference", "combine", "publish", "worker_pool", "http", "log", "main", "other", "zeromq", "native",
                 "exited")
 
 
@@ -220,7 +220,8 @@ def thread_role(thread: threading.Thread) -> str:
     if type(thread).__name__ == "_ExecutorManagerThread":  # concurrent.futures.process: pickles, results
         return "worker_pool"
     for prefix, role in (("xtalsym-ingest", "ingest"), ("xtalsym-inference", "inference"),
-                         ("xtalsym-combine", "combine"), ("xtalsym-metrics-http", "http"), ("MainThread", "main"),
+                         ("xtalsym-combine", "combine"), ("xtalsym-publish", "publish"),
+                         ("xtalsym-metrics-http", "http"), ("MainThread", "main"),
                          ("QueueFeederThread", "worker_pool")):
         if name.startswith(prefix):
             return role
@@ -272,7 +273,7 @@ class _ThreadCpuCollector:
 
     def describe(self):
         return [GaugeMetricFamily("xtalsym_thread_cpu_seconds", "CPU seconds of the serve process by thread "
-                                  "role (ingest, inference, combine, worker_pool: the process pool's manager and "
+                                  "role (ingest, inference, combine, publish, worker_pool: the process pool's manager and "
                                   "feeder threads, http, log, main, other, zeromq, native: ONNX Runtime's intra-op "
                                   "threads, exited: threads gone since)", labels=["thread"])]
 

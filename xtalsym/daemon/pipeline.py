@@ -11,14 +11,18 @@ Threads and processes (docs/DAEMON.md, "Inside the daemon"):
 * **worker processes** (``workers``, spawned): calibrate to the training grid and shape
   (:mod:`xtalsym.daemon.workers`). The sampling map is built once per series geometry in each
   worker (cached); the series' pixel mask travels once, through a file.
-* **inference thread** (owns the PUB socket): assembles views into samples, micro-batches
-  requests (flush at ``max_batch`` requests or when the oldest waited
-  ``latency_budget_seconds``, whichever first), runs the backend, queries the reference
-  index, publishes, closes timed-out samples and sends metrics.
+* **inference thread** (owns the PUB socket unless the publish thread does): assembles views
+  into samples, micro-batches requests (flush at ``max_batch`` requests or when the oldest
+  waited ``latency_budget_seconds``, whichever first), runs the backend, closes timed-out
+  samples; queries the reference index, publishes and sends metrics itself only with
+  ``pipeline.publish_thread = false``.
 * **combine thread**: combines the zones' symmetry evidence of each final sample, and of each
   partial one whose evidence the fusion weighs (milliseconds per request), before its request
   joins a batch, so that it runs beside the network (ONNX Runtime releases the GIL) instead of
   in front of every request of the batch.
+* **publish thread** (``pipeline.publish_thread``; owns the PUB socket then): a batch's
+  open-set match, fusion, messages and sends, while the inference thread runs the next
+  batch's network; at most ``_PUBLISH_BACKLOG`` batches wait for it, in order.
 
 Bad frames (BadMessage, CalibrationError, ShapingError, AssemblyError, series drops) are
 counted by reason (``Metrics.bad``), logged, and skipped: the daemon never dies on a frame.
@@ -46,9 +50,10 @@ from xtalsym import shaping
 from xtalsym.daemon import calibrate as cal
 from xtalsym.daemon.assemble import Assembler, AssemblyError, Request, View, axis_in_user_data, identify
 from xtalsym.daemon.infer import (
-    classify_batch,
     combine_timed,
     evidence_frames,
+    finish_batch,
+    infer_batch,
     load_fusion,
     model_info,
     uses_per_view,
@@ -66,6 +71,9 @@ from xtalsym.daemon.workers import frame_job, init_worker, shape_timed, warm
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# batches inferred and waiting for the publish thread, at most: the inference thread then waits
+# (the publish thread is the faster of the two; this only bounds a stall's memory and latency)
+_PUBLISH_BACKLOG = 2
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -172,6 +180,10 @@ class Pipeline:
         self.pool: cf.ProcessPoolExecutor | None = None
         self.result_slots: ResultSlots | None = None  # shaped DPs back from the workers (shared memory)
         self.combiner: cf.ThreadPoolExecutor | None = None  # the combine thread (pipeline.evidence)
+        self.poster: cf.ThreadPoolExecutor | None = None  # the publish thread (pipeline.publish_thread)
+        self._publish_slots = threading.Semaphore(_PUBLISH_BACKLOG)
+        self._publishing = 0  # requests inferred, not yet published (the publish thread's queue)
+        self._publishing_lock = threading.Lock()  # two threads change it
         self._combining = 0  # requests on the combine thread (inference thread's count)
         # per sample, the ticket of its newest request handed to the combine thread: a partial one
         # superseded there by a newer one of its sample is not combined (_combine_unless_superseded)
@@ -191,7 +203,7 @@ class Pipeline:
         self.metrics.prom.track_queues(
             {"workers": lambda: len(self.slots), "results": self._results.qsize,
              "open_samples": lambda: len(self.assembler.open), "combine": lambda: self._combining,
-             "batch": lambda: self._pending_batch},
+             "batch": lambda: self._pending_batch, "publish": lambda: self._publishing},
             {"workers": lambda: config.pipeline.queue_size, "batch": lambda: self.config.pipeline.max_batch})
 
     # ---- life cycle
@@ -232,6 +244,9 @@ class Pipeline:
             log.info("symmetry-evidence tables ready in %.1f s", time.perf_counter() - t0)
             self.combiner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xtalsym-combine",
                                                   initializer=one_native_thread)
+        if c.pipeline.publish_thread:  # one thread: messages leave in the order of their batches
+            self.poster = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xtalsym-publish",
+                                                initializer=one_native_thread)
         self._threads = [
             threading.Thread(target=self._ingest_loop, name="xtalsym-ingest", daemon=True),
             threading.Thread(target=self._inference_loop, name="xtalsym-inference", daemon=True),
@@ -286,6 +301,8 @@ class Pipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
         if self.combiner is not None:
             self.combiner.shutdown(wait=True, cancel_futures=True)
+        if self.poster is not None:  # normally already shut by the inference loop, after its last batch
+            self.poster.shutdown(wait=True)
         if self.result_slots is not None:
             self.result_slots.close()
         if self.monitor is not None:
@@ -566,7 +583,7 @@ class Pipeline:
                     oldest = time.monotonic()
                 self._pending_batch = len(pending)
                 if now >= next_metrics:
-                    self.publisher.send_metrics(self.metrics_message())
+                    self._post(self.publisher.send_metrics, self.metrics_message())
                     next_metrics = now + self.config.publish.metrics_interval_seconds
                 if stopping and not pending and not self._combining:
                     break
@@ -574,10 +591,19 @@ class Pipeline:
             log.exception("inference loop failed")
         finally:
             try:
+                if self.poster is not None:  # its batches first: then the PUB socket is this thread's again
+                    self.poster.shutdown(wait=True)
                 self.publisher.send_metrics(self.metrics_message())
                 self.publisher.close()
             finally:
                 self.finished.set()
+
+    def _post(self, fn, *args) -> None:
+        """Run ``fn`` where the PUB socket's sends happen: the publish thread (in order), or here."""
+        if self.poster is None:
+            fn(*args)
+        else:
+            self.poster.submit(fn, *args)
 
     def _combine_aside(self, request: Request) -> bool:
         """Hand a request with evidence whose zones are combined (final, or partial where the
@@ -698,41 +724,73 @@ class Pipeline:
         return requests
 
     def _classify(self, batch: list[Request]) -> None:
-        result = classify_batch(batch, backend=self.backend, size=self.size, model=self.model_info, index=self.index,
-                                fusion=self.fusion,
-                                index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours,
-                                index_query=self.config.index.query,
-                                per_view=uses_per_view(self.backend, self.config.pipeline.view_inference),
-                                generation=self._backend_generation)
+        """The batch's network here; its match, fusion and messages on the publish thread (or here)."""
+        per_view = uses_per_view(self.backend, self.config.pipeline.view_inference)
+        result, out = infer_batch(batch, backend=self.backend, size=self.size, per_view=per_view,
+                                  generation=self._backend_generation)
         if result.inference_error is not None:  # keep serving; every request of the batch is counted
             for request in batch:
                 self.metrics.bad_frame("inference_error", f"sample {request.sample_key}: {result.inference_error}")
             return
         self.metrics.count("views_inferred", result.views_inferred)
         self.metrics.stage("infer", result.infer_seconds, result.infer_cpu_seconds)
-        if result.match_seconds is not None:
-            self.metrics.stage("match", result.match_seconds, result.match_cpu_seconds)
-        if result.index_error is not None:
-            exc = result.index_error
-            self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
-        if result.fuse_seconds is not None:
-            self.metrics.stage("fuse", result.fuse_seconds, result.fuse_cpu_seconds)
-        if result.fusion_error is not None:
-            exc = result.fusion_error
-            self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
-        for seconds, cpu_seconds in result.combine_seconds:
-            self.metrics.stage("combine", seconds, cpu_seconds)
-        for key, exc in result.evidence_errors:
-            self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
-        self.metrics.batch(len(batch))
-        t0, c0 = time.perf_counter(), time.thread_time()
-        for request, message in result.messages:
-            if self.publisher.send(message):
-                self.metrics.published(request, message)
-            else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
-                self.metrics.count("publish_dropped")
-        self.metrics.stage("publish", result.message_seconds + time.perf_counter() - t0,
-                           result.message_cpu_seconds + time.thread_time() - c0)
+        # what the batch needs from the current model, taken now: a swap may follow before it is published
+        finish = dict(classes=self.backend.classes, model=self.model_info, index=self.index, fusion=self.fusion,
+                      index_enabled=self.config.index.enabled, neighbours=self.config.index.neighbours,
+                      index_query=self.config.index.query)
+        if self.poster is None:
+            self._publish_batch(batch, out, result, finish)
+            return
+        self._publish_slots.acquire()  # released when the publish thread is done with it
+        self._queued_for_publishing(len(batch))
+        try:
+            self.poster.submit(self._publish_batch, batch, out, result, finish, True)
+        except BaseException:
+            self._queued_for_publishing(-len(batch))
+            self._publish_slots.release()
+            raise
+
+    def _queued_for_publishing(self, n: int) -> None:
+        with self._publishing_lock:
+            self._publishing += n
+
+    def _publish_batch(self, batch: list[Request], out, result, finish: dict, queued: bool = False) -> None:
+        try:
+            result = finish_batch(batch, out, result, **finish)
+            if result.match_seconds is not None:
+                self.metrics.stage("match", result.match_seconds, result.match_cpu_seconds)
+            if result.index_error is not None:
+                exc = result.index_error
+                self.metrics.bad_frame("index_error", f"{type(exc).__name__}: {exc}")
+            if result.fuse_seconds is not None:
+                self.metrics.stage("fuse", result.fuse_seconds, result.fuse_cpu_seconds)
+            if result.fusion_error is not None:
+                exc = result.fusion_error
+                self.metrics.bad_frame("fusion_error", f"{type(exc).__name__}: {exc}")
+            for seconds, cpu_seconds in result.combine_seconds:
+                self.metrics.stage("combine", seconds, cpu_seconds)
+            for key, exc in result.evidence_errors:
+                self.metrics.bad_frame("evidence_error", f"sample {key}: {type(exc).__name__}: {exc}")
+            self.metrics.batch(len(batch))
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for request, message in result.messages:
+                if self.publisher.send(message):
+                    self.metrics.published(request, message)
+                else:  # the publisher never blocks: a message ZeroMQ refuses is counted, not waited for
+                    self.metrics.count("publish_dropped")
+            self.metrics.stage("publish", result.message_seconds + time.perf_counter() - t0,
+                               result.message_cpu_seconds + time.thread_time() - c0)
+        except Exception as exc:
+            if not queued:
+                raise
+            log.exception("publishing a batch of %d failed", len(batch))  # a bug: count it, keep the thread
+            for request in batch:
+                self.metrics.bad_frame("internal_error", f"sample {request.sample_key} not published: "
+                                       f"{type(exc).__name__}: {exc}", quiet=True)
+        finally:
+            if queued:
+                self._queued_for_publishing(-len(batch))
+                self._publish_slots.release()
 
     def metrics_message(self) -> dict:
         snap = self.metrics.snapshot()
