@@ -22,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import zlib
 from collections import defaultdict
+
+from scipy import stats
 
 from xtalsym.evidence import decision
 
 SAFETY_NATS = 1.0
+SAFETY_FACTOR = 1.0  # threshold = SAFETY_FACTOR x worst wrong + SAFETY_NATS: margins grow with the nodes measured
 NEVER_NATS = 500.0
 MIN_SUPPORT = 5  # right decisions on validation a class's threshold must keep, else it is never named
 FRIEDEL_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, math.inf)
@@ -54,31 +58,70 @@ def fit_thresholds(rows: list[dict], kind: str, friedel_max: float) -> dict[str,
         worst[r[forced]] = max(worst[r[forced]], r[marg])
     out = {}
     for c in sorted(classes):
-        t = max(decision.MIN_LOG_ODDS_FLOOR, worst[c] + SAFETY_NATS)
+        t = max(decision.MIN_LOG_ODDS_FLOOR, SAFETY_FACTOR * worst[c] + SAFETY_NATS)
         support = sum(1 for r in rows if r[forced] == c == r[truth] and r[marg] >= t and not _friedel(r) > friedel_max)
         if t < NEVER_NATS and support >= MIN_SUPPORT:
             out[c] = round(t, 1)
     return out
 
 
-def fit(rows: list[dict]) -> None:
-    best = None
-    print(f"{'Friedel max':>11} {'sys decided':>11} {'brv decided':>11}")
+def fit_rule(rows: list[dict]) -> tuple[float, dict[str, float], dict[str, float], list[tuple[float, float, float]]]:
+    """The Friedel bound and per-class thresholds that decide the most rows; and (bound, system
+    share, Bravais share) for each bound tried."""
+    best, table = None, []
     for fmax in FRIEDEL_GRID:
         ts, tb = fit_thresholds(rows, "system", fmax), fit_thresholds(rows, "bravais", fmax)
-        verdicts = [decision.thresholded(system=r["forced_system"], system_margin=r["system_margin"],
-                                         bravais=r["forced_bravais"], bravais_margin=r["bravais_margin"],
-                                         friedel=_friedel(r), system_min=ts, bravais_min=tb, friedel_max=fmax)
-                    for r in rows]
+        verdicts = [_verdict(r, ts, tb, fmax) for r in rows]
         ds, db = sum(v[0] for v in verdicts), sum(v[1] for v in verdicts)
-        print(f"{fmax:>11g} {ds / len(rows):>10.1%} {db / len(rows):>10.1%}")
+        table.append((fmax, ds / len(rows), db / len(rows)))
         if best is None or ds + db > best[0]:
             best = (ds + db, fmax, ts, tb)
     _, fmax, ts, tb = best
+    return fmax, ts, tb, table
+
+
+def _verdict(r: dict, ts: dict[str, float], tb: dict[str, float], fmax: float) -> tuple[bool, bool]:
+    return decision.thresholded(system=r["forced_system"], system_margin=r["system_margin"],
+                                bravais=r["forced_bravais"], bravais_margin=r["bravais_margin"],
+                                friedel=_friedel(r), system_min=ts, bravais_min=tb, friedel_max=fmax)
+
+
+def fit(rows: list[dict]) -> None:
+    fmax, ts, tb, table = fit_rule(rows)
+    print(f"{'Friedel max':>11} {'sys decided':>11} {'brv decided':>11}")
+    for f, ds, db in table:
+        print(f"{f:>11g} {ds:>10.1%} {db:>10.1%}")
     print(f"\nfreeze in xtalsym/evidence/decision.py ({len(rows)} validation rows):")
     print(f"MAX_FRIEDEL_ASYMMETRY = {fmax}")
     print(f"SYSTEM_MIN_LOG_ODDS = {ts}")
     print(f"BRAVAIS_MIN_LOG_ODDS = {tb}")
+
+
+def cross_validate(rows: list[dict], folds: int = 5) -> None:
+    """The fitting procedure scored on validation materials it did not see: the materials are
+    split into ``folds`` groups (by id, so a material's conditions stay together); each group is
+    decided by thresholds fitted on the others. This estimates how often a rule fitted this way is
+    wrong on new materials, without the test split."""
+    ids = sorted({r["id"] for r in rows})
+    fold_of = {m: i % folds for i, m in enumerate(sorted(ids, key=lambda m: zlib.crc32(m.encode())))}
+    held = []
+    for k in range(folds):
+        fmax, ts, tb, _ = fit_rule([r for r in rows if fold_of[r["id"]] != k])
+        held += [(r, _verdict(r, ts, tb, fmax)) for r in rows if fold_of[r["id"]] == k]
+    by = defaultdict(list)
+    for r, v in held:
+        by[(r["set"], r["condition"])].append((r, v))
+    print(f"{folds}-fold cross-validation by material ({len(ids)} materials)")
+    print(f"{'set / condition':<40} {'n':>4} {'sys dec':>7} {'wrong':>5} {'sys wrong':>9} {'95% up':>6} "
+          f"{'brv dec':>7} {'wrong':>5}")
+    for (set_name, cond), rv in by.items():
+        n = len(rv)
+        ws = [r for r, (s, _) in rv if s and r["forced_system"] != r["system"]]
+        wb = sum(b and r["forced_bravais"] != r["bravais"] for r, (_, b) in rv)
+        print(f"{set_name + ' / ' + cond:<40} {n:>4} {sum(v[0] for _, v in rv) / n:>7.1%} {len(ws):>5} "
+              f"{len(ws) / n:>9.1%} {clopper_pearson_upper(len(ws), n):>6.1%} {sum(v[1] for _, v in rv) / n:>7.1%} "
+              f"{wb:>5}  " + ", ".join(f"{r['id']} {r['system']}->{r['forced_system']} {r['system_margin']:.0f}"
+                                       for r in ws))
 
 
 def apply_rule(r: dict) -> tuple[bool, bool]:
@@ -86,12 +129,18 @@ def apply_rule(r: dict) -> tuple[bool, bool]:
                          bravais_margin=r["bravais_margin"], friedel=_friedel(r))
 
 
+def clopper_pearson_upper(k: int, n: int, level: float = 0.95) -> float:
+    """Upper end of the exact two-sided binomial interval for k events in n trials."""
+    return 1.0 if k >= n else float(stats.beta.ppf(1 - (1 - level) / 2, k + 1, n - k))
+
+
 def check(rows: list[dict]) -> None:
     by = defaultdict(list)
     for r in rows:
         by[(r["set"], r["condition"])].append(r)
-    print(f"{'set / condition':<40} {'n':>4} {'sys dec':>7} {'sys acc':>7} {'sys wrong':>9} "
-          f"{'brv dec':>7} {'brv acc':>7} {'brv wrong':>9}")
+    print(f"{'set / condition':<40} {'n':>4} {'sys dec':>7} {'sys acc':>7} {'wrong':>5} {'sys wrong':>9} "
+          f"{'95% up':>6} {'brv dec':>7} {'brv acc':>7} {'wrong':>5} {'brv wrong':>9} {'95% up':>6}")
+    wrong_materials = defaultdict(list)
     for (set_name, cond), rs in by.items():
         n = len(rs)
         verdicts = [apply_rule(r) for r in rs]
@@ -100,25 +149,42 @@ def check(rows: list[dict]) -> None:
         ws = sum(r["forced_system"] != r["system"] for r in ds)
         wb = sum(r["forced_bravais"] != r["bravais"] for r in db)
         acc = lambda w, d: "   -  " if not d else f"{1 - w / len(d):6.1%}"  # noqa: E731
-        print(f"{set_name + ' / ' + cond:<40} {n:>4} {len(ds) / n:>7.1%} {acc(ws, ds):>7} {ws / n:>9.1%} "
-              f"{len(db) / n:>7.1%} {acc(wb, db):>7} {wb / n:>9.1%}")
+        print(f"{set_name + ' / ' + cond:<40} {n:>4} {len(ds) / n:>7.1%} {acc(ws, ds):>7} {ws:>5} {ws / n:>9.1%} "
+              f"{clopper_pearson_upper(ws, n):>6.1%} {len(db) / n:>7.1%} {acc(wb, db):>7} {wb:>5} {wb / n:>9.1%} "
+              f"{clopper_pearson_upper(wb, n):>6.1%}")
         for r in ds:
             if r["forced_system"] != r["system"]:
+                wrong_materials[r["id"]].append(cond)
                 print(f"    wrong system: {r['id']} SG {r['sg']} {r['system']} -> {r['forced_system']} "
-                      f"(log-odds {r['system_margin']:.1f}, Friedel {_friedel(r):.2f})")
+                      f"(log-odds {r['system_margin']:.1f}, Friedel {_friedel(r):.2f}){_why(r)}")
         for r in db:
             if r["forced_bravais"] != r["bravais"]:
                 print(f"    wrong Bravais: {r['id']} SG {r['sg']} {r['bravais']} -> {r['forced_bravais']} "
-                      f"(log-odds {r['bravais_margin']:.1f}, Friedel {_friedel(r):.2f})")
+                      f"(log-odds {r['bravais_margin']:.1f}, Friedel {_friedel(r):.2f}){_why(r)}")
+    total = sum(len(rs) for rs in by.values())
+    decided = sum(apply_rule(r)[0] for r in rows)
+    print(f"\n{total} rows of {len({r['id'] for r in rows})} materials; crystal system decided in {decided / total:.1%}; "
+          f"wrong decisions from {len(wrong_materials)} materials: "
+          + (", ".join(f"{m} ({len(c)} conditions)" for m, c in sorted(wrong_materials.items())) or "none"))
+
+
+def _why(r: dict) -> str:
+    """What the evidence saw (rows dumped with the class tables): best metric class, its cell,
+    each zone's 2D point group and highest order — the facts a wrong decision is explained by."""
+    if "zones" not in r:
+        return ""
+    cell = " ".join(f"{x:.3f}" for x in r["cell"]) if r.get("cell") else "none"
+    zones = " ".join(f"{a}:{z['point_group_2d'] or '-'}/{z['max_order']}" for a, z in sorted(r["zones"].items()))
+    return f"; metric {r['metric_class']}, cell {cell}; zones {zones}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("fit", "check"))
+    ap.add_argument("mode", choices=("fit", "check", "cv"))
     ap.add_argument("rows", nargs="+", help="JSONL files written by benchmarks/evidence.py --dump")
     args = ap.parse_args()
     rows = [r for path in args.rows for r in load(path)]
-    fit(rows) if args.mode == "fit" else check(rows)
+    {"fit": fit, "check": check, "cv": cross_validate}[args.mode](rows)
 
 
 if __name__ == "__main__":
