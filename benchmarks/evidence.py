@@ -195,6 +195,9 @@ def main() -> None:
     ap.add_argument("--exclude-seeds", default="",
                     help="leave out the MP materials of earlier samples of this split, e.g. 3:140,4:280 "
                          "(seed:--mp of each), so that this sample is fresh")
+    ap.add_argument("--exclude-dumps", default="",
+                    help="leave out the materials of these --dump files too (comma list), e.g. a sample that "
+                         "was itself drawn with --exclude-seeds")
     ap.add_argument("--realism", default="", help="comma list of " + ", ".join(REALISM) + ", or 'all'")
     ap.add_argument("--d-min", default="", help="comma list of d_min in Å for the coverage table, e.g. 1.46,1.0,0.7")
     ap.add_argument("--seed", type=int, default=0)
@@ -217,9 +220,10 @@ def main() -> None:
     if args.mp:
         exclude = frozenset(lab.material_id for seed, n in _seed_list(args.exclude_seeds)
                             for lab in mp_test_sample(args.mp_path, max(1, n // 7), seed, args.split))
+        exclude |= _dumped_ids(args.exclude_dumps)
         sets[f"MP {args.split}"] = mp_test_sample(args.mp_path, max(1, args.mp // 7), args.seed, args.split, exclude)
         if exclude:
-            print(f"left out {len(exclude)} materials of the samples {args.exclude_seeds}")
+            print(f"left out {len(exclude)} materials of the samples {args.exclude_seeds} {args.exclude_dumps}")
     if args.pyxtal:
         sets["pyxtal 230"] = pyxtal_sample(args.pyxtal, seed=args.pyxtal_seed)
     geometry = simulate.Geometry()
@@ -317,6 +321,17 @@ def _seed_list(text: str) -> list[tuple[int, int]]:
             raise SystemExit(f"evidence.py: error: --exclude-seeds items are SEED:N, got {item!r}")
         out.append((int(seed), int(n)))
     return out
+
+
+def _dumped_ids(paths: str) -> frozenset[str]:
+    ids = set()
+    for path in (p.strip() for p in paths.split(",") if p.strip()):
+        try:
+            with open(path) as fh:
+                ids |= {json.loads(line)["id"] for line in fh if line.strip()}
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"evidence.py: error: cannot read material ids from --exclude-dumps file {path!r}: {exc}") from None
+    return frozenset(ids)
 
 
 def _jsonable(value):
