@@ -48,11 +48,14 @@ REALISM = {  # name -> (realistic, harsh)
 }
 
 
-def mp_test_sample(path: str, per_system: int, seed: int, split: str = "test") -> list[structures.LabelledStructure]:
-    """Class-balanced (crystal system) labelled materials of one split (test unless calibrating)."""
+def mp_test_sample(path: str, per_system: int, seed: int, split: str = "test",
+                   exclude: frozenset[str] = frozenset()) -> list[structures.LabelledStructure]:
+    """Class-balanced (crystal system) labelled materials of one split (test unless calibrating),
+    none of those in ``exclude`` (material ids of samples already looked at)."""
     records = [r for r in structures.iter_records(path) if not isinstance(r, structures.StructureError)
                and dataset.split_of(r.material_id, dataset.DEFAULT_SPLIT_FRACTIONS) == split]
     random.Random(seed).shuffle(records)
+    records = [r for r in records if r.material_id not in exclude]
     counts: Counter = Counter()
     chosen = []
     for rec in records:
@@ -115,6 +118,13 @@ def evaluate(materials, *, geometry, realism, d_min, timings) -> list[dict]:
             "forced_system": max(ev.crystal_system_loglik, key=ev.crystal_system_loglik.get),
             "system_margin": feats.system_margin, "bravais_margin": feats.bravais_margin,
             "friedel_asymmetry": feats.friedel_asymmetry, "untested_zones": list(feats.untested_zones),
+            # the class tables and per-zone summaries, so that a decision rule can be refitted on the dump
+            "system_loglik": ev.crystal_system_loglik, "bravais_loglik": ev.bravais_loglik,
+            "metric_loglik": ev.metric_loglik, "metric_class": ev.metric_class,
+            "cell": None if ev.cell is None else [float(x) for x in ev.cell],
+            "zones": {a: {"decided": f.decided, "spots": f.n_spots, "max_order": f.max_order,
+                          "indexed": int(np.count_nonzero(f.spots_indexed)), "point_group_2d": f.point_group_2d,
+                          "rms_px": f.rms_px} for a, f in frames.items()},
         })
     return rows
 
@@ -180,6 +190,14 @@ def main() -> None:
     ap.add_argument("--mp", type=int, default=280, help="MP test materials (balanced over 7 systems)")
     ap.add_argument("--mp-path", default=MP_DEFAULT)
     ap.add_argument("--pyxtal", type=int, default=1, help="pyxtal crystals per space group (0: none)")
+    ap.add_argument("--pyxtal-seed", type=int, default=1,
+                    help="seed of the pyxtal crystals (1: the default sample; another seed: a different sample)")
+    ap.add_argument("--exclude-seeds", default="",
+                    help="leave out the MP materials of earlier samples of this split, e.g. 3:140,4:280 "
+                         "(seed:--mp of each), so that this sample is fresh")
+    ap.add_argument("--exclude-dumps", default="",
+                    help="leave out the materials of these --dump files too (comma list), e.g. a sample that "
+                         "was itself drawn with --exclude-seeds")
     ap.add_argument("--realism", default="", help="comma list of " + ", ".join(REALISM) + ", or 'all'")
     ap.add_argument("--d-min", default="", help="comma list of d_min in Å for the coverage table, e.g. 1.46,1.0,0.7")
     ap.add_argument("--seed", type=int, default=0)
@@ -200,9 +218,14 @@ def main() -> None:
     sample_mod.group_table()  # one-time tables, not part of the per-sample time
     sets = {}
     if args.mp:
-        sets[f"MP {args.split}"] = mp_test_sample(args.mp_path, max(1, args.mp // 7), args.seed, args.split)
+        exclude = frozenset(lab.material_id for seed, n in _seed_list(args.exclude_seeds)
+                            for lab in mp_test_sample(args.mp_path, max(1, n // 7), seed, args.split))
+        exclude |= _dumped_ids(args.exclude_dumps)
+        sets[f"MP {args.split}"] = mp_test_sample(args.mp_path, max(1, args.mp // 7), args.seed, args.split, exclude)
+        if exclude:
+            print(f"left out {len(exclude)} materials of the samples {args.exclude_seeds} {args.exclude_dumps}")
     if args.pyxtal:
-        sets["pyxtal 230"] = pyxtal_sample(args.pyxtal, seed=1)
+        sets["pyxtal 230"] = pyxtal_sample(args.pyxtal, seed=args.pyxtal_seed)
     geometry = simulate.Geometry()
     timings = defaultdict(list)
     print(HEADER)
@@ -287,6 +310,28 @@ def speed(repeats: int = 20, realism: simulate.Realism | None = None) -> None:
               f"{combine_ms:>11.2f} {frames['z'].n_spots:>8}")
     print(f"median: analyse_frame {np.median(per_frame):.2f} ms per frame, combine {np.median(per_combine):.2f} ms "
           f"per sample; load average {os.getloadavg()[0]:.1f}")
+
+
+def _seed_list(text: str) -> list[tuple[int, int]]:
+    """'3:140,4:280' -> [(3, 140), (4, 280)]; exits with one line on a malformed item."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        seed, _, n = item.partition(":")
+        if not (seed.isdigit() and n.isdigit()):
+            raise SystemExit(f"evidence.py: error: --exclude-seeds items are SEED:N, got {item!r}")
+        out.append((int(seed), int(n)))
+    return out
+
+
+def _dumped_ids(paths: str) -> frozenset[str]:
+    ids = set()
+    for path in (p.strip() for p in paths.split(",") if p.strip()):
+        try:
+            with open(path) as fh:
+                ids |= {json.loads(line)["id"] for line in fh if line.strip()}
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"evidence.py: error: cannot read material ids from --exclude-dumps file {path!r}: {exc}") from None
+    return frozenset(ids)
 
 
 def _jsonable(value):

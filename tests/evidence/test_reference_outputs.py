@@ -9,7 +9,9 @@ that recorded them the outputs are bit-identical; across machines a BLAS or libm
 differently, so floats are compared to 1e-9 (relative), everything discrete exactly. The fusion
 consumes group_loglik: this test is what keeps it unchanged by speed work. The decision fields
 (crystal_system, bravais, decided, warnings) were re-recorded when the calibrated decision rule
-(xtalsym/evidence/decision.py) replaced the log-odds-5 rule; every other field was checked unchanged.
+(xtalsym/evidence/decision.py) replaced the log-odds-5 rule, and again for 6 samples when its
+thresholds were refitted on 1820 validation materials (session 4, i17dec); every other field was
+checked unchanged.
 """
 
 from __future__ import annotations
