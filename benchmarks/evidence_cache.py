@@ -8,6 +8,11 @@ them as it reads the official pass.
 
     python benchmarks/evidence_cache.py frames --features data/fusion       # frames/<chunk>.pkl
     python benchmarks/evidence_cache.py combine --features data/fusion --out data/fusion/evidence_soft
+    python benchmarks/evidence_cache.py stats --features data/fusion --split val DIR [DIR ...]
+
+``stats``: per evidence folder, the share of the split's materials whose true group the evidence
+rules out (more than ``RULED_OUT_NATS`` below its best group) and the share with the truth among
+the best groups (within 1e-6 nats).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xtalsym.offline import fusion_data, simulate  # noqa: E402
 
 log = logging.getLogger("benchmarks.evidence_cache")
+RULED_OUT_NATS = 20.0  # fusion_compare.HARD_MISS_NATS
 
 
 def q_per_pixel(bundle: str) -> float:
@@ -97,15 +103,33 @@ def combine_chunk(path: Path, out_dir: Path) -> int:
     return len(rows)
 
 
+def stats(features: Path, split: str, folders: list[str]) -> None:
+    """Print, per evidence folder, the truth ruled out / at the top shares on ``split``."""
+    feats = fusion_data.load_features(features)
+    for folder in folders:
+        rows, ev = fusion_data.load_evidence(Path(folder), feats.material_id)
+        if not len(rows):
+            print(f"{folder}: no evidence files")
+            continue
+        keep = np.array([k for k, r in enumerate(rows) if feats.split[r] == split], dtype=np.int64)
+        ll = ev[(True, True, True)][keep]
+        truth = feats.space_group[rows[keep]] - 1
+        gap = ll.max(axis=1) - ll[np.arange(len(keep)), truth]
+        print(f"{folder}: {split} n {len(keep)}, truth ruled out (> {RULED_OUT_NATS:g} nats) {np.mean(gap > RULED_OUT_NATS):.2%}, "
+              f"truth at the top {np.mean(gap <= 1e-6):.2%}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("frames", "combine"))
+    ap.add_argument("mode", choices=("frames", "combine", "stats"))
+    ap.add_argument("folders", nargs="*", help="stats: evidence folders")
+    ap.add_argument("--split", default="val", help="stats: the split measured")
     ap.add_argument("--features", default="data/fusion")
     ap.add_argument("--frames", default=None, help="frames folder (default: <features>/frames)")
     ap.add_argument("--out", default=None, help="combine: evidence folder to write")
     ap.add_argument("--bundle", default="reference_index")
     ap.add_argument("--loop", action="store_true", help="frames: keep going while the feature job adds chunks")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     features = Path(args.features)
     frames_dir = Path(args.frames or features / "frames")
@@ -124,6 +148,11 @@ def main(argv=None) -> int:
                 return 0
             if not todo:
                 time.sleep(60)
+    if args.mode == "stats":
+        if not args.folders:
+            ap.error("stats needs evidence folders")
+        stats(features, args.split, args.folders)
+        return 0
     if not args.out:
         ap.error("combine needs --out")
     start, total = time.process_time(), 0

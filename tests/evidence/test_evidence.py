@@ -14,6 +14,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from xtalsym import evidence, symmetry
+from xtalsym.evidence import cell as cellfit
 from xtalsym.evidence import sample as sample_mod
 from xtalsym.evidence import zonerules
 from xtalsym.offline import simulate, structures
@@ -277,6 +278,56 @@ def test_monoclinic_pseudo_zone_rules_match_the_full_operations():
 
 
 @pytest.mark.slow
+def test_coarser_zone_bases_leave_out_only_weak_spots():
+    basis = np.array([[0.1, 0.0], [0.0, 0.15]])
+    nodes = np.array([(m, n) for m in range(-3, 4) for n in range(-2, 3) if (m, n) != (0, 0)])
+    points = nodes @ basis
+    odd_m = nodes[:, 0] % 2 == 1
+    weak = np.where(odd_m, 1e-3, 1.0)  # side lobes on the nodes with m odd
+    coarse = cellfit.coarser_zone_bases(basis, points, weak)
+    assert len(coarse) == 1 and np.allclose(coarse[0], [[0.2, 0.0], [0.0, 0.15]])
+    assert cellfit.coarser_zone_bases(basis, points, np.where(odd_m, 0.1, 1.0)) == []  # real reflections
+
+
+@pytest.mark.slow
+def test_hexagonal_side_lobes_do_not_rule_out_the_hexagonal_groups():
+    """TbB2Ru3 (mp-3186, P6/mmm): the [120] zone's first-order-Laue side lobes halve that zone's
+    lattice and no hexagonal cell fits it; group_loglik refits with the side lobes left out, while
+    the class likelihoods (the calibrated decision's input) keep the zones' own fit."""
+    s = Structure.from_spacegroup("P6/mmm", Lattice.hexagonal(5.515, 3.040), ["Tb", "B", "Ru"],
+                                  [[0, 0, 0], [1 / 3, 2 / 3, 0], [0.5, 0, 0.5]])
+    structure, sg = _conventional(s)
+    patterns = simulate.simulate_axes(structure, **simulate.DATASET_OPTIONS)
+    frames = {a: evidence.analyse_frame(p, axis=a, q_per_pixel=Q) for a, p in patterns.items()}
+    ev = evidence.combine(frames)
+    assert sg == 191
+    assert ev.group_loglik[sg - 1] == pytest.approx(0.0)  # among the best groups
+    assert ev.bravais_loglik["hP"] < -100  # the decision's likelihoods: unchanged, hexagonal misfits
+
+
+@pytest.mark.slow
+def test_weak_rows_cell_multiple_keeps_p21c_in_reach():
+    """A P2₁/c cell (β = 120.8°) whose heavy atoms repeat at c/2: the l-odd rows are weak (a few spots
+    found, the zone lattices leave them out), the zones' cell has c/2, and on it the c-glide forbids
+    strong h0l nodes. The cell multiple ×2 along c, its new rows weak, brings the group back within
+    CELL_MULTIPLE_NATS of the best; the reported cell stays the zones' own."""
+    s = Structure.from_spacegroup("P2_1/c", Lattice.monoclinic(8.1, 8.7, 12.4, 120.8), ["Pb", "S", "S"],
+                                  [[0.2, 0.25, 0.1], [0.35, 0.1, 0.3], [0.1, 0.4, 0.65]])
+    structure, sg = _conventional(s)
+    patterns = simulate.simulate_axes(structure, **simulate.DATASET_OPTIONS)
+    frames = {a: evidence.analyse_frame(p, axis=a, q_per_pixel=Q) for a, p in patterns.items()}
+    ev = evidence.combine(frames)
+    assert sg == 14
+    assert ev.cell[2] == pytest.approx(6.2, abs=0.05)
+    assert ev.group_loglik[sg - 1] >= -sample_mod.CELL_MULTIPLE_NATS - 1e-6
+    # without the multiples (the decision's likelihoods) the group is ruled out by ~100 nats
+    zones = {a: cellfit.ZoneVectors(a, cellfit.embed(a, f.basis), f.q_per_pixel, float(np.max(f.basis_sigma)))
+             for a, f in frames.items() if f.decided}
+    fits = cellfit.fit_metrics(zones)
+    _, plain, _ = sample_mod._group_logliks(fits, {a: sample_mod._prepare(f) for a, f in frames.items() if f.decided})
+    assert plain.max() - plain[sg - 1] > 50
+
+
 def test_shape_cli_overlays_the_indexed_lattice(tmp_path, capsys):
     from xtalsym.cli import main
 

@@ -6,7 +6,9 @@ factors, :mod:`.cell`) + absence term + zone-symmetry term, with the group's con
 taken as the measured apparent cell times the group's apparent-cell divisors (an F cubic group's
 zones look like a P cell of half the edge; symmetry.apparent_cell_divisors). Groups of a metric
 class that fits the zones ``PRUNE_METRIC_NATS`` worse than the best class are not scored (they
-get the floor of the vector).
+get the floor of the vector). Where the zones' cell is wrong — weak rows left out of a zone's
+lattice (``CELL_MULTIPLES``), first-order Laue side lobes put into it (:func:`_rescued_fits`) — the
+group likelihoods also try the corrected cells; the class likelihoods and the decision do not.
 
 Absence term, per true zone of the group's class: the group's conventional zone nodes inside the
 analysed annulus, each scored *relative to "no reflection there"*: an allowed node with a spot
@@ -28,6 +30,7 @@ thresholds and an on-axis check calibrated on the validation split); otherwise t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -55,6 +58,26 @@ PRUNE_METRIC_NATS = 200.0
 # 85 Å blocks a tilt of c* from the beam under ~1° keeps the hk0 reflections on the Ewald plane, and
 # the zone then shows the cell's nodes and the 2mm intensity symmetry an orthorhombic cell would.
 PSEUDO_ZONE_DEG = 1.0
+# Cell multiples tried for every group's likelihood (group_loglik only; the class likelihoods and the
+# calibrated decision keep the zones' cell): a zone's lattice takes the coarser of two lattices when
+# the rows between are weak (P2₁/c at large β: the l-odd rows of 0kl; a heavy-atom pseudo-translation),
+# so the apparent cell can be half the true one along an axis, and on it the group's glides forbid
+# strong nodes. Doubling along one axis (a and b together where the class ties them; all three for
+# cubic) puts those rows back as nodes; the choice costs CELL_MULTIPLE_NATS, a prior against cells
+# larger than the zones show. Its new nodes (off the zones' lattice) count as weak rows — an empty
+# one costs nothing — in a zone where at least WEAK_ROW_SPOTS of them hold a spot favouring
+# "allowed"; elsewhere they are scored as any node. Both chosen on validation (docs/RESULTS.md,
+# issue 15, session 4, i17cell).
+CELL_MULTIPLES = {"monoclinic": ((2, 1, 1), (1, 2, 1), (1, 1, 2)),
+                  "orthorhombic": ((2, 1, 1), (1, 2, 1), (1, 1, 2)),
+                  "tetragonal": ((2, 2, 1), (1, 1, 2)), "hexagonal": ((2, 2, 1), (1, 1, 2)),
+                  "cubic": ((2, 2, 2),)}
+CELL_MULTIPLE_NATS = 5.0
+WEAK_ROW_SPOTS = 3
+# A class whose fit to the zones is pruned or infeasible is fitted again with one zone's lattice made
+# coarser where that leaves out only weak spots (cellfit.coarser_zone_bases: first-order Laue zone
+# side lobes); such a rescued fit costs SIDE_LOBE_NATS and enters group_loglik only.
+SIDE_LOBE_NATS = 5.0
 
 
 def logsumexp(values) -> float:
@@ -284,7 +307,7 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     if not feasible:
         return _undecided(frames, warnings_, "; ".join(f"{m}: {f.reason}" for m, f in fits.items()))
     prepared = {a: _prepare(ev) for a, ev in usable.items()}
-    group_ll, plain_ll, group_scale = _group_logliks(fits, prepared)
+    group_ll, plain_ll, group_scale = _group_logliks(fits, prepared, _rescued_fits(fits, zone_vectors, usable))
     tables = _tables()
     # the classes and their decision keep the likelihoods without the monoclinic pseudo-zone: the
     # rule's thresholds were calibrated on those (≤ 1 % wrong); with it, orthorhombic test crystals
@@ -497,10 +520,50 @@ def _rule_sums(rule_set: zonerules.RuleSet, codes, node_set, slot: int, unique) 
     return np.array([float(score[~row].sum()) for row in absent])[pick]
 
 
-def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData]
+def _new_nodes(plane: zonerules.ZonePlane, multiple: tuple[int, int, int]) -> tuple | None:
+    """((u, v, k), ...): node (m, n) of the zone plane on a cell ``multiple`` times the zones' apparent
+    cell is new (no node of the apparent cell) where (m·u + n·v) mod k ≠ 0 for any of them (one per multiplied
+    axis in the plane); None when the multiple adds no node here."""
+    out = tuple((plane.basis_hkl[0][axis], plane.basis_hkl[1][axis], k) for axis, k in enumerate(multiple)
+                if k > 1 and (plane.basis_hkl[0][axis] or plane.basis_hkl[1][axis]))
+    return out or None
+
+
+def _rescued_fits(fits: dict[str, cellfit.MetricFit], zones: dict[str, cellfit.ZoneVectors],
+                  frames: dict[str, FrameEvidence]) -> dict[str, cellfit.MetricFit]:
+    """Refits of the classes that fit the zones ``PRUNE_METRIC_NATS`` worse than the best (or not at
+    all), each with one zone's lattice made coarser where that leaves out only weak spots
+    (cellfit.coarser_zone_bases); a refit is kept where it brings the class within reach, its
+    log-likelihood lowered by ``SIDE_LOBE_NATS``."""
+    best_metric = max(f.loglik for f in fits.values() if f.feasible)
+    poor = [m for m, f in fits.items() if not f.partial and (not f.feasible or f.loglik < best_metric - PRUNE_METRIC_NATS)]
+    if not poor:
+        return {}
+    alternatives = []
+    for a, zv in zones.items():
+        ev = frames[a]
+        points = np.stack([ev.spots_x_px, ev.spots_y_px], 1) * ev.q_per_pixel
+        for coarse in cellfit.coarser_zone_bases(ev.basis, points, ev.spots_intensity):
+            alternatives.append(dict(zones) | {a: cellfit.ZoneVectors(a, cellfit.embed(a, coarse), zv.q_per_pixel, zv.sigma)})
+    out = {}
+    for m in poor:
+        for alt in alternatives:
+            f = cellfit.fit_metric(m, alt)
+            if f.feasible and not f.partial and f.loglik >= best_metric - PRUNE_METRIC_NATS and \
+                    (m not in out or f.loglik - SIDE_LOBE_NATS > out[m].loglik):
+                out[m] = dataclasses.replace(f, loglik=f.loglik - SIDE_LOBE_NATS)
+    return out
+
+
+def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _ZoneData],
+                   rescued: dict[str, cellfit.MetricFit] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
-    """Log-likelihood of every group, the same without the monoclinic pseudo-zone (what the
-    calibrated decision rule and the class likelihoods take), and the cell multiple that gave it.
+    """Log-likelihood of every group, the same without the monoclinic pseudo-zone, the cell
+    multiples and the rescued fits (what the calibrated decision rule and the class likelihoods
+    take), and the cell multiple that gave it.
+
+    ``rescued``: per metric class a fit from coarser zone lattices (:func:`_rescued_fits`) whose
+    groups are scored for the first output only.
 
     Groups come in batches sharing a metric class and divisors: each cell choice's node lattice
     in each true zone is scored once (all lattices of a zone together), and each distinct
@@ -513,32 +576,60 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     # what to score: the frame's own lattice in every zone, then the lattices of the scored batches
     requests: dict[str, list[np.ndarray]] = {a: [zd.frame.basis / zd.frame.q_per_pixel] for a, zd in prepared.items()}
     plan = []
-    for batch in tables.batches:
-        fit = fits[batch.metric]
+    seen: dict[tuple, int] = {}  # (zone, rounded basis, new nodes) -> slot of a requested lattice
+    weak_rows: dict[str, list] = {a: [] for a in prepared}  # zone -> (slot, new nodes) of the multiples
+    rescued = rescued or {}
+    for batch, fit, rescue in [(b, fits[b.metric], False) for b in tables.batches] + \
+            [(b, rescued[b.metric], True) for b in tables.batches if b.metric in rescued]:
         if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
             continue
         if fit.partial:
-            plan.append((batch, fit, None))
+            plan.append((batch, fit, None, rescue))
             continue
         true_zones = [a for a in cellfit.TRUE_ZONES[batch.metric] if a in prepared]
         choices = []
-        for lattice in fit.lattices(batch.divisors):
+        multiples = [((1, 1, 1), False)] + [(k, True) for k in CELL_MULTIPLES.get(batch.metric, ())]
+        for lattice, larger, k in ((lat, larger, k) for k, larger in multiples
+                                   for lat in fit.lattices(tuple(d * x for d, x in zip(batch.divisors, k)))):
             reciprocal = np.linalg.inv(lattice).T  # rows a*, b*, c* (no 2π)
             slots = {}
             for a in true_zones:
                 plane = zonerules.zone_plane(batch.metric, a)
                 if plane.rank == 2:
-                    slots[a] = len(requests[a])
-                    requests[a].append(_zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel))
+                    basis = _zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel)
+                    # the multiple's new nodes in this plane: off the zones' own (apparent) lattice, the
+                    # group's divisors times the multiple (None: a multiple along the zone axis leaves
+                    # the zone's lattice as it is, scored once)
+                    new = _new_nodes(plane, tuple(d * x for d, x in zip(batch.divisors, k))) if larger else None
+                    key = (a, (np.round(basis, 6) + 0.0).tobytes(), new)
+                    same = seen.get(key) if larger else None
+                    slots[a] = same if same is not None else len(requests[a])
+                    if same is None:
+                        seen.setdefault(key, len(requests[a]))
+                        if new is not None:
+                            weak_rows[a].append((len(requests[a]), new))
+                        requests[a].append(basis)
             pseudo = zonerules.PSEUDO_ZONE.get(batch.metric)
             if pseudo and pseudo[0] in prepared and abs(_beta_deg(lattice) - 90.0) <= PSEUDO_ZONE_DEG:
                 a = pseudo[0]
                 slots[PSEUDO_SLOT] = len(requests[a])
                 requests[a].append(_zone_basis_px(reciprocal, _PSEUDO_PLANES[batch.metric], a,
                                                   prepared[a].frame.q_per_pixel))
-            choices.append(slots)
-        plan.append((batch, fit, (true_zones, choices)))
+            choices.append((slots, larger))
+        plan.append((batch, fit, (true_zones, choices), rescue))
     node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
+    for a, slots_new in weak_rows.items():
+        # a multiple's new nodes are allowed but may be weak as a class (a pseudo-translation: the
+        # rows the zone's lattice left out), so an empty one costs nothing and a spot there counts
+        ns = node_sets[a]
+        for slot, new in slots_new:
+            lo, hi = ns.bounds[slot], ns.bounds[slot + 1]
+            fresh = np.zeros(hi - lo, bool)
+            for u, v, k in new:
+                fresh |= (ns.m[lo:hi] * u + ns.n[lo:hi] * v) % k != 0
+            if int(np.count_nonzero(fresh & (ns.score[lo:hi] > 0))) < WEAK_ROW_SPOTS:
+                continue  # too few spots on the new nodes to speak of weak rows: scored as they are
+            ns.score[lo:hi] = np.where(fresh, np.maximum(ns.score[lo:hi], 0.0), ns.score[lo:hi])
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
     codes = {a: tables.rule_sets[a].codes(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
     sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
@@ -547,7 +638,7 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     if pz in prepared and len(requests[pz]) > 1:
         pseudo_codes = tables.pseudo_rules.codes(node_sets[pz].m, node_sets[pz].n)
         pseudo_sym = np.array([_symmetry_term(prepared[pz].frame, ops) for ops in tables.pseudo_ops])
-    for batch, fit, scored in plan:
+    for batch, fit, scored, rescue in plan:
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice
             out[index] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
@@ -560,20 +651,29 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             sym_term = sym_term + sym[a][batch.ops_index[a]]
         best = np.full(len(index), -np.inf)
         best_pseudo = np.full(len(index), -np.inf)
-        for slots in choices:
+        sums: dict[tuple[str, int], np.ndarray] = {}  # choices sharing a zone's lattice share its sums
+        for slots, larger in choices:
             total = np.zeros(len(index))
             for a in true_zones:
                 if a not in slots:  # rank < 2: not a zone plane of this class
                     total = total + own[a]
                 else:
-                    total = total + _rule_sums(tables.rule_sets[a], codes[a], node_sets[a], slots[a],
-                                               batch.rules_unique[a])
-            best = np.maximum(best, total)
+                    if (a, slots[a]) not in sums:
+                        sums[a, slots[a]] = _rule_sums(tables.rule_sets[a], codes[a], node_sets[a], slots[a],
+                                                       batch.rules_unique[a])
+                    total = total + sums[a, slots[a]]
+            if larger:  # a cell multiple: group_loglik only, the decision keeps the zones' cell
+                total = total - CELL_MULTIPLE_NATS
+            else:
+                best = np.maximum(best, total)
             if PSEUDO_SLOT in slots:  # z as a zone of this β ≈ 90° cell, where that explains z better
                 zone = _rule_sums(tables.pseudo_rules, pseudo_codes, node_sets[pz], slots[PSEUDO_SLOT],
                                   batch.pseudo_unique) + pseudo_sym[batch.pseudo_ops_index]
                 total = total + np.maximum(zone - (own[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
             best_pseudo = np.maximum(best_pseudo, total)
+        if rescue:  # a class the zones' own fit prunes: group_loglik only
+            out[index] = np.maximum(out[index], fit.loglik + best_pseudo + other + sym_term)
+            continue
         plain[index] = fit.loglik + best + other + sym_term
         out[index] = fit.loglik + best_pseudo + other + sym_term
         for i in index:
