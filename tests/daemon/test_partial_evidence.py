@@ -152,9 +152,14 @@ def test_a_partial_request_superseded_on_the_combine_thread_is_not_combined(fuse
         return real_combine(frames)
 
     monkeypatch.setattr(pipeline_module, "combine_timed", combine_spy)
-    sim = DetectorSim([shipped_structures() / "NaCl.cif", shipped_structures() / "Si.cif"], geometry=small_detector())
+    frames = list(DetectorSim([shipped_structures() / "NaCl.cif", shipped_structures() / "Si.cif"],
+                              geometry=small_detector()).messages())
     with InProcessDaemon(components=fused_components) as run:
-        sim.send(run.push)
+        # start, NaCl x, NaCl y: NaCl's 2-view partial holds the thread before anything else is sent
+        # (sent together, its final could reach the thread before it starts, and supersede it there)
+        run.send_messages(frames[:3])
+        run.wait_until(lambda: len(combined) == 1, "NaCl's 2-view partial on the combine thread")
+        run.send_messages(frames[3:])
         # NaCl's partial (running), NaCl's final, Si's partial and Si's final on the thread
         run.wait_until(lambda: run.pipeline._combining >= 4, "four requests on the combine thread")
         release.set()
