@@ -139,11 +139,8 @@ def request_evidence(request: Request, result: BatchResult, fusion=None) -> dict
     try:
         if not wants_combined(request, fusion):
             return evidence_partial(frames)
-        from xtalsym.evidence import combine
-
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = combine(frames).to_json()
-        result.combine_seconds.append((time.perf_counter() - t0, time.thread_time() - c0))
+        out, seconds, cpu_seconds = combine_timed(frames)
+        result.combine_seconds.append((seconds, cpu_seconds))
         return evidence_object(out, request)
     except Exception as exc:  # noqa: BLE001 - the evidence never costs a prediction
         log.exception("evidence of sample %s failed", request.sample_key)
