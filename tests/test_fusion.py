@@ -385,3 +385,35 @@ def test_from_cache_recomputes_a_chunk_with_either_graph(tmp_path):
         fusion_data.relogit_cache(src, src, bundle_path=bundle_path)
     with pytest.raises(SystemExit):
         fusion_data.main(["--from-cache", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+
+
+def test_misoriented_cache_tilts_each_material_reproducibly_and_refuses_mixing(tmp_path, capsys):
+    """fusion_data --misorientation-deg: a chunk simulated off the zone axes (seeded by the material id,
+    so a rerun gives the same patterns), different from the exact-zone chunk; a folder holding chunks of
+    one misorientation refuses a run at another, and a bad value is one line, not a traceback."""
+    from xtalsym.bundle import default_bundle_path, load_bundle
+    from xtalsym.offline import fusion_data
+    from xtalsym.offline.evaluate import build_config_from
+    from xtalsym.offline.structures import StructureRecord, shipped_structures_dir
+
+    bundle_path = str(default_bundle_path())
+    config = build_config_from({"dataset_config": load_bundle(bundle_path).settings["dataset_config"]})
+    records = (StructureRecord("cif", "NaCl", None, cif=(shipped_structures_dir() / "NaCl.cif").read_text()),)
+    folders = {}
+    for name, sigma in (("exact", 0.0), ("tilted", 1.0), ("again", 1.0)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        fusion_data.run_job(fusion_data.Job(0, "test", records), str(folders[name]), bundle_path, config,
+                            misorientation_deg=sigma)
+    patterns = {k: next(fusion_data.iter_patterns(v))[2] for k, v in folders.items()}
+    for axis in ("x", "y", "z"):
+        assert np.array_equal(patterns["tilted"][axis], patterns["again"][axis])
+        assert not np.array_equal(patterns["tilted"][axis], patterns["exact"][axis])
+    assert fusion_data.material_seed("mp-1") == fusion_data.material_seed("mp-1") != fusion_data.material_seed("mp-2")
+    (folders["tilted"] / "plan.json").write_text(json.dumps({"misorientation_deg": 1.0}))
+    with pytest.raises(ValueError, match="misorientation 1.0°"):
+        fusion_data._check_plan(folders["tilted"], {"misorientation_deg": 0.5})
+    fusion_data._check_plan(folders["tilted"], {"misorientation_deg": 1.0})  # the same conditions: resumes
+    with pytest.raises(SystemExit):
+        fusion_data.main(["--out", str(tmp_path / "bad"), "--misorientation-deg", "-1"])
+    assert "--misorientation-deg must be" in capsys.readouterr().err

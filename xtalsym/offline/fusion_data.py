@@ -15,6 +15,9 @@ what the fusion needs:
 Work is cut into fixed chunks (val and test interleaved, so a partial run has both); each
 chunk is one ``chunk-NNNNN.npz`` written atomically, so a rerun skips finished chunks.
 Run: ``python -m xtalsym.offline.fusion_data --out data/fusion --val 1500``.
+``--misorientation-deg σ`` simulates every zone of a material turned by N(0, σ) degrees about a random
+axis (``simulate.Realism``, seeded by the material id, so a rerun and every split see the same tilts):
+a cache for measuring and fitting the fusion off the exact zone axes (issue 15's realism target).
 ``--precision`` picks the graph (default fp32, what the fusion is fitted on; "auto" would take
 the int8 graph on CPUs with VNNI / AMX); ``--from-cache DIR --precision int8`` recomputes the
 logits of an existing cache from its stored patterns instead of simulating again.
@@ -27,6 +30,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -157,8 +161,13 @@ def _model(bundle_path: str, precision: str = "fp32") -> _Model:
     return _MODEL
 
 
-def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precision: str = "fp32"
-            ) -> tuple[int, int, int, float]:
+def material_seed(material_id: str) -> int:
+    """A material's seed for its realism draws (the same in every run and split)."""
+    return int(hashlib.sha256(f"fusion-realism:{material_id}".encode()).hexdigest()[:8], 16)
+
+
+def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precision: str = "fp32",
+            misorientation_deg: float = 0.0) -> tuple[int, int, int, float]:
     """Simulate, shape and classify one chunk; write its npz. (index, ok, failed, cpu s)."""
     import cv2
     from threadpoolctl import threadpool_limits
@@ -176,8 +185,11 @@ def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precis
         for record in job.records:
             try:
                 labelled = structures.label(record, symprec=config.symprec)
+                realism = simulate.Realism(misorientation_deg=misorientation_deg, seed=material_seed(record.material_id)) \
+                    if misorientation_deg else None
                 patterns = simulate.simulate_axes(
-                    labelled.structure, geometry=config.geometry, scattering=config.scattering, **simulate.DATASET_OPTIONS
+                    labelled.structure, geometry=config.geometry, scattering=config.scattering, realism=realism,
+                    **simulate.DATASET_OPTIONS
                 )
                 raws = [simulate.to_raw_uint8(patterns[a]) for a in simulate.AXES]
                 shaped = np.stack([shaping.shape(r, a, method=config.shaping_method) for r, a in zip(raws, simulate.AXES)])
@@ -497,6 +509,7 @@ def build(
     workers: int = 2,
     max_jobs: int | None = None,
     precision: str = "fp32",
+    misorientation_deg: float = 0.0,
 ) -> None:
     from xtalsym.bundle import load_bundle
     from xtalsym.offline.evaluate import build_config_from
@@ -506,8 +519,22 @@ def build(
     bundle = load_bundle(bundle_path)
     config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
     chosen = select_records(source, split_counts={"val": val, "test": test})
-    _run_jobs(out, make_jobs(chosen), {"splits": {k: len(v) for k, v in chosen.items()}}, bundle_path=bundle_path,
-              model_id=bundle.model_id, config=config, workers=workers, max_jobs=max_jobs, precision=precision)
+    plan = {"splits": {k: len(v) for k, v in chosen.items()}, "misorientation_deg": misorientation_deg}
+    _check_plan(out, plan)
+    _run_jobs(out, make_jobs(chosen), plan, bundle_path=bundle_path, model_id=bundle.model_id, config=config,
+              workers=workers, max_jobs=max_jobs, precision=precision, misorientation_deg=misorientation_deg)
+
+
+def _check_plan(out: Path, plan: dict) -> None:
+    """Refuse to add chunks simulated otherwise to a folder that already holds some (a resumed run
+    must keep the conditions of its first)."""
+    previous = out / "plan.json"
+    if not previous.is_file() or not any(out.glob("chunk-*.npz")):
+        return
+    before = float(json.loads(previous.read_text()).get("misorientation_deg", 0.0))
+    if before != plan["misorientation_deg"]:
+        raise ValueError(f"{out} holds chunks simulated at misorientation {before}°, not "
+                         f"{plan['misorientation_deg']}°: use another --out")
 
 
 def open_set_ids(labels: dict[str, dict], *, groups, seed: int = 0, exclude_splits: Sequence[str] = ("val",)) -> set[str]:
@@ -556,7 +583,7 @@ def build_open_set(
 
 
 def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: str, config: ds.BuildConfig,
-              workers: int, max_jobs: int | None, precision: str = "fp32") -> None:
+              workers: int, max_jobs: int | None, precision: str = "fp32", misorientation_deg: float = 0.0) -> None:
     """Run the chunks of ``jobs`` not yet on disk (resumable), after writing the plan."""
     (out / "plan.json").write_text(json.dumps({**plan, "chunks": len(jobs), "bundle": model_id,
                                                "precision": precision}, indent=1))
@@ -568,7 +595,7 @@ def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: 
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for index, n_ok, n_failed, seconds in pool.map(
             run_job, todo, [str(out)] * len(todo), [str(bundle_path)] * len(todo), [config] * len(todo),
-            [precision] * len(todo)
+            [precision] * len(todo), [misorientation_deg] * len(todo)
         ):
             done += 1
             ok += max(n_ok, 0)
@@ -598,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", default=None, help="mp_labels.json of --labels-only (default: <out>/mp_labels.json)")
     parser.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
                         help="graph for the logits (fp32: what the fusion is fitted on)")
+    parser.add_argument("--misorientation-deg", type=float, default=0.0,
+                        help="turn each zone by N(0, σ) degrees about a random axis (σ in degrees; seeded per material)")
     parser.add_argument("--from-cache", default=None,
                         help="recompute the logits of this cache's patterns with --precision into --out (no simulation)")
     args = parser.parse_args(argv)
@@ -638,8 +667,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_open_set(args.out, labels=json.loads(labels_file.read_text()), groups=spacegroups.PAPER_OPEN_SET_30,
                        source=args.source, bundle_path=args.bundle, workers=args.workers, max_jobs=args.max_chunks)
         return 0
-    build(args.out, source=args.source, bundle_path=args.bundle, val=args.val, test=args.test,
-          workers=args.workers, max_jobs=args.max_chunks, precision=args.precision)
+    if not (math.isfinite(args.misorientation_deg) and args.misorientation_deg >= 0):
+        parser.error(f"--misorientation-deg must be a finite number of degrees >= 0, got {args.misorientation_deg}")
+    try:
+        build(args.out, source=args.source, bundle_path=args.bundle, val=args.val, test=args.test,
+              workers=args.workers, max_jobs=args.max_chunks, precision=args.precision,
+              misorientation_deg=args.misorientation_deg)
+    except ValueError as exc:
+        parser.error(str(exc))
     return 0
 
 
