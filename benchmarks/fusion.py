@@ -65,12 +65,18 @@ def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evid
                 post = fusion_fit.msdn_posterior(summed, classes)
             else:
                 post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
-            ms.append(fusion_fit.posterior_metrics(post, feats.space_group[idx], tables=tables,
-                                                   decide_at=params.decide_at if params is not None else 0.5))
+            m = fusion_fit.posterior_metrics(post, feats.space_group[idx], tables=tables,
+                                             decide_at=params.decide_at if params is not None else 0.5)
+            # the same posterior over the coarser sets of zones whose cell scale is not known (an F cell
+            # at a passes for a P cell at a/2): what the cell-unknown ceiling counts as one answer
+            m["set_top1_cell_unknown"] = fusion_fit.posterior_metrics(
+                post, feats.space_group[idx], tables=fusion.symmetry_tables(False))["set_top1"]
+            ms.append(m)
         if len(ms) == 1:
             out[views] = ms[0]
         else:
-            keys = ("group_top1", "group_top5", "set_top1", "crystal_system", "bravais_lattice", "nll", "ece")
+            keys = ("group_top1", "group_top5", "set_top1", "set_top1_cell_unknown", "crystal_system", "bravais_lattice",
+                    "nll", "ece")
             out[views] = {k: float(np.mean([m[k] for m in ms])) for k in keys} | {"n": ms[0]["n"] * len(ms)}
     return out
 
@@ -228,11 +234,11 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
     else:
         print(f"\nFusion on the MP test split (by material). Fitted on val: {len(val)} materials "
               f"({len(val_ev)} with evidence). Prior: frequencies of {int(counts.sum())} materials of the {prior_source}.\n")
-    print("| materials | test | views | method | n | group top-1 | set top-1 | crystal system | Bravais | group top-5 | NLL | ECE | decided / set right when decided | ceiling (cell known / unknown) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| materials | test | views | method | n | group top-1 | set top-1 | set top-1, cell scale unknown | crystal system | Bravais | group top-5 | NLL | ECE | decided / set right when decided | ceiling (cell known / unknown) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tier, subset, views, name, m, ceiling in rows:
         print(f"| {tier} | {subset} | {views} | {name} | {m['n']} | {m['group_top1']:.1%} | {m['set_top1']:.1%} | "
-              f"{m['crystal_system']:.1%} | {m['bravais_lattice']:.1%} | {m['group_top5']:.1%} | {m['nll']:.3f} | "
+              f"{m['set_top1_cell_unknown']:.1%} | {m['crystal_system']:.1%} | {m['bravais_lattice']:.1%} | {m['group_top5']:.1%} | {m['nll']:.3f} | "
               f"{m['ece']:.3f} | {_decided(m)} | {ceiling[0]:.1%} / {ceiling[1]:.1%} |")
     print("\npaper (Tiong et al. 2020, 72 groups): group top-1 80.2 %, top-5 > 95 %")
 
