@@ -16,6 +16,11 @@ the zones present) with their standard errors over materials.
 ``--params reference_index/fusion.json`` measures given parameters instead of fitting (its
 no-evidence weights serve the "no evidence" rows; ``decide_at`` as stored), e.g. the shipped
 fusion on features of another graph (``fusion_data --from-cache ... --precision int8``).
+
+``--fit-also data/fusion_mis05`` (repeatable) adds the validation materials of another cache —
+e.g. one simulated off the zone axes, ``fusion_data --misorientation-deg 0.5`` — to the fit (the
+test figures stay those of ``--features``; measure the fit on the other cache's test split with
+``--params`` and that cache as ``--features``).
 """
 
 from __future__ import annotations
@@ -81,6 +86,30 @@ def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evid
     return out
 
 
+def validation_rows(features: str | Path, evidence_dir: str | Path | None = None) -> dict:
+    """The validation materials of one cache, as the fit takes them: all of them (the no-evidence
+    fit) and those with evidence, with their evidence per view subset."""
+    feats = fusion_data.load_features(features)
+    ev_rows, evidence = fusion_data.load_evidence(Path(evidence_dir or Path(features) / "evidence"), feats.material_id)
+    val = np.flatnonzero(feats.split == "val")
+    pos = {r: i for i, r in enumerate(ev_rows)}
+    val_ev = np.array([i for i in val if i in pos], dtype=np.int64)
+    plan = Path(features) / "plan.json"
+    return {"logits": feats.view_logits[val], "groups": feats.space_group[val],
+            "logits_ev": feats.view_logits[val_ev], "groups_ev": feats.space_group[val_ev],
+            "evidence": {k: v[[pos[i] for i in val_ev]] for k, v in evidence.items()},
+            "misorientation_deg": float(json.loads(plan.read_text()).get("misorientation_deg", 0.0)) if plan.is_file() else 0.0}
+
+
+def concatenate_rows(parts: list[dict]) -> dict:
+    """Validation rows of several caches as one fit set (the view subsets all of them have evidence for)."""
+    masks = set.intersection(*(set(p["evidence"]) for p in parts))
+    return {"logits": np.concatenate([p["logits"] for p in parts]), "groups": np.concatenate([p["groups"] for p in parts]),
+            "logits_ev": np.concatenate([p["logits_ev"] for p in parts]),
+            "groups_ev": np.concatenate([p["groups_ev"] for p in parts]),
+            "evidence": {m: np.concatenate([p["evidence"][m] for p in parts]) for m in masks}}
+
+
 def _decided(m: dict) -> str:
     if "decided_share" not in m or m.get("set_top1_when_decided") is None:
         return "–"
@@ -102,10 +131,17 @@ def main(argv=None) -> int:
     parser.add_argument("--prior-from", default=None, metavar="FUSION_JSON",
                         help="the prior counts of this fusion.json (e.g. the shipped one: the training-split "
                         "frequencies) instead of <features>/mp_labels.json")
+    parser.add_argument("--fit-also", action="append", default=[], metavar="FEATURES",
+                        help="also fit on this cache's validation materials (its own evidence/ folder); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.params and args.write_params:
         parser.error("--params measures given parameters; --write-params writes fitted ones: use one of them")
+    if args.params and args.fit_also:
+        parser.error("--fit-also adds materials to a fit; --params measures given parameters: use one of them")
+    for extra in args.fit_also:
+        if not any(Path(extra).glob("chunk-*.npz")):
+            parser.error(f"--fit-also: no feature chunks under {extra}")
 
     from xtalsym.bundle import load_bundle
 
@@ -147,20 +183,33 @@ def main(argv=None) -> int:
         return _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
                        {"msdn": None, "fusion, no evidence": given, "fusion": given})
 
+    parts = [{"logits": feats.view_logits[val], "groups": feats.space_group[val], "logits_ev": feats.view_logits[val_ev],
+              "groups_ev": feats.space_group[val_ev], "evidence": ev_of(val_ev)}]
+    conditions = [{"features": args.features, "misorientation_deg": 0.0, "materials": int(len(val))}]
+    for extra in args.fit_also:
+        rows = validation_rows(extra)
+        parts.append(rows)
+        conditions.append({"features": extra, "misorientation_deg": rows["misorientation_deg"],
+                           "materials": int(len(rows["groups"]))})
+        log.info("fit also on %s: %d validation materials (%d with evidence), misorientation %.2f°", extra,
+                 len(rows["groups"]), len(rows["groups_ev"]), rows["misorientation_deg"])
+    fit_rows = concatenate_rows(parts)
+    n_fit, n_fit_ev = len(fit_rows["groups"]), len(fit_rows["groups_ev"])
+    extra_record = {"conditions": conditions} if args.fit_also else {}
     cpu = time.process_time()
-    no_ev = fusion_fit.fit(feats.view_logits[val], feats.space_group[val], classes=classes, counts=counts,
+    no_ev = fusion_fit.fit(fit_rows["logits"], fit_rows["groups"], classes=classes, counts=counts,
                            use=[f for f in MODELS[args.model] if f not in fusion.EVIDENCE_FEATURES],
-                           fitted={"split": "val", "materials": int(len(val)), "evidence": False, "prior": prior_source,
-                                   "model": args.model})
+                           fitted={"split": "val", "materials": int(n_fit), "evidence": False, "prior": prior_source,
+                                   "model": args.model} | extra_record)
     log.info("fitted the no-evidence fusion in %.1f CPU-s", time.process_time() - cpu)
     fitted = {"msdn": None, "fusion, no evidence": no_ev}
-    if len(val_ev):
+    if n_fit_ev:
         cpu = time.process_time()
-        with_ev = fusion_fit.fit(feats.view_logits[val_ev], feats.space_group[val_ev], classes=classes, counts=counts,
+        with_ev = fusion_fit.fit(fit_rows["logits_ev"], fit_rows["groups_ev"], classes=classes, counts=counts,
                                  use=MODELS[args.model],
-                                 evidence=ev_of(val_ev), fit_no_evidence=False,
-                                 fitted={"split": "val", "materials": int(len(val_ev)), "evidence": True, "prior": prior_source,
-                                         "model": args.model})
+                                 evidence=fit_rows["evidence"], fit_no_evidence=False,
+                                 fitted={"split": "val", "materials": int(n_fit_ev), "evidence": True, "prior": prior_source,
+                                         "model": args.model} | extra_record)
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
         # the views without evidence, and the no-evidence fallback, from the larger validation set;
         # and where a number of views' evidence does not pay on validation (AIC), no evidence there:
@@ -170,7 +219,7 @@ def main(argv=None) -> int:
             report, without = with_ev.fitted["per_views"][str(k)], no_ev.fitted["per_views"][str(k)]
             if not report["evidence"]:
                 pays = False
-            elif len(val_ev) < len(val):
+            elif n_fit_ev < n_fit:
                 pays = True  # the fits saw other materials, not comparable: kept, as before this rule
             else:
                 pays = fusion_fit.evidence_pays(report, without, n_extra)
@@ -182,17 +231,17 @@ def main(argv=None) -> int:
                 with_ev.weights[k], with_ev.temperature[k] = no_ev.weights[k], no_ev.temperature[k]
         with_ev.weights_no_evidence = dict(no_ev.weights)
         with_ev.temperature_no_evidence = dict(no_ev.temperature)
-        with_ev.fitted["no_evidence_materials"] = int(len(val))
+        with_ev.fitted["no_evidence_materials"] = int(n_fit)
         fitted["fusion"] = with_ev
 
     tables = fusion.symmetry_tables(True)
     for name, params in fitted.items():  # "cannot decide" below the set probability where val sets are 97 % right
         if params is None:
             continue
-        idx = val_ev if name == "fusion" else val
-        post = fusion.Fusion(params).posterior(feats.view_logits[idx], None,
-                                               ev_of(idx)[(True, True, True)] if name == "fusion" else None)
-        params.decide_at = fusion_fit.choose_decide_at(post, feats.space_group[idx], tables)
+        with_evidence = name == "fusion"
+        post = fusion.Fusion(params).posterior(fit_rows["logits_ev" if with_evidence else "logits"], None,
+                                               fit_rows["evidence"][(True, True, True)] if with_evidence else None)
+        params.decide_at = fusion_fit.choose_decide_at(post, fit_rows["groups_ev" if with_evidence else "groups"], tables)
         log.info("%s: decide_at %.2f (validation)", name, params.decide_at)
     return _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
                    fitted)
