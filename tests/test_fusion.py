@@ -417,3 +417,45 @@ def test_misoriented_cache_tilts_each_material_reproducibly_and_refuses_mixing(t
     with pytest.raises(SystemExit):
         fusion_data.main(["--out", str(tmp_path / "bad"), "--misorientation-deg", "-1"])
     assert "--misorientation-deg must be" in capsys.readouterr().err
+
+
+def test_off_axis_rule_withholds_the_decision_and_says_why(tmp_path):
+    """fusion.json's off_axis_above: a confident answer from zones that look off their axes is not
+    decided (the weights were fitted on zone axes), with the reason and a warning; below it, or
+    without a score, or with a file that has no rule, the answer is as before."""
+    strong, flat = logits_for(194, strength=30.0), np.zeros(230)
+    plain = fusion.Fusion(make_params()).predict(strong, evidence_loglik=flat)
+    assert plain.decided
+    engine = fusion.Fusion(make_params(off_axis_above=0.2))
+    for score in (None, 0.1, 0.2):
+        assert engine.predict(strong, evidence_loglik=flat, off_axis=score).decided
+    assert engine.predict(strong, off_axis=0.45).decided  # no evidence used: no score to go by
+    gated = engine.predict(strong, evidence_loglik=flat, off_axis=0.45)
+    assert not gated.decided and "off their axes" in gated.reason and "0.45 > 0.20" in gated.reason
+    assert any("Friedel asymmetry 0.45" in w for w in gated.warnings)
+    assert gated.candidates and gated.candidates[0].members[0] == 194
+    np.testing.assert_allclose(gated.posterior, plain.posterior)  # the probabilities are unchanged
+    path = make_params(off_axis_above=0.2).save(tmp_path / "fusion.json")
+    assert fusion.FusionParams.load(path).off_axis_above == 0.2
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "off_axis_above"}))
+    assert fusion.FusionParams.load(path).off_axis_above is None  # files written before the rule
+    path.write_text(json.dumps({**data, "off_axis_above": -1}))
+    with pytest.raises(fusion.FusionError, match="off_axis_above"):
+        fusion.FusionParams.load(path)
+
+
+def test_the_daemon_fuses_with_the_off_axis_score_of_its_evidence():
+    from xtalsym.daemon.infer import fuse_batch
+
+    engine = fusion.Fusion(make_params(off_axis_above=0.2))
+    strong = logits_for(194, strength=30.0).sum(axis=0)[None]
+
+    class Request:
+        axes = ("x", "y", "z")
+
+    ev = {"group_loglik": [0.0] * 230, "decided": True, "warnings": []}
+    out_on = fuse_batch(engine, [Request()], strong, np.ones((1, 3), bool), [ev | {"off_axis": 0.05}])[0]
+    out_off = fuse_batch(engine, [Request()], strong, np.ones((1, 3), bool), [ev | {"off_axis": 0.6}])[0]
+    assert "cannot_decide" not in out_on or not out_on["cannot_decide"]
+    assert out_off["cannot_decide"] and "off their axes" in out_off["cannot_decide"]["reason"]

@@ -610,6 +610,16 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
         for row in open_set.get("outside_flag", []):
             lines.append(f"| {row.get('chosen_as', '?')} | {row.get('threshold', 0):.3f} | "
                          f"{row.get('false_alarms_known_test', 0):.1%} | {row.get('recall_open_set', 0):.1%} |")
+    off_axis = fitted.get("off_axis")
+    if off_axis:  # benchmarks/fusion_off_axis.py --record
+        lines += ["", f"Off the zone axes: no answer is decided where the zones' Friedel asymmetry (the evidence's "
+                  f"`off_axis`) exceeds {off_axis.get('threshold', 0):.2f}, the largest threshold that kept wrong decisions "
+                  f"≤ {off_axis.get('max_wrong', 0):.0%} of the materials in every tilted validation cache:", "",
+                  "| validation cache | misorientation σ | decided | wrong decisions (without the rule) |", "|---|---|---|---|"]
+        for row in off_axis.get("caches", []):
+            lines.append(f"| {Path(str(row.get('features', '?'))).name} | {row.get('misorientation_deg', 0):g}° | "
+                         f"{row.get('decided', 0):.1%} | {row.get('wrong_decisions', 0):.2%} "
+                         f"({row.get('wrong_decisions_without', 0):.2%}) |")
     md_path.write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +201,10 @@ class FusionParams:
     sets: list[list[int]] = field(default_factory=list)  # indistinguishable sets (a copy of xtalsym.symmetry's)
     bravais: list[str] = field(default_factory=list)  # Bravais lattice of groups 1..230
     fitted: dict = field(default_factory=dict)  # what it was fitted on, with which figures
+    # no decision where the evidence's off-axis score (evidence.axis) is above this: the weights were
+    # fitted on zone-axis patterns, and off the axis they decide wrongly (docs/RESULTS.md, issue 15,
+    # session 5); None: no such rule (files written before it)
+    off_axis_above: float | None = None
 
     def __post_init__(self):
         # weights written before the stacked features existed give those features weight 0
@@ -226,6 +231,7 @@ class FusionParams:
             "cell_known": bool(self.cell_known),
             "sets": [[int(g) for g in members] for members in self.sets],
             "bravais": [str(b) for b in self.bravais],
+            "off_axis_above": None if self.off_axis_above is None else float(self.off_axis_above),
             "fitted": self.fitted,
         }
 
@@ -252,6 +258,7 @@ class FusionParams:
                 sets=[[int(g) for g in members] for members in data.get("sets", [])],
                 bravais=[str(b) for b in data.get("bravais", [])],
                 fitted=dict(data.get("fitted", {})),
+                off_axis_above=None if data.get("off_axis_above") is None else float(data["off_axis_above"]),
             )
             params.tables()  # a malformed partition is refused now, not at the first prediction
         except (KeyError, TypeError, ValueError) as exc:
@@ -263,6 +270,8 @@ class FusionParams:
             raise FusionError(f"{where}: no weights for {missing} view(s)")
         if set(params.weights_no_evidence) != set(params.temperature_no_evidence):
             raise FusionError(f"{where}: weights_no_evidence and temperature_no_evidence list different view counts")
+        if params.off_axis_above is not None and not (math.isfinite(params.off_axis_above) and params.off_axis_above >= 0):
+            raise FusionError(f"{where}: off_axis_above must be a number >= 0 or null, got {params.off_axis_above}")
         if any(t <= 0 for t in list(params.temperature.values()) + list(params.temperature_no_evidence.values())):
             raise FusionError(f"{where}: temperatures must be > 0, got {params.temperature}")
         for c in params.classes:
@@ -557,13 +566,15 @@ class Fusion:
 
     def predict(self, view_logits: np.ndarray, present: np.ndarray | None = None, evidence_loglik: np.ndarray | None = None,
                 *, views: Sequence[str] = ("x", "y", "z"), warnings: Sequence[str] = (),
-                evidence_decided: bool = True) -> FusedPrediction:
-        """One sample's prediction (view_logits (3, C), present (3,), evidence (230,))."""
+                evidence_decided: bool = True, off_axis: float | None = None) -> FusedPrediction:
+        """One sample's prediction (view_logits (3, C), present (3,), evidence (230,); ``off_axis``:
+        the evidence's off-axis score, :attr:`SampleEvidence.off_axis`)."""
         post = self.posterior(np.asarray(view_logits)[None], None if present is None else np.asarray(present)[None],
                               None if evidence_loglik is None else np.asarray(evidence_loglik)[None])[0]
         n_views = 3 if present is None else int(np.asarray(present, dtype=bool).sum())
-        return self.describe(post, views=views, evidence_used=evidence_loglik is not None and self.uses_evidence(n_views),
-                             warnings=warnings, evidence_decided=evidence_decided)
+        used = evidence_loglik is not None and self.uses_evidence(n_views)
+        return self.describe(post, views=views, evidence_used=used, warnings=warnings,
+                             evidence_decided=evidence_decided, off_axis=off_axis if used else None)
 
     def _group(self, g: int, p: float) -> GroupScore:
         return GroupScore(int(g), spacegroups.symbol(int(g)), float(p), int(g) in self._inside)
@@ -575,18 +586,32 @@ class Fusion:
         return SetScore(tuple(self._group(members[i], p[i]) for i in order), float(p.sum()))
 
     def describe(self, post: np.ndarray, *, views: Sequence[str] = ("x", "y", "z"), evidence_used: bool = False,
-                 warnings: Sequence[str] = (), evidence_decided: bool = True) -> FusedPrediction:
+                 warnings: Sequence[str] = (), evidence_decided: bool = True,
+                 off_axis: float | None = None) -> FusedPrediction:
+        """``off_axis``: the evidence's off-axis score of the zones used (None: not measured); above
+        the parameters' ``off_axis_above`` nothing is decided."""
         set_mass = np.bincount(self.tables.set_of, weights=post, minlength=len(self.tables.sets))
         set_order = np.argsort(-set_mass, kind="stable")
         group_order = np.argsort(-post, kind="stable")
         system_mass = np.bincount(self.tables.system, weights=post, minlength=len(spacegroups.CRYSTAL_SYSTEMS))
         bravais_mass = np.bincount(self.tables.bravais, weights=post, minlength=len(self.tables.bravais_names))
         best = set_order[0]
-        decided = bool(set_mass[best] >= self.params.decide_at)
+        limit = self.params.off_axis_above
+        tilted = limit is not None and off_axis is not None and off_axis > limit
+        confident = bool(set_mass[best] >= self.params.decide_at)
+        decided = confident and not tilted
         candidates: list[SetScore] = []
         reason = ""
+        warnings = list(warnings)
+        if tilted:
+            warnings.append(f"the zones look off their axes (Friedel asymmetry {off_axis:.2f} > {limit:.2f}): "
+                            "a tilted crystal shows only part of its reflections; the answer is not reliable")
         if not decided:
-            reason = f"the most probable set holds only p = {set_mass[best]:.2f} (< {self.params.decide_at:.2f})"
+            if confident:
+                reason = (f"the zones look off their axes (Friedel asymmetry {off_axis:.2f} > {limit:.2f}), "
+                          f"where the fusion decides wrongly: the most probable set's p = {set_mass[best]:.2f} is not trusted")
+            else:
+                reason = f"the most probable set holds only p = {set_mass[best]:.2f} (< {self.params.decide_at:.2f})"
             if not evidence_decided:
                 reason += "; the symmetry evidence is thin"
             total = 0.0

@@ -268,7 +268,8 @@ def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.nda
         used = loglik is not None and fusion.uses_evidence(int(n_views))  # as xtalsym predict says it
         prediction = fusion.describe(post, views=request.axes, evidence_used=used,
                                      warnings=list(ev.get("warnings", [])) if used else [],
-                                     evidence_decided=bool(ev.get("decided", True)) if used else True)
+                                     evidence_decided=bool(ev.get("decided", True)) if used else True,
+                                     off_axis=ev.get("off_axis") if used else None)
         out.append(prediction.to_json())
     return out
 

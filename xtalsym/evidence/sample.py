@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xtalsym import spacegroups, symmetry
+from xtalsym.evidence import axis as zoneaxis
 from xtalsym.evidence import cell as cellfit
 from xtalsym.evidence import decision, stats, zonerules
 from xtalsym.evidence.frame import FrameEvidence
@@ -113,6 +114,10 @@ class SampleEvidence:
     cell_by_bravais: dict[str, tuple[float, ...]] = field(default_factory=dict)
     zones: dict[str, FrameEvidence] = field(default_factory=dict)
     metric_loglik: dict[str, float] = field(default_factory=dict)
+    # how far the zones are from zone-axis patterns (axis.off_axis_score): the largest Friedel
+    # asymmetry over the zone axes of the metric class, and each decided zone's
+    off_axis: float | None = None
+    friedel_asymmetry: dict[str, float] = field(default_factory=dict)
 
     def probabilities(self, which: str = "bravais") -> dict[str, float]:
         """Posterior over the classes under a uniform prior over classes."""
@@ -150,6 +155,8 @@ class SampleEvidence:
             "top_groups": self.top_groups(),
             "group_loglik": [round(float(x), 3) for x in self.group_loglik],
             "zones": {a: ev.to_json(spots=spots) for a, ev in self.zones.items()},
+            "off_axis": None if self.off_axis is None else round(float(self.off_axis), 4),
+            "friedel_asymmetry": {a: round(float(v), 4) for a, v in self.friedel_asymmetry.items()},
             "warnings": list(self.warnings),
         }
 
@@ -350,12 +357,15 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     floor = np.nanmin(group_ll) - 50.0 if np.isfinite(np.nanmin(group_ll)) else -1e4
     group_ll = np.nan_to_num(group_ll - np.nanmax(group_ll), nan=floor - np.nanmax(group_ll))
     reason = None if system_ok else "crystal system not decided (see warnings)"
+    metric_class = None if best_fit.partial else best_metric
+    off_axis, asymmetry = zoneaxis.off_axis_score(usable, metric_class)
     return SampleEvidence(
-        cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=None if best_fit.partial else best_metric,
+        cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=metric_class,
         crystal_system_loglik=system_ll, bravais_loglik=bravais_ll, group_loglik=group_ll,
         decided=system_ok, crystal_system=system if system_ok else None, bravais=bravais if bravais_ok else None,
         warnings=warnings_, reason=reason, cell_by_bravais=cell_by_bravais, zones=dict(frames),
-        metric_loglik={m: round(f.loglik, 3) for m, f in fits.items() if f.feasible})
+        metric_loglik={m: round(f.loglik, 3) for m, f in fits.items() if f.feasible},
+        off_axis=off_axis, friedel_asymmetry=asymmetry)
 
 
 def _undecided(frames, warnings_, reason: str) -> SampleEvidence:

@@ -88,7 +88,8 @@ def predict_patterns(model, engine: fusion.Fusion | None, patterns: Mapping[str,
         used = ev is not None and engine.uses_evidence(int(present.sum()))
         warnings = list(getattr(evidence, "warnings", []) or []) if used else []
         prediction = engine.describe(post, views=axes, evidence_used=used, warnings=warnings,
-                                     evidence_decided=bool(getattr(evidence, "decided", True)) if used else True)
+                                     evidence_decided=bool(getattr(evidence, "decided", True)) if used else True,
+                                     off_axis=getattr(evidence, "off_axis", None) if used else None)
     return FusedResult(prediction, probs, view, evidence, present)
 
 

@@ -324,6 +324,7 @@ def evidence_chunk(path: Path, out_dir: Path, q_per_pixel: float,
     start = time.process_time()
     arrays: dict[str, list] = {f"loglik_{mask_key(m)}": [] for m in subsets}
     arrays.update({f"decided_{mask_key(m)}": [] for m in subsets})
+    arrays.update({f"offaxis_{mask_key(m)}": [] for m in subsets})  # NaN where not measurable
     ids: list[str] = []
     with threadpool_limits(1):
         meta = None
@@ -337,6 +338,7 @@ def evidence_chunk(path: Path, out_dir: Path, q_per_pixel: float,
                 ev = combine({a: frames[a] for a, keep in zip(simulate.AXES, m) if keep})
                 arrays[f"loglik_{mask_key(m)}"].append(np.asarray(ev.group_loglik, dtype=np.float32))
                 arrays[f"decided_{mask_key(m)}"].append(bool(ev.decided))
+                arrays[f"offaxis_{mask_key(m)}"].append(np.nan if ev.off_axis is None else float(ev.off_axis))
             ids.append(meta["rows"][position]["material_id"])
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -366,6 +368,27 @@ def build_evidence(out: str | Path, *, q_per_pixel: float, workers: int = 1,
     target = out / "evidence.npz"
     np.savez_compressed(target, **{k: np.concatenate(v) for k, v in merged.items()})
     return target
+
+
+def load_off_axis(folder: str | Path, material_ids: Sequence[str]) -> dict[tuple, np.ndarray]:
+    """{present mask: (n,) off-axis score (NaN: not measured)} of ``material_ids`` from the evidence
+    files of :func:`build_evidence` (empty for files written before the score existed)."""
+    ids, parts = [], {}
+    for path in sorted(Path(folder).glob("chunk-*.npz")):
+        with np.load(path) as data:
+            if not any(k.startswith("offaxis_") for k in data.files):
+                return {}
+            ids += [str(m) for m in data["material_id"]]
+            for key in data.files:
+                if key.startswith("offaxis_"):
+                    parts.setdefault(tuple(c == "1" for c in key.split("_")[1]), []).append(data[key])
+    where = {m: i for i, m in enumerate(ids)}
+    pick = np.array([where.get(m, -1) for m in material_ids], dtype=np.int64)
+    out = {}
+    for mask, values in parts.items():
+        merged = np.concatenate(values).astype(np.float64)
+        out[mask] = np.where(pick >= 0, merged[np.maximum(pick, 0)], np.nan)
+    return out
 
 
 def load_evidence(folder: str | Path, material_ids: Sequence[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
