@@ -519,17 +519,33 @@ def _beta_deg(lattice: np.ndarray) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ c) / float(np.linalg.norm(a) * np.linalg.norm(c))))))
 
 
-def _rule_sums(rule_set: zonerules.RuleSet, codes, node_set, slot: int, unique) -> np.ndarray:
-    """Per group of a batch: the node score of one scored lattice (``slot`` of ``node_set``) summed
-    over the nodes its absence rules allow. ``unique`` = (distinct rule indices, each group's
-    position among them): each distinct rule set is summed once."""
-    rules, pick = unique
+def _rule_sums(rule_set: zonerules.RuleSet, codes, node_set, slots: np.ndarray, rules: np.ndarray) -> np.ndarray:
+    """Per pair (``slots[i]``, ``rules[i]``): the node score of scored lattice ``slots[i]`` of
+    ``node_set`` summed over the nodes rule ``rules[i]`` of ``rule_set`` allows. The masks of all
+    pairs are made at once (one call per lattice and batch cost more than the arithmetic); each sum
+    is numpy's sum of that pair's allowed scores in node order, as :func:`_rule_sums_reference` takes
+    it: the same bits (a matrix product or reduceat would round differently)."""
+    lo = node_set.bounds[slots]
+    count = node_set.bounds[slots + 1] - lo
+    pair = np.repeat(np.arange(len(slots)), count)
+    node = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count - lo, count)
+    rule = rules[pair]
+    allowed = ~(rule_set.plane_table[rule, codes[0][node]] | rule_set.line_table[rule, codes[1][node]])
+    values = node_set.score[node[allowed]]
+    ends = np.cumsum(np.bincount(pair[allowed], minlength=len(slots))).tolist()
+    add = np.add.reduce
+    return np.array([add(values[s:e]) for s, e in zip([0] + ends[:-1], ends)], float)
+
+
+def _rule_sums_reference(rule_set: zonerules.RuleSet, codes, node_set, slot: int, rules: np.ndarray) -> np.ndarray:
+    """:func:`_rule_sums` for one slot, a rule at a time (what it replaced; tests pin the two equal)."""
     lo, hi = node_set.bounds[slot], node_set.bounds[slot + 1]
     absent = rule_set.absent_at((codes[0][lo:hi], codes[1][lo:hi]), rules)
     score = node_set.score[lo:hi]
-    return np.array([float(score[~row].sum()) for row in absent])[pick]
+    return np.array([float(score[~row].sum()) for row in absent])
 
 
+@functools.cache
 def _new_nodes(plane: zonerules.ZonePlane, multiple: tuple[int, int, int]) -> tuple | None:
     """((u, v, k), ...): node (m, n) of the zone plane on a cell ``multiple`` times the zones' apparent
     cell is new (no node of the apparent cell) where (m·u + n·v) mod k ≠ 0 for any of them (one per multiplied
@@ -589,6 +605,23 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     seen: dict[tuple, int] = {}  # (zone, rounded basis, new nodes) -> slot of a requested lattice
     weak_rows: dict[str, list] = {a: [] for a in prepared}  # zone -> (slot, new nodes) of the multiples
     rescued = rescued or {}
+    # (zone or PSEUDO_SLOT) -> the sums any batch needs, as keys slot · R + distinct rule (R rules in
+    # the zone's rule set), made together after the node scoring (batches sharing a lattice share them)
+    wanted: dict[str, list[np.ndarray]] = {a: [] for a in prepared} | {PSEUDO_SLOT: []}
+    offset = dict.fromkeys(wanted, 0)
+    n_rules = {a: len(tables.rule_sets[a].rules) for a in prepared} | {PSEUDO_SLOT: len(tables.pseudo_rules.rules)}
+
+    def columns(key: str, slot: int, unique) -> tuple[int, int, np.ndarray]:
+        """Where a batch's sums of ``slot`` will be among ``key``'s wanted sums (start, stop), and
+        each group's position among them."""
+        wanted[key].append(slot * n_rules[key] + unique[0])
+        start = offset[key]
+        offset[key] += len(unique[0])
+        return start, offset[key], unique[1]
+
+    # per (class, rescued or not, cell scale): its lattices, their reciprocal lattices and β, and per
+    # zone the zone basis in px with its rounded key (batches of one class share scales: computed once)
+    geometry: dict[tuple, list] = {}
     for batch, fit, rescue in [(b, fits[b.metric], False) for b in tables.batches] + \
             [(b, rescued[b.metric], True) for b in tables.batches if b.metric in rescued]:
         if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
@@ -599,33 +632,46 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         true_zones = [a for a in cellfit.TRUE_ZONES[batch.metric] if a in prepared]
         choices = []
         multiples = [((1, 1, 1), False)] + [(k, True) for k in CELL_MULTIPLES.get(batch.metric, ())]
-        for lattice, larger, k in ((lat, larger, k) for k, larger in multiples
-                                   for lat in fit.lattices(tuple(d * x for d, x in zip(batch.divisors, k)))):
-            reciprocal = np.linalg.inv(lattice).T  # rows a*, b*, c* (no 2π)
-            slots = {}
-            for a in true_zones:
-                plane = zonerules.zone_plane(batch.metric, a)
-                if plane.rank == 2:
-                    basis = _zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel)
-                    # the multiple's new nodes in this plane: off the zones' own (apparent) lattice, the
-                    # group's divisors times the multiple (None: a multiple along the zone axis leaves
-                    # the zone's lattice as it is, scored once)
-                    new = _new_nodes(plane, tuple(d * x for d, x in zip(batch.divisors, k))) if larger else None
-                    key = (a, (np.round(basis, 6) + 0.0).tobytes(), new)
-                    same = seen.get(key) if larger else None
-                    slots[a] = same if same is not None else len(requests[a])
-                    if same is None:
-                        seen.setdefault(key, len(requests[a]))
-                        if new is not None:
-                            weak_rows[a].append((len(requests[a]), new))
-                        requests[a].append(basis)
-            pseudo = zonerules.PSEUDO_ZONE.get(batch.metric)
-            if pseudo and pseudo[0] in prepared and abs(_beta_deg(lattice) - 90.0) <= PSEUDO_ZONE_DEG:
-                a = pseudo[0]
-                slots[PSEUDO_SLOT] = len(requests[a])
-                requests[a].append(_zone_basis_px(reciprocal, _PSEUDO_PLANES[batch.metric], a,
-                                                  prepared[a].frame.q_per_pixel))
-            choices.append((slots, larger))
+        pseudo = zonerules.PSEUDO_ZONE.get(batch.metric)
+        for k, larger in multiples:
+            scale = tuple(d * x for d, x in zip(batch.divisors, k))
+            cached = geometry.get((batch.metric, rescue, scale))
+            if cached is None:
+                cached = geometry[batch.metric, rescue, scale] = [
+                    {"lattice": lat, "reciprocal": np.linalg.inv(lat).T} for lat in fit.lattices(scale)]  # rows a*, b*, c*
+            for lat in cached:
+                reciprocal = lat["reciprocal"]
+                slots, cols = {}, {}
+                for a in true_zones:
+                    plane = zonerules.zone_plane(batch.metric, a)
+                    if plane.rank == 2:
+                        if a not in lat:
+                            basis = _zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel)
+                            lat[a] = (basis, (np.round(basis, 6) + 0.0).tobytes())
+                        basis, rounded = lat[a]
+                        # the multiple's new nodes in this plane: off the zones' own (apparent) lattice, the
+                        # group's divisors times the multiple (None: a multiple along the zone axis leaves
+                        # the zone's lattice as it is, scored once)
+                        new = _new_nodes(plane, scale) if larger else None
+                        key = (a, rounded, new)
+                        same = seen.get(key) if larger else None
+                        slots[a] = same if same is not None else len(requests[a])
+                        if same is None:
+                            seen.setdefault(key, len(requests[a]))
+                            if new is not None:
+                                weak_rows[a].append((len(requests[a]), new))
+                            requests[a].append(basis)
+                        cols[a] = columns(a, slots[a], batch.rules_unique[a])
+                if pseudo and pseudo[0] in prepared:
+                    if "beta" not in lat:
+                        lat["beta"] = _beta_deg(lat["lattice"])
+                    if abs(lat["beta"] - 90.0) <= PSEUDO_ZONE_DEG:
+                        a = pseudo[0]
+                        slots[PSEUDO_SLOT] = len(requests[a])
+                        requests[a].append(_zone_basis_px(reciprocal, _PSEUDO_PLANES[batch.metric], a,
+                                                          prepared[a].frame.q_per_pixel))
+                        cols[PSEUDO_SLOT] = columns(PSEUDO_SLOT, slots[PSEUDO_SLOT], batch.pseudo_unique)
+                choices.append((slots, cols, larger))
         plan.append((batch, fit, (true_zones, choices), rescue))
     node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
     for a, slots_new in weak_rows.items():
@@ -641,12 +687,17 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                 continue  # too few spots on the new nodes to speak of weak rows: scored as they are
             ns.score[lo:hi] = np.where(fresh, np.maximum(ns.score[lo:hi], 0.0), ns.score[lo:hi])
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
-    codes = {a: tables.rule_sets[a].codes(ns.m, ns.n) for a, ns in node_sets.items() if len(requests[a]) > 1}
-    sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
     pz = zonerules.PSEUDO_ZONE["monoclinic"][0]
-    pseudo_codes = pseudo_sym = None
-    if pz in prepared and len(requests[pz]) > 1:
-        pseudo_codes = tables.pseudo_rules.codes(node_sets[pz].m, node_sets[pz].n)
+    sums = {}  # key -> every wanted sum, in the order columns() handed out
+    for key, keys in wanted.items():
+        if keys:
+            rule_set, ns = (tables.pseudo_rules, node_sets[pz]) if key == PSEUDO_SLOT else (tables.rule_sets[key], node_sets[key])
+            distinct, back = np.unique(np.concatenate(keys), return_inverse=True)
+            slots, rules = np.divmod(distinct, n_rules[key])
+            sums[key] = _rule_sums(rule_set, rule_set.codes(ns.m, ns.n), ns, slots, rules)[back]
+    sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
+    pseudo_sym = None
+    if wanted[PSEUDO_SLOT]:
         pseudo_sym = np.array([_symmetry_term(prepared[pz].frame, ops) for ops in tables.pseudo_ops])
     for batch, fit, scored, rescue in plan:
         index = batch.index
@@ -661,24 +712,21 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             sym_term = sym_term + sym[a][batch.ops_index[a]]
         best = np.full(len(index), -np.inf)
         best_pseudo = np.full(len(index), -np.inf)
-        sums: dict[tuple[str, int], np.ndarray] = {}  # choices sharing a zone's lattice share its sums
-        for slots, larger in choices:
+        for slots, cols, larger in choices:
             total = np.zeros(len(index))
             for a in true_zones:
                 if a not in slots:  # rank < 2: not a zone plane of this class
                     total = total + own[a]
                 else:
-                    if (a, slots[a]) not in sums:
-                        sums[a, slots[a]] = _rule_sums(tables.rule_sets[a], codes[a], node_sets[a], slots[a],
-                                                       batch.rules_unique[a])
-                    total = total + sums[a, slots[a]]
+                    start, stop, pick = cols[a]
+                    total = total + sums[a][start:stop][pick]
             if larger:  # a cell multiple: group_loglik only, the decision keeps the zones' cell
                 total = total - CELL_MULTIPLE_NATS
             else:
                 best = np.maximum(best, total)
             if PSEUDO_SLOT in slots:  # z as a zone of this β ≈ 90° cell, where that explains z better
-                zone = _rule_sums(tables.pseudo_rules, pseudo_codes, node_sets[pz], slots[PSEUDO_SLOT],
-                                  batch.pseudo_unique) + pseudo_sym[batch.pseudo_ops_index]
+                start, stop, pick = cols[PSEUDO_SLOT]
+                zone = sums[PSEUDO_SLOT][start:stop][pick] + pseudo_sym[batch.pseudo_ops_index]
                 total = total + np.maximum(zone - (own[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
             best_pseudo = np.maximum(best_pseudo, total)
         if rescue:  # a class the zones' own fit prunes: group_loglik only
