@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         if spec is None or not Path(args.baseline).is_file():
             raise SystemExit(f"combine_cpu.py: error: --baseline {args.baseline} is no Python file")
         baseline = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = baseline  # dataclasses look their module up there
         spec.loader.exec_module(baseline)
         baseline.group_table()
         versions["baseline"] = baseline.combine

@@ -284,9 +284,15 @@ def _image_axes(axis: str) -> np.ndarray:
 
 
 def _zone_basis_px(reciprocal: np.ndarray, plane: zonerules.ZonePlane, axis: str, q_per_pixel: float) -> np.ndarray:
-    """The zone plane's basis in px, from the reciprocal lattice (rows a*, b*, c*, no 2π)."""
-    g = np.array(plane.basis_hkl, float) @ reciprocal
+    """The zone plane's basis in px, from the reciprocal lattice (rows a*, b*, c*, no 2π; or a stack
+    of them: a stack of bases)."""
+    g = _plane_hkl(plane) @ reciprocal
     return (g @ _image_axes(axis)) / q_per_pixel
+
+
+@functools.cache
+def _plane_hkl(plane: zonerules.ZonePlane) -> np.ndarray:
+    return np.array(plane.basis_hkl, float)
 
 
 # --------------------------------------------------------------------------- combine
@@ -619,9 +625,6 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         offset[key] += len(unique[0])
         return start, offset[key], unique[1]
 
-    # per (class, rescued or not, cell scale): its lattices, their reciprocal lattices and β, and per
-    # zone the zone basis in px with its rounded key (batches of one class share scales: computed once)
-    geometry: dict[tuple, list] = {}
     for batch, fit, rescue in [(b, fits[b.metric], False) for b in tables.batches] + \
             [(b, rescued[b.metric], True) for b in tables.batches if b.metric in rescued]:
         if not fit.feasible or fit.loglik < best_metric - PRUNE_METRIC_NATS:
@@ -632,46 +635,39 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         true_zones = [a for a in cellfit.TRUE_ZONES[batch.metric] if a in prepared]
         choices = []
         multiples = [((1, 1, 1), False)] + [(k, True) for k in CELL_MULTIPLES.get(batch.metric, ())]
+        cells = [(lat, larger, scale) for k, larger in multiples
+                 for scale in [tuple(d * x for d, x in zip(batch.divisors, k))] for lat in fit.lattices(scale)]
+        # every cell choice of the batch at once: numpy inverts a stack and multiplies stacked small
+        # matrices one at a time with the same routines, so these are the bits of one-by-one calls
+        reciprocal = np.linalg.inv(np.stack([lat for lat, _, _ in cells])).transpose(0, 2, 1)  # rows a*, b*, c*
+        planes = {a: zonerules.zone_plane(batch.metric, a) for a in true_zones}
+        bases = {a: _zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel)
+                 for a, plane in planes.items() if plane.rank == 2}
+        rounded = {a: np.round(basis, 6) + 0.0 for a, basis in bases.items()}
         pseudo = zonerules.PSEUDO_ZONE.get(batch.metric)
-        for k, larger in multiples:
-            scale = tuple(d * x for d, x in zip(batch.divisors, k))
-            cached = geometry.get((batch.metric, rescue, scale))
-            if cached is None:
-                cached = geometry[batch.metric, rescue, scale] = [
-                    {"lattice": lat, "reciprocal": np.linalg.inv(lat).T} for lat in fit.lattices(scale)]  # rows a*, b*, c*
-            for lat in cached:
-                reciprocal = lat["reciprocal"]
-                slots, cols = {}, {}
-                for a in true_zones:
-                    plane = zonerules.zone_plane(batch.metric, a)
-                    if plane.rank == 2:
-                        if a not in lat:
-                            basis = _zone_basis_px(reciprocal, plane, a, prepared[a].frame.q_per_pixel)
-                            lat[a] = (basis, (np.round(basis, 6) + 0.0).tobytes())
-                        basis, rounded = lat[a]
-                        # the multiple's new nodes in this plane: off the zones' own (apparent) lattice, the
-                        # group's divisors times the multiple (None: a multiple along the zone axis leaves
-                        # the zone's lattice as it is, scored once)
-                        new = _new_nodes(plane, scale) if larger else None
-                        key = (a, rounded, new)
-                        same = seen.get(key) if larger else None
-                        slots[a] = same if same is not None else len(requests[a])
-                        if same is None:
-                            seen.setdefault(key, len(requests[a]))
-                            if new is not None:
-                                weak_rows[a].append((len(requests[a]), new))
-                            requests[a].append(basis)
-                        cols[a] = columns(a, slots[a], batch.rules_unique[a])
-                if pseudo and pseudo[0] in prepared:
-                    if "beta" not in lat:
-                        lat["beta"] = _beta_deg(lat["lattice"])
-                    if abs(lat["beta"] - 90.0) <= PSEUDO_ZONE_DEG:
-                        a = pseudo[0]
-                        slots[PSEUDO_SLOT] = len(requests[a])
-                        requests[a].append(_zone_basis_px(reciprocal, _PSEUDO_PLANES[batch.metric], a,
-                                                          prepared[a].frame.q_per_pixel))
-                        cols[PSEUDO_SLOT] = columns(PSEUDO_SLOT, slots[PSEUDO_SLOT], batch.pseudo_unique)
-                choices.append((slots, cols, larger))
+        for i, (lattice, larger, scale) in enumerate(cells):
+            slots, cols = {}, {}
+            for a in bases:
+                # the multiple's new nodes in this plane: off the zones' own (apparent) lattice, the
+                # group's divisors times the multiple (None: a multiple along the zone axis leaves
+                # the zone's lattice as it is, scored once)
+                new = _new_nodes(planes[a], scale) if larger else None
+                key = (a, rounded[a][i].tobytes(), new)
+                same = seen.get(key) if larger else None
+                slots[a] = same if same is not None else len(requests[a])
+                if same is None:
+                    seen.setdefault(key, len(requests[a]))
+                    if new is not None:
+                        weak_rows[a].append((len(requests[a]), new))
+                    requests[a].append(bases[a][i])
+                cols[a] = columns(a, slots[a], batch.rules_unique[a])
+            if pseudo and pseudo[0] in prepared and abs(_beta_deg(lattice) - 90.0) <= PSEUDO_ZONE_DEG:
+                a = pseudo[0]
+                slots[PSEUDO_SLOT] = len(requests[a])
+                requests[a].append(_zone_basis_px(reciprocal[i], _PSEUDO_PLANES[batch.metric], a,
+                                                  prepared[a].frame.q_per_pixel))
+                cols[PSEUDO_SLOT] = columns(PSEUDO_SLOT, slots[PSEUDO_SLOT], batch.pseudo_unique)
+            choices.append((slots, cols, larger))
         plan.append((batch, fit, (true_zones, choices), rescue))
     node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
     for a, slots_new in weak_rows.items():
