@@ -672,16 +672,25 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     node_sets = {a: _node_scores(prepared[a], requests[a]) for a in prepared}
     for a, slots_new in weak_rows.items():
         # a multiple's new nodes are allowed but may be weak as a class (a pseudo-translation: the
-        # rows the zone's lattice left out), so an empty one costs nothing and a spot there counts
+        # rows the zone's lattice left out), so an empty one costs nothing and a spot there counts.
+        # All of a zone's multiples at once (their node ranges are disjoint: each is independent)
+        if not slots_new:
+            continue
         ns = node_sets[a]
-        for slot, new in slots_new:
-            lo, hi = ns.bounds[slot], ns.bounds[slot + 1]
-            fresh = np.zeros(hi - lo, bool)
-            for u, v, k in new:
-                fresh |= (ns.m[lo:hi] * u + ns.n[lo:hi] * v) % k != 0
-            if int(np.count_nonzero(fresh & (ns.score[lo:hi] > 0))) < WEAK_ROW_SPOTS:
-                continue  # too few spots on the new nodes to speak of weak rows: scored as they are
-            ns.score[lo:hi] = np.where(fresh, np.maximum(ns.score[lo:hi], 0.0), ns.score[lo:hi])
+        slot = np.array([s for s, _ in slots_new], np.int64)
+        lo = ns.bounds[slot]
+        count = ns.bounds[slot + 1] - lo
+        seg = np.repeat(np.arange(len(slot)), count)
+        node = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count - lo, count)
+        m, n = ns.m[node], ns.n[node]
+        fresh = np.zeros(len(node), bool)
+        for t in range(max(len(new) for _, new in slots_new)):  # (0, 0, 1) where a multiple has fewer
+            u, v, k = np.array([new[t] if t < len(new) else (0, 0, 1) for _, new in slots_new], np.int64).T
+            fresh |= (m * u[seg] + n * v[seg]) % k[seg] != 0
+        spots = np.bincount(seg[fresh & (ns.score[node] > 0)], minlength=len(slot))
+        # too few spots on a multiple's new nodes to speak of weak rows: scored as they are
+        lift = node[fresh & (spots >= WEAK_ROW_SPOTS)[seg]]
+        ns.score[lift] = np.maximum(ns.score[lift], 0.0)
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
     pz = zonerules.PSEUDO_ZONE["monoclinic"][0]
     sums = {}  # key -> every wanted sum, in the order columns() handed out
