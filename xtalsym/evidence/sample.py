@@ -249,13 +249,13 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
     bounds = np.searchsorted(node_set, np.arange(k + 1))
     pos = np.concatenate([nodes[bounds[j]:bounds[j + 1]] @ bases[j] for j in range(k)])  # per-lattice matmul
     r = np.hypot(pos[:, 0], pos[:, 1])
-    keep = (r >= zd.r_min) & (r <= zd.r_max)
-    node_set, nodes, r = node_set[keep], nodes[keep], r[keep]
+    keep = np.flatnonzero((r >= zd.r_min) & (r <= zd.r_max))  # 1-D takes: cheaper than a (N, 2) mask
+    node_set, mm, nn, r = node_set[keep], mm[keep], nn[keep], r[keep]
     # the empty-node score depends on |q| alone, and Friedel pairs and the nodes the lattices share
     # have bit-identical radii: score each distinct radius once
     radii, back = np.unique(r, return_inverse=True)
     score = zd.empty_llr_fn(radii * zd.frame.q_per_pixel)[back]
-    if len(zd.points) and len(nodes):
+    if len(zd.points) and len(mm):
         frac = zd.points[None] @ binv  # (k, K, 2)
         idx = np.rint(frac).astype(np.int64)
         cart = (frac - idx) @ bases
@@ -264,16 +264,16 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
         if on.any():
             # nodes are sorted by (lattice, m, n): find each spot's node by its key
             width = 2 * MAX_NODE_SPAN + 1
-            keys = (node_set * width + nodes[:, 0] + MAX_NODE_SPAN) * width + nodes[:, 1] + MAX_NODE_SPAN
+            keys = (node_set * width + mm + MAX_NODE_SPAN) * width + nn + MAX_NODE_SPAN
             which, spot = np.nonzero(on)
             spot_keys = (which * width + idx[which, spot, 0] + MAX_NODE_SPAN) * width + idx[which, spot, 1] + MAX_NODE_SPAN
             at = np.minimum(np.searchsorted(keys, spot_keys), len(keys) - 1)
             hit = keys[at] == spot_keys
             if hit.any():
-                best = np.full(len(nodes), -np.inf)
+                best = np.full(len(mm), -np.inf)
                 np.maximum.at(best, at[hit], zd.spot_llr[spot[hit]])  # the brightest spot of a node
                 score = np.where(np.isfinite(best), best, score)
-    return _NodeSets(nodes[:, 0], nodes[:, 1], score, np.searchsorted(node_set, np.arange(k + 1)))
+    return _NodeSets(mm, nn, score, np.searchsorted(node_set, np.arange(k + 1)))
 
 
 @functools.cache
