@@ -51,7 +51,8 @@ def summary(ev) -> dict:
             "decided": ev.decided, "crystal_system": ev.crystal_system, "bravais_decided": ev.bravais,
             "cell": ev.cell, "cell_sigma": ev.cell_sigma, "metric_class": ev.metric_class,
             "cell_by_bravais": dict(ev.cell_by_bravais), "metric_loglik": dict(ev.metric_loglik),
-            "warnings": list(ev.warnings), "reason": ev.reason}
+            "warnings": list(ev.warnings), "reason": ev.reason,
+            "off_axis": getattr(ev, "off_axis", None), "friedel_asymmetry": dict(getattr(ev, "friedel_asymmetry", {}))}
 
 
 def _max_diff(a, b) -> float:
