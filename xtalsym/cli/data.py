@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from xtalsym.cli import options
@@ -126,6 +127,13 @@ def _register_simulate(commands) -> None:
     data.add_argument(
         "--split-seed", type=int, default=0, help="seed of the train/val/test split by material (default %(default)s)"
     )
+    data.add_argument(
+        "--misorientation-deg",
+        type=float,
+        default=0.0,
+        help="training data off the zone axes: turn each zone by N(0, σ) degrees about a random axis, "
+        "seeded by the material (default %(default)s: on the axes)",
+    )
     data.add_argument("--overwrite", action="store_true", help="discard an existing dataset in --out")
     options.no_progress(data)
     _add_geometry_arguments(data)
@@ -168,6 +176,8 @@ def _cmd_simulate_dataset(args: argparse.Namespace) -> int:
 
     if not args.structures and not args.random_space_groups:
         raise ValueError("nothing to simulate: give --structures and/or --random-space-groups")
+    if not (math.isfinite(args.misorientation_deg) and args.misorientation_deg >= 0):
+        raise ValueError(f"--misorientation-deg must be a finite number of degrees >= 0, got {args.misorientation_deg}")
     if args.random_space_groups and args.random_per_group < 1:
         raise ValueError(f"--random-per-group must be >= 1 with --random-space-groups, got {args.random_per_group}")
     groups = spacegroups.parse_list(args.random_space_groups) if args.random_space_groups else []
@@ -187,6 +197,7 @@ def _cmd_simulate_dataset(args: argparse.Namespace) -> int:
         scattering=args.scattering,
         shard_size=args.shard_size,
         split_seed=args.split_seed,
+        misorientation_deg=args.misorientation_deg,
     )
     inputs = {
         "structures": [str(Path(s).resolve()) for s in args.structures],

@@ -68,10 +68,15 @@ class BuildConfig:
     shard_size: int = 64
     split_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))
     split_seed: int = 0
+    # training data off the zone axes: each zone turned by N(0, σ)° about a random axis, seeded by
+    # the material (samples.make_sample); inference configs (evaluate.build_config_from) keep 0
+    misorientation_deg: float = 0.0
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["geometry"] = asdict(self.geometry)
+        if not data["misorientation_deg"]:  # datasets on the zone axes keep the dataset.json they always had
+            del data["misorientation_deg"]
         return data
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from xtalsym.offline import dataset as ds
 from xtalsym.offline import simulate, structures
+from xtalsym.offline.samples import material_seed
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,6 @@ def _model(bundle_path: str, precision: str = "fp32") -> _Model:
     if _MODEL is None or _MODEL.backend.precision != precision:
         _MODEL = _Model(bundle_path, precision)
     return _MODEL
-
-
-def material_seed(material_id: str) -> int:
-    """A material's seed for its realism draws (the same in every run and split)."""
-    return int(hashlib.sha256(f"fusion-realism:{material_id}".encode()).hexdigest()[:8], 16)
 
 
 def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precision: str = "fp32",

@@ -8,6 +8,7 @@ exception is logged with its traceback and becomes a failure too, and the caller
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,11 +48,25 @@ class Sample:
         return model_input(self.raws, self.shaped, representation)
 
 
+def material_seed(material_id: str) -> int:
+    """A material's seed for its realism draws: the same in every run, split and tool (the fusion
+    caches of fusion_data --misorientation-deg and the datasets of --misorientation-deg)."""
+    return int(hashlib.sha256(f"fusion-realism:{material_id}".encode()).hexdigest()[:8], 16)
+
+
 def make_sample(labelled: structures.LabelledStructure, config: Any) -> tuple[np.ndarray, np.ndarray]:
     """Raw DPs (3, 256, 256) and shaped DPs (3, 224, 224, 3) for the x, y, z zone axes,
-    with ``config``'s geometry, scattering and shaping method (a dataset BuildConfig)."""
+    with ``config``'s geometry, scattering and shaping method (a dataset BuildConfig); with its
+    ``misorientation_deg`` σ > 0 each zone is turned by N(0, σ)° about a random axis, seeded by the
+    material (training data off the zone axes)."""
+    sigma = float(getattr(config, "misorientation_deg", 0.0) or 0.0)
+    realism = simulate.Realism(misorientation_deg=sigma, seed=material_seed(labelled.material_id)) if sigma else None
     patterns = simulate.simulate_axes(
-        labelled.structure, geometry=config.geometry, scattering=config.scattering, **simulate.DATASET_OPTIONS
+        labelled.structure,
+        geometry=config.geometry,
+        scattering=config.scattering,
+        realism=realism,
+        **simulate.DATASET_OPTIONS,
     )
     raws = np.stack([simulate.to_raw_uint8(patterns[axis]) for axis in simulate.AXES])
     shaped = np.stack(
