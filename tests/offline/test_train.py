@@ -293,3 +293,31 @@ def test_ddp_gloo_two_processes_match_one_process(tiny, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
     assert ddp["val_top1"] == pytest.approx(single["val_top1"])
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+
+
+def test_init_from_starts_from_another_runs_weights_and_refuses_another_model(tiny, tmp_path):
+    """init_from (fine-tuning, e.g. on data off the zone axes): the new run's model starts with the
+    checkpoint's weights; a checkpoint of another model or a missing file is one clear error."""
+    config = tc.from_dict(_config(tiny, epochs=1, val_split=""))
+    tr.train(config, tmp_path / "first")
+    start = _params(tmp_path / "first" / "last.pt")
+    try:
+        _check_init_from(config, start, tmp_path)
+    finally:
+        torch.set_flush_denormal(False)  # Trainer turns it on; tr.train turns it off again, here we do
+
+
+def _check_init_from(config, start, tmp_path):
+    tuned = tr.Trainer(tc.from_dict({**config.to_dict(), "init_from": str(tmp_path / "first" / "last.pt")}),
+                       tmp_path / "tuned", resume=False)
+    fresh = tr.Trainer(config, tmp_path / "fresh", resume=False)
+    for k, v in tuned.module.state_dict().items():
+        assert torch.equal(v.cpu(), start[k]), k
+    assert any(not torch.equal(v.cpu(), start[k]) for k, v in fresh.module.state_dict().items())
+    other = {**config.to_dict(), "init_from": str(tmp_path / "first" / "last.pt")}
+    other["model"] = {**other["model"], "input_size": 48}
+    with pytest.raises(tr.TrainError, match="is not this run's"):
+        tr.Trainer(tc.from_dict(other), tmp_path / "other", resume=False)
+    with pytest.raises(tr.TrainError, match="init_from: checkpoint .* does not exist"):
+        tr.Trainer(tc.from_dict({**config.to_dict(), "init_from": str(tmp_path / "missing.pt")}), tmp_path / "m",
+                   resume=False)

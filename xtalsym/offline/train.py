@@ -448,6 +448,8 @@ class Trainer:
         self.model = model_lib.build_model(
             config.model.name, len(self.classes), input_size=config.model.input_size, **options
         )
+        if config.init_from and checkpoint is None:
+            self._init_from(config.init_from)
         representation = getattr(self.model, "representation", "shaped")
         if representation != "shaped":
             self.train_set = DiffractionDataset(
@@ -503,6 +505,22 @@ class Trainer:
             config.model.name, len(self.train_set), len(self.classes), self.train_set.excluded,
             len(self.val_set) if self.val_set is not None else 0, self.steps_per_epoch, self.device, self.amp_dtype,
         )
+
+    def _init_from(self, path: str) -> None:
+        """Start from another checkpoint's weights (fine-tuning); refused unless it is the same
+        model over the same classes."""
+        try:
+            start, extra = self.model_lib.load_checkpoint(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise TrainError(f"init_from: {exc}") from None
+        spec, wanted = self.model_lib.model_spec(start), self.model_lib.model_spec(self.model)
+        if spec != wanted:
+            raise TrainError(f"init_from {path}: its model {spec} is not this run's {wanted}")
+        theirs = [int(c) for c in extra.get("classes", [])]
+        if theirs and theirs != self.classes:
+            raise TrainError(f"init_from {path}: its {len(theirs)} classes are not this run's {len(self.classes)}")
+        self.model.load_state_dict(start.state_dict())
+        log.info("model weights from %s (fine-tuning)", path)
 
     def _lr_lambda(self, step: int) -> float:
         s = self.config.schedule

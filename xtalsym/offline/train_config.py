@@ -29,6 +29,11 @@ Keys (TOML tables in brackets; a dotted name is what ``--set`` takes)::
     log_every        20        steps between progress-bar/log updates
     checkpoint_every_steps 0   also write last.pt every N steps (0: at epoch ends only)
     progress         true      tqdm progress bar (rank 0)
+    init_from        ""        a checkpoint (a run's best.pt/last.pt, a bundle's model.pt) whose
+                               weights start the model: fine-tuning (e.g. on data off the
+                               zone axes, `simulate dataset --misorientation-deg`); its model
+                               spec and classes must be this run's. A resumed run ignores it
+                               (its own last.pt holds the weights)
 
     [model]  name "msdn" (msdn | densenet-stacked | ziletti-cnn), input_size 224,
              dropout 0.1, options {} (passed on to build_model)
@@ -152,6 +157,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every_steps: int = 0
     progress: bool = True
+    init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
