@@ -26,6 +26,7 @@ logits of an existing cache from its stored patterns instead of simulating again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -42,7 +43,7 @@ import numpy as np
 
 from xtalsym.offline import dataset as ds
 from xtalsym.offline import simulate, structures
-from xtalsym.offline.samples import material_seed
+from xtalsym.offline.samples import simulate_patterns
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,10 @@ def _model(bundle_path: str, precision: str = "fp32") -> _Model:
     return _MODEL
 
 
-def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precision: str = "fp32",
-            misorientation_deg: float = 0.0) -> tuple[int, int, int, float]:
-    """Simulate, shape and classify one chunk; write its npz. (index, ok, failed, cpu s)."""
+def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precision: str = "fp32"
+            ) -> tuple[int, int, int, float]:
+    """Simulate (as datasets are made, ``config.misorientation_deg`` included), shape and classify one
+    chunk; write its npz. (index, ok, failed, cpu s)."""
     import cv2
     from threadpoolctl import threadpool_limits
 
@@ -181,12 +183,7 @@ def run_job(job: Job, out: str, bundle_path: str, config: ds.BuildConfig, precis
         for record in job.records:
             try:
                 labelled = structures.label(record, symprec=config.symprec)
-                realism = simulate.Realism(misorientation_deg=misorientation_deg, seed=material_seed(record.material_id)) \
-                    if misorientation_deg else None
-                patterns = simulate.simulate_axes(
-                    labelled.structure, geometry=config.geometry, scattering=config.scattering, realism=realism,
-                    **simulate.DATASET_OPTIONS
-                )
+                patterns = simulate_patterns(labelled, config)
                 raws = [simulate.to_raw_uint8(patterns[a]) for a in simulate.AXES]
                 shaped = np.stack([shaping.shape(r, a, method=config.shaping_method) for r, a in zip(raws, simulate.AXES)])
             except (structures.StructureError, simulate.SimulationError, shaping.ShapingError, ValueError) as exc:
@@ -356,56 +353,50 @@ def build_evidence(out: str | Path, *, q_per_pixel: float, workers: int = 1,
                                                         [q_per_pixel] * n_chunks, [tuple(subsets)] * n_chunks)):
             if n:
                 log.info("evidence %s: %d materials, %.3f CPU-s per material", path.name, n, seconds / n)
+    target = out / "evidence.npz"
+    np.savez_compressed(target, **_evidence_files(out / EVIDENCE_DIR))
+    return target
+
+
+def _evidence_files(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every array of the per-chunk evidence files of :func:`build_evidence`, concatenated over chunks."""
     merged: dict[str, list] = {}
-    for path in sorted((out / EVIDENCE_DIR).glob("chunk-*.npz")):
+    for path in sorted(Path(folder).glob("chunk-*.npz")):
         with np.load(path) as data:
             for key in data.files:
                 merged.setdefault(key, []).append(data[key])
-    target = out / "evidence.npz"
-    np.savez_compressed(target, **{k: np.concatenate(v) for k, v in merged.items()})
-    return target
+    return {key: np.concatenate(parts) for key, parts in merged.items()}
+
+
+def _per_subset(arrays: dict[str, np.ndarray], prefix: str) -> dict[tuple, np.ndarray]:
+    """{present mask: array} of the ``<prefix>_<mask>`` entries (e.g. ``loglik_101``)."""
+    return {tuple(c == "1" for c in key.split("_")[1]): value for key, value in arrays.items()
+            if key.startswith(prefix + "_")}
 
 
 def load_off_axis(folder: str | Path, material_ids: Sequence[str]) -> dict[tuple, np.ndarray]:
     """{present mask: (n,) off-axis score (NaN: not measured)} of ``material_ids`` from the evidence
     files of :func:`build_evidence` (empty for files written before the score existed)."""
-    ids, parts = [], {}
-    for path in sorted(Path(folder).glob("chunk-*.npz")):
-        with np.load(path) as data:
-            if not any(k.startswith("offaxis_") for k in data.files):
-                return {}
-            ids += [str(m) for m in data["material_id"]]
-            for key in data.files:
-                if key.startswith("offaxis_"):
-                    parts.setdefault(tuple(c == "1" for c in key.split("_")[1]), []).append(data[key])
-    where = {m: i for i, m in enumerate(ids)}
+    arrays = _evidence_files(folder)
+    scores = _per_subset(arrays, "offaxis")
+    if not scores or sum(len(v) for v in scores.values()) != len(scores) * len(arrays["material_id"]):
+        return {}  # no score, or some chunks written before it: nothing to go by
+    where = {str(m): i for i, m in enumerate(arrays["material_id"])}
     pick = np.array([where.get(m, -1) for m in material_ids], dtype=np.int64)
-    out = {}
-    for mask, values in parts.items():
-        merged = np.concatenate(values).astype(np.float64)
-        out[mask] = np.where(pick >= 0, merged[np.maximum(pick, 0)], np.nan)
-    return out
+    return {mask: np.where(pick >= 0, values.astype(np.float64)[np.maximum(pick, 0)], np.nan)
+            for mask, values in scores.items()}
 
 
 def load_evidence(folder: str | Path, material_ids: Sequence[str]) -> tuple[np.ndarray, dict[tuple, np.ndarray]]:
     """(row indices of ``material_ids`` that have evidence, {present mask: (m, 230)} for those rows),
     from the per-chunk evidence files of :func:`build_evidence`."""
-    merged: dict[str, list] = {}
-    for path in sorted(Path(folder).glob("chunk-*.npz")):
-        with np.load(path) as data:
-            for key in data.files:
-                merged.setdefault(key, []).append(data[key])
-    if not merged:
+    arrays = _evidence_files(folder)
+    if not arrays:
         return np.zeros(0, dtype=np.int64), {}
-    ids = [str(m) for m in np.concatenate(merged["material_id"])]
-    where = {m: i for i, m in enumerate(ids)}
+    where = {str(m): i for i, m in enumerate(arrays["material_id"])}
     rows = np.array([i for i, m in enumerate(material_ids) if m in where], dtype=np.int64)
     src = np.array([where[material_ids[i]] for i in rows], dtype=np.int64)
-    out = {}
-    for key, parts in merged.items():
-        if key.startswith("loglik_"):
-            out[tuple(c == "1" for c in key.split("_")[1])] = np.concatenate(parts)[src].astype(np.float64)
-    return rows, out
+    return rows, {mask: values[src].astype(np.float64) for mask, values in _per_subset(arrays, "loglik").items()}
 
 
 def prior_counts_of(out: str | Path, features: Features) -> tuple[np.ndarray, str]:
@@ -536,12 +527,13 @@ def build(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(bundle_path)
-    config = build_config_from({"dataset_config": bundle.settings["dataset_config"]})
+    config = dataclasses.replace(build_config_from({"dataset_config": bundle.settings["dataset_config"]}),
+                                 misorientation_deg=misorientation_deg)
     chosen = select_records(source, split_counts={"val": val, "test": test})
     plan = {"splits": {k: len(v) for k, v in chosen.items()}, "misorientation_deg": misorientation_deg}
     _check_plan(out, plan)
     _run_jobs(out, make_jobs(chosen), plan, bundle_path=bundle_path, model_id=bundle.model_id, config=config,
-              workers=workers, max_jobs=max_jobs, precision=precision, misorientation_deg=misorientation_deg)
+              workers=workers, max_jobs=max_jobs, precision=precision)
 
 
 def _check_plan(out: Path, plan: dict) -> None:
@@ -602,7 +594,7 @@ def build_open_set(
 
 
 def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: str, config: ds.BuildConfig,
-              workers: int, max_jobs: int | None, precision: str = "fp32", misorientation_deg: float = 0.0) -> None:
+              workers: int, max_jobs: int | None, precision: str = "fp32") -> None:
     """Run the chunks of ``jobs`` not yet on disk (resumable), after writing the plan."""
     (out / "plan.json").write_text(json.dumps({**plan, "chunks": len(jobs), "bundle": model_id,
                                                "precision": precision}, indent=1))
@@ -614,7 +606,7 @@ def _run_jobs(out: Path, jobs: list[Job], plan: dict, *, bundle_path, model_id: 
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for index, n_ok, n_failed, seconds in pool.map(
             run_job, todo, [str(out)] * len(todo), [str(bundle_path)] * len(todo), [config] * len(todo),
-            [precision] * len(todo), [misorientation_deg] * len(todo)
+            [precision] * len(todo)
         ):
             done += 1
             ok += max(n_ok, 0)

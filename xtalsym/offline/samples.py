@@ -54,20 +54,25 @@ def material_seed(material_id: str) -> int:
     return int(hashlib.sha256(f"fusion-realism:{material_id}".encode()).hexdigest()[:8], 16)
 
 
-def make_sample(labelled: structures.LabelledStructure, config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Raw DPs (3, 256, 256) and shaped DPs (3, 224, 224, 3) for the x, y, z zone axes,
-    with ``config``'s geometry, scattering and shaping method (a dataset BuildConfig); with its
-    ``misorientation_deg`` σ > 0 each zone is turned by N(0, σ)° about a random axis, seeded by the
-    material (training data off the zone axes)."""
+def simulate_patterns(labelled: structures.LabelledStructure, config: Any) -> dict[str, np.ndarray]:
+    """Float patterns {axis: (N, N)} of the x, y, z zone axes as datasets are made, with ``config``'s
+    geometry and scattering (a dataset BuildConfig); with its ``misorientation_deg`` σ > 0 each zone is
+    turned by N(0, σ)° about a random axis, seeded by the material (data off the zone axes)."""
     sigma = float(getattr(config, "misorientation_deg", 0.0) or 0.0)
     realism = simulate.Realism(misorientation_deg=sigma, seed=material_seed(labelled.material_id)) if sigma else None
-    patterns = simulate.simulate_axes(
+    return simulate.simulate_axes(
         labelled.structure,
         geometry=config.geometry,
         scattering=config.scattering,
         realism=realism,
         **simulate.DATASET_OPTIONS,
     )
+
+
+def make_sample(labelled: structures.LabelledStructure, config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Raw DPs (3, 256, 256) and shaped DPs (3, 224, 224, 3) of :func:`simulate_patterns`, shaped
+    with ``config``'s shaping method."""
+    patterns = simulate_patterns(labelled, config)
     raws = np.stack([simulate.to_raw_uint8(patterns[axis]) for axis in simulate.AXES])
     shaped = np.stack(
         [shaping.shape(raw, axis, method=config.shaping_method) for raw, axis in zip(raws, simulate.AXES)]
