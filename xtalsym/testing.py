@@ -146,12 +146,13 @@ def detector_socket(context=None) -> tuple[Any, str]:
 
 def daemon_overrides(frame_endpoint: str, *, bundle: str | os.PathLike | None = None, **sections: dict) -> dict:
     """Configuration overrides for a test daemon: lossless (``overload = "block"``, tests
-    count every frame), one worker, publish and metrics on free ports (never a real
-    daemon's), the bundle on ONNX Runtime on the CPU; ``sections`` are merged on top."""
+    count every frame), evidence for every sample (``evidence_under_load = "keep"``: tests send
+    bursts, and compare every sample's evidence), one worker, publish and metrics on free ports
+    (never a real daemon's), the bundle on ONNX Runtime on the CPU; ``sections`` are merged on top."""
     overrides: dict = {
         "ingest": {"address": frame_endpoint},
         "publish": {"address": "tcp://127.0.0.1:*", "metrics_interval_seconds": 0.5},
-        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block"},
+        "pipeline": {"workers": 1, "latency_budget_seconds": 0.01, "overload": "block", "evidence_under_load": "keep"},
         "metrics": {"port": 0},
     }
     if bundle is not None:

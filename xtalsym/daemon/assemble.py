@@ -90,6 +90,7 @@ class View:
     series_unique_id: str | None = None
     series_number: int = 0  # the daemon's number of the series (samples never span series)
     evidence: Any = None  # xtalsym.evidence.FrameEvidence of the calibrated frame, or None
+    evidence_skipped: str | None = None  # why the frame has no evidence by design (overload.SHED_REASON)
     # (backend generation, logits (C,), embedding (960,)) once the view went through a per-view
     # graph: later requests of the same sample reuse it instead of running the view again
     inferred: tuple | None = field(default=None, repr=False)
@@ -116,6 +117,11 @@ class Request:
     @property
     def axes(self) -> list[str]:
         return [a for a in AXES if a in self.views]
+
+    @property
+    def evidence_skipped(self) -> str | None:
+        """Why the sample's views carry no symmetry evidence by design (shed under load), or None."""
+        return next((v.evidence_skipped for v in self.views.values() if v.evidence_skipped), None)
 
     def tensors(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """(3, 3, S, S) uint8 input and (3,) bool present mask."""

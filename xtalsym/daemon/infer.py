@@ -266,8 +266,9 @@ def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.nda
     out: list[dict] = []
     for request, ev, loglik, post, n_views in zip(batch, evidences, logliks, posts, views):
         used = loglik is not None and fusion.uses_evidence(int(n_views))  # as xtalsym predict says it
+        skipped = [request.evidence_skipped] if request.evidence_skipped and not used else []
         prediction = fusion.describe(post, views=request.axes, evidence_used=used,
-                                     warnings=list(ev.get("warnings", [])) if used else [],
+                                     warnings=list(ev.get("warnings", [])) if used else skipped,
                                      evidence_decided=bool(ev.get("decided", True)) if used else True,
                                      off_axis=ev.get("off_axis") if used else None)
         out.append(prediction.to_json())

@@ -122,7 +122,7 @@ class PrometheusMetrics:
             self.predictions.labels(status=status)
         for closed_by in ("end", "restart", "timeout", "shutdown", "overflow"):
             self.samples_partial.labels(closed_by=closed_by)
-        for event in ("stale_end", "coalesced_messages", "start_rejected", "start_part_ignored"):
+        for event in ("stale_end", "coalesced_messages", "start_rejected", "start_part_ignored", "evidence_shed"):
             self.events.labels(event=event)
         for event in SERIES_EVENTS:
             self.series.labels(event=event)

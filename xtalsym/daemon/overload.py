@@ -64,3 +64,48 @@ class WorkerSlots:
     def pending(self) -> list[cf.Future]:
         with self._inflight_lock:
             return list(self._inflight)
+
+
+SHED_REASON = ("symmetry evidence skipped for this sample: the daemon was behind when its first frame "
+               "arrived (pipeline.evidence_under_load = \"shed\"); fused from the network and the prior only")
+
+
+class EvidencePlan:
+    """Which samples get symmetry evidence (``pipeline.evidence_under_load``).
+
+    The evidence costs about as much CPU per frame as everything else together (docs/RESULTS.md,
+    issue 12), so at a rate between the evidence-on and the evidence-off capacity a daemon that
+    measures it for every sample falls behind and loses frames (``drop_oldest``) or blocks the
+    detector (``block``). ``"shed"``: a sample whose first frame finds more than ``backlog`` frames
+    waiting for the workers or the inference thread, or more than ``backlog`` requests waiting for
+    the combine thread, is classified without evidence (all its frames: its zones are combined
+    together or not at all); its messages say so. ``"keep"``: every sample gets evidence, whatever
+    the backlog. The decision is made once per sample, by the ingest thread, and forgotten when
+    the sample's final request is made (a later sample of the same key decides afresh)."""
+
+    def __init__(self, *, policy: str, backlog: int, max_samples: int) -> None:
+        self.policy = policy
+        self.backlog = backlog
+        self._max = max_samples  # a bound on the decisions held: samples that never end (lost frames)
+        self._decided: dict[tuple[int, str], bool] = {}  # sample key -> evidence on; oldest first
+        self._lock = threading.Lock()  # ingest decides, inference forgets
+
+    def wants_evidence(self, key: tuple[int, str], *, frames_waiting: int, combines_waiting: int) -> tuple[bool, bool]:
+        """(evidence on for this frame's sample, whether this call shed a new sample)."""
+        with self._lock:
+            on = self._decided.get(key)
+            if on is not None:
+                return on, False
+            on = self.policy == "keep" or (frames_waiting <= self.backlog and combines_waiting <= self.backlog)
+            self._decided[key] = on
+            while len(self._decided) > self._max:
+                del self._decided[next(iter(self._decided))]
+            return on, not on
+
+    def forget(self, key: tuple[int, str]) -> None:
+        """The sample's final request is made: its decision is no longer needed."""
+        with self._lock:
+            self._decided.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._decided)

@@ -61,7 +61,7 @@ from xtalsym.daemon.infer import (
 )
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
-from xtalsym.daemon.overload import WorkerSlots
+from xtalsym.daemon.overload import SHED_REASON, EvidencePlan, WorkerSlots
 from xtalsym.daemon.protocols import BadMessage, decode_parts
 from xtalsym.daemon.publish import Publisher, evidence_partial
 from xtalsym.daemon.result_slots import ResultSlots
@@ -163,6 +163,10 @@ class Pipeline:
         self._stop_intake = threading.Event()
         self._results: queue.Queue = queue.Queue()
         self.slots = WorkerSlots(config.pipeline.queue_size)  # pipeline.overload decides when they are full
+        self.evidence_plan = EvidencePlan(policy=config.pipeline.evidence_under_load,
+                                          backlog=config.pipeline.evidence_backlog,
+                                          max_samples=config.assembly.max_open_samples + config.pipeline.queue_size)
+        self._shed_warned = -float("inf")  # time.monotonic() of the last "samples go without evidence" warning
         self.side_files = SeriesSideFiles()  # per-series geometry, mask and flatfield files for the workers
         # frames handed to the workers whose result the inference thread has not taken yet, per
         # sample key and per series number (ingest increments, inference decrements)
@@ -338,6 +342,8 @@ class Pipeline:
             self.fusion = load_fusion(bundle)
             self.model_info = {**self.model_info, **model_info(bundle, backend, index, self.fusion)}
             self.config = config
+            self.evidence_plan.policy = config.pipeline.evidence_under_load
+            self.evidence_plan.backlog = config.pipeline.evidence_backlog
             future.set_result(old)
 
     # ---- ingest thread
@@ -456,12 +462,14 @@ class Pipeline:
                         "say so, or to \"user_data\" to require user_data)", image.series_id, image.image_id,
                         c.assembly.axis_key, "".join(c.assembly.axis_order))
         mask_path = self.side_files.mask_file(series, channel, frame.shape) if c.calibration.use_stream_mask else None
+        evidence = c.pipeline.evidence and self._sample_gets_evidence((series.number, sample_key))
         job = frame_job(c, frame=frame, geometry=geometry, training=self.training, axis=axis, size=self.size,
-                        mask_path=mask_path, method=method,
+                        mask_path=mask_path, method=method, evidence=evidence,
                         flatfield_path=self.side_files.flatfield_file(series, channel, frame.shape, c.calibration.flatfield))
         meta = {"sample_key": sample_key, "axis": axis, "series_id": image.series_id, "image_id": image.image_id,
                 "series_unique_id": image.series_unique_id, "user_data": image.user_data, "received": received,
-                "series_number": series.number}
+                "series_number": series.number,
+                "evidence_skipped": SHED_REASON if c.pipeline.evidence and not evidence else None}
         if not self.slots.take(c.pipeline.overload):
             m.bad_frame("overload", f"image {image.image_id} of series {image.series_id} dropped: {c.pipeline.queue_size} "
                         f"frames already waiting for the workers (overload = {c.pipeline.overload!r})")
@@ -484,6 +492,25 @@ class Pipeline:
             raise
         self.slots.add(future)
         future.add_done_callback(lambda f, meta=meta, slot=slot: self._done(meta, f, slot))
+
+    def _sample_gets_evidence(self, key: tuple[int, str]) -> bool:
+        """Whether this frame's sample gets symmetry evidence (:class:`EvidencePlan`): decided at its
+        first frame from the backlog then (frames handed to the workers and not yet assembled,
+        requests on the combine thread); a shed sample is counted ``evidence_shed``."""
+        frames_waiting = len(self.slots) + self._results.qsize()
+        on, shed = self.evidence_plan.wants_evidence(key, frames_waiting=frames_waiting,
+                                                     combines_waiting=self._combining)
+        if shed:
+            self.metrics.count("evidence_shed")
+            now = time.monotonic()
+            if now - self._shed_warned >= 60.0:  # once a minute at most: a fast scan sheds many samples
+                self._shed_warned = now
+                log.warning("the daemon is behind (%d frames waiting for the workers or the inference thread, %d "
+                            "requests for the combine thread; evidence_backlog = %d): new samples go without symmetry "
+                            "evidence until it catches up (counted evidence_shed; pipeline.evidence_under_load = "
+                            "\"keep\" measures it for every sample)", frames_waiting, self._combining,
+                            self.evidence_plan.backlog)
+        return on
 
     def _pending(self, meta: dict, n: int) -> None:
         with self._pending_lock:
@@ -532,6 +559,8 @@ class Pipeline:
 
         def enqueue(request: Request, *, combined: bool = False) -> None:
             nonlocal oldest
+            if request.final and not combined:  # its sample is done: a later one of that key decides afresh
+                self.evidence_plan.forget(request.trigger.key)
             if not combined and not stopping and self._combine_aside(request):
                 return  # it joins ``pending`` when the combine thread is done with it
             if not pending:

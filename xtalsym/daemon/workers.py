@@ -49,13 +49,15 @@ class FrameJob:
 
 
 def frame_job(config, *, frame, geometry: cal.FrameGeometry, training: cal.TrainingGeometry, axis: str,
-              size: int, mask_path: str | None, flatfield_path: str | None, method: str) -> FrameJob:
+              size: int, mask_path: str | None, flatfield_path: str | None, method: str,
+              evidence: bool | None = None) -> FrameJob:
     """The job of one frame under the daemon configuration ``config`` (saturation and shaping settings);
-    ``method`` is the series' resolved sampling method (``calibration.method``, "auto" resolved)."""
+    ``method`` is the series' resolved sampling method (``calibration.method``, "auto" resolved);
+    ``evidence``: measure the frame's symmetry evidence (None: ``pipeline.evidence``)."""
     return FrameJob(frame=frame, frame_geometry=geometry, training=training, method=method,
                     mask_path=mask_path, saturation_value=config.calibration.saturation_value or None, axis=axis,
                     shaping_method=config.pipeline.shaping_method, size=size, flatfield_path=flatfield_path,
-                    evidence=config.pipeline.evidence)
+                    evidence=config.pipeline.evidence if evidence is None else evidence)
 
 
 def flatfield_wanted(mode: str, applied: bool | None) -> bool:

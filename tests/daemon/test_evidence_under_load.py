@@ -1,0 +1,108 @@
+"""``pipeline.evidence_under_load``: at a backlog the daemon classifies new samples without
+symmetry evidence instead of falling behind (issue 12: the evidence costs about as much CPU per
+frame as the rest of the daemon). The decision is per sample, made at its first frame; a shed
+sample's messages carry no evidence, say why in the fusion's warnings, and are counted
+``evidence_shed``; no frame is lost. ``"keep"`` never sheds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xtalsym.daemon.overload import SHED_REASON, EvidencePlan
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("zmq")
+
+from xtalsym import fusion, symmetry  # noqa: E402
+from xtalsym.daemon.sim import DetectorSim  # noqa: E402
+from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector, tiny_bundle  # noqa: E402
+
+
+def test_the_plan_decides_once_per_sample_and_forgets_at_its_end():
+    plan = EvidencePlan(policy="shed", backlog=2, max_samples=3)
+    a, b = (1, "a"), (1, "b")
+    assert plan.wants_evidence(a, frames_waiting=2, combines_waiting=2) == (True, False)
+    # its later frames keep the sample's decision, whatever the backlog then
+    assert plan.wants_evidence(a, frames_waiting=50, combines_waiting=50) == (True, False)
+    assert plan.wants_evidence(b, frames_waiting=3, combines_waiting=0) == (False, True)  # frames behind
+    assert plan.wants_evidence(b, frames_waiting=0, combines_waiting=0) == (False, False)  # shed once
+    assert plan.wants_evidence((1, "c"), frames_waiting=0, combines_waiting=3) == (False, True)  # combines behind
+    plan.forget(b)  # b's final request was made: a new sample of that key decides afresh
+    assert plan.wants_evidence(b, frames_waiting=0, combines_waiting=0) == (True, False)
+    plan.wants_evidence((1, "d"), frames_waiting=0, combines_waiting=0)
+    assert len(plan) == 3  # bounded: the oldest decision (a) went first
+    assert plan.wants_evidence(a, frames_waiting=9, combines_waiting=0) == (False, True)
+    keep = EvidencePlan(policy="keep", backlog=0, max_samples=10)
+    assert keep.wants_evidence(a, frames_waiting=10**6, combines_waiting=10**6) == (True, False)
+
+
+def fusion_params(classes) -> fusion.FusionParams:
+    """Evidence weighed at 2 and 3 views (as the shipped fusion), other weights without it."""
+    plain = {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -4.0, "prior": 0.5}
+    with_evidence = plain | {"evidence": 0.3, "evidence_top": 1.0, "evidence_8": 0.5}
+    return fusion.FusionParams(
+        classes=list(classes), prior_counts=np.ones(230), weights={1: plain, 2: with_evidence, 3: with_evidence},
+        temperature={1: 1.0, 2: 1.3, 3: 1.0}, weights_no_evidence={k: plain for k in (1, 2, 3)},
+        temperature_no_evidence={1: 1.0, 2: 1.0, 3: 1.0}, sets=[[g] for g in range(1, 231)],
+        bravais=[symmetry.bravais_lattice(g) for g in range(1, 231)])
+
+
+@pytest.fixture(scope="module")
+def fused_components(tmp_path_factory):
+    import torch
+
+    from xtalsym.bundle import add_fusion, load_bundle
+    from xtalsym.daemon.config import load_config
+    from xtalsym.daemon.service import load_components
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("evidence_under_load")
+    path = tiny_bundle(tmp)
+    add_fusion(path, fusion_params(load_bundle(path).classes).save(tmp / "fusion.json"))
+    cfg = load_config(overrides={"bundle": {"path": str(path), "backend": "onnxruntime", "device": "cpu"}})
+    return load_components(cfg)
+
+
+def burst() -> list:
+    """8 samples (NaCl, Si, 4 times) sent at once: the workers are behind from the second sample."""
+    sources = [shipped_structures() / "NaCl.cif", shipped_structures() / "Si.cif"]
+    return list(DetectorSim(sources, geometry=small_detector(), repeat=4).messages())
+
+
+def run_burst(components, **pipeline) -> tuple[list[dict], dict]:
+    messages = burst()
+    with InProcessDaemon(components=components, pipeline=pipeline) as run:
+        run.send_messages(messages)
+        run.settle(len(messages), finals=8)
+        snapshot = run.pipeline.metrics.snapshot()
+        assert len(run.pipeline.evidence_plan) == 0  # every sample ended: no decision is held
+    return run.summary.messages, snapshot
+
+
+def test_a_backlog_sheds_whole_samples_and_says_so(fused_components):
+    messages, snapshot = run_burst(fused_components, evidence_under_load="shed", evidence_backlog=0)
+    assert snapshot["bad_frames"] == {}, snapshot["bad_frames"]  # nothing lost
+    finals = [m for m in messages if m["final"]]
+    assert len(finals) == 8 and all(m["status"] == "complete" for m in finals)
+    shed = [m for m in finals if m["evidence"] is None]
+    kept = [m for m in finals if m["evidence"] is not None]
+    # the first sample finds the workers idle; with backlog 0 a later one finds frames waiting
+    assert kept and shed, [m["sample_id"] for m in shed]
+    assert snapshot["counts"]["evidence_shed"] == len(shed)
+    for m in shed:
+        assert m["fusion"]["evidence_used"] is False and SHED_REASON in m["fusion"]["warnings"], m["fusion"]
+        # every message of a shed sample: no zone was measured, its partials say why too
+        for partial in (p for p in messages if p["sample_id"] == m["sample_id"] and not p["final"]):
+            assert partial["evidence"] is None and SHED_REASON in partial["fusion"]["warnings"]
+    for m in kept:
+        assert m["fusion"]["evidence_used"] is True and SHED_REASON not in m["fusion"]["warnings"]
+        assert set(m["evidence"]["zones"]) == {"x", "y", "z"}
+
+
+def test_keep_measures_every_sample_whatever_the_backlog(fused_components):
+    messages, snapshot = run_burst(fused_components, evidence_under_load="keep", evidence_backlog=0)
+    finals = [m for m in messages if m["final"]]
+    assert len(finals) == 8 and snapshot["counts"].get("evidence_shed", 0) == 0
+    assert all(m["evidence"] is not None and m["fusion"]["evidence_used"] for m in finals)
