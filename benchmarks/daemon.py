@@ -721,8 +721,10 @@ def main() -> int:
     row("latency p50 / p99 ms", lambda r: f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}")
     row("views through the network per frame", lambda r: f"{(r['views_inferred'] or 0) / r['frames']:.2f}")
     row("partial predictions fused with evidence", lambda r: f"{r['partial_with_evidence']} of {r['partial']}")
-    row("final predictions fused with evidence (the rest shed under load)",
-        lambda r: f"{r['final_with_evidence']} of {r['final']}")
+    row(
+        "final predictions fused with evidence (the rest shed under load)",
+        lambda r: f"{r['final_with_evidence']} of {r['final']}",
+    )
     row("daemon CPU-s per frame (all processes)", lambda r: f"{r['cpu_s'] / r['frames'] * 1000:.1f} ms")
     row(
         "this benchmark's own CPU per frame (sender, listener, polling: the same cores)",

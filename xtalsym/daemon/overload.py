@@ -66,8 +66,10 @@ class WorkerSlots:
             return list(self._inflight)
 
 
-SHED_REASON = ("symmetry evidence skipped for this sample: the daemon was behind when its first frame "
-               "arrived (pipeline.evidence_under_load = \"shed\"); fused from the network and the prior only")
+SHED_REASON = (
+    "symmetry evidence skipped for this sample: the daemon was behind when its first frame "
+    'arrived (pipeline.evidence_under_load = "shed"); fused from the network and the prior only'
+)
 
 
 class EvidencePlan:
