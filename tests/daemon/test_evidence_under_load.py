@@ -16,6 +16,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("zmq")
 
 from xtalsym import fusion, symmetry  # noqa: E402
+from xtalsym.daemon.client import format_prediction  # noqa: E402
 from xtalsym.daemon.sim import DetectorSim  # noqa: E402
 from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector, tiny_bundle  # noqa: E402
 
@@ -93,10 +94,12 @@ def test_a_backlog_sheds_whole_samples_and_says_so(fused_components):
     assert snapshot["counts"]["evidence_shed"] == len(shed)
     for m in shed:
         assert m["fusion"]["evidence_used"] is False and SHED_REASON in m["fusion"]["warnings"], m["fusion"]
+        assert "no evidence (shed under load)" in format_prediction(m)  # what xtalsym listen prints
         # every message of a shed sample: no zone was measured, its partials say why too
         for partial in (p for p in messages if p["sample_id"] == m["sample_id"] and not p["final"]):
             assert partial["evidence"] is None and SHED_REASON in partial["fusion"]["warnings"]
     for m in kept:
+        assert "shed under load" not in format_prediction(m)
         assert m["fusion"]["evidence_used"] is True and SHED_REASON not in m["fusion"]["warnings"]
         assert set(m["evidence"]["zones"]) == {"x", "y", "z"}
 

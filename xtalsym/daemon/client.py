@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xtalsym.daemon.overload import SHED_REASON
+
 log = logging.getLogger(__name__)
 
 
@@ -128,6 +130,7 @@ def format_prediction(msg: dict) -> str:
         mark = (
             f"  set {fused['set']['label']} p={fused['set']['probability']:.2f}"
             + ("" if fused["decided"] else " (cannot decide)")
+            + ("  no evidence (shed under load)" if SHED_REASON in fused.get("warnings", ()) else "")
             + mark
         )
     open_set = msg.get("open_set")
