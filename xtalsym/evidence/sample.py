@@ -57,19 +57,25 @@ SPURIOUS_SPOT = 0.02
 PRUNE_METRIC_NATS = 200.0
 # Sub-threshold intensity at an empty node (group_loglik only; the class likelihoods and the
 # calibrated decision keep "spot / no spot"): a node of a group's zone lattice that holds no spot but
-# lies on the frame's measured half-grid (FrameEvidence.nodes_half, within MEASURED_TOLERANCE_PX) is
-# scored by its integrated intensity Î (capped at the detection threshold: no spot was found there;
-# floored at 0) instead of by P(no spot). Relative to the Wilson mean Σ at its |q|:
-# absent: a mixture of exponentials, (mean, share) ABSENT_LEAK — a true extinction of a noise-free
-# kinematic frame reads exactly 0 about half the time, else the side lobes and the rods of other
-# layers crossing the plane, heavy-tailed up to ~0.1 Σ (fitted by EM to the half-nodes below the
-# threshold of validation frames, docs/RESULTS.md, issue 15, session 6, s6weak);
-# allowed: Wilson's Exp(Σ), with a share WEAK_SHARE of weak reflections Exp(WEAK_MEAN · Σ) (a nearly
-# extinct sublattice: heavy atoms obeying a glide the whole structure breaks);
-# every component ⊗ N(0, σ² + (MEASURED_FLOOR · Σ)²), σ the node's noise (background MAD, Poisson
-# for count frames).
-ABSENT_LEAK = ((1e-4, 0.4962), (1e-3, 0.0460), (1e-2, 0.4126), (1e-1, 0.0453))
-LEAK_SCALE = 1.0  # multiplies ABSENT_LEAK's means (a variant knob; 1: as fitted)
+# lies within MEASURED_TOLERANCE_PX of a node of the frame's measured half-grid
+# (FrameEvidence.nodes_half: the nodes and half-nodes of the zone's own lattice) is scored by that
+# integrated intensity Î (floored at 0, capped at the detection threshold: no spot was found there)
+# instead of by P(no spot). Relative to the Wilson mean Σ at its |q|:
+# - absent: a mixture of exponentials, (mean, share) in ABSENT_LEAK, the means times LEAK_SCALE. The
+#   shares are the EM fit to the validation frames' half-nodes below the threshold
+#   (benchmarks/evidence_leak.py: a true extinction of a noise-free kinematic frame reads exactly 0
+#   about half the time, else side lobes and the rods of other layers crossing the plane, up to
+#   ~0.1 Σ); LEAK_SCALE, chosen on validation (1 … 64), widens them 16-fold: an absent node of a
+#   group's lattice lies among strong reflections and crossing rods and leaks more than the average
+#   half-node. In effect (noise-free frames) a node reading exactly 0 costs "allowed" 5.8 nats, one
+#   reading 0.01 / 0.02 / 0.05 Σ 1.6 / 1.2 / 0.8 nats (a nearly extinct sublattice: heavy atoms
+#   obeying a glide the whole structure breaks), where P(no spot) costs ~4 at the median threshold;
+# - allowed: Wilson's Exp(Σ) (WEAK_SHARE > 0 adds weak reflections Exp(WEAK_MEAN · Σ): no better on
+#   validation, 0);
+# every component ⊗ N(0, σ² + (MEASURED_FLOOR · Σ)²), σ the node's noise (background MAD, Poisson for
+# count frames). Choice and measurements: docs/RESULTS.md, issue 15, session 6, s6weak.
+ABSENT_LEAK = ((1e-4, 0.4992), (1e-3, 0.0494), (1e-2, 0.4102), (1e-1, 0.0412))
+LEAK_SCALE = 16.0
 WEAK_SHARE = 0.0
 WEAK_MEAN = 0.01
 MEASURED_FLOOR = 1e-5
@@ -618,12 +624,19 @@ def _rule_sums(rule_set: zonerules.RuleSet, codes, node_set, slots: np.ndarray, 
     return plain, plain + np.bincount(kept_pair, weights=node_set.delta[kept], minlength=len(slots))
 
 
-def _rule_sums_reference(rule_set: zonerules.RuleSet, codes, node_set, slot: int, rules: np.ndarray) -> np.ndarray:
-    """:func:`_rule_sums` for one slot, a rule at a time (what it replaced; tests pin the two equal)."""
+def _rule_sums_reference(rule_set: zonerules.RuleSet, codes, node_set, slot: int, rules: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_rule_sums` for one slot, a rule at a time (what it replaced; tests pin the two equal):
+    the plain sums, and those plus the measured empty nodes' changes added one after another."""
     lo, hi = node_set.bounds[slot], node_set.bounds[slot + 1]
     absent = rule_set.absent_at((codes[0][lo:hi], codes[1][lo:hi]), rules)
     score = node_set.score[lo:hi]
-    return np.array([float(score[~row].sum()) for row in absent])
+    plain = np.array([float(score[~row].sum()) for row in absent])
+    if node_set.delta is None:
+        return plain, plain
+    delta = node_set.delta[lo:hi]
+    added = np.array([float(np.cumsum(delta[~row])[-1]) if (~row).any() else 0.0 for row in absent])
+    return plain, plain + added
 
 
 @functools.cache
