@@ -84,6 +84,11 @@ def load_frames(folder: Path) -> dict[str, dict]:
     return out
 
 
+def _rows(path: Path) -> list:
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
 def combine_chunk(path: Path, out_dir: Path) -> int:
     """Evidence of one chunk of cached frames, in fusion_data's evidence format (all three views)."""
     from xtalsym.evidence import combine
@@ -128,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", default=None, help="frames folder (default: <features>/frames)")
     ap.add_argument("--out", default=None, help="combine: evidence folder to write")
     ap.add_argument("--bundle", default="reference_index")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="combine: override a constant of xtalsym.evidence.sample (a variant, e.g. LEAK_SHARE=3e-3)")
+    ap.add_argument("--only-split", default=None, help="combine: only the chunks holding this split's materials")
     ap.add_argument("--loop", action="store_true", help="frames: keep going while the feature job adds chunks")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -155,8 +163,21 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         ap.error("combine needs --out")
+    from xtalsym.evidence import sample
+
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(sample, name):
+            ap.error(f"--set: xtalsym.evidence.sample has no {name}")
+        setattr(sample, name, type(getattr(sample, name))(float(value)))
+        log.info("variant: sample.%s = %r", name, getattr(sample, name))
+    paths = sorted(frames_dir.glob("chunk-*.pkl"))
+    if args.only_split:
+        feats = fusion_data.load_features(features)
+        wanted = set(np.asarray(feats.material_id)[np.asarray(feats.split) == args.only_split].tolist())
+        paths = [p for p in paths if any(m in wanted for m, _ in _rows(p))]
     start, total = time.process_time(), 0
-    for path in sorted(frames_dir.glob("chunk-*.pkl")):
+    for path in paths:
         total += combine_chunk(path, Path(args.out))
     log.info("combined %d materials, %.3f CPU-s each", total, (time.process_time() - start) / max(total, 1))
     return 0

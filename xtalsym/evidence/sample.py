@@ -55,6 +55,31 @@ DECIDE_LOG_ODDS = 5.0  # ≈ 99.3 % posterior under a uniform prior over classes
 NODE_TOLERANCE_PX = 1.5
 SPURIOUS_SPOT = 0.02
 PRUNE_METRIC_NATS = 200.0
+# Sub-threshold intensity at an empty node (group_loglik only; the class likelihoods and the
+# calibrated decision keep "spot / no spot"): a node of a group's zone lattice that holds no spot but
+# lies within MEASURED_TOLERANCE_PX of a node of the frame's measured half-grid
+# (FrameEvidence.nodes_half: the nodes and half-nodes of the zone's own lattice) is scored by that
+# integrated intensity Î (floored at 0, capped at the detection threshold: no spot was found there)
+# instead of by P(no spot). Relative to the Wilson mean Σ at its |q|:
+# - absent: a mixture of exponentials, (mean, share) in ABSENT_LEAK, the means times LEAK_SCALE. The
+#   shares are the EM fit to the validation frames' half-nodes below the threshold
+#   (benchmarks/evidence_leak.py: a true extinction of a noise-free kinematic frame reads exactly 0
+#   about half the time, else side lobes and the rods of other layers crossing the plane, up to
+#   ~0.1 Σ); LEAK_SCALE, chosen on validation (1 … 64), widens them 16-fold: an absent node of a
+#   group's lattice lies among strong reflections and crossing rods and leaks more than the average
+#   half-node. In effect (noise-free frames) a node reading exactly 0 costs "allowed" 5.8 nats, one
+#   reading 0.01 / 0.02 / 0.05 Σ 1.6 / 1.2 / 0.8 nats (a nearly extinct sublattice: heavy atoms
+#   obeying a glide the whole structure breaks), where P(no spot) costs ~4 at the median threshold;
+# - allowed: Wilson's Exp(Σ) (WEAK_SHARE > 0 adds weak reflections Exp(WEAK_MEAN · Σ): no better on
+#   validation, 0);
+# every component ⊗ N(0, σ² + (MEASURED_FLOOR · Σ)²), σ the node's noise (background MAD, Poisson for
+# count frames). Choice and measurements: docs/RESULTS.md, issue 15, session 6, s6weak.
+ABSENT_LEAK = ((1e-4, 0.4992), (1e-3, 0.0494), (1e-2, 0.4102), (1e-1, 0.0412))
+LEAK_SCALE = 16.0
+WEAK_SHARE = 0.0
+WEAK_MEAN = 0.01
+MEASURED_FLOOR = 1e-5
+MEASURED_TOLERANCE_PX = 1.0
 # A monoclinic cell whose β is this close to 90° is scored in zone z too (zonerules.PSEUDO_ZONE): with
 # 85 Å blocks a tilt of c* from the beam under ~1° keeps the hk0 reflections on the Ewald plane, and
 # the zone then shows the cell's nodes and the 2mm intensity symmetry an orthorhombic cell would.
@@ -177,6 +202,11 @@ class _ZoneData:
     r_max: float
     spot_llr: np.ndarray  # (K,) log p(Î | allowed) − log p(Î | noise)
     empty_llr_fn: object
+    half_inverse: np.ndarray | None = None  # (2, 2): px -> half-grid coordinates of the frame's lattice
+    half_basis: np.ndarray | None = None  # its inverse: the half-grid's basis (rows u/2, v/2) in px
+    half_lookup: np.ndarray | None = None  # (w·w,) half-grid key -> measured node's index, −1 where none
+    half_span: int = 0
+    measured_llr: np.ndarray | None = None  # (len(nodes_half),) _measured_empty_llr
 
 
 def _prepare(ev: FrameEvidence) -> _ZoneData:
@@ -198,7 +228,31 @@ def _prepare(ev: FrameEvidence) -> _ZoneData:
         sc = ev.scale_at(q_nodes)
         return stats.log_below_ratio(threshold, stats.total_sigma(noise, sc), sc)
 
-    return _ZoneData(ev, points, ev.q_min / ev.q_per_pixel, ev.q_max / ev.q_per_pixel, spot_llr, empty_llr)
+    half_inverse, half_basis, lookup, span, measured = None, None, None, 0, None
+    if ev.basis is not None and len(ev.nodes_half):
+        measured = _measured_empty_llr(ev)
+        half_basis = ev.basis / ev.q_per_pixel / 2.0
+        half_inverse = np.linalg.inv(half_basis)
+        span = int(np.abs(ev.nodes_half).max()) + 1
+        width = 2 * span + 1
+        lookup = np.full(width * width, -1, np.int64)
+        lookup[(ev.nodes_half[:, 0] + span) * width + ev.nodes_half[:, 1] + span] = np.arange(len(ev.nodes_half))
+    return _ZoneData(ev, points, ev.q_min / ev.q_per_pixel, ev.q_max / ev.q_per_pixel, spot_llr, empty_llr,
+                     half_inverse, half_basis, lookup, span, measured)
+
+
+def _measured_empty_llr(ev: FrameEvidence) -> np.ndarray:
+    """Per measured node of the frame (nodes_half), its score as an empty node:
+    log p(Î | allowed) − log p(Î | absent), Î in [0, detection threshold]."""
+    scale = ev.scale_at(ev.nodes_q)
+    sig = np.sqrt(ev.nodes_sigma ** 2 + (MEASURED_FLOOR * scale) ** 2) + 1e-300
+    value = np.minimum(np.maximum(ev.nodes_intensity, 0.0), ev.threshold)
+    absent = np.logaddexp.reduce([math.log(w) + stats.log_allowed(value, sig, LEAK_SCALE * k * scale) for k, w in ABSENT_LEAK])
+    allowed = stats.log_allowed(value, sig, scale)
+    if WEAK_SHARE > 0:
+        allowed = np.logaddexp(math.log1p(-WEAK_SHARE) + allowed,
+                               math.log(WEAK_SHARE) + stats.log_allowed(value, sig, WEAK_MEAN * scale))
+    return allowed - absent
 
 
 MAX_NODE_SPAN = 200  # |m|, |n| bound of the node enumeration (a lattice finer than 0.6 px is no lattice)
@@ -213,6 +267,9 @@ class _NodeSets:
     n: np.ndarray
     score: np.ndarray  # if allowed, relative to "nothing there"; an absent node scores 0
     bounds: np.ndarray  # (k + 1,)
+    # group_loglik's score minus ``score``: an empty node's measured sub-threshold intensity
+    # (_measured_empty_llr) in place of P(no spot); 0 elsewhere
+    delta: np.ndarray | None = None
 
 
 def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
@@ -255,6 +312,7 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
     # have bit-identical radii: score each distinct radius once
     radii, back = np.unique(r, return_inverse=True)
     score = zd.empty_llr_fn(radii * zd.frame.q_per_pixel)[back]
+    spotted = np.zeros(len(mm), bool)
     if len(zd.points) and len(mm):
         frac = zd.points[None] @ binv  # (k, K, 2)
         idx = np.rint(frac).astype(np.int64)
@@ -272,8 +330,24 @@ def _node_scores(zd: _ZoneData, bases_px: list[np.ndarray]) -> _NodeSets:
             if hit.any():
                 best = np.full(len(mm), -np.inf)
                 np.maximum.at(best, at[hit], zd.spot_llr[spot[hit]])  # the brightest spot of a node
-                score = np.where(np.isfinite(best), best, score)
-    return _NodeSets(mm, nn, score, np.searchsorted(node_set, np.arange(k + 1)))
+                spotted = np.isfinite(best)
+                score = np.where(spotted, best, score)
+    delta = np.zeros(len(mm))
+    if zd.half_lookup is not None and len(mm):
+        # empty nodes within MEASURED_TOLERANCE_PX of a node of the frame's measured half-grid
+        # take its sub-threshold intensity; the others keep P(no spot)
+        empty = np.flatnonzero(~spotted)
+        frac = pos[keep[empty]] @ zd.half_inverse
+        idx = np.rint(frac)
+        off = (frac - idx) @ zd.half_basis
+        span = zd.half_span
+        ok = (off[:, 0] ** 2 + off[:, 1] ** 2 <= MEASURED_TOLERANCE_PX ** 2) & (np.abs(idx).max(axis=1) < span)
+        idx = idx[ok].astype(np.int64)
+        where = zd.half_lookup[(idx[:, 0] + span) * (2 * span + 1) + idx[:, 1] + span]
+        got = where >= 0
+        target = empty[ok][got]
+        delta[target] = zd.measured_llr[where[got]] - score[target]
+    return _NodeSets(mm, nn, score, np.searchsorted(node_set, np.arange(k + 1)), delta)
 
 
 @functools.cache
@@ -537,18 +611,32 @@ def _rule_sums(rule_set: zonerules.RuleSet, codes, node_set, slots: np.ndarray, 
     node = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count - lo, count)
     rule = rules[pair]
     allowed = ~(rule_set.plane_table[rule, codes[0][node]] | rule_set.line_table[rule, codes[1][node]])
-    values = node_set.score[node[allowed]]
-    ends = np.cumsum(np.bincount(pair[allowed], minlength=len(slots))).tolist()
+    kept = node[allowed]
+    kept_pair = pair[allowed]
+    values = node_set.score[kept]
+    ends = np.cumsum(np.bincount(kept_pair, minlength=len(slots))).tolist()
     add = np.add.reduce
-    return np.array([add(values[s:e]) for s, e in zip([0] + ends[:-1], ends)], float)
+    plain = np.array([add(values[s:e]) for s, e in zip([0] + ends[:-1], ends)], float)
+    if node_set.delta is None:
+        return plain, plain
+    # group_loglik's sums: plus the measured empty nodes' changes (bincount adds in node order, so
+    # pairs with the same allowed nodes keep equal sums)
+    return plain, plain + np.bincount(kept_pair, weights=node_set.delta[kept], minlength=len(slots))
 
 
-def _rule_sums_reference(rule_set: zonerules.RuleSet, codes, node_set, slot: int, rules: np.ndarray) -> np.ndarray:
-    """:func:`_rule_sums` for one slot, a rule at a time (what it replaced; tests pin the two equal)."""
+def _rule_sums_reference(rule_set: zonerules.RuleSet, codes, node_set, slot: int, rules: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_rule_sums` for one slot, a rule at a time (what it replaced; tests pin the two equal):
+    the plain sums, and those plus the measured empty nodes' changes added one after another."""
     lo, hi = node_set.bounds[slot], node_set.bounds[slot + 1]
     absent = rule_set.absent_at((codes[0][lo:hi], codes[1][lo:hi]), rules)
     score = node_set.score[lo:hi]
-    return np.array([float(score[~row].sum()) for row in absent])
+    plain = np.array([float(score[~row].sum()) for row in absent])
+    if node_set.delta is None:
+        return plain, plain
+    delta = node_set.delta[lo:hi]
+    added = np.array([float(np.cumsum(delta[~row])[-1]) if (~row).any() else 0.0 for row in absent])
+    return plain, plain + added
 
 
 @functools.cache
@@ -690,16 +778,23 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         spots = np.bincount(seg[fresh & (ns.score[node] > 0)], minlength=len(slot))
         # too few spots on a multiple's new nodes to speak of weak rows: scored as they are
         lift = node[fresh & (spots >= WEAK_ROW_SPOTS)[seg]]
+        if ns.delta is not None:  # the measured score of a lifted node: max(score + delta, 0) as well
+            measured = np.maximum(ns.score[lift] + ns.delta[lift], 0.0)
         ns.score[lift] = np.maximum(ns.score[lift], 0.0)
+        if ns.delta is not None:
+            ns.delta[lift] = measured - ns.score[lift]
     own = {a: float(ns.score[ns.bounds[0]:ns.bounds[1]].sum()) for a, ns in node_sets.items()}
+    own_m = {a: own[a] + float(ns.delta[ns.bounds[0]:ns.bounds[1]].sum()) if ns.delta is not None else own[a]
+             for a, ns in node_sets.items()}
     pz = zonerules.PSEUDO_ZONE["monoclinic"][0]
-    sums = {}  # key -> every wanted sum, in the order columns() handed out
+    sums, sums_m = {}, {}  # key -> every wanted sum, in the order columns() handed out (plain, group_loglik's)
     for key, keys in wanted.items():
         if keys:
             rule_set, ns = (tables.pseudo_rules, node_sets[pz]) if key == PSEUDO_SLOT else (tables.rule_sets[key], node_sets[key])
             distinct, back = np.unique(np.concatenate(keys), return_inverse=True)
             slots, rules = np.divmod(distinct, n_rules[key])
-            sums[key] = _rule_sums(rule_set, rule_set.codes(ns.m, ns.n), ns, slots, rules)[back]
+            plain_sums, measured_sums = _rule_sums(rule_set, rule_set.codes(ns.m, ns.n), ns, slots, rules)
+            sums[key], sums_m[key] = plain_sums[back], measured_sums[back]
     sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
     pseudo_sym = None
     if wanted[PSEUDO_SLOT]:
@@ -707,11 +802,13 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
     for batch, fit, scored, rescue in plan:
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice
-            out[index] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
-            plain[index] = out[index]
+            plain[index] = fit.loglik + sum(own.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own) - 1, 0)
+            if not rescue:
+                out[index] = fit.loglik + sum(own_m.values()) + cellfit.OWN_LATTICE_OCCAM * max(len(own_m) - 1, 0)
             continue
         true_zones, choices = scored
         other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
+        other_m = sum(own_m[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
         sym_term = 0.0
         for a in true_zones:
             sym_term = sym_term + sym[a][batch.ops_index[a]]
@@ -719,26 +816,31 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         best_pseudo = np.full(len(index), -np.inf)
         for slots, cols, larger in choices:
             total = np.zeros(len(index))
-            for a in true_zones:
+            total_m = np.zeros(len(index))  # group_loglik's: measured empty nodes
+            for a in true_zones:  # (a cell multiple enters group_loglik alone: no plain total)
                 if a not in slots:  # rank < 2: not a zone plane of this class
-                    total = total + own[a]
+                    if not larger:
+                        total = total + own[a]
+                    total_m = total_m + own_m[a]
                 else:
                     start, stop, pick = cols[a]
-                    total = total + sums[a][start:stop][pick]
+                    if not larger:
+                        total = total + sums[a][start:stop][pick]
+                    total_m = total_m + sums_m[a][start:stop][pick]
             if larger:  # a cell multiple: group_loglik only, the decision keeps the zones' cell
-                total = total - CELL_MULTIPLE_NATS
+                total_m = total_m - CELL_MULTIPLE_NATS
             else:
                 best = np.maximum(best, total)
             if PSEUDO_SLOT in slots:  # z as a zone of this β ≈ 90° cell, where that explains z better
                 start, stop, pick = cols[PSEUDO_SLOT]
-                zone = sums[PSEUDO_SLOT][start:stop][pick] + pseudo_sym[batch.pseudo_ops_index]
-                total = total + np.maximum(zone - (own[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
-            best_pseudo = np.maximum(best_pseudo, total)
+                zone = sums_m[PSEUDO_SLOT][start:stop][pick] + pseudo_sym[batch.pseudo_ops_index]
+                total_m = total_m + np.maximum(zone - (own_m[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
+            best_pseudo = np.maximum(best_pseudo, total_m)
         if rescue:  # a class the zones' own fit prunes: group_loglik only
-            out[index] = np.maximum(out[index], fit.loglik + best_pseudo + other + sym_term)
+            out[index] = np.maximum(out[index], fit.loglik + best_pseudo + other_m + sym_term)
             continue
         plain[index] = fit.loglik + best + other + sym_term
-        out[index] = fit.loglik + best_pseudo + other + sym_term
+        out[index] = fit.loglik + best_pseudo + other_m + sym_term
         for i in index:
             scales[i] = batch.divisors
     return out, plain, scales
