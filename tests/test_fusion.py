@@ -454,8 +454,9 @@ def test_the_daemon_fuses_with_the_off_axis_score_of_its_evidence():
     engine = fusion.Fusion(make_params(off_axis_above=0.2))
     strong = logits_for(194, strength=30.0).sum(axis=0)[None]
 
-    class Request:
+    class Request:  # what fuse_batch reads of xtalsym.daemon.assemble.Request
         axes = ("x", "y", "z")
+        evidence_skipped = None
 
     ev = {"group_loglik": [0.0] * 230, "decided": True, "warnings": []}
     out_on = fuse_batch(engine, [Request()], strong, np.ones((1, 3), bool), [ev | {"off_axis": 0.05}])[0]
