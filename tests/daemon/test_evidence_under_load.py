@@ -1,4 +1,4 @@
-"""``pipeline.evidence_under_load``: at a backlog the daemon classifies new samples without
+"""``pipeline.evidence_under_load``: when it is behind the daemon classifies new samples without
 symmetry evidence instead of falling behind (issue 12: the evidence costs about as much CPU per
 frame as the rest of the daemon). The decision is per sample, made at its first frame; a shed
 sample's messages carry no evidence, say why in the fusion's warnings, and are counted
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xtalsym.daemon.overload import SHED_REASON, EvidencePlan
+from xtalsym.daemon.overload import SHED_REASON, EvidencePlan, Waiting
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -22,21 +22,34 @@ from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector,
 
 
 def test_the_plan_decides_once_per_sample_and_forgets_at_its_end():
-    plan = EvidencePlan(policy="shed", backlog=2, max_samples=3)
+    plan = EvidencePlan(policy="shed", max_lag=0.5, max_samples=3)
     a, b = (1, "a"), (1, "b")
-    assert plan.wants_evidence(a, frames_waiting=2, combines_waiting=2) == (True, False)
-    # its later frames keep the sample's decision, whatever the backlog then
-    assert plan.wants_evidence(a, frames_waiting=50, combines_waiting=50) == (True, False)
-    assert plan.wants_evidence(b, frames_waiting=3, combines_waiting=0) == (False, True)  # frames behind
-    assert plan.wants_evidence(b, frames_waiting=0, combines_waiting=0) == (False, False)  # shed once
-    assert plan.wants_evidence((1, "c"), frames_waiting=0, combines_waiting=3) == (False, True)  # combines behind
+    assert plan.wants_evidence(a, behind_seconds=0.5) == (True, False)
+    # its later frames keep the sample's decision, however far behind the daemon is then
+    assert plan.wants_evidence(a, behind_seconds=50.0) == (True, False)
+    assert plan.wants_evidence(b, behind_seconds=0.51) == (False, True)
+    assert plan.wants_evidence(b, behind_seconds=0.0) == (False, False)  # shed once, counted once
     plan.forget(b)  # b's final request was made: a new sample of that key decides afresh
-    assert plan.wants_evidence(b, frames_waiting=0, combines_waiting=0) == (True, False)
-    plan.wants_evidence((1, "d"), frames_waiting=0, combines_waiting=0)
+    assert plan.wants_evidence(b, behind_seconds=0.0) == (True, False)
+    plan.wants_evidence((1, "c"), behind_seconds=0.0)
+    plan.wants_evidence((1, "d"), behind_seconds=0.0)
     assert len(plan) == 3  # bounded: the oldest decision (a) went first
-    assert plan.wants_evidence(a, frames_waiting=9, combines_waiting=0) == (False, True)
-    keep = EvidencePlan(policy="keep", backlog=0, max_samples=10)
-    assert keep.wants_evidence(a, frames_waiting=10**6, combines_waiting=10**6) == (True, False)
+    assert plan.wants_evidence(a, behind_seconds=9.0) == (False, True)
+    keep = EvidencePlan(policy="keep", max_lag=0.0, max_samples=10)
+    assert keep.wants_evidence(a, behind_seconds=1e6) == (True, False)
+
+
+def test_waiting_is_the_age_of_the_oldest_item():
+    waiting = Waiting()
+    assert waiting.oldest_age(100.0) == 0.0
+    waiting.add("f1", 90.0)
+    waiting.add("f2", 95.0)
+    assert waiting.oldest_age(100.0) == 10.0
+    waiting.discard("f1")
+    assert waiting.oldest_age(100.0) == 5.0
+    waiting.discard("f2")
+    waiting.discard("f2")  # twice: no error
+    assert waiting.oldest_age(100.0) == 0.0
 
 
 def fusion_params(classes) -> fusion.FusionParams:
@@ -44,10 +57,15 @@ def fusion_params(classes) -> fusion.FusionParams:
     plain = {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -4.0, "prior": 0.5}
     with_evidence = plain | {"evidence": 0.3, "evidence_top": 1.0, "evidence_8": 0.5}
     return fusion.FusionParams(
-        classes=list(classes), prior_counts=np.ones(230), weights={1: plain, 2: with_evidence, 3: with_evidence},
-        temperature={1: 1.0, 2: 1.3, 3: 1.0}, weights_no_evidence={k: plain for k in (1, 2, 3)},
-        temperature_no_evidence={1: 1.0, 2: 1.0, 3: 1.0}, sets=[[g] for g in range(1, 231)],
-        bravais=[symmetry.bravais_lattice(g) for g in range(1, 231)])
+        classes=list(classes),
+        prior_counts=np.ones(230),
+        weights={1: plain, 2: with_evidence, 3: with_evidence},
+        temperature={1: 1.0, 2: 1.3, 3: 1.0},
+        weights_no_evidence={k: plain for k in (1, 2, 3)},
+        temperature_no_evidence={1: 1.0, 2: 1.0, 3: 1.0},
+        sets=[[g] for g in range(1, 231)],
+        bravais=[symmetry.bravais_lattice(g) for g in range(1, 231)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +101,13 @@ def run_burst(components, **pipeline) -> tuple[list[dict], dict]:
 
 
 def test_a_backlog_sheds_whole_samples_and_says_so(fused_components):
-    messages, snapshot = run_burst(fused_components, evidence_under_load="shed", evidence_backlog=0)
+    messages, snapshot = run_burst(fused_components, evidence_under_load="shed", evidence_max_lag_seconds=0.0)
     assert snapshot["bad_frames"] == {}, snapshot["bad_frames"]  # nothing lost
     finals = [m for m in messages if m["final"]]
     assert len(finals) == 8 and all(m["status"] == "complete" for m in finals)
     shed = [m for m in finals if m["evidence"] is None]
     kept = [m for m in finals if m["evidence"] is not None]
-    # the first sample finds the workers idle; with backlog 0 a later one finds frames waiting
+    # the first sample finds nothing waiting; with max lag 0 a later one finds sample 1's frames waiting
     assert kept and shed, [m["sample_id"] for m in shed]
     assert snapshot["counts"]["evidence_shed"] == len(shed)
     for m in shed:
@@ -105,7 +123,7 @@ def test_a_backlog_sheds_whole_samples_and_says_so(fused_components):
 
 
 def test_keep_measures_every_sample_whatever_the_backlog(fused_components):
-    messages, snapshot = run_burst(fused_components, evidence_under_load="keep", evidence_backlog=0)
+    messages, snapshot = run_burst(fused_components, evidence_under_load="keep", evidence_max_lag_seconds=0.0)
     finals = [m for m in messages if m["final"]]
     assert len(finals) == 8 and snapshot["counts"].get("evidence_shed", 0) == 0
     assert all(m["evidence"] is not None and m["fusion"]["evidence_used"] for m in finals)

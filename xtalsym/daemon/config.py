@@ -161,11 +161,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),
         # measure the symmetry evidence of every frame (workers) and publish it per sample
         "evidence": (True, _bool),
-        # at a backlog (more than evidence_backlog frames waiting for the workers or the inference
-        # thread, or requests for the combine thread) a new sample goes without evidence ("shed",
-        # said in its messages and counted evidence_shed) so that the daemon keeps up; "keep": never
+        # more than evidence_max_lag_seconds behind (the oldest frame not yet assembled, or request
+        # waiting for the combine thread, arrived that long ago), a new sample goes without evidence
+        # ("shed", said in its messages and counted evidence_shed) so that the daemon keeps up; "keep": never
         "evidence_under_load": ("shed", _choice("shed", "keep")),
-        "evidence_backlog": (8, _nonneg_int),
+        "evidence_max_lag_seconds": (1.0, _nonneg_num),
         # a batch's open-set match, fusion and messages on a thread of their own, while the
         # inference thread runs the next batch's network (false: all on the inference thread)
         "publish_thread": (True, _bool),

@@ -77,28 +77,30 @@ class EvidencePlan:
 
     The evidence costs about as much CPU per frame as everything else together (docs/RESULTS.md,
     issue 12), so at a rate between the evidence-on and the evidence-off capacity a daemon that
-    measures it for every sample falls behind and loses frames (``drop_oldest``) or blocks the
-    detector (``block``). ``"shed"``: a sample whose first frame finds more than ``backlog`` frames
-    waiting for the workers or the inference thread, or more than ``backlog`` requests waiting for
-    the combine thread, is classified without evidence (all its frames: its zones are combined
-    together or not at all); its messages say so. ``"keep"``: every sample gets evidence, whatever
-    the backlog. The decision is made once per sample, by the ingest thread, and forgotten when
-    the sample's final request is made (a later sample of the same key decides afresh)."""
+    measures it for every sample falls further and further behind, and then loses frames
+    (``drop_oldest``) or blocks the detector (``block``). ``"shed"``: a sample whose first frame
+    finds the daemon more than ``max_lag`` seconds behind — the oldest frame not yet assembled, or
+    the oldest request waiting for the combine thread, arrived that long ago — is classified
+    without evidence (all its frames: its zones are combined together or not at all); its messages
+    say so. A burst shorter than ``max_lag`` is absorbed; under a sustained overload the daemon
+    stays about ``max_lag`` behind. ``"keep"``: every sample gets evidence. The decision is made
+    once per sample, by the ingest thread, and forgotten when the sample's final request is made
+    (a later sample of the same key decides afresh)."""
 
-    def __init__(self, *, policy: str, backlog: int, max_samples: int) -> None:
+    def __init__(self, *, policy: str, max_lag: float, max_samples: int) -> None:
         self.policy = policy
-        self.backlog = backlog
+        self.max_lag = max_lag
         self._max = max_samples  # a bound on the decisions held: samples that never end (lost frames)
         self._decided: dict[tuple[int, str], bool] = {}  # sample key -> evidence on; oldest first
         self._lock = threading.Lock()  # ingest decides, inference forgets
 
-    def wants_evidence(self, key: tuple[int, str], *, frames_waiting: int, combines_waiting: int) -> tuple[bool, bool]:
+    def wants_evidence(self, key: tuple[int, str], *, behind_seconds: float) -> tuple[bool, bool]:
         """(evidence on for this frame's sample, whether this call shed a new sample)."""
         with self._lock:
             on = self._decided.get(key)
             if on is not None:
                 return on, False
-            on = self.policy == "keep" or (frames_waiting <= self.backlog and combines_waiting <= self.backlog)
+            on = self.policy == "keep" or behind_seconds <= self.max_lag
             self._decided[key] = on
             while len(self._decided) > self._max:
                 del self._decided[next(iter(self._decided))]
@@ -111,3 +113,25 @@ class EvidencePlan:
 
     def __len__(self) -> int:
         return len(self._decided)
+
+
+class Waiting:
+    """Arrival times of what is waiting, oldest first, across threads: :meth:`oldest_age` is how
+    far behind the daemon is at that stage."""
+
+    def __init__(self) -> None:
+        self._since: dict[object, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: object, since: float) -> None:
+        with self._lock:
+            self._since[key] = since
+
+    def discard(self, key: object) -> None:
+        with self._lock:
+            self._since.pop(key, None)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds since the oldest waiting item arrived (0 when nothing waits)."""
+        with self._lock:
+            return now - min(self._since.values()) if self._since else 0.0

@@ -61,7 +61,7 @@ from xtalsym.daemon.infer import (
 )
 from xtalsym.daemon.ingest import Accepted, Dropped, SeriesTracker, open_frame_socket
 from xtalsym.daemon.metrics import Metrics
-from xtalsym.daemon.overload import SHED_REASON, EvidencePlan, WorkerSlots
+from xtalsym.daemon.overload import SHED_REASON, EvidencePlan, Waiting, WorkerSlots
 from xtalsym.daemon.protocols import BadMessage, decode_parts
 from xtalsym.daemon.publish import Publisher, evidence_partial
 from xtalsym.daemon.result_slots import ResultSlots
@@ -164,8 +164,12 @@ class Pipeline:
         self._results: queue.Queue = queue.Queue()
         self.slots = WorkerSlots(config.pipeline.queue_size)  # pipeline.overload decides when they are full
         self.evidence_plan = EvidencePlan(policy=config.pipeline.evidence_under_load,
-                                          backlog=config.pipeline.evidence_backlog,
+                                          max_lag=config.pipeline.evidence_max_lag_seconds,
                                           max_samples=config.assembly.max_open_samples + config.pipeline.queue_size)
+        # arrival times of the frames handed to the workers and not yet assembled, and of the
+        # requests waiting for the combine thread: how far behind the daemon is (EvidencePlan)
+        self._frames_waiting = Waiting()
+        self._combines_waiting = Waiting()
         self._shed_warned = -float("inf")  # time.monotonic() of the last "samples go without evidence" warning
         self.side_files = SeriesSideFiles()  # per-series geometry, mask and flatfield files for the workers
         # frames handed to the workers whose result the inference thread has not taken yet, per
@@ -343,7 +347,7 @@ class Pipeline:
             self.model_info = {**self.model_info, **model_info(bundle, backend, index, self.fusion)}
             self.config = config
             self.evidence_plan.policy = config.pipeline.evidence_under_load
-            self.evidence_plan.backlog = config.pipeline.evidence_backlog
+            self.evidence_plan.max_lag = config.pipeline.evidence_max_lag_seconds
             future.set_result(old)
 
     # ---- ingest thread
@@ -478,6 +482,7 @@ class Pipeline:
         if slot is not None:
             job = dataclasses.replace(job, result_slot=self.result_slots.job_slot(slot))
         self._pending(meta, +1)  # before the worker can finish it: the inference thread decrements
+        self._frames_waiting.add(id(meta), received)
         try:
             try:
                 future = self.pool.submit(shape_timed, job)
@@ -486,6 +491,7 @@ class Pipeline:
                 future = self.pool.submit(shape_timed, job)
         except BaseException:
             self._pending(meta, -1)
+            self._frames_waiting.discard(id(meta))
             self.slots.release()
             if slot is not None:
                 self.result_slots.release(slot)
@@ -495,21 +501,20 @@ class Pipeline:
 
     def _sample_gets_evidence(self, key: tuple[int, str]) -> bool:
         """Whether this frame's sample gets symmetry evidence (:class:`EvidencePlan`): decided at its
-        first frame from the backlog then (frames handed to the workers and not yet assembled,
-        requests on the combine thread); a shed sample is counted ``evidence_shed``."""
-        frames_waiting = len(self.slots) + self._results.qsize()
-        on, shed = self.evidence_plan.wants_evidence(key, frames_waiting=frames_waiting,
-                                                     combines_waiting=self._combining)
+        first frame from how far behind the daemon is then (the oldest frame not yet assembled, the
+        oldest request waiting for the combine thread); a shed sample is counted ``evidence_shed``."""
+        now = time.time()
+        frames, combines = self._frames_waiting.oldest_age(now), self._combines_waiting.oldest_age(now)
+        on, shed = self.evidence_plan.wants_evidence(key, behind_seconds=max(frames, combines))
         if shed:
             self.metrics.count("evidence_shed")
-            now = time.monotonic()
-            if now - self._shed_warned >= 60.0:  # once a minute at most: a fast scan sheds many samples
-                self._shed_warned = now
-                log.warning("the daemon is behind (%d frames waiting for the workers or the inference thread, %d "
-                            "requests for the combine thread; evidence_backlog = %d): new samples go without symmetry "
-                            "evidence until it catches up (counted evidence_shed; pipeline.evidence_under_load = "
-                            "\"keep\" measures it for every sample)", frames_waiting, self._combining,
-                            self.evidence_plan.backlog)
+            if time.monotonic() - self._shed_warned >= 60.0:  # once a minute at most: a fast scan sheds many
+                self._shed_warned = time.monotonic()
+                log.warning("the daemon is behind (the oldest frame waiting arrived %.2f s ago, the oldest request for "
+                            "the combine thread %.2f s ago; evidence_max_lag_seconds = %g): new samples go without "
+                            "symmetry evidence until it catches up (counted evidence_shed; "
+                            "pipeline.evidence_under_load = \"keep\" measures it for every sample)",
+                            frames, combines, self.evidence_plan.max_lag)
         return on
 
     def _pending(self, meta: dict, n: int) -> None:
@@ -658,6 +663,7 @@ class Pipeline:
                 self._newest_combine[key] = previous
             return False
         self._combining += 1
+        self._combines_waiting.add(ticket, time.time())
         future.add_done_callback(lambda f, r=request, t=ticket: self._results.put(_Combined(r, f, t)))
         return True
 
@@ -672,6 +678,7 @@ class Pipeline:
     def _took_combined(self, item: _Combined) -> Request:
         """The request of a finished combine, its evidence (or the error) on it."""
         self._combining -= 1
+        self._combines_waiting.discard(item.ticket)
         request = item.request
         if self._newest_combine.get(request.trigger.key) == item.ticket:
             del self._newest_combine[request.trigger.key]
@@ -715,6 +722,7 @@ class Pipeline:
     def _take_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
         self._pending(meta, -1)
+        self._frames_waiting.discard(id(meta))
         overloaded = self.slots.cancelled_for_newer(done.future)
         if overloaded:  # drop_oldest cancelled it; a newer frame has its slot
             self.metrics.bad_frame("overload", f"image {meta['image_id']} of series {meta['series_id']} dropped "
