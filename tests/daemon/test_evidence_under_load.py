@@ -22,29 +22,29 @@ from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector,
 
 
 def test_the_plan_decides_once_per_sample_and_forgets_at_its_end():
-    plan = EvidencePlan(policy="shed", max_lag=0.5, max_samples=3)
+    plan = EvidencePlan(policy="shed", max_frames=4, max_lag=0.5, max_samples=3)
     a, b = (1, "a"), (1, "b")
-    assert plan.wants_evidence(a, behind_seconds=0.5) == (True, False)
+    assert plan.wants_evidence(a, frames_waiting=4, combine_lag=0.5) == (True, False)
     # its later frames keep the sample's decision, however far behind the daemon is then
-    assert plan.wants_evidence(a, behind_seconds=50.0) == (True, False)
-    assert plan.wants_evidence(b, behind_seconds=0.51) == (False, True)
-    assert plan.wants_evidence(b, behind_seconds=0.0) == (False, False)  # shed once, counted once
+    assert plan.wants_evidence(a, frames_waiting=60, combine_lag=50.0) == (True, False)
+    assert plan.wants_evidence(b, frames_waiting=5, combine_lag=0.0) == (False, True)  # the frame queue filling
+    assert plan.wants_evidence(b, frames_waiting=0, combine_lag=0.0) == (False, False)  # shed once, counted once
+    assert plan.wants_evidence((1, "c"), frames_waiting=0, combine_lag=0.51) == (False, True)  # combines behind
     plan.forget(b)  # b's final request was made: a new sample of that key decides afresh
-    assert plan.wants_evidence(b, behind_seconds=0.0) == (True, False)
-    plan.wants_evidence((1, "c"), behind_seconds=0.0)
-    plan.wants_evidence((1, "d"), behind_seconds=0.0)
-    assert len(plan) == 3  # bounded: the oldest decision (a) went first
-    assert plan.wants_evidence(a, behind_seconds=9.0) == (False, True)
-    keep = EvidencePlan(policy="keep", max_lag=0.0, max_samples=10)
-    assert keep.wants_evidence(a, behind_seconds=1e6) == (True, False)
+    assert plan.wants_evidence(b, frames_waiting=0, combine_lag=0.0) == (True, False)
+    plan.wants_evidence((1, "d"), frames_waiting=0, combine_lag=0.0)
+    assert len(plan) == 3  # bounded: the oldest decisions (a, c) went first
+    assert plan.wants_evidence(a, frames_waiting=9, combine_lag=0.0) == (False, True)
+    keep = EvidencePlan(policy="keep", max_frames=0, max_lag=0.0, max_samples=10)
+    assert keep.wants_evidence(a, frames_waiting=10**6, combine_lag=1e6) == (True, False)
 
 
 def test_waiting_is_the_age_of_the_oldest_item():
     waiting = Waiting()
-    assert waiting.oldest_age(100.0) == 0.0
+    assert waiting.oldest_age(100.0) == 0.0 and len(waiting) == 0
     waiting.add("f1", 90.0)
     waiting.add("f2", 95.0)
-    assert waiting.oldest_age(100.0) == 10.0
+    assert waiting.oldest_age(100.0) == 10.0 and len(waiting) == 2
     waiting.discard("f1")
     assert waiting.oldest_age(100.0) == 5.0
     waiting.discard("f2")
@@ -101,13 +101,13 @@ def run_burst(components, **pipeline) -> tuple[list[dict], dict]:
 
 
 def test_a_backlog_sheds_whole_samples_and_says_so(fused_components):
-    messages, snapshot = run_burst(fused_components, evidence_under_load="shed", evidence_max_lag_seconds=0.0)
+    messages, snapshot = run_burst(fused_components, evidence_under_load="shed", queue_size=2)
     assert snapshot["bad_frames"] == {}, snapshot["bad_frames"]  # nothing lost
     finals = [m for m in messages if m["final"]]
     assert len(finals) == 8 and all(m["status"] == "complete" for m in finals)
     shed = [m for m in finals if m["evidence"] is None]
     kept = [m for m in finals if m["evidence"] is not None]
-    # the first sample finds nothing waiting; with max lag 0 a later one finds sample 1's frames waiting
+    # the first sample finds nothing waiting; with queue_size 2 (shed beyond 1 waiting) a later one finds more
     assert kept and shed, [m["sample_id"] for m in shed]
     assert snapshot["counts"]["evidence_shed"] == len(shed)
     for m in shed:
@@ -123,7 +123,7 @@ def test_a_backlog_sheds_whole_samples_and_says_so(fused_components):
 
 
 def test_keep_measures_every_sample_whatever_the_backlog(fused_components):
-    messages, snapshot = run_burst(fused_components, evidence_under_load="keep", evidence_max_lag_seconds=0.0)
+    messages, snapshot = run_burst(fused_components, evidence_under_load="keep", queue_size=2)
     finals = [m for m in messages if m["final"]]
     assert len(finals) == 8 and snapshot["counts"].get("evidence_shed", 0) == 0
     assert all(m["evidence"] is not None and m["fusion"]["evidence_used"] for m in finals)

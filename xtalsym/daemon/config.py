@@ -161,9 +161,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "overload": ("drop_oldest", _choice("drop_oldest", "drop_new", "block")),
         # measure the symmetry evidence of every frame (workers) and publish it per sample
         "evidence": (True, _bool),
-        # more than evidence_max_lag_seconds behind (the oldest frame not yet assembled, or request
-        # waiting for the combine thread, arrived that long ago), a new sample goes without evidence
-        # ("shed", said in its messages and counted evidence_shed) so that the daemon keeps up; "keep": never
+        # with more than queue_size / 2 frames waiting for the workers or the inference thread, or a
+        # request waiting for the combine thread longer than evidence_max_lag_seconds, a new sample goes
+        # without evidence ("shed", said in its messages and counted evidence_shed) so that the daemon
+        # keeps up instead of dropping or blocking frames; "keep": never
         "evidence_under_load": ("shed", _choice("shed", "keep")),
         "evidence_max_lag_seconds": (1.0, _nonneg_num),
         # a batch's open-set match, fusion and messages on a thread of their own, while the

@@ -79,28 +79,30 @@ class EvidencePlan:
     issue 12), so at a rate between the evidence-on and the evidence-off capacity a daemon that
     measures it for every sample falls further and further behind, and then loses frames
     (``drop_oldest``) or blocks the detector (``block``). ``"shed"``: a sample whose first frame
-    finds the daemon more than ``max_lag`` seconds behind — the oldest frame not yet assembled, or
-    the oldest request waiting for the combine thread, arrived that long ago — is classified
+    finds more than ``max_frames`` frames waiting (handed to the workers and not yet assembled:
+    the queue half full, on its way to a drop or a block), or the oldest request waiting for the
+    combine thread more than ``max_lag`` seconds old (that queue has no bound), is classified
     without evidence (all its frames: its zones are combined together or not at all); its messages
-    say so. A burst shorter than ``max_lag`` is absorbed; under a sustained overload the daemon
-    stays about ``max_lag`` behind. ``"keep"``: every sample gets evidence. The decision is made
+    say so. A burst smaller than that (a series' first frames while the daemon starts) is absorbed.
+    ``"keep"``: every sample gets evidence. The decision is made
     once per sample, by the ingest thread, and forgotten when the sample's final request is made
     (a later sample of the same key decides afresh)."""
 
-    def __init__(self, *, policy: str, max_lag: float, max_samples: int) -> None:
+    def __init__(self, *, policy: str, max_frames: int, max_lag: float, max_samples: int) -> None:
         self.policy = policy
+        self.max_frames = max_frames
         self.max_lag = max_lag
         self._max = max_samples  # a bound on the decisions held: samples that never end (lost frames)
         self._decided: dict[tuple[int, str], bool] = {}  # sample key -> evidence on; oldest first
         self._lock = threading.Lock()  # ingest decides, inference forgets
 
-    def wants_evidence(self, key: tuple[int, str], *, behind_seconds: float) -> tuple[bool, bool]:
+    def wants_evidence(self, key: tuple[int, str], *, frames_waiting: int, combine_lag: float) -> tuple[bool, bool]:
         """(evidence on for this frame's sample, whether this call shed a new sample)."""
         with self._lock:
             on = self._decided.get(key)
             if on is not None:
                 return on, False
-            on = self.policy == "keep" or behind_seconds <= self.max_lag
+            on = self.policy == "keep" or (frames_waiting <= self.max_frames and combine_lag <= self.max_lag)
             self._decided[key] = on
             while len(self._decided) > self._max:
                 del self._decided[next(iter(self._decided))]
@@ -126,6 +128,9 @@ class Waiting:
     def add(self, key: object, since: float) -> None:
         with self._lock:
             self._since[key] = since
+
+    def __len__(self) -> int:
+        return len(self._since)
 
     def discard(self, key: object) -> None:
         with self._lock:

@@ -164,10 +164,11 @@ class Pipeline:
         self._results: queue.Queue = queue.Queue()
         self.slots = WorkerSlots(config.pipeline.queue_size)  # pipeline.overload decides when they are full
         self.evidence_plan = EvidencePlan(policy=config.pipeline.evidence_under_load,
+                                          max_frames=config.pipeline.queue_size // 2,
                                           max_lag=config.pipeline.evidence_max_lag_seconds,
                                           max_samples=config.assembly.max_open_samples + config.pipeline.queue_size)
-        # arrival times of the frames handed to the workers and not yet assembled, and of the
-        # requests waiting for the combine thread: how far behind the daemon is (EvidencePlan)
+        # the frames handed to the workers and not yet assembled, and the requests waiting for the
+        # combine thread (since when): how far behind the daemon is (EvidencePlan)
         self._frames_waiting = Waiting()
         self._combines_waiting = Waiting()
         self._shed_warned = -float("inf")  # time.monotonic() of the last "samples go without evidence" warning
@@ -348,6 +349,7 @@ class Pipeline:
             self.config = config
             self.evidence_plan.policy = config.pipeline.evidence_under_load
             self.evidence_plan.max_lag = config.pipeline.evidence_max_lag_seconds
+            self.evidence_plan.max_frames = config.pipeline.queue_size // 2
             future.set_result(old)
 
     # ---- ingest thread
@@ -501,20 +503,20 @@ class Pipeline:
 
     def _sample_gets_evidence(self, key: tuple[int, str]) -> bool:
         """Whether this frame's sample gets symmetry evidence (:class:`EvidencePlan`): decided at its
-        first frame from how far behind the daemon is then (the oldest frame not yet assembled, the
-        oldest request waiting for the combine thread); a shed sample is counted ``evidence_shed``."""
-        now = time.time()
-        frames, combines = self._frames_waiting.oldest_age(now), self._combines_waiting.oldest_age(now)
-        on, shed = self.evidence_plan.wants_evidence(key, behind_seconds=max(frames, combines))
+        first frame from how far behind the daemon is then (frames not yet assembled, the oldest
+        request waiting for the combine thread); a shed sample is counted ``evidence_shed``."""
+        frames, combines = len(self._frames_waiting), self._combines_waiting.oldest_age(time.time())
+        on, shed = self.evidence_plan.wants_evidence(key, frames_waiting=frames, combine_lag=combines)
         if shed:
             self.metrics.count("evidence_shed")
             if time.monotonic() - self._shed_warned >= 60.0:  # once a minute at most: a fast scan sheds many
                 self._shed_warned = time.monotonic()
-                log.warning("the daemon is behind (the oldest frame waiting arrived %.2f s ago, the oldest request for "
-                            "the combine thread %.2f s ago; evidence_max_lag_seconds = %g): new samples go without "
-                            "symmetry evidence until it catches up (counted evidence_shed; "
-                            "pipeline.evidence_under_load = \"keep\" measures it for every sample)",
-                            frames, combines, self.evidence_plan.max_lag)
+                log.warning("the daemon is behind (%d frames waiting for the workers or the inference thread, of at "
+                            "most %d before new samples go without evidence; the oldest request for the combine thread "
+                            "%.2f s old, evidence_max_lag_seconds = %g): new samples go without symmetry evidence "
+                            "until it catches up (counted evidence_shed; pipeline.evidence_under_load = \"keep\" "
+                            "measures it for every sample)", frames, self.evidence_plan.max_frames, combines,
+                            self.evidence_plan.max_lag)
         return on
 
     def _pending(self, meta: dict, n: int) -> None:
