@@ -6,7 +6,6 @@ sample's messages carry no evidence, say why in the fusion's warnings, and are c
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from xtalsym.daemon.overload import SHED_REASON, EvidencePlan, Waiting
@@ -15,10 +14,9 @@ pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("zmq")
 
-from xtalsym import fusion, symmetry  # noqa: E402
 from xtalsym.daemon.client import format_prediction  # noqa: E402
 from xtalsym.daemon.sim import DetectorSim  # noqa: E402
-from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector, tiny_bundle  # noqa: E402
+from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector  # noqa: E402
 
 
 def test_the_plan_decides_once_per_sample_and_forgets_at_its_end():
@@ -41,47 +39,15 @@ def test_the_plan_decides_once_per_sample_and_forgets_at_its_end():
 
 def test_waiting_is_the_age_of_the_oldest_item():
     waiting = Waiting()
-    assert waiting.oldest_age(100.0) == 0.0 and len(waiting) == 0
+    assert waiting.oldest_age(100.0) == 0.0
     waiting.add("f1", 90.0)
     waiting.add("f2", 95.0)
-    assert waiting.oldest_age(100.0) == 10.0 and len(waiting) == 2
+    assert waiting.oldest_age(100.0) == 10.0
     waiting.discard("f1")
     assert waiting.oldest_age(100.0) == 5.0
     waiting.discard("f2")
     waiting.discard("f2")  # twice: no error
     assert waiting.oldest_age(100.0) == 0.0
-
-
-def fusion_params(classes) -> fusion.FusionParams:
-    """Evidence weighed at 2 and 3 views (as the shipped fusion), other weights without it."""
-    plain = {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -4.0, "prior": 0.5}
-    with_evidence = plain | {"evidence": 0.3, "evidence_top": 1.0, "evidence_8": 0.5}
-    return fusion.FusionParams(
-        classes=list(classes),
-        prior_counts=np.ones(230),
-        weights={1: plain, 2: with_evidence, 3: with_evidence},
-        temperature={1: 1.0, 2: 1.3, 3: 1.0},
-        weights_no_evidence={k: plain for k in (1, 2, 3)},
-        temperature_no_evidence={1: 1.0, 2: 1.0, 3: 1.0},
-        sets=[[g] for g in range(1, 231)],
-        bravais=[symmetry.bravais_lattice(g) for g in range(1, 231)],
-    )
-
-
-@pytest.fixture(scope="module")
-def fused_components(tmp_path_factory):
-    import torch
-
-    from xtalsym.bundle import add_fusion, load_bundle
-    from xtalsym.daemon.config import load_config
-    from xtalsym.daemon.service import load_components
-
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("evidence_under_load")
-    path = tiny_bundle(tmp)
-    add_fusion(path, fusion_params(load_bundle(path).classes).save(tmp / "fusion.json"))
-    cfg = load_config(overrides={"bundle": {"path": str(path), "backend": "onnxruntime", "device": "cpu"}})
-    return load_components(cfg)
 
 
 def burst() -> list:

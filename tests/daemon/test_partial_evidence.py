@@ -17,41 +17,12 @@ pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("zmq")
 
-from xtalsym import fusion, symmetry
 from xtalsym.daemon import pipeline as pipeline_module
 from xtalsym.daemon.infer import classify_batch, evidence_frames
 from xtalsym.daemon.sim import DetectorSim
-from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector, tiny_bundle
+from xtalsym.testing import InProcessDaemon, shipped_structures, small_detector
 
 AXES = ("x", "y", "z")
-
-
-def fusion_params(classes) -> fusion.FusionParams:
-    """Evidence weighed at 2 and 3 views, not at 1 (as a fit where one zone buys nothing), and
-    other weights and temperature without evidence: fusing without it would give another answer."""
-    plain = {f: 0.0 for f in fusion.FEATURES} | {"msdn": 1.0, "outside": -4.0, "prior": 0.5}
-    with_evidence = plain | {"evidence": 0.3, "evidence_top": 1.0, "evidence_8": 0.5}
-    return fusion.FusionParams(
-        classes=list(classes), prior_counts=np.ones(230), weights={1: plain, 2: with_evidence, 3: with_evidence},
-        temperature={1: 1.0, 2: 1.3, 3: 1.0}, weights_no_evidence={k: plain for k in (1, 2, 3)},
-        temperature_no_evidence={1: 1.0, 2: 1.0, 3: 1.0}, sets=[[g] for g in range(1, 231)],
-        bravais=[symmetry.bravais_lattice(g) for g in range(1, 231)])
-
-
-@pytest.fixture(scope="module")
-def fused_components(tmp_path_factory):
-    import torch
-
-    from xtalsym.bundle import add_fusion, load_bundle
-    from xtalsym.daemon.config import load_config
-    from xtalsym.daemon.service import load_components
-
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("partial_evidence")
-    path = tiny_bundle(tmp)
-    add_fusion(path, fusion_params(load_bundle(path).classes).save(tmp / "fusion.json"))
-    cfg = load_config(overrides={"bundle": {"path": str(path), "backend": "onnxruntime", "device": "cpu"}})
-    return load_components(cfg)
 
 
 def offline_prediction(engine, backend, request, size: int) -> dict:

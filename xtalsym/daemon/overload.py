@@ -129,9 +129,6 @@ class Waiting:
         with self._lock:
             self._since[key] = since
 
-    def __len__(self) -> int:
-        return len(self._since)
-
     def discard(self, key: object) -> None:
         with self._lock:
             self._since.pop(key, None)

@@ -167,9 +167,8 @@ class Pipeline:
                                           max_frames=config.pipeline.queue_size // 2,
                                           max_lag=config.pipeline.evidence_max_lag_seconds,
                                           max_samples=config.assembly.max_open_samples + config.pipeline.queue_size)
-        # the frames handed to the workers and not yet assembled, and the requests waiting for the
-        # combine thread (since when): how far behind the daemon is (EvidencePlan)
-        self._frames_waiting = Waiting()
+        # the requests waiting for the combine thread, since when (EvidencePlan; the frames waiting
+        # are the _pending counts)
         self._combines_waiting = Waiting()
         self._shed_warned = -float("inf")  # time.monotonic() of the last "samples go without evidence" warning
         self.side_files = SeriesSideFiles()  # per-series geometry, mask and flatfield files for the workers
@@ -484,7 +483,6 @@ class Pipeline:
         if slot is not None:
             job = dataclasses.replace(job, result_slot=self.result_slots.job_slot(slot))
         self._pending(meta, +1)  # before the worker can finish it: the inference thread decrements
-        self._frames_waiting.add(id(meta), received)
         try:
             try:
                 future = self.pool.submit(shape_timed, job)
@@ -493,7 +491,6 @@ class Pipeline:
                 future = self.pool.submit(shape_timed, job)
         except BaseException:
             self._pending(meta, -1)
-            self._frames_waiting.discard(id(meta))
             self.slots.release()
             if slot is not None:
                 self.result_slots.release(slot)
@@ -505,7 +502,9 @@ class Pipeline:
         """Whether this frame's sample gets symmetry evidence (:class:`EvidencePlan`): decided at its
         first frame from how far behind the daemon is then (frames not yet assembled, the oldest
         request waiting for the combine thread); a shed sample is counted ``evidence_shed``."""
-        frames, combines = len(self._frames_waiting), self._combines_waiting.oldest_age(time.time())
+        with self._pending_lock:  # frames handed to the workers whose result the inference thread has not taken
+            frames = sum(self._pending_series.values())
+        combines = self._combines_waiting.oldest_age(time.time())
         on, shed = self.evidence_plan.wants_evidence(key, frames_waiting=frames, combine_lag=combines)
         if shed:
             self.metrics.count("evidence_shed")
@@ -724,7 +723,6 @@ class Pipeline:
     def _take_view(self, done: _Done) -> list[Request]:
         meta = done.view_meta
         self._pending(meta, -1)
-        self._frames_waiting.discard(id(meta))
         overloaded = self.slots.cancelled_for_newer(done.future)
         if overloaded:  # drop_oldest cancelled it; a newer frame has its slot
             self.metrics.bad_frame("overload", f"image {meta['image_id']} of series {meta['series_id']} dropped "
