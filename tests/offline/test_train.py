@@ -321,3 +321,34 @@ def _check_init_from(config, start, tmp_path):
     with pytest.raises(tr.TrainError, match="init_from: checkpoint .* does not exist"):
         tr.Trainer(tc.from_dict({**config.to_dict(), "init_from": str(tmp_path / "missing.pt")}), tmp_path / "m",
                    resume=False)
+
+
+def test_extra_datasets_join_the_train_and_val_splits(tiny, tmp_path):
+    """extra_datasets (e.g. the same materials off the zone axes beside those on them): the run
+    trains and validates on the union, in order, with one label set; a missing folder is one
+    clear error."""
+    from xtalsym.offline.torch_data import DiffractionDataset
+
+    tilted = tmp_path / "tilted"
+    records, _ = ds.collect_records([structures.shipped_structures_dir()])
+    ds.build_dataset(records, tilted, config=ds.BuildConfig(shard_size=4, split_fractions={"train": 0.5, "val": 0.5},
+                                                           misorientation_deg=0.5), workers=1, progress=False)
+    config = tc.from_dict(_config(tiny, epochs=1, extra_datasets=[str(tilted)]))
+    try:
+        trainer = tr.Trainer(config, tmp_path / "run", resume=False)
+    finally:
+        torch.set_flush_denormal(False)
+    own = DiffractionDataset(tiny, "train", classes=trainer.classes)
+    other = DiffractionDataset(tilted, "train", classes=trainer.classes)
+    assert len(trainer.train_set) == len(own) + len(other) and len(other) > 0
+    assert list(trainer.train_set.labels) == list(own.labels) + list(other.labels)
+    x, y = trainer.train_set[len(own)]
+    x_other, y_other = other[0]
+    assert y == y_other and torch.equal(x, x_other)
+    where = {s["material_id"]: i for i, s in enumerate(other.samples)}
+    shared = [(i, where[s["material_id"]]) for i, s in enumerate(own.samples) if s["material_id"] in where]
+    assert shared and all(not torch.equal(own[i][0], other[j][0]) for i, j in shared)  # the tilt is there
+    assert len(trainer.val_set) == len(DiffractionDataset(tiny, "val", classes=trainer.classes)) + len(
+        DiffractionDataset(tilted, "val", classes=trainer.classes))
+    with pytest.raises(tr.TrainError, match="dataset folder does not exist: .*nowhere"):
+        tr.train(_config(tiny, extra_datasets=[str(tmp_path / "nowhere")]), tmp_path / "bad")

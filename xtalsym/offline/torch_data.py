@@ -78,3 +78,49 @@ class DiffractionDataset(Dataset):
     def class_counts(self) -> np.ndarray:
         """Samples per class, e.g. for inverse-frequency weights against class imbalance."""
         return np.bincount(self.labels, minlength=len(self.classes))
+
+
+class JoinedDataset(Dataset):
+    """Several :class:`DiffractionDataset` s of one label set as one, in order: e.g. the same
+    materials simulated on the zone axes and off them (``simulate dataset --misorientation-deg``),
+    so a model trains on both. ``labels``, ``class_counts`` and ``excluded`` are those of the
+    union; every part must have the same ``classes`` and representation."""
+
+    def __init__(self, parts: Sequence[DiffractionDataset]):
+        if not parts:
+            raise ValueError("JoinedDataset needs at least one dataset")
+        first = parts[0]
+        for part in parts[1:]:
+            if list(part.classes) != list(first.classes):
+                raise ValueError(f"{part.root} has other classes than {first.root}")
+            if part.representation != first.representation:
+                raise ValueError(f"{part.root} gives {part.representation!r}, {first.root} {first.representation!r}")
+        self.parts = list(parts)
+        self.classes = list(first.classes)
+        self.representation = first.representation
+        self.labels = np.concatenate([part.labels for part in self.parts])
+        self.excluded = sum(part.excluded for part in self.parts)
+        self._starts = np.cumsum([0] + [len(part) for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.parts[k][i - int(self._starts[k])]
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.classes))
+
+
+def open_datasets(roots: Sequence[str | Path], split: str, *, representation: str = "shaped",
+                  classes: Sequence[int] | None = None) -> DiffractionDataset | JoinedDataset:
+    """``split`` of the first dataset directory, joined with that split of every further one
+    (which then take the first's classes)."""
+    first = DiffractionDataset(roots[0], split, representation=representation, classes=classes)
+    if len(roots) == 1:
+        return first
+    rest = [DiffractionDataset(root, split, representation=representation, classes=first.classes) for root in roots[1:]]
+    return JoinedDataset([first, *rest])

@@ -387,9 +387,10 @@ def train(config: dict | TrainConfig, out: str | Path, *, resume: bool = False, 
     config = tc.coerce(config)
     if device is not None:
         config = tc.coerce({**config.to_dict(), "device": device})
-    if not Path(config.dataset).is_dir():
-        raise TrainError(f"dataset folder does not exist: {config.dataset} (make one with `xtalsym simulate dataset "
-                         f"--out {config.dataset}`, or set dataset in the config / --set dataset=DIR)")
+    for root in [config.dataset, *config.extra_datasets]:
+        if not Path(root).is_dir():
+            raise TrainError(f"dataset folder does not exist: {root} (make one with `xtalsym simulate dataset "
+                             f"--out {root}`, or set dataset / extra_datasets in the config)")
     out = Path(out)
     try:
         trainer = Trainer(config, out, resume=resume)
@@ -406,7 +407,7 @@ def train(config: dict | TrainConfig, out: str | Path, *, resume: bool = False, 
 class Trainer:
     def __init__(self, config: TrainConfig, out: Path, *, resume: bool):
         from xtalsym import model as model_lib
-        from xtalsym.offline.torch_data import DiffractionDataset
+        from xtalsym.offline.torch_data import open_datasets
 
         self.model_lib = model_lib
         self.out = out
@@ -438,7 +439,8 @@ class Trainer:
         seed_everything(config.seed)
 
         classes = config.classes()
-        self.train_set = DiffractionDataset(config.dataset, config.train_split, representation="shaped", classes=classes)
+        roots = [config.dataset, *config.extra_datasets]
+        self.train_set = open_datasets(roots, config.train_split, representation="shaped", classes=classes)
         # The representation depends on the model: build the model, then re-open if needed.
         self.classes = list(self.train_set.classes)
         if not self.classes:
@@ -452,18 +454,14 @@ class Trainer:
             self._init_from(config.init_from)
         representation = getattr(self.model, "representation", "shaped")
         if representation != "shaped":
-            self.train_set = DiffractionDataset(
-                config.dataset, config.train_split, representation=representation, classes=self.classes
-            )
+            self.train_set = open_datasets(roots, config.train_split, representation=representation, classes=self.classes)
         if len(self.train_set) == 0:
             raise TrainError(
                 f"split {config.train_split!r} of {config.dataset} has no samples of the configured space groups"
             )
         self.val_set = None
         if config.val_split:
-            self.val_set = DiffractionDataset(
-                config.dataset, config.val_split, representation=representation, classes=self.classes
-            )
+            self.val_set = open_datasets(roots, config.val_split, representation=representation, classes=self.classes)
         counts = self.train_set.class_counts()
         self.class_counts = counts
         weights = class_weights(counts, config.imbalance.power)

@@ -29,6 +29,9 @@ Keys (TOML tables in brackets; a dotted name is what ``--set`` takes)::
     log_every        20        steps between progress-bar/log updates
     checkpoint_every_steps 0   also write last.pt every N steps (0: at epoch ends only)
     progress         true      tqdm progress bar (rank 0)
+    extra_datasets   []        more dataset directories whose train and val splits join those of
+                               `dataset` (same label set): e.g. the same materials off the zone
+                               axes (`simulate dataset --misorientation-deg`) beside those on them
     init_from        ""        a checkpoint (a run's best.pt/last.pt, a bundle's model.pt) whose
                                weights start the model: fine-tuning (e.g. on data off the
                                zone axes, `simulate dataset --misorientation-deg`); its model
@@ -157,6 +160,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every_steps: int = 0
     progress: bool = True
+    extra_datasets: list = field(default_factory=list)
     init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -293,6 +297,8 @@ def _check_values(c: TrainConfig, given: dict) -> list[str]:
             bad(name, value, f"must be one of {', '.join(choices)}")
     if not c.dataset and not skip("dataset"):
         bad("dataset", c.dataset, "required: the dataset directory")
+    if not skip("extra_datasets") and not all(isinstance(d, str) and d for d in c.extra_datasets):
+        bad("extra_datasets", c.extra_datasets, "must be a list of dataset directories")
     if not skip("space_groups"):
         try:
             resolve_space_groups(c.space_groups)
