@@ -55,8 +55,10 @@ def capped(groups: np.ndarray, cap: int) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
-def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evidence=None, masks=None) -> dict:
-    """{(views): metrics} of one method on materials ``idx`` (3 views, and 1/2-view averages)."""
+def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evidence=None, masks=None,
+             off_axis=None) -> dict:
+    """{(views): metrics} of one method on materials ``idx`` (3 views, and 1/2-view averages);
+    ``off_axis``: {mask: (n features,) off-axis scores} for the tilt features."""
     out = {}
     for views, mask_list in (masks or {"xyz": [np.ones(3, dtype=bool)]}).items():
         ms = []
@@ -69,7 +71,9 @@ def evaluate(name, params, idx, feats, classes, tables, evidence_rows=None, evid
                 summed = (feats.view_logits[idx] * mask[None, :, None]).sum(axis=1)
                 post = fusion_fit.msdn_posterior(summed, classes)
             else:
-                post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
+                tilt = (off_axis or {}).get(tuple(bool(v) for v in mask)) if ev is not None else None
+                post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev,
+                                                       None if tilt is None else tilt[idx])
             m = fusion_fit.posterior_metrics(post, feats.space_group[idx], tables=tables,
                                              decide_at=params.decide_at if params is not None else 0.5)
             # the same posterior over the coarser sets of zones whose cell scale is not known (an F cell
@@ -90,7 +94,9 @@ def validation_rows(features: str | Path, evidence_dir: str | Path | None = None
     """The validation materials of one cache, as the fit takes them: all of them (the no-evidence
     fit) and those with evidence, with their evidence per view subset."""
     feats = fusion_data.load_features(features)
-    ev_rows, evidence = fusion_data.load_evidence(Path(evidence_dir or Path(features) / "evidence"), feats.material_id)
+    folder = Path(evidence_dir or Path(features) / "evidence")
+    ev_rows, evidence = fusion_data.load_evidence(folder, feats.material_id)
+    off_axis = fusion_data.load_off_axis(folder, feats.material_id)
     val = np.flatnonzero(feats.split == "val")
     pos = {r: i for i, r in enumerate(ev_rows)}
     val_ev = np.array([i for i in val if i in pos], dtype=np.int64)
@@ -98,6 +104,7 @@ def validation_rows(features: str | Path, evidence_dir: str | Path | None = None
     return {"logits": feats.view_logits[val], "groups": feats.space_group[val],
             "logits_ev": feats.view_logits[val_ev], "groups_ev": feats.space_group[val_ev],
             "evidence": {k: v[[pos[i] for i in val_ev]] for k, v in evidence.items()},
+            "off_axis": {k: v[val_ev] for k, v in off_axis.items()},
             "misorientation_deg": float(json.loads(plan.read_text()).get("misorientation_deg", 0.0)) if plan.is_file() else 0.0}
 
 
@@ -107,7 +114,9 @@ def concatenate_rows(parts: list[dict]) -> dict:
     return {"logits": np.concatenate([p["logits"] for p in parts]), "groups": np.concatenate([p["groups"] for p in parts]),
             "logits_ev": np.concatenate([p["logits_ev"] for p in parts]),
             "groups_ev": np.concatenate([p["groups_ev"] for p in parts]),
-            "evidence": {m: np.concatenate([p["evidence"][m] for p in parts]) for m in masks}}
+            "evidence": {m: np.concatenate([p["evidence"][m] for p in parts]) for m in masks},
+            "off_axis": {m: np.concatenate([p["off_axis"].get(m, np.full(len(p["groups_ev"]), np.nan)) for p in parts])
+                         for m in masks}}
 
 
 def _decided(m: dict) -> str:
@@ -157,7 +166,9 @@ def main(argv=None) -> int:
         counts = source.prior_counts.astype(np.int64)
         prior_source = source.fitted.get("prior", f"prior of {args.prior_from}")  # the messages' "prior" text
         log.info("prior counts from %s (%d materials: %s)", args.prior_from, int(counts.sum()), prior_source)
-    ev_rows, evidence = fusion_data.load_evidence(Path(args.evidence or Path(args.features) / "evidence"), feats.material_id)
+    ev_folder = Path(args.evidence or Path(args.features) / "evidence")
+    ev_rows, evidence = fusion_data.load_evidence(ev_folder, feats.material_id)
+    off_axis = fusion_data.load_off_axis(ev_folder, feats.material_id)  # {mask: (n features,)}, NaN: not measured
     has_ev = np.zeros(len(feats), dtype=bool)
     has_ev[ev_rows] = True
     val = np.flatnonzero(feats.split == "val")
@@ -181,10 +192,11 @@ def main(argv=None) -> int:
             parser.error(f"--params {args.params}: its classes are not the bundle's ({len(given.classes)} vs {len(classes)})")
         log.info("measuring %s (not fitted here; decide_at %.2f as stored)", args.params, given.decide_at)
         return _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
-                       {"msdn": None, "fusion, no evidence": given, "fusion": given})
+                       off_axis, {"msdn": None, "fusion, no evidence": given, "fusion": given})
 
     parts = [{"logits": feats.view_logits[val], "groups": feats.space_group[val], "logits_ev": feats.view_logits[val_ev],
-              "groups_ev": feats.space_group[val_ev], "evidence": ev_of(val_ev)}]
+              "groups_ev": feats.space_group[val_ev], "evidence": ev_of(val_ev),
+              "off_axis": {k: v[val_ev] for k, v in off_axis.items()}}]
     conditions = [{"features": args.features, "misorientation_deg": 0.0, "materials": int(len(val))}]
     for extra in args.fit_also:
         rows = validation_rows(extra)
@@ -205,18 +217,38 @@ def main(argv=None) -> int:
     fitted = {"msdn": None, "fusion, no evidence": no_ev}
     if n_fit_ev:
         cpu = time.process_time()
+        # a number of views is fitted on every cache with evidence of all its view subsets (tilted
+        # caches may hold the 3-zone evidence only); the others on --features alone
+        def covered(masks):
+            return [k for k in (1, 2, 3) if all(tuple(bool(v) for v in m) in masks for m in fusion_fit.SUBSETS[k])]
+
+        ks_all = covered(fit_rows["evidence"])
+        ks_main = [k for k in covered(parts[0]["evidence"]) if k not in ks_all]
         with_ev = fusion_fit.fit(fit_rows["logits_ev"], fit_rows["groups_ev"], classes=classes, counts=counts,
-                                 use=MODELS[args.model],
-                                 evidence=fit_rows["evidence"], fit_no_evidence=False,
+                                 use=MODELS[args.model], evidence=fit_rows["evidence"], off_axis=fit_rows["off_axis"],
+                                 fit_no_evidence=False, views=ks_all or (1, 2, 3),
                                  fitted={"split": "val", "materials": int(n_fit_ev), "evidence": True, "prior": prior_source,
                                          "model": args.model} | extra_record)
+        without_reports = dict(no_ev.fitted["per_views"])
+        if ks_main:
+            own = parts[0]
+            log.info("%s view(s): evidence of every subset in %s only; fitted on it alone", ks_main, args.features)
+            main_ev = fusion_fit.fit(own["logits_ev"], own["groups_ev"], classes=classes, counts=counts,
+                                     use=MODELS[args.model], evidence=own["evidence"], off_axis=own["off_axis"],
+                                     evidence_clip=with_ev.evidence_clip, fit_no_evidence=False, views=ks_main)
+            main_ne = fusion_fit.fit(own["logits"], own["groups"], classes=classes, counts=counts, views=ks_main,
+                                     use=[f for f in MODELS[args.model] if f not in fusion.EVIDENCE_FEATURES])
+            for k in ks_main:
+                with_ev.weights[k], with_ev.temperature[k] = main_ev.weights[k], main_ev.temperature[k]
+                with_ev.fitted["per_views"][str(k)] = main_ev.fitted["per_views"][str(k)] | {"features": args.features}
+                without_reports[str(k)] = main_ne.fitted["per_views"][str(k)]  # the same samples, for the AIC rule
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
         # the views without evidence, and the no-evidence fallback, from the larger validation set;
         # and where a number of views' evidence does not pay on validation (AIC), no evidence there:
         # the daemon then does not combine those zones for its partial predictions
         n_extra = sum(f in fusion.EVIDENCE_FEATURES for f in MODELS[args.model])
         for k in (1, 2):
-            report, without = with_ev.fitted["per_views"][str(k)], no_ev.fitted["per_views"][str(k)]
+            report, without = with_ev.fitted["per_views"][str(k)], without_reports[str(k)]
             if not report["evidence"]:
                 pays = False
             elif n_fit_ev < n_fit:
@@ -240,15 +272,16 @@ def main(argv=None) -> int:
             continue
         with_evidence = name == "fusion"
         post = fusion.Fusion(params).posterior(fit_rows["logits_ev" if with_evidence else "logits"], None,
-                                               fit_rows["evidence"][(True, True, True)] if with_evidence else None)
+                                               fit_rows["evidence"][(True, True, True)] if with_evidence else None,
+                                               fit_rows["off_axis"].get((True, True, True)) if with_evidence else None)
         params.decide_at = fusion_fit.choose_decide_at(post, fit_rows["groups_ev" if with_evidence else "groups"], tables)
         log.info("%s: decide_at %.2f (validation)", name, params.decide_at)
     return _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
-                   fitted)
+                   off_axis, fitted)
 
 
 def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_ev, inside, ev_rows, evidence,
-            fitted) -> int:
+            off_axis, fitted) -> int:
     """Measure every method of ``fitted`` on the test split; print the table, write metrics.json."""
     tables = fusion.symmetry_tables(True)
     masks = {"xyz": [np.ones(3, dtype=bool)], "1 view": fusion_fit.SUBSETS[1], "2 views": fusion_fit.SUBSETS[2]}
@@ -271,7 +304,8 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
             for name in methods:
                 params = fitted[name]
                 res = evaluate(name, params, sub, feats, classes, tables,
-                               ev_rows if name == "fusion" else None, evidence if name == "fusion" else None, masks)
+                               ev_rows if name == "fusion" else None, evidence if name == "fusion" else None, masks,
+                               off_axis)
                 for views, m in res.items():
                     results[(tier, subset, name, views)] = m
                     rows.append((tier, subset, views, name, m, ceiling))
@@ -302,7 +336,7 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
                                             title=f"MP test, every group, 3 views ({tier}, n={n})")
     if args.against:
         _paired(args.against, fitted["fusion" if "fusion" in fitted else "fusion, no evidence"], subsets_of(test_ev), masks,
-                feats, ev_rows, evidence, tables)
+                feats, ev_rows, evidence, tables, off_axis)
     serial = {" | ".join(k): {kk: vv for kk, vv in v.items()} for k, v in results.items()}
     (out / "metrics.json").write_text(json.dumps(serial, indent=1))
     best = "fusion" if "fusion" in fitted else "fusion, no evidence"
@@ -322,7 +356,7 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
     return 0
 
 
-def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables) -> dict[str, np.ndarray]:
+def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables, off_axis) -> dict[str, np.ndarray]:
     """Per material of ``idx``: group top-1 right, set right, -log p(truth) averaged over the view
     subsets, and per subset (columns) the top-1 probability and whether it is right (for the ECE)."""
     pos = {r: i for i, r in enumerate(ev_rows)}
@@ -330,8 +364,11 @@ def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables) -> d
     out = {"group": 0.0, "set": 0.0, "nll": 0.0}
     conf, right = [], []
     for mask in mask_list:
-        ev = evidence[tuple(bool(v) for v in mask)][[pos[i] for i in idx]]
-        post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev)
+        key = tuple(bool(v) for v in mask)
+        ev = evidence[key][[pos[i] for i in idx]]
+        tilt = off_axis.get(key)
+        post = fusion.Fusion(params).posterior(feats.view_logits[idx], np.broadcast_to(mask, (len(idx), 3)), ev,
+                                               None if tilt is None else tilt[idx])
         set_mass = np.zeros((len(idx), len(tables.sets)))
         np.add.at(set_mass.T, tables.set_of, post.T)
         out["group"] = out["group"] + (post.argmax(axis=1) + 1 == truth)
@@ -350,7 +387,7 @@ def _ece_rows(m: dict, rows: np.ndarray) -> float:
     return fusion_fit.expected_calibration_error(m["conf"][rows].ravel(), m["right"][rows].ravel())[0]
 
 
-def _paired(against: str, params, subsets: dict, masks: dict, feats, ev_rows, evidence, tables) -> None:
+def _paired(against: str, params, subsets: dict, masks: dict, feats, ev_rows, evidence, tables, off_axis) -> None:
     """This fit minus ``against`` on the same test materials: mean difference ± its standard error
     over materials (the view subsets of one material averaged first: they are not independent),
     and the ECE difference with a 95 % interval from a paired bootstrap over materials."""
@@ -362,8 +399,8 @@ def _paired(against: str, params, subsets: dict, masks: dict, feats, ev_rows, ev
     print("|---|---|---|---|---|---|---|---|")
     for subset, idx in subsets.items():
         for views, mask_list in masks.items():
-            a = _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables)
-            b = _per_material(other, idx, mask_list, feats, ev_rows, evidence, tables)
+            a = _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables, off_axis)
+            b = _per_material(other, idx, mask_list, feats, ev_rows, evidence, tables, off_axis)
             cells = []
             for key, scale, fmt in (("group", 100, "{:+.1f} ± {:.1f} points"), ("set", 100, "{:+.1f} ± {:.1f} points"),
                                     ("nll", 1, "{:+.3f} ± {:.3f}")):

@@ -44,7 +44,7 @@ def condition(features: str, split: str, engine: fusion.Fusion) -> dict:
         raise SystemExit(f"{folder}: no 3-zone evidence with the off-axis score (run fusion_data --evidence again)")
     keep = feats.split[rows] == split
     idx, ev = rows[keep], evidence[ALL][keep]
-    post = engine.posterior(feats.view_logits[idx], None, ev)
+    post = engine.posterior(feats.view_logits[idx], None, ev, off_axis[ALL][idx])
     tables = engine.tables
     set_mass = np.zeros((len(idx), len(tables.sets)))
     np.add.at(set_mass.T, tables.set_of, post.T)

@@ -32,14 +32,14 @@ OLD_TAU_P = 0.651  # the shipped index's classifier threshold (its unknown flag 
 
 
 def with_evidence(folder: Path, split: str | None = None):
-    """(features, row indices with evidence, (m, 230) 3-view evidence) of a cache folder."""
+    """(features, row indices with evidence, (m, 230) 3-view evidence, (m,) its off-axis scores
+    or None) of a cache folder."""
     feats = fusion_data.load_features(folder)
     rows, evidence = fusion_data.load_evidence(folder / fusion_data.EVIDENCE_DIR, feats.material_id)
-    if split is not None:
-        keep = feats.split[rows] == split
-        rows = rows[keep]
-        return feats, rows, evidence[(True, True, True)][keep]
-    return feats, rows, evidence[(True, True, True)]
+    tilt = fusion_data.load_off_axis(folder / fusion_data.EVIDENCE_DIR, feats.material_id).get((True, True, True))
+    keep = np.ones(len(rows), dtype=bool) if split is None else feats.split[rows] == split
+    rows = rows[keep]
+    return feats, rows, evidence[(True, True, True)][keep], None if tilt is None else tilt[rows]
 
 
 def topk_within(post: np.ndarray, labels: np.ndarray, groups, k: int) -> float:
@@ -67,13 +67,13 @@ def main(argv=None) -> int:
     tables = engine.tables
     outside_cols = np.setdiff1d(np.arange(fusion.N_GROUPS), np.asarray(classes) - 1)
 
-    feats, rows, ev = with_evidence(Path(args.open_set))
+    feats, rows, ev, tilt = with_evidence(Path(args.open_set))
     labels = feats.space_group[rows]
     groups = list(spacegroups.PAPER_OPEN_SET_30)
     if np.isin(labels, classes).any():
         raise SystemExit(f"open-set cache {args.open_set} holds materials of the model's classes")
     lg = feats.view_logits[rows]
-    posts = {"fusion with evidence": engine.posterior(lg, None, ev), "fusion without evidence": engine.posterior(lg)}
+    posts = {"fusion with evidence": engine.posterior(lg, None, ev, tilt), "fusion without evidence": engine.posterior(lg)}
     n = len(rows)
     record = {"materials": int(n), "groups": len(groups), "paper_top1": PAPER["top1"], "paper_top5": PAPER["top5"]}
     print(f"\nopen set: {n} test-half materials of the paper's 30 groups with evidence "
@@ -94,12 +94,17 @@ def main(argv=None) -> int:
     print(f"| paper (Fig. 3f, 3,052 materials) | {PAPER['top1']:.1%} | | | | {PAPER['top5']:.1%} | | | | |")
 
     # the fused flag "outside the model's classes": threshold on known-class validation materials
-    kfeats, kval, kev_val = with_evidence(Path(args.known), "val")
-    _, ktest, kev_test = with_evidence(Path(args.known), "test")
+    kfeats, kval, kev_val, ktilt_val = with_evidence(Path(args.known), "val")
+    _, ktest, kev_test, ktilt_test = with_evidence(Path(args.known), "test")
     known_val = np.isin(kfeats.space_group[kval], classes)
     known_test = np.isin(kfeats.space_group[ktest], classes)
-    out_val = engine.posterior(kfeats.view_logits[kval][known_val], None, kev_val[known_val])[:, outside_cols].sum(axis=1)
-    out_test = engine.posterior(kfeats.view_logits[ktest][known_test], None, kev_test[known_test])[:, outside_cols].sum(axis=1)
+    def tilt_of(t, known):
+        return None if t is None else t[known]
+
+    out_val = engine.posterior(kfeats.view_logits[kval][known_val], None, kev_val[known_val],
+                               tilt_of(ktilt_val, known_val))[:, outside_cols].sum(axis=1)
+    out_test = engine.posterior(kfeats.view_logits[ktest][known_test], None, kev_test[known_test],
+                                tilt_of(ktilt_test, known_test))[:, outside_cols].sum(axis=1)
     out_open = posts["fusion with evidence"][:, outside_cols].sum(axis=1)
     print(f"\nfused 'outside the model's classes' flag (posterior mass outside the 72 >= threshold); known-class "
           f"materials: {int(known_val.sum())} val (threshold), {int(known_test.sum())} test; open set: {n}\n")

@@ -463,3 +463,51 @@ def test_the_daemon_fuses_with_the_off_axis_score_of_its_evidence():
     out_off = fuse_batch(engine, [Request()], strong, np.ones((1, 3), bool), [ev | {"off_axis": 0.6}])[0]
     assert "cannot_decide" not in out_on or not out_on["cannot_decide"]
     assert out_off["cannot_decide"] and "off their axes" in out_off["cannot_decide"]["reason"]
+
+
+def test_tilt_features_scale_the_evidence_by_the_off_axis_score_and_none_reads_as_on_axis():
+    tables = fusion.SymmetryTables.from_lists(SETS, BRAVAIS, cell_known=True)
+    ev = np.full((2, 230), -np.inf)
+    ev[:, 215], ev[:, 13] = 0.0, -40.0
+    logits = np.stack([logits_for(225).sum(axis=0)] * 2)
+    kwargs = dict(classes=CLASSES, temperature=1.0, evidence_clip=20.0, log_prior_train=np.log(np.full(230, 1 / 230)),
+                  tables=tables)
+    feats = fusion.feature_tensor(logits, ev, off_axis=np.array([0.5, 3.0]), **kwargs)
+    col = fusion.COLUMN
+    assert feats[0, 13, col["evidence_x_tilt"]] == pytest.approx(0.5 * feats[0, 13, col["evidence"]])
+    # scores beyond the cap count as the cap; the MSDN term is scaled the same way
+    assert feats[1, 13, col["evidence_x_tilt"]] == pytest.approx(fusion.TILT_CAP * feats[1, 13, col["evidence"]])
+    assert feats[0, 224, col["msdn_x_tilt"]] == pytest.approx(0.5 * feats[0, 224, col["msdn"]])
+    assert feats[0, 13, col["evidence_set_x_tilt2"]] == pytest.approx(0.25 * feats[0, 13, col["evidence_set"]])
+    for missing in (None, np.array([np.nan, np.nan])):
+        bare = fusion.feature_tensor(logits, ev, off_axis=missing, **kwargs)
+        assert not bare[:, :, [col[f] for f in fusion.TILT_FEATURES]].any()
+    # a fusion with tilt weights: not measured is the same answer as on the axis, a tilt moves it
+    weights = {k: make_params().weights[k] | {"evidence_x_tilt": -1.0, "msdn_x_tilt": -0.5} for k in (1, 2, 3)}
+    engine = fusion.Fusion(make_params(weights=weights))
+    one = logits_for(225)[None]
+    np.testing.assert_allclose(engine.posterior(one, None, ev[:1]), engine.posterior(one, None, ev[:1], np.zeros(1)))
+    assert not np.allclose(engine.posterior(one, None, ev[:1]), engine.posterior(one, None, ev[:1], np.ones(1)))
+
+
+@pytest.mark.slow
+def test_a_fit_on_tilted_samples_learns_to_trust_the_evidence_less_as_the_zones_tilt():
+    """Evidence right on the axis and pointing at a random group off it: the fitted tilt weight on
+    the evidence is negative, and the tilted samples' NLL falls against a fit without the score."""
+    rng = np.random.default_rng(3)
+    logits, groups = _synthetic(600, rng)
+    tilt = np.where(np.arange(600) % 2 == 0, 0.0, 1.0)
+    evidence = np.full((600, 230), -30.0)
+    pointed = np.where(tilt == 0, groups, rng.choice(CLASSES, size=600))
+    evidence[np.arange(600), pointed - 1] = 0.0
+    masks = {tuple(bool(v) for v in m): evidence for k in (1, 2, 3) for m in fusion_fit.SUBSETS[k]}
+    tilts = {m: tilt for m in masks}
+    counts = np.bincount(groups - 1, minlength=230) * 10
+    tables = fusion.SymmetryTables.from_lists(SETS, BRAVAIS, cell_known=True)
+    fit_args = dict(classes=CLASSES, counts=counts, tables=tables, evidence=masks, evidence_clip=20.0,
+                    fit_no_evidence=False, views=(3,))
+    with_tilt = fusion_fit.fit(logits, groups, off_axis=tilts, **fit_args)
+    without = fusion_fit.fit(logits, groups, **fit_args)
+    assert with_tilt.weights[3]["evidence_x_tilt"] < 0 or with_tilt.weights[3]["evidence_32_x_tilt"] < 0
+    assert all(without.weights[3][f] == 0.0 for f in fusion.TILT_FEATURES)
+    assert with_tilt.fitted["per_views"]["3"]["nll"] < without.fitted["per_views"]["3"]["nll"]

@@ -13,6 +13,10 @@ The model is a conditional-logit product of experts: for each candidate group g,
          + the stacked features (STACKED_FEATURES): the evidence gap clipped at 2, 8 and 32 nats,
            the evidence's own mass on g's indistinguishable set, Bravais lattice and crystal
            system, the MSDN's mass on g's set, and the evidence gap scaled by the MSDN's entropy
+         + the tilt features (TILT_FEATURES): the evidence gap, its 32-nat clip, the evidence's set
+           and system masses and the MSDN's log-probability, each times the zones' off-axis score
+           t and times t² (evidence.axis, capped at 1; 0 where not measured), so that a fit on
+           patterns on and off the zone axes learns how far to trust each as the zones tilt away
 
 and p(g | data) = softmax over the 230 groups of s. A file fitted without the stacked features
 (the product of experts alone) gives them weight 0. One parameter set per number of views
@@ -51,11 +55,17 @@ GROUPS = np.arange(1, N_GROUPS + 1)
 PRODUCT_FEATURES = ("msdn", "msdn_system", "msdn_bravais", "outside", "outside_entropy", "evidence", "evidence_top",
                     "prior")
 # the stacked model's extra features (fusion.json files without them give them weight 0: the product of experts)
+# each of these features times the off-axis score t and times t² (the trust in the zone rules need
+# not fall linearly as the zones tilt)
+TILT_BASES = ("evidence", "evidence_32", "evidence_set", "evidence_system", "msdn")
+TILT_FEATURES = tuple(f"{base}_x_tilt{suffix}" for suffix in ("", "2") for base in TILT_BASES)
 STACKED_FEATURES = ("evidence_2", "evidence_8", "evidence_32", "evidence_set", "evidence_bravais", "evidence_system",
-                    "msdn_set", "evidence_x_entropy")
+                    "msdn_set", "evidence_x_entropy") + TILT_FEATURES
 FEATURES = PRODUCT_FEATURES + STACKED_FEATURES
+# the tilt features need the off-axis score, which only the evidence measures
 EVIDENCE_FEATURES = ("evidence", "evidence_top", "evidence_2", "evidence_8", "evidence_32", "evidence_set",
-                     "evidence_bravais", "evidence_system", "evidence_x_entropy")
+                     "evidence_bravais", "evidence_system", "evidence_x_entropy") + TILT_FEATURES
+TILT_CAP = 1.0  # off-axis scores above this (zones far off their axes) count as this
 COLUMN = {f: i for i, f in enumerate(FEATURES)}
 EVIDENCE_DEPTHS_NATS = (2.0, 8.0, 32.0)  # evidence_2/8/32: the log-likelihood gap clipped at these depths, / depth
 EVIDENCE_TOP_NATS = 0.5  # a group this close to the evidence's best counts as "what the evidence points to"
@@ -324,9 +334,11 @@ def feature_tensor(
     evidence_clip: float,
     log_prior_train: np.ndarray,
     tables: SymmetryTables,
+    off_axis: np.ndarray | float | None = None,
 ) -> np.ndarray:
     """(B, 230, len(FEATURES)) features of every group for a batch of summed MSDN logits
-    (B, C) and evidence log-likelihoods (B, 230) or None (no evidence)."""
+    (B, C), evidence log-likelihoods (B, 230) or None (no evidence), and the evidence's
+    off-axis scores (B,) or None (not measured: the tilt features are 0)."""
     logits = np.atleast_2d(np.asarray(msdn_logits, dtype=np.float64))
     batch = logits.shape[0]
     columns = np.asarray(classes, dtype=np.int64) - 1
@@ -367,8 +379,21 @@ def feature_tensor(
                                                             len(spacegroups.CRYSTAL_SYSTEMS)) / scale
         # ... and the evidence trusted more where the MSDN is unsure
         feats[:, :, c["evidence_x_entropy"]] = np.maximum(gap, -32.0) / 32.0 * entropy[:, None]
+        tilt = tilt_of(off_axis, batch)[:, None]
+        for base in TILT_BASES:
+            feats[:, :, c[f"{base}_x_tilt"]] = feats[:, :, c[base]] * tilt
+            feats[:, :, c[f"{base}_x_tilt2"]] = feats[:, :, c[base]] * tilt ** 2
     feats[:, :, c["prior"]] = log_prior_train[None, :]
     return feats
+
+
+def tilt_of(off_axis: np.ndarray | float | None, batch: int) -> np.ndarray:
+    """(batch,) off-axis scores as the tilt features take them: capped at TILT_CAP, 0 where not
+    measured (None or NaN: read as on the axis, as the fusion did before it saw the score)."""
+    if off_axis is None:
+        return np.zeros(batch)
+    t = np.broadcast_to(np.asarray(off_axis, dtype=np.float64), (batch,))
+    return np.clip(np.nan_to_num(t, nan=0.0), 0.0, TILT_CAP)
 
 
 def scores(feats: np.ndarray, weights: Mapping[str, float]) -> np.ndarray:
@@ -507,9 +532,10 @@ class Fusion:
         return any(weights.get(f, 0.0) != 0.0 for f in EVIDENCE_FEATURES)
 
     def posterior(self, view_logits: np.ndarray, present: np.ndarray | None = None,
-                  evidence_loglik: np.ndarray | None = None) -> np.ndarray:
+                  evidence_loglik: np.ndarray | None = None, off_axis: np.ndarray | float | None = None) -> np.ndarray:
         """(B, 230) posterior from per-view MSDN logits (B, 3, C), views present (B, 3)
-        (None: all) and evidence log-likelihoods (B, 230) or None."""
+        (None: all), evidence log-likelihoods (B, 230) or None, and the evidence's off-axis
+        scores (B,) or None (not measured)."""
         view_logits = np.asarray(view_logits, dtype=np.float64)
         if view_logits.ndim == 2:
             view_logits = view_logits[None]
@@ -518,13 +544,15 @@ class Fusion:
             raise FusionError(f"view logits must have shape (B, 3, {len(self.params.classes)}), got {view_logits.shape}")
         present = np.ones((batch, 3), dtype=bool) if present is None else np.broadcast_to(np.asarray(present, dtype=bool), (batch, 3))
         summed = (view_logits * present[..., None]).sum(axis=1)
-        return self.posterior_summed(summed, present.sum(axis=1), evidence_loglik)
+        return self.posterior_summed(summed, present.sum(axis=1), evidence_loglik, off_axis)
 
     def posterior_summed(self, logits: np.ndarray, n_views: np.ndarray | int,
-                         evidence_loglik: np.ndarray | None = None) -> np.ndarray:
+                         evidence_loglik: np.ndarray | None = None, off_axis: np.ndarray | float | None = None,
+                         ) -> np.ndarray:
         """(B, 230) posterior from the MSDN's summed logits over the views present (B, C), as
-        the inference backends return them, the number of those views (B,), and evidence
-        (B, 230) or None. Rows with no view get the prior (or the evidence alone)."""
+        the inference backends return them, the number of those views (B,), evidence (B, 230)
+        or None, and its off-axis scores (B,) or None. Rows with no view get the prior (or the
+        evidence alone)."""
         logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
         batch, classes = logits.shape
         if classes != len(self.params.classes):
@@ -538,6 +566,7 @@ class Fusion:
             if ev.shape not in ((N_GROUPS,), (batch, N_GROUPS)):
                 raise FusionError(f"evidence log-likelihoods must have shape ({batch}, 230), got {ev.shape}")
             ev = np.broadcast_to(ev, (batch, N_GROUPS))
+        tilt = tilt_of(off_axis, batch)
         out = np.zeros((batch, N_GROUPS))
         for k in np.unique(counts):
             rows = np.flatnonzero(counts == k)
@@ -551,14 +580,16 @@ class Fusion:
                     # no view of the model at all: the evidence alone can speak, at the 1-view weight
                     feats = feature_tensor(np.zeros((len(rows), classes)), ev[rows], classes=self.params.classes,
                                            temperature=1.0, evidence_clip=self.params.evidence_clip,
-                                           log_prior_train=self.log_prior_train, tables=self.tables)
+                                           log_prior_train=self.log_prior_train, tables=self.tables,
+                                           off_axis=tilt[rows])
                     w = self.params.weights[1]
-                    s = s + sum(w[f] * feats[..., COLUMN[f]] for f in EVIDENCE_FEATURES)
+                    s = s + sum(w[f] * feats[..., COLUMN[f]] for f in EVIDENCE_FEATURES if not f.startswith("msdn_x_tilt"))
             else:
                 feats = feature_tensor(logits[rows], ev[rows] if ev is not None and with_ev else None,
                                        classes=self.params.classes,
                                        temperature=temperature[int(k)], evidence_clip=self.params.evidence_clip,
-                                       log_prior_train=self.log_prior_train, tables=self.tables)
+                                       log_prior_train=self.log_prior_train, tables=self.tables,
+                                       off_axis=tilt[rows])
                 s = scores(feats, weights[int(k)])
             s = s + self.log_prior_shift
             out[rows] = np.exp(_log_softmax(s))
@@ -570,7 +601,8 @@ class Fusion:
         """One sample's prediction (view_logits (3, C), present (3,), evidence (230,); ``off_axis``:
         the evidence's off-axis score, :attr:`SampleEvidence.off_axis`)."""
         post = self.posterior(np.asarray(view_logits)[None], None if present is None else np.asarray(present)[None],
-                              None if evidence_loglik is None else np.asarray(evidence_loglik)[None])[0]
+                              None if evidence_loglik is None else np.asarray(evidence_loglik)[None],
+                              None if off_axis is None else np.asarray([off_axis], dtype=np.float64))[0]
         n_views = 3 if present is None else int(np.asarray(present, dtype=bool).sum())
         used = evidence_loglik is not None and self.uses_evidence(n_views)
         return self.describe(post, views=views, evidence_used=used, warnings=warnings,

@@ -50,22 +50,29 @@ def prior_counts(labels: Mapping[str, Mapping], split: str = "train") -> np.ndar
 
 @dataclass
 class FitData:
-    """Samples for one number of views: summed MSDN logits, evidence, labels (0-based groups)."""
+    """Samples for one number of views: summed MSDN logits, evidence, labels (0-based groups),
+    the evidence's off-axis scores."""
 
     logits: np.ndarray  # (m, C)
     evidence: np.ndarray | None  # (m, 230)
     target: np.ndarray  # (m,) group - 1
+    off_axis: np.ndarray | None = None  # (m,), NaN where not measured; None: none measured
 
 
-def subset_samples(view_logits: np.ndarray, groups: np.ndarray, evidence: Mapping[tuple, np.ndarray] | None, k: int) -> FitData:
-    """Every k-view subset of every material. ``evidence`` maps a present-mask tuple to (n, 230)."""
-    logits, ev, target = [], [], []
+def subset_samples(view_logits: np.ndarray, groups: np.ndarray, evidence: Mapping[tuple, np.ndarray] | None, k: int,
+                   off_axis: Mapping[tuple, np.ndarray] | None = None) -> FitData:
+    """Every k-view subset of every material. ``evidence`` maps a present-mask tuple to (n, 230),
+    ``off_axis`` to (n,) off-axis scores of those zones."""
+    logits, ev, target, tilt = [], [], [], []
     for mask in SUBSETS[k]:
+        key = tuple(bool(v) for v in mask)
         logits.append((view_logits * mask[None, :, None]).sum(axis=1))
         target.append(groups - 1)
         if evidence is not None:
-            ev.append(evidence[tuple(bool(v) for v in mask)])
-    return FitData(np.concatenate(logits), np.concatenate(ev) if evidence is not None else None, np.concatenate(target))
+            ev.append(evidence[key])
+        tilt.append(off_axis[key] if off_axis is not None and key in off_axis else np.full(len(groups), np.nan))
+    return FitData(np.concatenate(logits), np.concatenate(ev) if evidence is not None else None, np.concatenate(target),
+                   np.concatenate(tilt) if off_axis is not None else None)
 
 
 def _nll_and_grad(w: np.ndarray, feats: np.ndarray, target: np.ndarray, free: np.ndarray) -> tuple[float, np.ndarray]:
@@ -88,8 +95,12 @@ def fit_weights(data: FitData, *, classes: Sequence[int], temperature: float, ev
                 ) -> tuple[dict[str, float], float]:
     """(weights, mean NLL) at a given temperature; features not in ``use`` stay at weight 0."""
     feats = fusion.feature_tensor(data.logits, data.evidence, classes=classes, temperature=temperature,
-                                  evidence_clip=evidence_clip, log_prior_train=log_prior_train, tables=tables)
-    free = np.array([f in use and (f not in fusion.EVIDENCE_FEATURES or data.evidence is not None) for f in fusion.FEATURES])
+                                  evidence_clip=evidence_clip, log_prior_train=log_prior_train, tables=tables,
+                                  off_axis=data.off_axis)
+    # the tilt features are fitted only where some sample's zones were measured off their axes
+    tilted = data.off_axis is not None and bool((np.nan_to_num(data.off_axis) > 0).any())
+    free = np.array([f in use and (f not in fusion.EVIDENCE_FEATURES or data.evidence is not None)
+                     and (f not in fusion.TILT_FEATURES or tilted) for f in fusion.FEATURES])
     x0 = np.array([(start or INITIAL)[f] for f, keep in zip(fusion.FEATURES, free) if keep])
     result = minimize(_nll_and_grad, x0, args=(feats, data.target, free), jac=True, method="L-BFGS-B")
     full = np.zeros(len(fusion.FEATURES))
@@ -101,8 +112,11 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
         evidence: Mapping[tuple, np.ndarray] | None = None, evidence_clip: float | None = None,
         cell_known: bool = True, fitted: dict | None = None,
         use: Sequence[str] = fusion.FEATURES, tables: fusion.SymmetryTables | None = None,
-        fit_no_evidence: bool = True) -> fusion.FusionParams:
-    """Fusion parameters fitted on validation materials (per-view logits (n, 3, C), groups (n,))."""
+        fit_no_evidence: bool = True, off_axis: Mapping[tuple, np.ndarray] | None = None,
+        views: Sequence[int] = (1, 2, 3)) -> fusion.FusionParams:
+    """Fusion parameters fitted on validation materials (per-view logits (n, 3, C), groups (n,)),
+    for ``views`` numbers of views; ``off_axis`` (present mask -> (n,) scores) feeds the tilt
+    features. Weights are fitted for the numbers of views in ``views`` only."""
     tables = tables or fusion.symmetry_tables(cell_known)
     log_prior = np.log(fusion.training_prior(counts))
     if evidence is not None and evidence_clip is None:
@@ -111,18 +125,19 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
         scored = []
         for clip in EVIDENCE_CLIPS:
             _, _, rep = _fit_per_views(view_logits, groups, evidence, classes=classes, log_prior=log_prior,
-                                       tables=tables, use=use, evidence_clip=clip, ks=(3,))
+                                       tables=tables, use=use, evidence_clip=clip, ks=(3,), off_axis=off_axis)
             scored.append((rep["3"]["nll"], clip))
         evidence_clip = min(scored)[1]
         log.info("evidence clip chosen on validation NLL: %s (%s)", evidence_clip, scored)
     evidence_clip = 20.0 if evidence_clip is None else evidence_clip
     weights, temperature, report = _fit_per_views(view_logits, groups, evidence, classes=classes, log_prior=log_prior,
-                                                  tables=tables, use=use, evidence_clip=evidence_clip)
+                                                  tables=tables, use=use, evidence_clip=evidence_clip, ks=tuple(views),
+                                                  off_axis=off_axis)
     weights_ne, temperature_ne = {}, {}
     if evidence is not None and fit_no_evidence:  # the same without evidence, for callers that cannot measure it
         weights_ne, temperature_ne, report_ne = _fit_per_views(
             view_logits, groups, None, classes=classes, log_prior=log_prior, tables=tables,
-            use=[f for f in use if f not in fusion.EVIDENCE_FEATURES], evidence_clip=evidence_clip)
+            use=[f for f in use if f not in fusion.EVIDENCE_FEATURES], evidence_clip=evidence_clip, ks=tuple(views))
         report = {**report, "no_evidence": report_ne}
     return fusion.FusionParams(
         classes=[int(c) for c in classes], prior_counts=np.asarray(counts), weights=weights, temperature=temperature,
@@ -132,11 +147,12 @@ def fit(view_logits: np.ndarray, groups: np.ndarray, *, classes: Sequence[int], 
     )
 
 
-def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables, use, evidence_clip, ks=(1, 2, 3)):
+def _fit_per_views(view_logits, groups, evidence, *, classes, log_prior, tables, use, evidence_clip, ks=(1, 2, 3),
+                   off_axis=None):
     weights, temperature, report = {}, {}, {}
     for k in ks:
         ev_k = evidence if evidence is not None and all(tuple(bool(v) for v in m) in evidence for m in SUBSETS[k]) else None
-        data = subset_samples(view_logits, groups, ev_k, k)
+        data = subset_samples(view_logits, groups, ev_k, k, off_axis if ev_k is not None else None)
         best = None
         with threadpool_limits(1):  # small matrices: BLAS threads only contend on a shared machine
             for t in TEMPERATURES:
