@@ -229,7 +229,6 @@ def main(argv=None) -> int:
                                  fit_no_evidence=False, views=ks_all or (1, 2, 3),
                                  fitted={"split": "val", "materials": int(n_fit_ev), "evidence": True, "prior": prior_source,
                                          "model": args.model} | extra_record)
-        without_reports = dict(no_ev.fitted["per_views"])
         if ks_main:
             own = parts[0]
             log.info("%s view(s): evidence of every subset in %s only; fitted on it alone", ks_main, args.features)
@@ -241,14 +240,17 @@ def main(argv=None) -> int:
             for k in ks_main:
                 with_ev.weights[k], with_ev.temperature[k] = main_ev.weights[k], main_ev.temperature[k]
                 with_ev.fitted["per_views"][str(k)] = main_ev.fitted["per_views"][str(k)] | {"features": args.features}
-                without_reports[str(k)] = main_ne.fitted["per_views"][str(k)]  # the same samples, for the AIC rule
+                # without evidence too (the fallback, and where the evidence does not pay): those views'
+                # answers are calibrated on the one cache they were fitted on
+                no_ev.weights[k], no_ev.temperature[k] = main_ne.weights[k], main_ne.temperature[k]
+                no_ev.fitted["per_views"][str(k)] = main_ne.fitted["per_views"][str(k)] | {"features": args.features}
         log.info("fitted the fusion with evidence in %.1f CPU-s", time.process_time() - cpu)
         # the views without evidence, and the no-evidence fallback, from the larger validation set;
         # and where a number of views' evidence does not pay on validation (AIC), no evidence there:
         # the daemon then does not combine those zones for its partial predictions
         n_extra = sum(f in fusion.EVIDENCE_FEATURES for f in MODELS[args.model])
         for k in (1, 2):
-            report, without = with_ev.fitted["per_views"][str(k)], without_reports[str(k)]
+            report, without = with_ev.fitted["per_views"][str(k)], no_ev.fitted["per_views"][str(k)]
             if not report["evidence"]:
                 pays = False
             elif n_fit_ev < n_fit:

@@ -593,7 +593,7 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
              f"{fitted.get('evidence', '?')}; prior: {fitted.get('prior', 'training frequencies')}). "
              "Measured on the test split (by material), 3 views unless a row names 1 or 2 (then every subset of "
              "that many views of each material, averaged)" + _evidence_views(fitted)
-             + "; details and the command in docs/RESULTS.md \"Fusion (issue 15)\".", "",
+             + _conditions(fitted) + "; details and the command in docs/RESULTS.md \"Fusion (issue 15)\".", "",
              "| test | n | group top-1 | set top-1 | ECE |", "|---|---|---|---|---|"]
     for name, row in (fitted.get("test") or {}).items():
         lines.append(f"| {name.replace(' | ', ', ')} | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
@@ -621,6 +621,18 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
                          f"{row.get('decided', 0):.1%} | {row.get('wrong_decisions', 0):.2%} "
                          f"({row.get('wrong_decisions_without', 0):.2%}) |")
     md_path.write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
+
+
+def _conditions(fitted: dict) -> str:
+    """"; fitted on patterns on the zone axes and 0.5° and 2° off them" from `fusion.py --fit-also`'s record."""
+    tilts = sorted({float(c.get("misorientation_deg", 0.0)) for c in fitted.get("conditions") or []})
+    if len(tilts) < 2:
+        return ""
+    off = [f"{t:g}°" for t in tilts if t > 0]
+    alone = [k for k, r in sorted((fitted.get("per_views") or {}).items()) if isinstance(r, dict) and r.get("features")]
+    return (f"; fitted on patterns {'on the zone axes and ' if 0.0 in tilts else ''}{' and '.join(off)} off them "
+            "(misorientation σ)" + (f", the {' and '.join(alone)}-view weights on the first of them alone (the only one "
+                                    "with the evidence of every such subset)" if alone else ""))
 
 
 def _evidence_views(fitted: dict) -> str:

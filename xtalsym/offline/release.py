@@ -76,6 +76,8 @@ def release_model(checkpoint: str | Path, evaluation: str | Path, out: str | Pat
             "epochs_completed": len(release_extra["metrics"]),
             "history": release_extra["metrics"],
             "source_checkpoint": str(checkpoint),
+            # a fine-tune's starting weights, named by content: the path may hold another model later
+            "init_from_sha256": _sha256_if_file(release_extra["config"].get("init_from")),
         },
         "data": {
             "dataset": dataset,
@@ -92,6 +94,10 @@ def release_model(checkpoint: str | Path, evaluation: str | Path, out: str | Pat
     (out / "card.json").write_text(json.dumps(card, indent=1))
     (out / "MODEL_CARD.md").write_text(model_card_markdown(card))
     return card
+
+
+def _sha256_if_file(path) -> str | None:
+    return sha256_file(Path(path)) if path and Path(path).is_file() else None
 
 
 def _pct(value) -> str:
@@ -135,6 +141,12 @@ def model_card_markdown(card: dict) -> str:
         "## Training",
         f"- {_epochs_trained(card['training'])}, batch {cfg.get('batch_size')}, "
         f"optimiser {json.dumps(cfg.get('optim'))}, schedule {json.dumps(cfg.get('schedule'))}",
+        *([f"- Started from the weights of `{cfg['init_from']}`"
+           + (f" (sha256 `{card['training']['init_from_sha256']}` when this release was made)"
+              if card["training"].get("init_from_sha256") else "") + ": a fine-tune, not a training from scratch"]
+          if cfg.get("init_from") else []),
+        *([f"- Also trained and selected on the same splits of {', '.join(f'`{d}`' for d in cfg['extra_datasets'])}"]
+          if cfg.get("extra_datasets") else []),
         f"- Class imbalance: {json.dumps(cfg.get('imbalance'))}; augmentation: {json.dumps(cfg.get('augment'))}",
         f"- Model config: {json.dumps(model_cfg)}",
         "",
