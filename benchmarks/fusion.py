@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", default="reference_index")
     parser.add_argument("--out", default="runs/fusion")
     parser.add_argument("--write-params", default=None, help="write the fitted fusion parameters here")
+    parser.add_argument("--record", default=None, metavar="FUSION_JSON",
+                        help="with --params: write this cache's 72-group, 3-view test figures into that file's "
+                        "'fitted' record under its misorientation (for the model card via `xtalsym bundle add-fusion`)")
     parser.add_argument("--model", choices=sorted(MODELS), default="stacked",
                         help="features of the conditional logit: stacked (the default, chosen by cross-validation in "
                         "benchmarks/fusion_compare.py) or product (the product of experts alone)")
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.params and args.write_params:
         parser.error("--params measures given parameters; --write-params writes fitted ones: use one of them")
+    if args.record and not args.params:
+        parser.error("--record stores the figures of given parameters (--params) measured on --features")
     if args.params and args.fit_also:
         parser.error("--fit-also adds materials to a fit; --params measures given parameters: use one of them")
     for extra in args.fit_also:
@@ -355,7 +360,22 @@ def _report(args, feats, classes, counts, prior_source, val, val_ev, test, test_
             for (t, sub, name, views) in results if name == best}
         params.save(args.write_params)
         print(f"\nwrote {args.write_params}")
+    if args.record:
+        _record_condition(args.record, args.features, results[("test materials with evidence", "72 groups, natural", "fusion", "xyz")])
     return 0
+
+
+def _record_condition(path: str, features: str, m: dict) -> None:
+    """Store one cache's test figures (72 groups, 3 views) in ``path``'s fitted["misorientation_test"]."""
+    plan = Path(features) / "plan.json"
+    sigma = float(json.loads(plan.read_text()).get("misorientation_deg", 0.0)) if plan.is_file() else 0.0
+    params = fusion.FusionParams.load(path)
+    params.fitted.setdefault("misorientation_test", {})[f"{sigma:g}"] = {
+        "features": str(features), "n": int(m["n"]),
+        **{k: round(float(m[k]), 4) for k in ("group_top1", "set_top1", "crystal_system", "group_top5", "ece")},
+        "decided": round(float(m["decided_share"]), 4)}
+    params.save(path)
+    print(f"\nrecorded the σ {sigma:g}° test figures in {path}")
 
 
 def _per_material(params, idx, mask_list, feats, ev_rows, evidence, tables, off_axis) -> dict[str, np.ndarray]:

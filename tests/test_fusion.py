@@ -237,7 +237,10 @@ def test_bundle_carries_fusion_parameters_checksummed_and_old_bundles_still_load
                                                    for k in (1, 2, 3)})
     params.prior_counts = np.ones(230)
     params.fitted = {"split": "val", "per_views": {"1": {"evidence": True, "evidence_kept": False},
-                                                   "2": {"evidence": True, "evidence_kept": True}, "3": {"evidence": True}}}
+                                                   "2": {"evidence": True, "evidence_kept": True}, "3": {"evidence": True}},
+                     "conditions": [{"misorientation_deg": 0.0}, {"misorientation_deg": 2.0}],
+                     "misorientation_test": {"2": {"n": 10, "group_top1": 0.3, "set_top1": 0.4, "crystal_system": 0.5,
+                                                   "group_top5": 0.6, "ece": 0.05, "decided": 0.01}}}
     if bundle.fusion_path is None:  # an old bundle: loads, and predicts with the model alone
         assert fusion.load_fusion(bundle) is None
     path = params.save(tmp_path / "fusion.json")
@@ -247,6 +250,9 @@ def test_bundle_carries_fusion_parameters_checksummed_and_old_bundles_still_load
     assert fusion.load_fusion(bundle) is not None
     card = (root / "MODEL_CARD.md").read_text()
     assert "evidence of the zones present is weighed with 2 and 3 views (not 1: there it bought nothing" in card
+    # what it was fitted on and measured on off the axes
+    assert "fitted on patterns on the zone axes and 2° off them" in card
+    assert "| 2° | 10 | 30.0% | 40.0% | 50.0% | 60.0% | 0.050 | 1% |" in card
     # a changed byte is refused by the manifest check
     text = (root / "fusion.json").read_text()
     (root / "fusion.json").write_text(text.replace('"decide_at": 0.5', '"decide_at": 0.6'))

@@ -610,6 +610,16 @@ def _card_fusion_section(root: Path, fitted: dict) -> None:
         for row in open_set.get("outside_flag", []):
             lines.append(f"| {row.get('chosen_as', '?')} | {row.get('threshold', 0):.3f} | "
                          f"{row.get('false_alarms_known_test', 0):.1%} | {row.get('recall_open_set', 0):.1%} |")
+    tilted = fitted.get("misorientation_test")
+    if tilted:  # benchmarks/fusion.py --params ... --record
+        lines += ["", "On and off the zone axes (72 groups, natural frequencies, 3 views, test split; each zone misoriented "
+                  "at random by σ):", "",
+                  "| misorientation σ | n | group top-1 | set top-1 | crystal system | group top-5 | ECE | decided |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for sigma, row in sorted(tilted.items(), key=lambda kv: float(kv[0])):
+            lines.append(f"| {sigma}° | {row.get('n', '?')} | {row.get('group_top1', 0):.1%} | {row.get('set_top1', 0):.1%} | "
+                         f"{row.get('crystal_system', 0):.1%} | {row.get('group_top5', 0):.1%} | {row.get('ece', 0):.3f} | "
+                         f"{row.get('decided', 0):.0%} |")
     off_axis = fitted.get("off_axis")
     if off_axis:  # benchmarks/fusion_off_axis.py --record
         lines += ["", f"Off the zone axes: no answer is decided where the zones' Friedel asymmetry (the evidence's "
