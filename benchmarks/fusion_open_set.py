@@ -98,13 +98,13 @@ def main(argv=None) -> int:
     _, ktest, kev_test, ktilt_test = with_evidence(Path(args.known), "test")
     known_val = np.isin(kfeats.space_group[kval], classes)
     known_test = np.isin(kfeats.space_group[ktest], classes)
-    def tilt_of(t, known):
-        return None if t is None else t[known]
+    def known_rows(scores, known):
+        return None if scores is None else scores[known]
 
     out_val = engine.posterior(kfeats.view_logits[kval][known_val], None, kev_val[known_val],
-                               tilt_of(ktilt_val, known_val))[:, outside_cols].sum(axis=1)
+                               known_rows(ktilt_val, known_val))[:, outside_cols].sum(axis=1)
     out_test = engine.posterior(kfeats.view_logits[ktest][known_test], None, kev_test[known_test],
-                                tilt_of(ktilt_test, known_test))[:, outside_cols].sum(axis=1)
+                                known_rows(ktilt_test, known_test))[:, outside_cols].sum(axis=1)
     out_open = posts["fusion with evidence"][:, outside_cols].sum(axis=1)
     print(f"\nfused 'outside the model's classes' flag (posterior mass outside the 72 >= threshold); known-class "
           f"materials: {int(known_val.sum())} val (threshold), {int(known_test.sum())} test; open set: {n}\n")

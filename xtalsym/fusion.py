@@ -387,11 +387,14 @@ def feature_tensor(
     return feats
 
 
-def tilt_of(off_axis: np.ndarray | float | None, batch: int) -> np.ndarray:
+def tilt_of(off_axis: np.ndarray | Sequence[float | None] | float | None, batch: int) -> np.ndarray:
     """(batch,) off-axis scores as the tilt features take them: capped at TILT_CAP, 0 where not
-    measured (None or NaN: read as on the axis, as the fusion did before it saw the score)."""
+    measured (None or NaN, for the batch or one row: read as on the axis, as the fusion did before
+    it saw the score)."""
     if off_axis is None:
         return np.zeros(batch)
+    if not isinstance(off_axis, np.ndarray):  # a score, or one per row (SampleEvidence.off_axis: None if not measured)
+        off_axis = [np.nan if v is None else v for v in np.atleast_1d(np.asarray(off_axis, dtype=object))]
     t = np.broadcast_to(np.asarray(off_axis, dtype=np.float64), (batch,))
     return np.clip(np.nan_to_num(t, nan=0.0), 0.0, TILT_CAP)
 
@@ -602,7 +605,7 @@ class Fusion:
         the evidence's off-axis score, :attr:`SampleEvidence.off_axis`)."""
         post = self.posterior(np.asarray(view_logits)[None], None if present is None else np.asarray(present)[None],
                               None if evidence_loglik is None else np.asarray(evidence_loglik)[None],
-                              None if off_axis is None else np.asarray([off_axis], dtype=np.float64))[0]
+                              off_axis)[0]
         n_views = 3 if present is None else int(np.asarray(present, dtype=bool).sum())
         used = evidence_loglik is not None and self.uses_evidence(n_views)
         return self.describe(post, views=views, evidence_used=used, warnings=warnings,

@@ -259,10 +259,8 @@ def fuse_batch(fusion, batch: list[Request], logits: np.ndarray, present: np.nda
     for with_evidence in (False, True):
         rows = [i for i, ll in enumerate(logliks) if (ll is not None) == with_evidence]
         if rows:
-            tilt = None
-            if with_evidence:  # the zones' off-axis score feeds the fusion's tilt features (NaN: not measured)
-                tilt = np.array([np.nan if evidences[i].get("off_axis") is None else float(evidences[i]["off_axis"])
-                                 for i in rows])
+            # the zones' off-axis score feeds the fusion's tilt features (None: not measured)
+            tilt = [evidences[i].get("off_axis") for i in rows] if with_evidence else None
             post = fusion.posterior_summed(logits[rows], views[rows],
                                            np.stack([logliks[i] for i in rows]) if with_evidence else None, tilt)
             for i, p in zip(rows, post):

@@ -452,7 +452,7 @@ def evaluate_structures(
         for item in labelled:
             sample = structure_evidence(item, config=config, axes=axes)
             evidence.append(np.asarray(sample.group_loglik, dtype=np.float64))
-            off_axis.append(np.nan if sample.off_axis is None else float(sample.off_axis))
+            off_axis.append(sample.off_axis)
     index = {int(c): i for i, c in enumerate(classes)}
     keep = [i for i, item in enumerate(labelled) if item.space_group in index]
     outside = [item for item in labelled if item.space_group not in index]
@@ -474,7 +474,7 @@ def evaluate_structures(
     )
     if engine is not None and labelled:  # every structure counts: the fusion answers over 230 groups
         metrics["fusion"] = fusion_metrics(engine, all_probs, _n_views(present), [i.space_group for i in labelled],
-                                           classes=classes, evidence=np.stack(evidence), off_axis=np.asarray(off_axis))
+                                           classes=classes, evidence=np.stack(evidence), off_axis=off_axis)
     return metrics
 
 
@@ -487,7 +487,7 @@ def _axes_of(present: np.ndarray | None) -> list[str]:
 
 
 def fusion_metrics(engine, probs: np.ndarray, n_views: int, true_groups: Sequence[int], *, classes: Sequence[int],
-                   evidence: np.ndarray | None, off_axis: np.ndarray | None = None) -> dict:
+                   evidence: np.ndarray | None, off_axis: Sequence[float | None] | None = None) -> dict:
     """The fusion's figures (group top-1/top-5, set top-1, crystal system, Bravais lattice, ECE, per-set
     confusion) for model probabilities (n, C), beside the symmetry ceiling of the same labels."""
     from xtalsym.offline import fusion_fit

@@ -83,9 +83,8 @@ def predict_patterns(model, engine: fusion.Fusion | None, patterns: Mapping[str,
     prediction = None
     if engine is not None:
         ev = None if evidence is None else np.asarray(evidence.group_loglik, dtype=np.float64)
-        off_axis = getattr(evidence, "off_axis", None)
         post = engine.posterior_summed(summed[None], int(present.sum()), None if ev is None else ev[None],
-                                       None if ev is None or off_axis is None else np.array([off_axis], dtype=np.float64))[0]
+                                       getattr(evidence, "off_axis", None))[0]
         # as the daemon: evidence the fusion gives no weight at this many views is not "used"
         used = ev is not None and engine.uses_evidence(int(present.sum()))
         warnings = list(getattr(evidence, "warnings", []) or []) if used else []
