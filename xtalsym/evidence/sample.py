@@ -42,7 +42,7 @@ import numpy as np
 from xtalsym import spacegroups, symmetry
 from xtalsym.evidence import axis as zoneaxis
 from xtalsym.evidence import cell as cellfit
-from xtalsym.evidence import decision, stats, zonerules
+from xtalsym.evidence import decision, derotate, stats, zonerules
 from xtalsym.evidence.frame import FrameEvidence
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ WEAK_ROW_SPOTS = 3
 # coarser where that leaves out only weak spots (cellfit.coarser_zone_bases: first-order Laue zone
 # side lobes); such a rescued fit costs SIDE_LOBE_NATS and enters group_loglik only.
 SIDE_LOBE_NATS = 5.0
+# what a zone turned back about the beam (derotate.py) pays for its free angle: an Occam factor,
+# log(√(2π)·0.3° / 8°) ≈ −2.4 nats for a turn anywhere in ±4°, rounded up
+TURNED_ZONE_NATS = 3.0
 
 
 def logsumexp(values) -> float:
@@ -385,16 +388,16 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
         warnings_.append(f"zone{'s' if len(missing) > 1 else ''} {', '.join(missing)} not measured")
     if not usable:
         return _undecided(frames, warnings_, "no zone shows a lattice")
-    zone_vectors = {
-        a: cellfit.ZoneVectors(a, cellfit.embed(a, ev.basis), ev.q_per_pixel,
-                               float(np.max(ev.basis_sigma)) if ev.basis_sigma is not None else 0.0)
-        for a, ev in usable.items()}
+    zone_vectors = _zone_vectors(usable)
     fits = cellfit.fit_metrics(zone_vectors)
     feasible = {m: f for m, f in fits.items() if f.feasible}
     if not feasible:
         return _undecided(frames, warnings_, "; ".join(f"{m}: {f.reason}" for m, f in fits.items()))
     prepared = {a: _prepare(ev) for a, ev in usable.items()}
     group_ll, plain_ll, group_scale = _group_logliks(fits, prepared, _rescued_fits(fits, zone_vectors, usable))
+    turned = derotate.turned_zones(usable)
+    if turned:
+        group_ll = _with_turned_zones(usable, turned, prepared, group_ll)
     tables = _tables()
     # the classes and their decision keep the likelihoods without the monoclinic pseudo-zone: the
     # rule's thresholds were calibrated on those (≤ 1 % wrong); with it, orthorhombic test crystals
@@ -647,6 +650,28 @@ def _new_nodes(plane: zonerules.ZonePlane, multiple: tuple[int, int, int]) -> tu
     out = tuple((plane.basis_hkl[0][axis], plane.basis_hkl[1][axis], k) for axis, k in enumerate(multiple)
                 if k > 1 and (plane.basis_hkl[0][axis] or plane.basis_hkl[1][axis]))
     return out or None
+
+
+def _zone_vectors(frames: dict[str, FrameEvidence]) -> dict[str, cellfit.ZoneVectors]:
+    return {a: cellfit.ZoneVectors(a, cellfit.embed(a, ev.basis), ev.q_per_pixel,
+                                   float(np.max(ev.basis_sigma)) if ev.basis_sigma is not None else 0.0)
+            for a, ev in frames.items()}
+
+
+def _with_turned_zones(usable: dict[str, FrameEvidence], turned: dict[str, FrameEvidence],
+                       prepared: dict[str, _ZoneData], group_ll: np.ndarray) -> np.ndarray:
+    """Each group's better log-likelihood of the zones as measured and with ``turned`` ones turned
+    back about the beam (:mod:`.derotate`), the latter less ``TURNED_ZONE_NATS`` per turned zone
+    (the turn is a free parameter). The class likelihoods and the decision keep the zones as
+    measured: the decision rule's thresholds were calibrated on those."""
+    frames = usable | turned
+    zone_vectors = _zone_vectors(frames)
+    fits = cellfit.fit_metrics(zone_vectors)
+    if not any(f.feasible for f in fits.values()):
+        return group_ll
+    prepared = prepared | {a: _prepare(ev) for a, ev in turned.items()}
+    turned_ll, _, _ = _group_logliks(fits, prepared, _rescued_fits(fits, zone_vectors, frames))
+    return np.maximum(group_ll, turned_ll - TURNED_ZONE_NATS * len(turned))
 
 
 def _rescued_fits(fits: dict[str, cellfit.MetricFit], zones: dict[str, cellfit.ZoneVectors],
