@@ -107,6 +107,11 @@ SIDE_LOBE_NATS = 5.0
 # what a zone turned back about the beam (derotate.py) pays for its free angle: an Occam factor,
 # log(√(2π)·0.3° / 8°) ≈ −2.4 nats for a turn anywhere in ±4°, rounded up
 TURNED_ZONE_NATS = 3.0
+# A zone whose Friedel asymmetry (zoneaxis.friedel_asymmetry) exceeds this is off its axis: its
+# zone-symmetry term is left out. True zone axes show < 0.02 noise-free; chosen on validation
+# (0.05–0.3 tried on 128 materials per condition, on and off the axes: 0.1 best or level in
+# each; docs/RESULTS.md, session 10).
+SYMMETRY_MAX_FRIEDEL_ASYMMETRY = 0.1
 
 
 def logsumexp(values) -> float:
@@ -210,6 +215,8 @@ class _ZoneData:
     half_lookup: np.ndarray | None = None  # (w·w,) half-grid key -> measured node's index, −1 where none
     half_span: int = 0
     measured_llr: np.ndarray | None = None  # (len(nodes_half),) _measured_empty_llr
+    # whether the zone's intensities stand for |F|²: its Friedel pairs agree (see _symmetry_term)
+    friedel_ok: bool = True
 
 
 def _prepare(ev: FrameEvidence) -> _ZoneData:
@@ -240,8 +247,10 @@ def _prepare(ev: FrameEvidence) -> _ZoneData:
         width = 2 * span + 1
         lookup = np.full(width * width, -1, np.int64)
         lookup[(ev.nodes_half[:, 0] + span) * width + ev.nodes_half[:, 1] + span] = np.arange(len(ev.nodes_half))
+    asymmetry = zoneaxis.friedel_asymmetry(ev)
+    friedel_ok = asymmetry is None or asymmetry <= SYMMETRY_MAX_FRIEDEL_ASYMMETRY
     return _ZoneData(ev, points, ev.q_min / ev.q_per_pixel, ev.q_max / ev.q_per_pixel, spot_llr, empty_llr,
-                     half_inverse, half_basis, lookup, span, measured)
+                     half_inverse, half_basis, lookup, span, measured, friedel_ok)
 
 
 def _measured_empty_llr(ev: FrameEvidence) -> np.ndarray:
@@ -585,9 +594,14 @@ def _bravais_labels() -> list[str]:
     return _BRAVAIS_LABELS
 
 
-def _symmetry_term(frame: FrameEvidence, ops: zonerules.IntensityOps) -> float:
-    """Σ of the frame's symmetry log-likelihood ratios over the operations the group's zone has."""
-    return sum(s["log_likelihood_ratio"] for s in frame.symmetry.values()
+def _symmetry_term(zone: _ZoneData, ops: zonerules.IntensityOps) -> float:
+    """Σ of the zone's symmetry log-likelihood ratios over the operations the group's zone has;
+    0 for a zone whose Friedel pairs disagree: off its axis a node's intensity is |F|² times its
+    excitation, which differs between g and its images, so equal |F| no longer means equal
+    intensities and the term would favour the groups with the fewest operations."""
+    if not zone.friedel_ok:
+        return 0.0
+    return sum(s["log_likelihood_ratio"] for s in zone.frame.symmetry.values()
                if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
 
 
@@ -820,10 +834,10 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             slots, rules = np.divmod(distinct, n_rules[key])
             plain_sums, measured_sums = _rule_sums(rule_set, rule_set.codes(ns.m, ns.n), ns, slots, rules)
             sums[key], sums_m[key] = plain_sums[back], measured_sums[back]
-    sym = {a: np.array([_symmetry_term(prepared[a].frame, ops) for ops in tables.ops[a]]) for a in prepared}
+    sym = {a: np.array([_symmetry_term(prepared[a], ops) for ops in tables.ops[a]]) for a in prepared}
     pseudo_sym = None
     if wanted[PSEUDO_SLOT]:
-        pseudo_sym = np.array([_symmetry_term(prepared[pz].frame, ops) for ops in tables.pseudo_ops])
+        pseudo_sym = np.array([_symmetry_term(prepared[pz], ops) for ops in tables.pseudo_ops])
     for batch, fit, scored, rescue in plan:
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice

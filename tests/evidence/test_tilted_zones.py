@@ -1,7 +1,10 @@
-"""Zones turned back about the beam (xtalsym.evidence.derotate) and what combine does with them.
+"""Zones off their axes: turned back about the beam (xtalsym.evidence.derotate), and the zone
+symmetry left out where the Friedel pairs disagree (sample._symmetry_term).
 
 A zone turned in the image by a crystal's in-plane misorientation fits no cell of the true class;
-turned back, its rows lie on the image axes again and the true group is back at the top."""
+turned back, its rows lie on the image axes again and the true group is back at the top. A zone
+tilted off its axis excites g and its symmetry images differently, so its intensities no longer
+show the zone's symmetry."""
 
 from __future__ import annotations
 
@@ -83,3 +86,20 @@ def test_a_zone_turned_about_the_beam_no_longer_rules_the_true_group_out(cubic_f
     assert turned_back.crystal_system_loglik == as_measured.crystal_system_loglik
     assert turned_back.decided == as_measured.decided
     assert evsample.TURNED_ZONE_NATS > 0
+
+
+def test_a_tilted_zone_gives_no_symmetry_term_and_an_exact_one_does(cubic_frames):
+    structure = Structure.from_spacegroup("Pm-3m", Lattice.cubic(4.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    patterns = simulate.simulate_axes(structure, geometry=GEOMETRY,
+                                      realism=simulate.Realism(misorientation_deg=2.0, seed=2))
+    tilted = {a: evidence.analyse_frame(patterns[a], axis=a, q_per_pixel=Q, counts=False) for a in "xyz"}
+    ops = [o for o in evsample._tables().ops["z"] if o.rotation_order == 4]
+    assert ops
+    exact = evsample._prepare(cubic_frames["z"])
+    assert exact.friedel_ok and evsample._symmetry_term(exact, ops[0]) != 0.0
+    off = [evsample._prepare(f) for f in tilted.values() if f.decided]
+    assert off and not any(z.friedel_ok for z in off)
+    assert all(evsample._symmetry_term(z, ops[0]) == 0.0 for z in off)
+    # and the true group is not ruled out by the tilted zones' intensities
+    ll = evidence.combine(tilted).group_loglik
+    assert ll.max() - ll[221 - 1] < 20.0
