@@ -14,6 +14,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from xtalsym import evidence, symmetry
+from xtalsym.evidence import axis as axis_mod
 from xtalsym.evidence import cell as cellfit
 from xtalsym.evidence import sample as sample_mod
 from xtalsym.evidence import zonerules
@@ -324,7 +325,7 @@ def test_weak_rows_cell_multiple_keeps_p21c_in_reach():
     zones = {a: cellfit.ZoneVectors(a, cellfit.embed(a, f.basis), f.q_per_pixel, float(np.max(f.basis_sigma)))
              for a, f in frames.items() if f.decided}
     fits = cellfit.fit_metrics(zones)
-    _, plain, _ = sample_mod._group_logliks(fits, {a: sample_mod._prepare(f) for a, f in frames.items() if f.decided})
+    _, plain, _ = sample_mod._group_logliks(fits, {a: sample_mod._prepare(f, axis_mod.friedel_asymmetry(f)) for a, f in frames.items() if f.decided})
     assert plain.max() - plain[sg - 1] > 50
 
 

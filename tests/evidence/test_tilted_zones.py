@@ -15,6 +15,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from xtalsym import evidence
+from xtalsym.evidence import axis as zoneaxis
 from xtalsym.evidence import derotate
 from xtalsym.evidence import sample as evsample
 from xtalsym.offline import simulate
@@ -95,9 +96,9 @@ def test_a_tilted_zone_gives_no_symmetry_term_and_an_exact_one_does(cubic_frames
     tilted = {a: evidence.analyse_frame(patterns[a], axis=a, q_per_pixel=Q, counts=False) for a in "xyz"}
     ops = [o for o in evsample._tables().ops["z"] if o.rotation_order == 4]
     assert ops
-    exact = evsample._prepare(cubic_frames["z"])
+    exact = evsample._prepare(cubic_frames["z"], zoneaxis.friedel_asymmetry(cubic_frames["z"]))
     assert exact.friedel_ok and evsample._symmetry_term(exact, ops[0]) != 0.0
-    off = [evsample._prepare(f) for f in tilted.values() if f.decided]
+    off = [evsample._prepare(f, zoneaxis.friedel_asymmetry(f)) for f in tilted.values() if f.decided]
     assert off and not any(z.friedel_ok for z in off)
     assert all(evsample._symmetry_term(z, ops[0]) == 0.0 for z in off)
     # and the true group is not ruled out by the tilted zones' intensities

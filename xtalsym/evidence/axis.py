@@ -48,15 +48,24 @@ def friedel_asymmetry(frame: FrameEvidence) -> float | None:
     return float(excess.sum() / total) if total > 0 else None
 
 
-def off_axis_score(frames: dict[str, FrameEvidence], metric_class: str | None) -> tuple[float | None, dict[str, float]]:
-    """(the largest asymmetry over the zones that are zone axes of ``metric_class`` — every zone
-    when it is not known —, each decided zone's asymmetry); (None, {}) with no measurable zone."""
+def zone_asymmetries(frames: dict[str, FrameEvidence | None]) -> dict[str, float]:
+    """Each decided zone's Friedel asymmetry (zones with fewer than two spots left out)."""
     per_zone = {}
     for axis, frame in sorted(frames.items()):
         if frame is not None and frame.decided:
             value = friedel_asymmetry(frame)
             if value is not None:
                 per_zone[axis] = value
+    return per_zone
+
+
+def off_axis_score(frames: dict[str, FrameEvidence | None], metric_class: str | None,
+                   per_zone: dict[str, float] | None = None) -> tuple[float | None, dict[str, float]]:
+    """(the largest asymmetry over the zones that are zone axes of ``metric_class`` — every zone
+    when it is not known —, each decided zone's asymmetry); (None, {}) with no measurable zone.
+    ``per_zone``: the zones' asymmetries when already computed (:func:`zone_asymmetries`)."""
+    if per_zone is None:
+        per_zone = zone_asymmetries(frames)
     true_zones = cellfit.TRUE_ZONES.get(metric_class or "", tuple(per_zone))
     scored = [v for a, v in per_zone.items() if a in true_zones]
     return (max(scored) if scored else None), per_zone

@@ -219,7 +219,8 @@ class _ZoneData:
     friedel_ok: bool = True
 
 
-def _prepare(ev: FrameEvidence) -> _ZoneData:
+def _prepare(ev: FrameEvidence, asymmetry: float | None) -> _ZoneData:
+    """``asymmetry``: the zone's Friedel asymmetry (axis.zone_asymmetries; None: not measurable)."""
     points = np.stack([ev.spots_x_px, ev.spots_y_px], 1)
     q = np.hypot(points[:, 0], points[:, 1]) * ev.q_per_pixel
     scale = ev.scale_at(q)
@@ -247,7 +248,6 @@ def _prepare(ev: FrameEvidence) -> _ZoneData:
         width = 2 * span + 1
         lookup = np.full(width * width, -1, np.int64)
         lookup[(ev.nodes_half[:, 0] + span) * width + ev.nodes_half[:, 1] + span] = np.arange(len(ev.nodes_half))
-    asymmetry = zoneaxis.friedel_asymmetry(ev)
     friedel_ok = asymmetry is None or asymmetry <= SYMMETRY_MAX_FRIEDEL_ASYMMETRY
     return _ZoneData(ev, points, ev.q_min / ev.q_per_pixel, ev.q_max / ev.q_per_pixel, spot_llr, empty_llr,
                      half_inverse, half_basis, lookup, span, measured, friedel_ok)
@@ -402,11 +402,14 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     feasible = {m: f for m, f in fits.items() if f.feasible}
     if not feasible:
         return _undecided(frames, warnings_, "; ".join(f"{m}: {f.reason}" for m, f in fits.items()))
-    prepared = {a: _prepare(ev) for a, ev in usable.items()}
+    # once per zone: the symmetry term, the turned zones (a turn about the beam keeps the Friedel
+    # pairs) and the off-axis score all take it
+    asymmetry = zoneaxis.zone_asymmetries(usable)
+    prepared = {a: _prepare(ev, asymmetry.get(a)) for a, ev in usable.items()}
     group_ll, plain_ll, group_scale = _group_logliks(fits, prepared, _rescued_fits(fits, zone_vectors, usable))
     turned = derotate.turned_zones(usable)
     if turned:
-        group_ll = _with_turned_zones(usable, turned, prepared, group_ll)
+        group_ll = _with_turned_zones(usable, turned, prepared, group_ll, asymmetry)
     tables = _tables()
     # the classes and their decision keep the likelihoods without the monoclinic pseudo-zone: the
     # rule's thresholds were calibrated on those (≤ 1 % wrong); with it, orthorhombic test crystals
@@ -450,7 +453,7 @@ def combine(frames: dict[str, FrameEvidence | None]) -> SampleEvidence:
     group_ll = np.nan_to_num(group_ll - np.nanmax(group_ll), nan=floor - np.nanmax(group_ll))
     reason = None if system_ok else "crystal system not decided (see warnings)"
     metric_class = None if best_fit.partial else best_metric
-    off_axis, asymmetry = zoneaxis.off_axis_score(usable, metric_class)
+    off_axis, asymmetry = zoneaxis.off_axis_score(usable, metric_class, asymmetry)
     return SampleEvidence(
         cell=best_fit.cell, cell_sigma=best_fit.cell_sigma, metric_class=metric_class,
         crystal_system_loglik=system_ll, bravais_loglik=bravais_ll, group_loglik=group_ll,
@@ -673,7 +676,8 @@ def _zone_vectors(frames: dict[str, FrameEvidence]) -> dict[str, cellfit.ZoneVec
 
 
 def _with_turned_zones(usable: dict[str, FrameEvidence], turned: dict[str, FrameEvidence],
-                       prepared: dict[str, _ZoneData], group_ll: np.ndarray) -> np.ndarray:
+                       prepared: dict[str, _ZoneData], group_ll: np.ndarray,
+                       asymmetry: dict[str, float]) -> np.ndarray:
     """Each group's better log-likelihood of the zones as measured and with ``turned`` ones turned
     back about the beam (:mod:`.derotate`), the latter less ``TURNED_ZONE_NATS`` per turned zone
     (the turn is a free parameter). The class likelihoods and the decision keep the zones as
@@ -683,7 +687,7 @@ def _with_turned_zones(usable: dict[str, FrameEvidence], turned: dict[str, Frame
     fits = cellfit.fit_metrics(zone_vectors)
     if not any(f.feasible for f in fits.values()):
         return group_ll
-    prepared = prepared | {a: _prepare(ev) for a, ev in turned.items()}
+    prepared = prepared | {a: _prepare(ev, asymmetry.get(a)) for a, ev in turned.items()}
     turned_ll, _, _ = _group_logliks(fits, prepared, _rescued_fits(fits, zone_vectors, frames))
     return np.maximum(group_ll, turned_ll - TURNED_ZONE_NATS * len(turned))
 
