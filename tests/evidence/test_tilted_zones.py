@@ -1,5 +1,5 @@
 """Zones off their axes: turned back about the beam (xtalsym.evidence.derotate), and the zone
-symmetry left out where the Friedel pairs disagree (sample._symmetry_term).
+symmetry left out of the group likelihoods where the Friedel pairs disagree.
 
 A zone turned in the image by a crystal's in-plane misorientation fits no cell of the true class;
 turned back, its rows lie on the image axes again and the true group is back at the top. A zone
@@ -89,18 +89,21 @@ def test_a_zone_turned_about_the_beam_no_longer_rules_the_true_group_out(cubic_f
     assert evsample.TURNED_ZONE_NATS > 0
 
 
-def test_a_tilted_zone_gives_no_symmetry_term_and_an_exact_one_does(cubic_frames):
+def test_a_tilted_zone_gives_group_loglik_no_symmetry_term_and_an_exact_one_does(cubic_frames, monkeypatch):
     structure = Structure.from_spacegroup("Pm-3m", Lattice.cubic(4.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     patterns = simulate.simulate_axes(structure, geometry=GEOMETRY,
-                                      realism=simulate.Realism(misorientation_deg=2.0, seed=2))
+                                      realism=simulate.Realism(misorientation_deg=0.5, seed=2))
     tilted = {a: evidence.analyse_frame(patterns[a], axis=a, q_per_pixel=Q, counts=False) for a in "xyz"}
-    ops = [o for o in evsample._tables().ops["z"] if o.rotation_order == 4]
-    assert ops
     exact = evsample._prepare(cubic_frames["z"], zoneaxis.friedel_asymmetry(cubic_frames["z"]))
-    assert exact.friedel_ok and evsample._symmetry_term(exact, ops[0]) != 0.0
+    assert exact.friedel_ok
     off = [evsample._prepare(f, zoneaxis.friedel_asymmetry(f)) for f in tilted.values() if f.decided]
     assert off and not any(z.friedel_ok for z in off)
-    assert all(evsample._symmetry_term(z, ops[0]) == 0.0 for z in off)
-    # and the true group is not ruled out by the tilted zones' intensities
-    ll = evidence.combine(tilted).group_loglik
-    assert ll.max() - ll[221 - 1] < 20.0
+    cut = evidence.combine(tilted)
+    # the true group is not ruled out by the tilted zones' intensities
+    assert cut.group_loglik.max() - cut.group_loglik[221 - 1] < 20.0
+    monkeypatch.setattr(evsample, "SYMMETRY_MAX_FRIEDEL_ASYMMETRY", math.inf)  # every zone's term kept
+    kept = evidence.combine(tilted)
+    assert kept.group_loglik.max() - kept.group_loglik[221 - 1] > 20.0  # with it, the truth is ruled out
+    # the class likelihoods, and so the calibrated decision, keep the term either way
+    assert kept.crystal_system_loglik == cut.crystal_system_loglik
+    assert kept.bravais_loglik == cut.bravais_loglik and kept.decided == cut.decided

@@ -598,12 +598,7 @@ def _bravais_labels() -> list[str]:
 
 
 def _symmetry_term(zone: _ZoneData, ops: zonerules.IntensityOps) -> float:
-    """Σ of the zone's symmetry log-likelihood ratios over the operations the group's zone has;
-    0 for a zone whose Friedel pairs disagree: off its axis a node's intensity is |F|² times its
-    excitation, which differs between g and its images, so equal |F| no longer means equal
-    intensities and the term would favour the groups with the fewest operations."""
-    if not zone.friedel_ok:
-        return 0.0
+    """Σ of the zone's symmetry log-likelihood ratios over the operations the group's zone has."""
     return sum(s["log_likelihood_ratio"] for s in zone.frame.symmetry.values()
                if ops.rotation_order and ops.has(s["kind"], s["angle_deg"]))
 
@@ -839,9 +834,16 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
             plain_sums, measured_sums = _rule_sums(rule_set, rule_set.codes(ns.m, ns.n), ns, slots, rules)
             sums[key], sums_m[key] = plain_sums[back], measured_sums[back]
     sym = {a: np.array([_symmetry_term(prepared[a], ops) for ops in tables.ops[a]]) for a in prepared}
+    # group_loglik takes no symmetry term from a zone whose Friedel pairs disagree: off its axis a
+    # node's intensity is |F|² times its excitation, which differs between g and its images, so equal
+    # |F| no longer means equal intensities and the term would favour the groups with the fewest
+    # operations. The class likelihoods keep it: the decision rule was calibrated on them.
+    sym_m = {a: v if prepared[a].friedel_ok else np.zeros_like(v) for a, v in sym.items()}
     pseudo_sym = None
     if wanted[PSEUDO_SLOT]:
         pseudo_sym = np.array([_symmetry_term(prepared[pz], ops) for ops in tables.pseudo_ops])
+        if not prepared[pz].friedel_ok:
+            pseudo_sym = np.zeros_like(pseudo_sym)
     for batch, fit, scored, rescue in plan:
         index = batch.index
         if scored is None:  # the class is not tested: every usable zone by its own lattice
@@ -852,9 +854,10 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
         true_zones, choices = scored
         other = sum(own[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
         other_m = sum(own_m[a] + cellfit.OWN_LATTICE_OCCAM for a in prepared if a not in true_zones)
-        sym_term = 0.0
+        sym_term = sym_term_m = 0.0
         for a in true_zones:
             sym_term = sym_term + sym[a][batch.ops_index[a]]
+            sym_term_m = sym_term_m + sym_m[a][batch.ops_index[a]]
         best = np.full(len(index), -np.inf)
         best_pseudo = np.full(len(index), -np.inf)
         for slots, cols, larger in choices:
@@ -880,10 +883,10 @@ def _group_logliks(fits: dict[str, cellfit.MetricFit], prepared: dict[str, _Zone
                 total_m = total_m + np.maximum(zone - (own_m[pz] + cellfit.OWN_LATTICE_OCCAM), 0.0)
             best_pseudo = np.maximum(best_pseudo, total_m)
         if rescue:  # a class the zones' own fit prunes: group_loglik only
-            out[index] = np.maximum(out[index], fit.loglik + best_pseudo + other_m + sym_term)
+            out[index] = np.maximum(out[index], fit.loglik + best_pseudo + other_m + sym_term_m)
             continue
         plain[index] = fit.loglik + best + other + sym_term
-        out[index] = fit.loglik + best_pseudo + other_m + sym_term
+        out[index] = fit.loglik + best_pseudo + other_m + sym_term_m
         for i in index:
             scales[i] = batch.divisors
     return out, plain, scales
